@@ -42,13 +42,6 @@ void sync_check(const char*, const char*, int) {}
 
 namespace cuda {
 
-namespace {
-[[noreturn]] void no_cuda(const char* what) {
-  throw CudaError(detail::str_cat("kvtier: ", what,
-                                  " needs CUDA, but kvtier was built without it "
-                                  "(KVTIER_WITH_CUDA=OFF or no nvcc at configure time)"));
-}
-}  // namespace
 
 bool built_with_cuda() { return KVTIER_WITH_CUDA != 0; }
 
@@ -190,6 +183,15 @@ void memset_async(void* dst, int value, size_t bytes, cudaStream_t stream) {
 }
 
 #else  // !KVTIER_WITH_CUDA
+
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  throw CudaError(detail::str_cat("kvtier: ", what,
+                                  " needs CUDA, but kvtier was built without it "
+                                  "(KVTIER_WITH_CUDA=OFF or no nvcc at configure time)"));
+}
+}  // namespace
+
 
 bool device_available() { return false; }
 int device_count() { return 0; }
