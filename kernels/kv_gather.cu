@@ -1,39 +1,57 @@
 // Launchers of the fetch gather: the GPU kernel and the copy-engine path.
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 #include "kernels/kv_gather_kernels.cuh"
 #include "memory/core/check.h"
-#include "memory/core/log.h"
+#include <cstdlib>
 
 namespace kvtier::kernels {
 
 namespace {
 constexpr int kGatherThreads = 256;
-constexpr int kGatherUnroll = 8;
 
+/// Loads in flight per lane before the first store. 16 covers a whole 16-row page of 256-byte
+/// rows (K and V) in one pass. KVTIER_GATHER_UNROLL=8 selects the shallower variant (tuning).
+int gather_unroll() {
+  static const int u = [] {
+    const char* v = std::getenv("KVTIER_GATHER_UNROLL");
+    return (v != nullptr && std::atoi(v) == 8) ? 8 : 16;
+  }();
+  return u;
+}
+
+template <int kUnroll>
 int max_resident_blocks() {
   static const int blocks = [] {
     int device = 0, sms = 0, per_sm = 0;
     KVTIER_CUDA_CHECK(cudaGetDevice(&device));
     KVTIER_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     KVTIER_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, gather_segments_kernel<kGatherUnroll>, kGatherThreads, 0));
+        &per_sm, gather_segments_kernel<kUnroll>, kGatherThreads, 0));
     return sms * std::max(per_sm, 1);
   }();
   return blocks;
+}
+
+template <int kUnroll>
+void launch_gather_unrolled(const GatherParams& p, cudaStream_t stream) {
+  const int warps_per_block = kGatherThreads / 32;
+  const int64_t want = (static_cast<int64_t>(p.num_segments) + warps_per_block - 1) / warps_per_block;
+  const int blocks = static_cast<int>(std::min<int64_t>(want, max_resident_blocks<kUnroll>()));
+  gather_segments_kernel<kUnroll><<<blocks, kGatherThreads, 0, stream>>>(p);
+  KVTIER_CUDA_CHECK_LAUNCH("gather_segments_kernel");
 }
 }  // namespace
 
 void launch_gather(const GatherParams& p, cudaStream_t stream) {
   check_gather_params(p);
   if (p.num_segments == 0) return;
-  const int warps_per_block = kGatherThreads / 32;
-  const int64_t want = (static_cast<int64_t>(p.num_segments) + warps_per_block - 1) / warps_per_block;
-  const int blocks = static_cast<int>(std::min<int64_t>(want, max_resident_blocks()));
-  gather_segments_kernel<kGatherUnroll><<<blocks, kGatherThreads, 0, stream>>>(p);
-  KVTIER_CUDA_CHECK_LAUNCH("gather_segments_kernel");
+  if (gather_unroll() == 8) {
+    launch_gather_unrolled<8>(p, stream);
+  } else {
+    launch_gather_unrolled<16>(p, stream);
+  }
 }
 
 int64_t launch_gather_copy_engine(const memory::GatherSegment* segs, int32_t num_segments,
@@ -74,37 +92,13 @@ int64_t launch_gather_copy_engine(const memory::GatherSegment* segs, int32_t num
     }
     pieces.push_back(q);
   }
-  std::vector<void*> dsts;
-  std::vector<const void*> srcs;
-  std::vector<size_t> sizes;
-  dsts.reserve(2 * pieces.size());
-  srcs.reserve(2 * pieces.size());
-  sizes.reserve(2 * pieces.size());
+  // One copy per merged piece: cluster runs are rarely longer than a few pages, which is why this
+  // path is slow (per-copy overhead dominates) and the gather kernel is the default.
   for (const Piece& q : pieces) {
-    dsts.push_back(k_pool + q.dst_off);
-    srcs.push_back(q.src_k);
-    sizes.push_back(q.bytes);
-    dsts.push_back(v_pool + q.dst_off);
-    srcs.push_back(q.src_v);
-    sizes.push_back(q.bytes);
+    KVTIER_CUDA_CHECK(cudaMemcpyAsync(k_pool + q.dst_off, q.src_k, q.bytes, cudaMemcpyDefault, stream));
+    KVTIER_CUDA_CHECK(cudaMemcpyAsync(v_pool + q.dst_off, q.src_v, q.bytes, cudaMemcpyDefault, stream));
   }
-  cudaMemcpyAttributes attr{};
-  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-  attr.flags = cudaMemcpyFlagDefault;
-  size_t attr_index = 0;
-  const cudaError_t err = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(),
-                                               &attr, &attr_index, 1, stream);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // tolerated: fall back to one copy per piece
-    static std::atomic<bool> warned{false};
-    if (!warned.exchange(true)) {
-      KVTIER_LOG(kWarn, "cudaMemcpyBatchAsync failed (", cudaGetErrorName(err),
-                 "); using one cudaMemcpyAsync per piece");
-    }
-    for (size_t i = 0; i < dsts.size(); ++i)
-      KVTIER_CUDA_CHECK(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream));
-  }
-  return static_cast<int64_t>(dsts.size());
+  return static_cast<int64_t>(2 * pieces.size());
 }
 
 }  // namespace kvtier::kernels

@@ -1,7 +1,7 @@
 // Fetch execution: copy a plan's host rows (memory::GatherSegment) into cluster-cache pages.
 //   gather_ref            CPU reference (memcpy per segment); also the CPU backend's fetch
 //   launch_gather         GPU kernel reading mapped pinned host memory with 16-byte loads
-//   launch_gather_copy_engine  the copy engine: runs merged into large pieces, one batched call
+//   launch_gather_copy_engine  the copy engine: contiguous runs merged, one copy per piece
 // Measured on an H100: one cudaMemcpyAsync per 4 KiB piece reaches only ~1.4 GB/s, a gather
 // kernel over mapped memory ~50 GB/s at any piece size, so the kernel is the default.
 #pragma once
@@ -36,9 +36,9 @@ void gather_ref(const GatherParams& p);
 void launch_gather(const GatherParams& p, cudaStream_t stream);
 
 /// Copy-engine alternative. `host_segments` is a host array of a kHost plan; adjacent segments
-/// whose sources and destinations are both contiguous are merged, then all pieces go in one
-/// cudaMemcpyBatchAsync (falling back to one cudaMemcpyAsync per piece). Returns the number of
-/// copies issued. host_segments may be reused once this returns.
+/// whose sources and destinations are both contiguous are merged, then each piece is one
+/// cudaMemcpyAsync per side. Returns the number of copies issued. host_segments may be reused
+/// once this returns.
 int64_t launch_gather_copy_engine(const memory::GatherSegment* host_segments, int32_t num_segments,
                                   int32_t row_bytes, int32_t page_size, std::byte* k_pool,
                                   std::byte* v_pool, cudaStream_t stream);

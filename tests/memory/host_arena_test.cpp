@@ -100,7 +100,9 @@ TEST(HostArena, PagesAreDistinctAndWritable) {
     std::byte* p = a.host_ptr(pages[i]);
     EXPECT_TRUE(addrs.insert(p).second);
     std::memset(p, static_cast<int>(i), 4096);
-    if (a.is_pinned()) EXPECT_NE(a.device_ptr(pages[i]), nullptr);
+    if (a.is_pinned()) {
+      EXPECT_NE(a.device_ptr(pages[i]), nullptr);
+    }
   }
   for (size_t i = 0; i < pages.size(); ++i)
     EXPECT_EQ(static_cast<int>(a.host_ptr(pages[i])[4095]), static_cast<int>(i));
