@@ -127,6 +127,7 @@ void run_gpu_fetch(benchmark::State& state, Path path) {
     staging.push_back(memory::PinnedBuffer::allocate(d.size() * sizeof(memory::GatherSegment)));
     std::memcpy(staging.back().data(), d.data(), d.size() * sizeof(memory::GatherSegment));
   }
+  int64_t copies = 0;  // copy-engine calls per fetch, after merging contiguous runs
   auto fetch = [&](int s) {
     if (path == Path::kKernel) {
       // The segment list travels too: it is part of every fetch.
@@ -136,7 +137,7 @@ void run_gpu_fetch(benchmark::State& state, Path path) {
                               kPageSize, f.cache->k_pool(), f.cache->v_pool()},
                              stream.get());
     } else {
-      kernels::launch_gather_copy_engine(p.host[s].data(), static_cast<int32_t>(p.host[s].size()),
+      copies = kernels::launch_gather_copy_engine(p.host[s].data(), static_cast<int32_t>(p.host[s].size()),
                                          rb, kPageSize, f.cache->k_pool(), f.cache->v_pool(),
                                          stream.get());
     }
@@ -178,6 +179,7 @@ void run_gpu_fetch(benchmark::State& state, Path path) {
   state.counters["cluster_rows"] = kClusterRows[layer];
   state.counters["segments"] = static_cast<double>(p.device[0].size());
   state.counters["memcpy_GBps"] = ceiling;
+  if (path == Path::kCopyEngine) state.counters["copies"] = static_cast<double>(copies);
   const double gbps = static_cast<double>(bytes) / seconds / 1e9;
   state.counters["fetch_GBps"] = gbps;
   state.counters["pct_of_memcpy"] = gbps / ceiling * 100.0;

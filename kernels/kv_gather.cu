@@ -4,22 +4,15 @@
 
 #include "kernels/kv_gather_kernels.cuh"
 #include "memory/core/check.h"
-#include <cstdlib>
 
 namespace kvtier::kernels {
 
 namespace {
 constexpr int kGatherThreads = 256;
 
-/// Loads in flight per lane before the first store. 16 covers a whole 16-row page of 256-byte
-/// rows (K and V) in one pass. KVTIER_GATHER_UNROLL=8 selects the shallower variant (tuning).
-int gather_unroll() {
-  static const int u = [] {
-    const char* v = std::getenv("KVTIER_GATHER_UNROLL");
-    return (v != nullptr && std::atoi(v) == 8) ? 8 : 16;
-  }();
-  return u;
-}
+/// Loads in flight per lane before the first store. Measured on an H100 (bench/RESULTS.md):
+/// 8 and 16 reach the same bandwidth within noise, so the variant with fewer registers stays.
+constexpr int kGatherUnroll = 8;
 
 template <int kUnroll>
 int max_resident_blocks() {
@@ -47,11 +40,7 @@ void launch_gather_unrolled(const GatherParams& p, cudaStream_t stream) {
 void launch_gather(const GatherParams& p, cudaStream_t stream) {
   check_gather_params(p);
   if (p.num_segments == 0) return;
-  if (gather_unroll() == 8) {
-    launch_gather_unrolled<8>(p, stream);
-  } else {
-    launch_gather_unrolled<16>(p, stream);
-  }
+  launch_gather_unrolled<kGatherUnroll>(p, stream);
 }
 
 int64_t launch_gather_copy_engine(const memory::GatherSegment* segs, int32_t num_segments,
