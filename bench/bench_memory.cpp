@@ -137,9 +137,9 @@ void run_gpu_fetch(benchmark::State& state, Path path) {
                               kPageSize, f.cache->k_pool(), f.cache->v_pool()},
                              stream.get());
     } else {
-      copies = kernels::launch_gather_copy_engine(p.host[s].data(), static_cast<int32_t>(p.host[s].size()),
-                                         rb, kPageSize, f.cache->k_pool(), f.cache->v_pool(),
-                                         stream.get());
+      copies = kernels::launch_gather_copy_engine(
+          p.host[s].data(), static_cast<int32_t>(p.host[s].size()), rb, kPageSize,
+          f.cache->k_pool(), f.cache->v_pool(), stream.get());
     }
   };
   // Correctness before timing: one cluster's first row must arrive intact.

@@ -31,7 +31,8 @@ inline FetchWorkload make_fetch_workload(const std::vector<int32_t>& cluster_row
   w.num_kv_heads = num_kv_heads;
   memory::TieredStoreConfig sc;
   sc.shape = {static_cast<int32_t>(cluster_rows.size()), num_kv_heads, head_dim, dtype};
-  const size_t bytes = 2 * sc.shape.row_bytes() * rows_per_head * num_kv_heads * cluster_rows.size();
+  const size_t bytes =
+      2 * sc.shape.row_bytes() * rows_per_head * num_kv_heads * cluster_rows.size();
   sc.host.bytes_limit = bytes + bytes / 8 + (64 << 20);
   w.store = std::make_unique<memory::TieredStore>(sc);
   w.store->add_sequence(0);
@@ -44,7 +45,8 @@ inline FetchWorkload make_fetch_workload(const std::vector<int32_t>& cluster_row
     const int32_t size = cluster_rows[l];
     const int32_t k = static_cast<int32_t>(rows_per_head / size);
     std::vector<int32_t> labels(static_cast<size_t>(rows_per_head));
-    for (int64_t i = 0; i < rows_per_head; ++i) labels[i] = static_cast<int32_t>(std::min<int64_t>(i / size, k - 1));
+    for (int64_t i = 0; i < rows_per_head; ++i)
+      labels[i] = static_cast<int32_t>(std::min<int64_t>(i / size, k - 1));
     for (int32_t h = 0; h < num_kv_heads; ++h) {
       std::shuffle(labels.begin(), labels.end(), rng);
       w.store->cluster(0, static_cast<int32_t>(l), h, 0, rows_per_head, labels.data(), k);

@@ -30,7 +30,8 @@ int max_resident_blocks() {
 template <int kUnroll>
 void launch_gather_unrolled(const GatherParams& p, cudaStream_t stream) {
   const int warps_per_block = kGatherThreads / 32;
-  const int64_t want = (static_cast<int64_t>(p.num_segments) + warps_per_block - 1) / warps_per_block;
+  const int64_t want =
+      (static_cast<int64_t>(p.num_segments) + warps_per_block - 1) / warps_per_block;
   const int blocks = static_cast<int>(std::min<int64_t>(want, max_resident_blocks<kUnroll>()));
   gather_segments_kernel<kUnroll><<<blocks, kGatherThreads, 0, stream>>>(p);
   KVTIER_CUDA_CHECK_LAUNCH("gather_segments_kernel");
@@ -68,9 +69,10 @@ int64_t launch_gather_copy_engine(const memory::GatherSegment* segs, int32_t num
   pieces.reserve(static_cast<size_t>(num_segments));
   for (int32_t i = 0; i < num_segments; ++i) {
     const memory::GatherSegment& s = segs[i];
-    Piece q{static_cast<const std::byte*>(s.src_k), static_cast<const std::byte*>(s.src_v),
-            static_cast<size_t>(s.dst_page) * page_bytes + static_cast<size_t>(s.dst_row) * row_bytes,
-            static_cast<size_t>(s.num_rows) * row_bytes};
+    Piece q{
+        static_cast<const std::byte*>(s.src_k), static_cast<const std::byte*>(s.src_v),
+        static_cast<size_t>(s.dst_page) * page_bytes + static_cast<size_t>(s.dst_row) * row_bytes,
+        static_cast<size_t>(s.num_rows) * row_bytes};
     if (!pieces.empty()) {
       Piece& b = pieces.back();
       if (b.src_k + b.bytes == q.src_k && b.src_v + b.bytes == q.src_v &&
@@ -84,8 +86,10 @@ int64_t launch_gather_copy_engine(const memory::GatherSegment* segs, int32_t num
   // One copy per merged piece: cluster runs are rarely longer than a few pages, which is why this
   // path is slow (per-copy overhead dominates) and the gather kernel is the default.
   for (const Piece& q : pieces) {
-    KVTIER_CUDA_CHECK(cudaMemcpyAsync(k_pool + q.dst_off, q.src_k, q.bytes, cudaMemcpyDefault, stream));
-    KVTIER_CUDA_CHECK(cudaMemcpyAsync(v_pool + q.dst_off, q.src_v, q.bytes, cudaMemcpyDefault, stream));
+    KVTIER_CUDA_CHECK(
+        cudaMemcpyAsync(k_pool + q.dst_off, q.src_k, q.bytes, cudaMemcpyDefault, stream));
+    KVTIER_CUDA_CHECK(
+        cudaMemcpyAsync(v_pool + q.dst_off, q.src_v, q.bytes, cudaMemcpyDefault, stream));
   }
   return static_cast<int64_t>(2 * pieces.size());
 }

@@ -17,8 +17,8 @@ namespace kvtier::kernels {
 struct GatherParams {
   const memory::GatherSegment* segments = nullptr;  ///< [num_segments]
   int32_t num_segments = 0;
-  int32_t row_bytes = 0;  ///< bytes of one K (or V) row; a multiple of 16
-  int32_t page_size = 0;  ///< rows per cache page
+  int32_t row_bytes = 0;        ///< bytes of one K (or V) row; a multiple of 16
+  int32_t page_size = 0;        ///< rows per cache page
   std::byte* k_pool = nullptr;  ///< [num_pages, page_size, row_bytes]
   std::byte* v_pool = nullptr;  ///< [num_pages, page_size, row_bytes]
 };

@@ -23,8 +23,8 @@ __global__ void __launch_bounds__(256) gather_segments_kernel(GatherParams p) {
     const int nvec = s.num_rows * (p.row_bytes / 16);  // per side
     const int4* __restrict__ src_k = static_cast<const int4*>(s.src_k);
     const int4* __restrict__ src_v = static_cast<const int4*>(s.src_v);
-    const size_t dst_off = static_cast<size_t>(s.dst_page) * page_bytes +
-                           static_cast<size_t>(s.dst_row) * p.row_bytes;
+    const size_t dst_off =
+        static_cast<size_t>(s.dst_page) * page_bytes + static_cast<size_t>(s.dst_row) * p.row_bytes;
     int4* __restrict__ dst_k = reinterpret_cast<int4*>(p.k_pool + dst_off);
     int4* __restrict__ dst_v = reinterpret_cast<int4*>(p.v_pool + dst_off);
     for (int base = lane; base < 2 * nvec; base += 32 * kUnroll) {

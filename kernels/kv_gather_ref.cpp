@@ -23,8 +23,8 @@ void gather_ref(const GatherParams& p) {
     KVTIER_CHECK(s.dst_row >= 0 && s.num_rows >= 0 && s.dst_row + s.num_rows <= p.page_size,
                  "segment ", i, " rows [", s.dst_row, ", ", s.dst_row + s.num_rows,
                  ") do not fit a page of ", p.page_size, " rows");
-    const size_t off = static_cast<size_t>(s.dst_page) * page_bytes +
-                       static_cast<size_t>(s.dst_row) * p.row_bytes;
+    const size_t off =
+        static_cast<size_t>(s.dst_page) * page_bytes + static_cast<size_t>(s.dst_row) * p.row_bytes;
     const size_t bytes = static_cast<size_t>(s.num_rows) * p.row_bytes;
     std::memcpy(p.k_pool + off, s.src_k, bytes);
     std::memcpy(p.v_pool + off, s.src_v, bytes);

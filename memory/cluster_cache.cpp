@@ -17,7 +17,8 @@ ClusterCache::ClusterCache(const ClusterCacheConfig& c)
   check_kv_row_shape(c.dtype, c.head_dim);
   KVTIER_CHECK(c.page_size > 0, "page_size must be > 0, got ", c.page_size);
   KVTIER_CHECK(c.retention_steps >= 0, "retention_steps must be >= 0, got ", c.retention_steps);
-  num_pages_ = c.num_pages > 0 ? c.num_pages : static_cast<int64_t>(c.bytes_limit / (2 * page_bytes_));
+  num_pages_ =
+      c.num_pages > 0 ? c.num_pages : static_cast<int64_t>(c.bytes_limit / (2 * page_bytes_));
   KVTIER_CHECK(num_pages_ > 0, "cluster cache needs at least one page: num_pages ", c.num_pages,
                ", bytes_limit ", c.bytes_limit, " (a page of K and V is ", 2 * page_bytes_,
                " bytes)");
@@ -84,8 +85,8 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
   KVTIER_CHECK(count == 0 || requests != nullptr, "lookup: requests is null");
   for (size_t i = 0; i < count; ++i) {
     KVTIER_CHECK(requests[i].num_rows > 0, "lookup: request ", i, " (sequence ",
-                 requests[i].key.seq, " cluster ", requests[i].key.cluster,
-                 ") has num_rows ", requests[i].num_rows, "; must be > 0");
+                 requests[i].key.seq, " cluster ", requests[i].key.cluster, ") has num_rows ",
+                 requests[i].num_rows, "; must be > 0");
   }
   std::lock_guard<std::mutex> lock(mu_);
 
@@ -98,9 +99,9 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
     auto it = entries_.find(r.key);
     if (it != entries_.end()) {
       KVTIER_CHECK(it->second.num_rows == r.num_rows, "lookup: cluster ", r.key.cluster,
-                   " of sequence ", r.key.seq, " layer ", r.key.layer, " kv_head ",
-                   r.key.kv_head, " is cached with ", it->second.num_rows,
-                   " rows but requested with ", r.num_rows);
+                   " of sequence ", r.key.seq, " layer ", r.key.layer, " kv_head ", r.key.kv_head,
+                   " is cached with ", it->second.num_rows, " rows but requested with ",
+                   r.num_rows);
       if (it->second.last_used != step_ && hit_unpinned.insert(r.key).second)
         hit_unpinned_pages += static_cast<int64_t>(it->second.pages.size());
     } else {
@@ -108,9 +109,8 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
       if (fresh) {
         need_pages += pages_for(r.num_rows);
       } else {
-        KVTIER_CHECK(requests[m->second].num_rows == r.num_rows, "lookup: cluster ",
-                     r.key.cluster, " of sequence ", r.key.seq,
-                     " is requested twice with different row counts");
+        KVTIER_CHECK(requests[m->second].num_rows == r.num_rows, "lookup: cluster ", r.key.cluster,
+                     " of sequence ", r.key.seq, " is requested twice with different row counts");
       }
     }
   }
@@ -118,12 +118,12 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
   const int64_t evictable = used - pinned_pages_ - hit_unpinned_pages;
   const int64_t available = static_cast<int64_t>(free_pages_.size()) + evictable;
   if (need_pages > available) {
-    throw CapacityError(detail::str_cat(
-        "kvtier: cluster cache of ", num_pages_, " pages (", page_size_,
-        " rows each) is smaller than this step's selection: the misses need ", need_pages,
-        " pages, ", free_pages_.size(), " are free and ", evictable,
-        " evictable; ", pinned_pages_ + hit_unpinned_pages,
-        " are pinned by step ", step_, ". Raise the cache size or lower the budget."));
+    throw CapacityError(
+        detail::str_cat("kvtier: cluster cache of ", num_pages_, " pages (", page_size_,
+                        " rows each) is smaller than this step's selection: the misses need ",
+                        need_pages, " pages, ", free_pages_.size(), " are free and ", evictable,
+                        " evictable; ", pinned_pages_ + hit_unpinned_pages, " are pinned by step ",
+                        step_, ". Raise the cache size or lower the budget."));
   }
 
   // Pass 2: pin the hits, then place the misses.

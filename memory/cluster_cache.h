@@ -55,9 +55,9 @@ struct ClusterCacheConfig {
   DType dtype = DType::kBF16;
   int32_t head_dim = 128;
   int32_t page_size = kDefaultPageSize;  ///< rows per page (P)
-  int64_t num_pages = 0;   ///< pool size in pages; if 0, derived from bytes_limit
-  size_t bytes_limit = 0;  ///< K and V pools together, used when num_pages == 0
-  int32_t retention_steps = 8;  ///< R
+  int64_t num_pages = 0;                 ///< pool size in pages; if 0, derived from bytes_limit
+  size_t bytes_limit = 0;                ///< K and V pools together, used when num_pages == 0
+  int32_t retention_steps = 8;           ///< R
 };
 
 /// One cluster wanted in the current step, with its row count (whole clusters are cached).
@@ -71,9 +71,9 @@ struct CacheRequest {
 struct CacheLookup {
   std::vector<int32_t> page_indptr;  ///< [num_requests + 1]
   std::vector<int32_t> page_ids;
-  std::vector<uint8_t> hit;          ///< [num_requests]; 0 = its pages must be fetched now
-  std::vector<int32_t> misses;       ///< request indices to fetch (each distinct cluster once)
-  std::vector<ClusterKey> evicted;   ///< clusters evicted to make room, in eviction order
+  std::vector<uint8_t> hit;         ///< [num_requests]; 0 = its pages must be fetched now
+  std::vector<int32_t> misses;      ///< request indices to fetch (each distinct cluster once)
+  std::vector<ClusterKey> evicted;  ///< clusters evicted to make room, in eviction order
   int64_t hit_rows = 0;
   int64_t miss_rows = 0;
 };
@@ -81,9 +81,9 @@ struct CacheLookup {
 /// Counters since construction.
 struct CacheStats {
   int64_t lookups = 0;
-  int64_t hits = 0;        ///< requests found cached
-  int64_t misses = 0;      ///< requests that had to be fetched
-  int64_t evictions = 0;   ///< clusters evicted (all reasons)
+  int64_t hits = 0;                ///< requests found cached
+  int64_t misses = 0;              ///< requests that had to be fetched
+  int64_t evictions = 0;           ///< clusters evicted (all reasons)
   int64_t pressure_evictions = 0;  ///< of those, still within retention (memory was short)
   int64_t bytes_fetched = 0;       ///< K+V bytes of the misses handed out to fetch
   int64_t num_entries = 0;
@@ -127,8 +127,12 @@ class ClusterCache {
   /// [num_pages, page_size, head_dim] of dtype; device memory for kCuda.
   std::byte* k_pool() const { return k_pool_; }
   std::byte* v_pool() const { return v_pool_; }
-  std::byte* k_page(int32_t page) const { return k_pool_ + static_cast<size_t>(page) * page_bytes_; }
-  std::byte* v_page(int32_t page) const { return v_pool_ + static_cast<size_t>(page) * page_bytes_; }
+  std::byte* k_page(int32_t page) const {
+    return k_pool_ + static_cast<size_t>(page) * page_bytes_;
+  }
+  std::byte* v_page(int32_t page) const {
+    return v_pool_ + static_cast<size_t>(page) * page_bytes_;
+  }
 
  private:
   struct Entry {

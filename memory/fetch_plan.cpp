@@ -12,34 +12,36 @@ void plan_fetch(const TieredStore& store, const CacheRequest* requests, const Ca
   KVTIER_CHECK(out != nullptr, "plan_fetch: out is null");
   for (int32_t i : lookup.misses) {
     const CacheRequest& r = requests[i];
-    const ClusterSpan span = store.cluster_span(r.key.seq, r.key.layer, r.key.kv_head, r.key.cluster);
+    const ClusterSpan span =
+        store.cluster_span(r.key.seq, r.key.layer, r.key.kv_head, r.key.cluster);
     KVTIER_CHECK(span.num_rows == r.num_rows, "request for cluster ", r.key.cluster,
                  " of sequence ", r.key.seq, " layer ", r.key.layer, " kv_head ", r.key.kv_head,
                  " says ", r.num_rows, " rows; the cluster has ", span.num_rows);
     const int32_t* pages = lookup.page_ids.data() + lookup.page_indptr[i];
-    store.for_each_run(r.key.seq, r.key.layer, r.key.kv_head, span.slot_begin, span.num_rows,
-                       [&](const RowRun& run) {
-      const std::byte* k = address == HostAddress::kDevice ? run.k_device : run.k;
-      const std::byte* v = address == HostAddress::kDevice ? run.v_device : run.v;
-      KVTIER_CHECK(k != nullptr && v != nullptr, "plan_fetch: the rows of sequence ", r.key.seq,
-                   " are not in pinned memory, so the GPU cannot read them (host arena: ",
-                   store.arena().pin_note(), ")");
-      int64_t row = run.slot - span.slot_begin;  // row within the cluster
-      int32_t done = 0;
-      while (done < run.num_rows) {
-        const int32_t dst_row = static_cast<int32_t>(row % page_size);
-        const int32_t n = std::min(run.num_rows - done, page_size - dst_row);
-        GatherSegment s;
-        s.src_k = k + static_cast<size_t>(done) * store.row_bytes();
-        s.src_v = v + static_cast<size_t>(done) * store.row_bytes();
-        s.dst_page = pages[row / page_size];
-        s.dst_row = dst_row;
-        s.num_rows = n;
-        out->push_back(s);
-        done += n;
-        row += n;
-      }
-    });
+    store.for_each_run(
+        r.key.seq, r.key.layer, r.key.kv_head, span.slot_begin, span.num_rows,
+        [&](const RowRun& run) {
+          const std::byte* k = address == HostAddress::kDevice ? run.k_device : run.k;
+          const std::byte* v = address == HostAddress::kDevice ? run.v_device : run.v;
+          KVTIER_CHECK(k != nullptr && v != nullptr, "plan_fetch: the rows of sequence ", r.key.seq,
+                       " are not in pinned memory, so the GPU cannot read them (host arena: ",
+                       store.arena().pin_note(), ")");
+          int64_t row = run.slot - span.slot_begin;  // row within the cluster
+          int32_t done = 0;
+          while (done < run.num_rows) {
+            const int32_t dst_row = static_cast<int32_t>(row % page_size);
+            const int32_t n = std::min(run.num_rows - done, page_size - dst_row);
+            GatherSegment s;
+            s.src_k = k + static_cast<size_t>(done) * store.row_bytes();
+            s.src_v = v + static_cast<size_t>(done) * store.row_bytes();
+            s.dst_page = pages[row / page_size];
+            s.dst_row = dst_row;
+            s.num_rows = n;
+            out->push_back(s);
+            done += n;
+            row += n;
+          }
+        });
   }
 }
 

@@ -12,13 +12,13 @@ namespace kvtier::memory {
 HostArena::HostArena(const HostArenaConfig& config)
     : page_bytes_(config.page_bytes), pin_(config.pin) {
   KVTIER_CHECK(config.bytes_limit > 0, "host arena bytes_limit must be > 0");
-  KVTIER_CHECK(page_bytes_ >= 4096 && page_bytes_ % 4096 == 0,
-               "host arena page_bytes ", page_bytes_, " must be a positive multiple of 4096");
+  KVTIER_CHECK(page_bytes_ >= 4096 && page_bytes_ % 4096 == 0, "host arena page_bytes ",
+               page_bytes_, " must be a positive multiple of 4096");
   KVTIER_CHECK(config.bytes_limit >= page_bytes_, "host arena bytes_limit ", config.bytes_limit,
                " is smaller than one page (", page_bytes_, " bytes)");
   num_pages_limit_ = config.bytes_limit / page_bytes_;
-  KVTIER_CHECK(num_pages_limit_ <= (size_t{1} << 31), "host arena bytes_limit ",
-               config.bytes_limit, " holds more than 2^31 pages of ", page_bytes_, " bytes");
+  KVTIER_CHECK(num_pages_limit_ <= (size_t{1} << 31), "host arena bytes_limit ", config.bytes_limit,
+               " holds more than 2^31 pages of ", page_bytes_, " bytes");
   pages_per_slab_ = std::max<size_t>(1, config.slab_bytes / page_bytes_);
   pages_per_slab_ = std::min(pages_per_slab_, num_pages_limit_);
   max_slabs_ = (num_pages_limit_ + pages_per_slab_ - 1) / pages_per_slab_;
@@ -26,7 +26,8 @@ HostArena::HostArena(const HostArenaConfig& config)
   for (size_t i = 0; i < max_slabs_; ++i) slabs_[i].store(nullptr, std::memory_order_relaxed);
 
   numa_node_ = config.numa_node;
-  if (numa_node_ == kNumaNearestGpu) numa_node_ = NumaTopology::instance().node_of_gpu(config.device);
+  if (numa_node_ == kNumaNearestGpu)
+    numa_node_ = NumaTopology::instance().node_of_gpu(config.device);
   if (numa_node_ < kNumaAny) numa_node_ = kNumaAny;
 }
 
@@ -62,17 +63,16 @@ Status HostArena::allocate(size_t count, std::vector<HostPageId>* out) {
   std::lock_guard<std::mutex> lock(mu_);
   const size_t used = pages_used_.load(std::memory_order_relaxed);
   if (used + count > num_pages_limit_) {
-    return Status::capacity(detail::str_cat(
-        "host arena exhausted: ", count, " pages (", count * page_bytes_, " bytes) requested, ",
-        num_pages_limit_ - used, " of ", num_pages_limit_, " pages free (limit ",
-        num_pages_limit_ * page_bytes_, " bytes)"));
+    return Status::capacity(
+        detail::str_cat("host arena exhausted: ", count, " pages (", count * page_bytes_,
+                        " bytes) requested, ", num_pages_limit_ - used, " of ", num_pages_limit_,
+                        " pages free (limit ", num_pages_limit_ * page_bytes_, " bytes)"));
   }
   while (free_list_.size() < count) {
     if (!add_slab_locked()) {
-      return Status::capacity(detail::str_cat("host arena could not obtain another slab of ",
-                                              pages_per_slab_ * page_bytes_,
-                                              " bytes from the system (", count,
-                                              " pages requested, ", free_list_.size(), " free)"));
+      return Status::capacity(detail::str_cat(
+          "host arena could not obtain another slab of ", pages_per_slab_ * page_bytes_,
+          " bytes from the system (", count, " pages requested, ", free_list_.size(), " free)"));
     }
   }
   out->reserve(out->size() + count);

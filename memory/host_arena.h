@@ -25,11 +25,11 @@ constexpr int kNumaNearestGpu = -2;
 constexpr int kNumaAny = -1;
 
 struct HostArenaConfig {
-  size_t bytes_limit = 0;          ///< hard cap on the arena's memory; required, > 0
-  size_t page_bytes = 64 << 10;    ///< sub-allocation unit; a multiple of 4 KiB
-  size_t slab_bytes = 256 << 20;   ///< granularity of pinning (rounded to whole pages)
-  int numa_node = kNumaNearestGpu; ///< kNumaNearestGpu, kNumaAny, or an OS node index
-  int device = 0;                  ///< GPU whose locality decides kNumaNearestGpu
+  size_t bytes_limit = 0;           ///< hard cap on the arena's memory; required, > 0
+  size_t page_bytes = 64 << 10;     ///< sub-allocation unit; a multiple of 4 KiB
+  size_t slab_bytes = 256 << 20;    ///< granularity of pinning (rounded to whole pages)
+  int numa_node = kNumaNearestGpu;  ///< kNumaNearestGpu, kNumaAny, or an OS node index
+  int device = 0;                   ///< GPU whose locality decides kNumaNearestGpu
   PinMode pin = PinMode::kAuto;
 };
 

@@ -52,10 +52,14 @@ bool pin_refused_by_fault() {
 
 const char* host_memory_kind_name(HostMemoryKind kind) {
   switch (kind) {
-    case HostMemoryKind::kNumaPinned: return "pinned (NUMA-bound, registered)";
-    case HostMemoryKind::kPinned: return "pinned (cudaHostAlloc)";
-    case HostMemoryKind::kNumaPageable: return "pageable (NUMA-bound)";
-    case HostMemoryKind::kPageable: return "pageable";
+    case HostMemoryKind::kNumaPinned:
+      return "pinned (NUMA-bound, registered)";
+    case HostMemoryKind::kPinned:
+      return "pinned (cudaHostAlloc)";
+    case HostMemoryKind::kNumaPageable:
+      return "pageable (NUMA-bound)";
+    case HostMemoryKind::kPageable:
+      return "pageable";
   }
   return "?";
 }
@@ -94,8 +98,8 @@ PinnedBuffer PinnedBuffer::allocate(size_t size_bytes, int numa_node, PinMode mo
   if (numa_node >= 0) {
     void* p = NumaTopology::instance().alloc_on_node(bytes, numa_node);
     if (p == nullptr) {
-      why += detail::str_cat(why.empty() ? "" : "; ", "binding to NUMA node ", numa_node,
-                             " failed");
+      why +=
+          detail::str_cat(why.empty() ? "" : "; ", "binding to NUMA node ", numa_node, " failed");
     } else {
 #if KVTIER_WITH_CUDA
       if (can_pin) {
@@ -134,8 +138,7 @@ PinnedBuffer PinnedBuffer::allocate(size_t size_bytes, int numa_node, PinMode mo
 #if KVTIER_WITH_CUDA
   if (can_pin) {
     void* p = nullptr;
-    const cudaError_t err =
-        cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    const cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
     void* dp = nullptr;
     if (err == cudaSuccess && cudaHostGetDevicePointer(&dp, p, 0) == cudaSuccess) {
       b.ptr_ = p;
@@ -146,8 +149,8 @@ PinnedBuffer PinnedBuffer::allocate(size_t size_bytes, int numa_node, PinMode mo
       return b;
     }
     if (err == cudaSuccess) (void)cudaFreeHost(p);
-    why += detail::str_cat(why.empty() ? "" : "; ", "cudaHostAlloc of ", bytes,
-                           " bytes refused (", cudaGetErrorName(err), ")");
+    why += detail::str_cat(why.empty() ? "" : "; ", "cudaHostAlloc of ", bytes, " bytes refused (",
+                           cudaGetErrorName(err), ")");
     (void)cudaGetLastError();
   }
 #endif

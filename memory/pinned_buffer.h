@@ -15,10 +15,10 @@ enum class PinMode : uint8_t { kAuto, kPageable };
 
 /// How a buffer's memory was obtained, in the order they are tried.
 enum class HostMemoryKind : uint8_t {
-  kNumaPinned,   ///< hwloc_alloc_membind on the requested node, then cudaHostRegister (mapped)
-  kPinned,       ///< cudaHostAlloc (mapped, portable)
-  kNumaPageable, ///< bound to the requested node, but not pinned
-  kPageable,     ///< aligned_alloc
+  kNumaPinned,    ///< hwloc_alloc_membind on the requested node, then cudaHostRegister (mapped)
+  kPinned,        ///< cudaHostAlloc (mapped, portable)
+  kNumaPageable,  ///< bound to the requested node, but not pinned
+  kPageable,      ///< aligned_alloc
 };
 const char* host_memory_kind_name(HostMemoryKind kind);
 

@@ -64,8 +64,8 @@ TieredStore::TieredStore(const TieredStoreConfig& config)
 TieredStore::~TieredStore() { map_->seqs.clear(); }
 
 void TieredStore::add_sequence(SeqId seq) {
-  auto s = std::make_shared<Sequence>(arena_, static_cast<size_t>(shape_.num_layers) *
-                                                  static_cast<size_t>(shape_.num_kv_heads));
+  auto s = std::make_shared<Sequence>(
+      arena_, static_cast<size_t>(shape_.num_layers) * static_cast<size_t>(shape_.num_kv_heads));
   decltype(map_->seqs)::accessor acc;
   KVTIER_CHECK(map_->seqs.insert(acc, seq), "sequence ", seq, " already exists");
   acc->second = std::move(s);
@@ -75,7 +75,8 @@ void TieredStore::remove_sequence(SeqId seq) {
   std::shared_ptr<Sequence> victim;
   {
     decltype(map_->seqs)::accessor acc;
-    if (!map_->seqs.find(acc, seq)) throw NotFoundError(detail::str_cat("kvtier: unknown sequence ", seq));
+    if (!map_->seqs.find(acc, seq))
+      throw NotFoundError(detail::str_cat("kvtier: unknown sequence ", seq));
     victim = std::move(acc->second);
     map_->seqs.erase(acc);
   }
@@ -91,15 +92,16 @@ size_t TieredStore::num_sequences() const { return map_->seqs.size(); }
 
 std::shared_ptr<TieredStore::Sequence> TieredStore::find(SeqId seq) const {
   decltype(map_->seqs)::const_accessor acc;
-  if (!map_->seqs.find(acc, seq)) throw NotFoundError(detail::str_cat("kvtier: unknown sequence ", seq));
+  if (!map_->seqs.find(acc, seq))
+    throw NotFoundError(detail::str_cat("kvtier: unknown sequence ", seq));
   return acc->second;
 }
 
 void TieredStore::check_head(SeqId seq, int32_t layer, int32_t kv_head) const {
   KVTIER_CHECK(layer >= 0 && layer < shape_.num_layers, "layer ", layer, " of sequence ", seq,
                " is out of range [0, ", shape_.num_layers, ")");
-  KVTIER_CHECK(kv_head >= 0 && kv_head < shape_.num_kv_heads, "kv_head ", kv_head,
-               " of sequence ", seq, " is out of range [0, ", shape_.num_kv_heads, ")");
+  KVTIER_CHECK(kv_head >= 0 && kv_head < shape_.num_kv_heads, "kv_head ", kv_head, " of sequence ",
+               seq, " is out of range [0, ", shape_.num_kv_heads, ")");
 }
 
 namespace {
@@ -135,9 +137,9 @@ void TieredStore::append(SeqId seq, int32_t layer, const KvRows& rows) {
     const size_t need = static_cast<size_t>(new_pages_per_head) * 2 * shape_.num_kv_heads;
     Status st = arena_.allocate(need, &fresh);
     if (!st.is_ok()) {
-      throw CapacityError(detail::str_cat("kvtier: appending ", rows.num_rows,
-                                          " rows to sequence ", seq, " layer ", layer, ": ",
-                                          st.message(), "; the stored KV is unchanged"));
+      throw CapacityError(detail::str_cat("kvtier: appending ", rows.num_rows, " rows to sequence ",
+                                          seq, " layer ", layer, ": ", st.message(),
+                                          "; the stored KV is unchanged"));
     }
   }
   const size_t esize = dtype_size(shape_.dtype);
@@ -318,7 +320,8 @@ void TieredStore::read_positions(SeqId seq, int32_t layer, int32_t kv_head, int6
     const int64_t pos = pos_begin + i;
     if (pos < h.index_begin || pos >= h.index_end) slot_of[i] = pos;
   }
-  const int64_t lo = std::max(pos_begin, h.index_begin), hi = std::min(pos_begin + count, h.index_end);
+  const int64_t lo = std::max(pos_begin, h.index_begin),
+                hi = std::min(pos_begin + count, h.index_end);
   if (lo < hi) {
     for (int64_t j = 0; j < h.index_end - h.index_begin; ++j) {
       const int64_t pos = h.index_begin + h.perm[j];
@@ -331,8 +334,10 @@ void TieredStore::read_positions(SeqId seq, int32_t layer, int32_t kv_head, int6
     const int64_t slot = slot_of[i];
     KVTIER_ASSERT(slot >= 0);
     const size_t off = static_cast<size_t>(slot % rows_per_page_) * row_bytes_;
-    std::memcpy(k + i * row_bytes_, arena_.host_ptr(h.k_pages[slot / rows_per_page_]) + off, row_bytes_);
-    std::memcpy(v + i * row_bytes_, arena_.host_ptr(h.v_pages[slot / rows_per_page_]) + off, row_bytes_);
+    std::memcpy(k + i * row_bytes_, arena_.host_ptr(h.k_pages[slot / rows_per_page_]) + off,
+                row_bytes_);
+    std::memcpy(v + i * row_bytes_, arena_.host_ptr(h.v_pages[slot / rows_per_page_]) + off,
+                row_bytes_);
   }
 }
 

@@ -57,7 +57,7 @@ struct KvRows {
 
 /// One run of consecutive slots that lie in one host page (K and V alike).
 struct RowRun {
-  int64_t slot = 0;              ///< first slot of the run
+  int64_t slot = 0;  ///< first slot of the run
   int32_t num_rows = 0;
   const std::byte* k = nullptr;  ///< host address of the first K row
   const std::byte* v = nullptr;
@@ -117,11 +117,11 @@ class TieredStore {
   void read_slots(SeqId seq, int32_t layer, int32_t kv_head, int64_t slot_begin, int64_t count,
                   void* k_out, void* v_out) const;
   /// Copies positions [pos_begin, pos_begin + count), in token order, into k_out / v_out.
-  void read_positions(SeqId seq, int32_t layer, int32_t kv_head, int64_t pos_begin,
-                      int64_t count, void* k_out, void* v_out) const;
+  void read_positions(SeqId seq, int32_t layer, int32_t kv_head, int64_t pos_begin, int64_t count,
+                      void* k_out, void* v_out) const;
   /// Token position of each slot in [slot_begin, slot_begin + count).
-  void slot_positions(SeqId seq, int32_t layer, int32_t kv_head, int64_t slot_begin,
-                      int64_t count, int64_t* positions_out) const;
+  void slot_positions(SeqId seq, int32_t layer, int32_t kv_head, int64_t slot_begin, int64_t count,
+                      int64_t* positions_out) const;
   /// Calls fn for each page-contained run of slots [slot_begin, slot_begin + count), in order,
   /// under the sequence's shared lock (fn must not call back into the store for this sequence).
   void for_each_run(SeqId seq, int32_t layer, int32_t kv_head, int64_t slot_begin, int64_t count,

@@ -9,5 +9,5 @@ build/tools/kvtier_demo "$@"
 echo
 echo "=== fetch benchmark (bench/bench_memory) ==="
 if [ -x build/bench/bench_memory ]; then
-  build/bench/bench_memory --benchmark_counters_tabular=true --benchmark_min_time=0.2
+  build/bench/bench_memory --benchmark_counters_tabular=true
 fi

@@ -42,7 +42,6 @@ void sync_check(const char*, const char*, int) {}
 
 namespace cuda {
 
-
 bool built_with_cuda() { return KVTIER_WITH_CUDA != 0; }
 
 #if KVTIER_WITH_CUDA
@@ -92,9 +91,8 @@ std::string device_description(int device) {
   if (!device_available()) return "no CUDA device (" + probe().reason + ")";
   cudaDeviceProp prop{};
   KVTIER_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  return detail::str_cat(prop.name, ", sm_", prop.major, prop.minor, ", ",
-                         prop.multiProcessorCount, " SMs, ",
-                         prop.totalGlobalMem >> 20, " MiB");
+  return detail::str_cat(prop.name, ", sm_", prop.major, prop.minor, ", ", prop.multiProcessorCount,
+                         " SMs, ", prop.totalGlobalMem >> 20, " MiB");
 }
 
 DeviceGuard::DeviceGuard(int device) {
@@ -111,8 +109,8 @@ Stream::Stream(int device, Priority priority) : device_(device) {
   DeviceGuard guard(device);
   int least = 0, greatest = 0;
   KVTIER_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  KVTIER_CUDA_CHECK(cudaStreamCreateWithPriority(
-      &stream_, cudaStreamNonBlocking, priority == Priority::kHigh ? greatest : least));
+  KVTIER_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking,
+                                                 priority == Priority::kHigh ? greatest : least));
 }
 Stream::~Stream() {
   if (stream_ != nullptr && cudaStreamDestroy(stream_) != cudaSuccess)
@@ -154,7 +152,8 @@ float elapsed_ms(const Event& start, const Event& stop) {
   return ms;
 }
 
-DeviceAllocation::DeviceAllocation(size_t size_bytes, int device) : bytes_(size_bytes), device_(device) {
+DeviceAllocation::DeviceAllocation(size_t size_bytes, int device)
+    : bytes_(size_bytes), device_(device) {
   if (size_bytes == 0) return;
   DeviceGuard guard(device);
   const cudaError_t err = cudaMalloc(&ptr_, size_bytes);
@@ -191,7 +190,6 @@ namespace {
                                   "(KVTIER_WITH_CUDA=OFF or no nvcc at configure time)"));
 }
 }  // namespace
-
 
 bool device_available() { return false; }
 int device_count() { return 0; }

@@ -17,7 +17,8 @@ constexpr size_t dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
 const char* dtype_name(DType t);
 /// Writes dtype_name(t) (for test names and messages).
 std::ostream& operator<<(std::ostream& os, DType t);
-/// Parses "fp16"/"float16"/"half", "bf16"/"bfloat16", "fp32"/"float32"; throws InvalidArgumentError.
+/// Parses "fp16"/"float16"/"half", "bf16"/"bfloat16", "fp32"/"float32"; throws
+/// InvalidArgumentError.
 DType parse_dtype(const std::string& name);
 
 /// head_dim values the KV tiers and kernels support.

@@ -21,10 +21,8 @@ void log_message(LogLevel level, const std::string& message);
 
 }  // namespace kvtier
 
-#define KVTIER_LOG(level, ...)                                                      \
-  do {                                                                              \
-    if (static_cast<int>(::kvtier::LogLevel::level) <=                              \
-        static_cast<int>(::kvtier::log_level()))                                    \
-      ::kvtier::log_message(::kvtier::LogLevel::level,                              \
-                            ::kvtier::detail::str_cat(__VA_ARGS__));                \
+#define KVTIER_LOG(level, ...)                                                                  \
+  do {                                                                                          \
+    if (static_cast<int>(::kvtier::LogLevel::level) <= static_cast<int>(::kvtier::log_level())) \
+      ::kvtier::log_message(::kvtier::LogLevel::level, ::kvtier::detail::str_cat(__VA_ARGS__)); \
   } while (0)

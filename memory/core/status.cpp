@@ -1,4 +1,6 @@
 // Status, Error, logging and dtype helpers: the host-only part of memory/core.
+#include "memory/core/status.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -8,20 +10,27 @@
 #include "memory/core/check.h"
 #include "memory/core/dtype.h"
 #include "memory/core/log.h"
-#include "memory/core/status.h"
 
 namespace kvtier {
 
 const char* status_code_name(StatusCode code) {
   switch (code) {
-    case StatusCode::kOk: return "ok";
-    case StatusCode::kInvalidArgument: return "invalid argument";
-    case StatusCode::kCapacity: return "capacity";
-    case StatusCode::kNotFound: return "not found";
-    case StatusCode::kTimeout: return "timeout";
-    case StatusCode::kIoError: return "I/O error";
-    case StatusCode::kCuda: return "CUDA error";
-    case StatusCode::kInternal: return "internal error";
+    case StatusCode::kOk:
+      return "ok";
+    case StatusCode::kInvalidArgument:
+      return "invalid argument";
+    case StatusCode::kCapacity:
+      return "capacity";
+    case StatusCode::kNotFound:
+      return "not found";
+    case StatusCode::kTimeout:
+      return "timeout";
+    case StatusCode::kIoError:
+      return "I/O error";
+    case StatusCode::kCuda:
+      return "CUDA error";
+    case StatusCode::kInternal:
+      return "internal error";
   }
   return "unknown";
 }
@@ -33,11 +42,16 @@ std::string Status::to_string() const {
 
 void throw_error(StatusCode code, const std::string& message) {
   switch (code) {
-    case StatusCode::kInvalidArgument: throw InvalidArgumentError(message);
-    case StatusCode::kCapacity: throw CapacityError(message);
-    case StatusCode::kNotFound: throw NotFoundError(message);
-    case StatusCode::kCuda: throw CudaError(message);
-    default: throw Error(code, message);
+    case StatusCode::kInvalidArgument:
+      throw InvalidArgumentError(message);
+    case StatusCode::kCapacity:
+      throw CapacityError(message);
+    case StatusCode::kNotFound:
+      throw NotFoundError(message);
+    case StatusCode::kCuda:
+      throw CudaError(message);
+    default:
+      throw Error(code, message);
   }
 }
 
@@ -53,8 +67,8 @@ void check_fail(StatusCode code, const char* cond, const char* file, int line,
                 const std::string& message) {
   // The message is for the caller; the condition and place help whoever reads the report.
   const char* base = std::strrchr(file, '/');
-  throw_error(code, str_cat("kvtier: ", message.empty() ? std::string(cond) : message, " [",
-                            cond, " at ", base ? base + 1 : file, ":", line, "]"));
+  throw_error(code, str_cat("kvtier: ", message.empty() ? std::string(cond) : message, " [", cond,
+                            " at ", base ? base + 1 : file, ":", line, "]"));
 }
 
 }  // namespace detail
@@ -81,10 +95,14 @@ LogLevel level_from_env() {
 }
 const char* level_name(LogLevel l) {
   switch (l) {
-    case LogLevel::kError: return "error";
-    case LogLevel::kWarn: return "warning";
-    case LogLevel::kInfo: return "info";
-    case LogLevel::kDebug: return "debug";
+    case LogLevel::kError:
+      return "error";
+    case LogLevel::kWarn:
+      return "warning";
+    case LogLevel::kInfo:
+      return "info";
+    case LogLevel::kDebug:
+      return "debug";
   }
   return "?";
 }
@@ -124,9 +142,12 @@ void log_message(LogLevel level, const std::string& message) {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kF16: return "fp16";
-    case DType::kBF16: return "bf16";
-    case DType::kF32: return "fp32";
+    case DType::kF16:
+      return "fp16";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF32:
+      return "fp32";
   }
   return "?";
 }

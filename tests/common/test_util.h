@@ -24,12 +24,12 @@ int64_t first_difference(const void* a, const void* b, size_t n);
 
 }  // namespace kvtier::test
 
-#define KVTIER_REQUIRE_GPU()                                                               \
-  do {                                                                                     \
-    if (!::kvtier::cuda::device_available()) {                                             \
-      if (::kvtier::test::gpu_required())                                                  \
-        FAIL() << "KVTIER_REQUIRE_GPU=1 but no CUDA device: "                              \
-               << ::kvtier::cuda::device_description(0);                                   \
-      GTEST_SKIP() << "no CUDA device: " << ::kvtier::cuda::device_description(0);         \
-    }                                                                                      \
+#define KVTIER_REQUIRE_GPU()                                                       \
+  do {                                                                             \
+    if (!::kvtier::cuda::device_available()) {                                     \
+      if (::kvtier::test::gpu_required())                                          \
+        FAIL() << "KVTIER_REQUIRE_GPU=1 but no CUDA device: "                      \
+               << ::kvtier::cuda::device_description(0);                           \
+      GTEST_SKIP() << "no CUDA device: " << ::kvtier::cuda::device_description(0); \
+    }                                                                              \
   } while (0)

@@ -1,9 +1,10 @@
 // CPU reference of the fetch gather: exact placement, untouched bytes stay untouched, bad params.
+#include "kernels/kv_gather.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
 
-#include "kernels/kv_gather.h"
 #include "tests/common/test_util.h"
 
 namespace kvtier::kernels {
@@ -12,7 +13,8 @@ namespace {
 TEST(GatherRef, PlacesRowsAndTouchesNothingElse) {
   const int32_t rb = 128, P = 5, pages = 7;
   std::mt19937_64 rng(test::test_seed());
-  std::vector<std::byte> src_k = test::random_bytes(rb * 40, rng), src_v = test::random_bytes(rb * 40, rng);
+  std::vector<std::byte> src_k = test::random_bytes(rb * 40, rng),
+                         src_v = test::random_bytes(rb * 40, rng);
   std::vector<std::byte> k(rb * P * pages, std::byte{0xEE}), v(k.size(), std::byte{0xEE});
   std::vector<memory::GatherSegment> segs = {
       {src_k.data(), src_v.data(), 3, 0, 5, 0},

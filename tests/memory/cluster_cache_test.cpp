@@ -1,5 +1,7 @@
 // ClusterCache: the policy against a small reference model, capacity errors, and the round trip
 // host store -> cache (CPU gather reference) -> host.
+#include "memory/cluster_cache.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -7,7 +9,6 @@
 #include <map>
 
 #include "kernels/kv_gather.h"
-#include "memory/cluster_cache.h"
 #include "memory/fetch_plan.h"
 #include "tests/common/test_util.h"
 
@@ -97,7 +98,7 @@ class ReferenceCache {
     for (int pass = 0; pass < 2 && best < 0; ++pass) {
       for (int i = 0; i < static_cast<int>(entries_.size()); ++i) {
         const Entry& e = entries_[i];
-        if (e.last_used == now_) continue;                      // pinned
+        if (e.last_used == now_) continue;                            // pinned
         if (pass == 0 && e.last_used + retention_ >= now_) continue;  // still retained
         if (best < 0 || e.touched < entries_[best].touched) best = i;
       }
@@ -238,7 +239,8 @@ TEST(ClusterCache, RepeatsEraseAndErrors) {
   auto r = cache.lookup({a, a, b});
   EXPECT_EQ(r.misses, (std::vector<int32_t>{0, 2}));
   // The repeat shares the first request's pages.
-  EXPECT_TRUE(std::equal(r.page_ids.begin() + r.page_indptr[0], r.page_ids.begin() + r.page_indptr[1],
+  EXPECT_TRUE(std::equal(r.page_ids.begin() + r.page_indptr[0],
+                         r.page_ids.begin() + r.page_indptr[1],
                          r.page_ids.begin() + r.page_indptr[1]));
   EXPECT_EQ(cache.stats().pages_used, 4);
   CacheRequest wrong = a;
@@ -279,7 +281,8 @@ TEST_P(CacheRoundTrip, FetchedPagesEqualStoreRows) {
   const int64_t sinks = 3;
   store.add_sequence(11);
   for (int32_t l = 0; l < 2; ++l) {
-    std::vector<std::byte> k = test::random_bytes(rb * (n + sinks) * 2, rng), v = test::random_bytes(k.size(), rng);
+    std::vector<std::byte> k = test::random_bytes(rb * (n + sinks) * 2, rng),
+                           v = test::random_bytes(k.size(), rng);
     store.append(11, l, KvRows{k.data(), v.data(), DType::kBF16, 2, head_dim, n + sinks});
     for (int32_t h = 0; h < 2; ++h) {
       // Labels that give cluster c exactly sizes[c] rows, scattered in token order.
@@ -305,13 +308,18 @@ TEST_P(CacheRoundTrip, FetchedPagesEqualStoreRows) {
   std::vector<GatherSegment> plan;
   plan_fetch(store, reqs.data(), lk, page_size, HostAddress::kHost, &plan);
   EXPECT_EQ(plan_bytes(plan, rb), static_cast<int64_t>(2 * rb) * 4 * n);
-  kernels::GatherParams gp{plan.data(), static_cast<int32_t>(plan.size()),
-                           static_cast<int32_t>(rb), page_size, cache.k_pool(), cache.v_pool()};
+  kernels::GatherParams gp{plan.data(),
+                           static_cast<int32_t>(plan.size()),
+                           static_cast<int32_t>(rb),
+                           page_size,
+                           cache.k_pool(),
+                           cache.v_pool()};
   kernels::gather_ref(gp);
   // Read every cluster back out of its pages and compare with the store's rows.
   for (size_t i = 0; i < reqs.size(); ++i) {
     const CacheRequest& q = reqs[i];
-    const ClusterSpan span = store.cluster_span(q.key.seq, q.key.layer, q.key.kv_head, q.key.cluster);
+    const ClusterSpan span =
+        store.cluster_span(q.key.seq, q.key.layer, q.key.kv_head, q.key.cluster);
     std::vector<std::byte> want_k(rb * span.num_rows), want_v(want_k.size());
     store.read_slots(q.key.seq, q.key.layer, q.key.kv_head, span.slot_begin, span.num_rows,
                      want_k.data(), want_v.data());

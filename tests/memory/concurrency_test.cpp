@@ -36,7 +36,8 @@ TEST(Concurrency, ThreadsAddFillReadRemoveSequences) {
         const SeqId seq = t * 1000 + it;
         store.add_sequence(seq);
         const int64_t rows = 1 + static_cast<int64_t>(rng() % 200);
-        std::vector<std::byte> k = test::random_bytes(rb * rows * 2, rng), v = test::random_bytes(k.size(), rng);
+        std::vector<std::byte> k = test::random_bytes(rb * rows * 2, rng),
+                               v = test::random_bytes(k.size(), rng);
         for (int32_t l = 0; l < 2; ++l)
           store.append(seq, l, KvRows{k.data(), v.data(), DType::kBF16, 2, 64, rows});
         std::vector<int32_t> labels(static_cast<size_t>(rows));

@@ -40,9 +40,7 @@ TEST(Check, ThrowsInvalidArgumentNamingTheValue) {
   EXPECT_NO_THROW(KVTIER_CHECK(true, "never"));
 }
 
-TEST(Check, AssertAborts) {
-  EXPECT_DEATH(KVTIER_ASSERT(1 + 1 == 3), "internal assertion");
-}
+TEST(Check, AssertAborts) { EXPECT_DEATH(KVTIER_ASSERT(1 + 1 == 3), "internal assertion"); }
 
 TEST(DType, ParseAndValidate) {
   EXPECT_EQ(parse_dtype("bf16"), DType::kBF16);

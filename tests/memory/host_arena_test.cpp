@@ -1,4 +1,6 @@
 // PinnedBuffer and HostArena: fallbacks, accounting, exhaustion, reuse.
+#include "memory/host_arena.h"
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -7,7 +9,6 @@
 #include <thread>
 
 #include "memory/core/log.h"
-#include "memory/host_arena.h"
 #include "memory/pinned_buffer.h"
 #include "tests/common/test_util.h"
 

@@ -44,7 +44,8 @@ void run_fetch_case(int head_dim, DType dtype, int32_t page_size, FetchPath path
   const int64_t rows = 3001, sinks = 16;
   store.add_sequence(4);
   for (int32_t l = 0; l < 2; ++l) {
-    std::vector<std::byte> k = test::random_bytes(rb * rows * 4, rng), v = test::random_bytes(k.size(), rng);
+    std::vector<std::byte> k = test::random_bytes(rb * rows * 4, rng),
+                           v = test::random_bytes(k.size(), rng);
     store.append(4, l, KvRows{k.data(), v.data(), dtype, 4, head_dim, rows});
     for (int32_t h = 0; h < 4; ++h) {
       // Skewed sizes: many small clusters, a few large ones, some empty.
@@ -112,21 +113,26 @@ void run_fetch_case(int head_dim, DType dtype, int32_t page_size, FetchPath path
   stream.synchronize();
   const int64_t dk = test::first_difference(got_k.data(), want_k.data(), pool_bytes);
   const int64_t dv = test::first_difference(got_v.data(), want_v.data(), pool_bytes);
-  EXPECT_EQ(dk, -1) << "first bad K byte at page " << (dk / static_cast<int64_t>(cache.page_bytes()))
-                    << "; head_dim " << head_dim << " page_size " << page_size << " seed "
-                    << test::test_seed();
+  EXPECT_EQ(dk, -1) << "first bad K byte at page "
+                    << (dk / static_cast<int64_t>(cache.page_bytes())) << "; head_dim " << head_dim
+                    << " page_size " << page_size << " seed " << test::test_seed();
   EXPECT_EQ(dv, -1) << "head_dim " << head_dim << " page_size " << page_size;
   // And the pool holds the store's rows, cluster by cluster (host store -> cache -> host).
   for (size_t i = 0; i < reqs.size(); i += 7) {
     const CacheRequest& q = reqs[i];
-    const ClusterSpan span = store.cluster_span(q.key.seq, q.key.layer, q.key.kv_head, q.key.cluster);
+    const ClusterSpan span =
+        store.cluster_span(q.key.seq, q.key.layer, q.key.kv_head, q.key.cluster);
     std::vector<std::byte> sk(rb * span.num_rows), sv(sk.size());
-    store.read_slots(q.key.seq, q.key.layer, q.key.kv_head, span.slot_begin, span.num_rows, sk.data(), sv.data());
+    store.read_slots(q.key.seq, q.key.layer, q.key.kv_head, span.slot_begin, span.num_rows,
+                     sk.data(), sv.data());
     for (int32_t r = 0; r < q.num_rows; ++r) {
-      const size_t off = static_cast<size_t>(lk.page_ids[lk.page_indptr[i] + r / page_size]) *
-                             cache.page_bytes() + static_cast<size_t>(r % page_size) * rb;
-      ASSERT_EQ(std::memcmp(got_k.data() + off, sk.data() + r * rb, rb), 0) << "cluster " << q.key.cluster;
-      ASSERT_EQ(std::memcmp(got_v.data() + off, sv.data() + r * rb, rb), 0) << "cluster " << q.key.cluster;
+      const size_t off =
+          static_cast<size_t>(lk.page_ids[lk.page_indptr[i] + r / page_size]) * cache.page_bytes() +
+          static_cast<size_t>(r % page_size) * rb;
+      ASSERT_EQ(std::memcmp(got_k.data() + off, sk.data() + r * rb, rb), 0)
+          << "cluster " << q.key.cluster;
+      ASSERT_EQ(std::memcmp(got_v.data() + off, sv.data() + r * rb, rb), 0)
+          << "cluster " << q.key.cluster;
     }
   }
 #else
@@ -164,7 +170,8 @@ TEST(GpuFetch, RefusedPinningFallsBackAndThePlanSaysWhy) {
   store.append(0, 0, KvRows{k.data(), v.data(), DType::kBF16, 1, 128, 8});
   testing::set_pin_fault(testing::PinFault::kNone);
   EXPECT_FALSE(store.arena().is_pinned());
-  EXPECT_NE(store.arena().pin_note().find("refused"), std::string::npos) << store.arena().pin_note();
+  EXPECT_NE(store.arena().pin_note().find("refused"), std::string::npos)
+      << store.arena().pin_note();
   int32_t labels[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   store.cluster(0, 0, 0, 0, 8, labels, 1);
   ClusterCacheConfig cc;

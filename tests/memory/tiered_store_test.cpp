@@ -1,11 +1,12 @@
 // TieredStore: round trips, cluster-contiguous layout, incremental clustering, errors, capacity.
+#include "memory/tiered_store.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstring>
 #include <numeric>
 
-#include "memory/tiered_store.h"
 #include "tests/common/test_util.h"
 
 namespace kvtier::memory {
@@ -96,7 +97,8 @@ TEST_P(StoreRoundTrip, AppendThenReadIsBitwiseEqual) {
 
 INSTANTIATE_TEST_SUITE_P(
     AwkwardSizes, StoreRoundTrip,
-    ::testing::Combine(::testing::Values(64, 128, 256), ::testing::Values(DType::kF16, DType::kBF16),
+    ::testing::Combine(::testing::Values(64, 128, 256),
+                       ::testing::Values(DType::kF16, DType::kBF16),
                        // 1, around the 16-row cache page, around a 4 KiB host page of 256 B rows
                        // (16 rows), primes, and several pages.
                        ::testing::Values<int64_t>(1, 15, 16, 17, 31, 97, 257, 1031)));
@@ -132,7 +134,8 @@ TEST(TieredStore, ClusterLayoutIsContiguousAndPermutationCorrect) {
     EXPECT_EQ(got, want) << "cluster " << c;
     // And the bytes in those slots are those positions' rows.
     std::vector<std::byte> kk(rb * span.num_rows), vv(kk.size());
-    if (span.num_rows > 0) store.read_slots(1, 0, 1, span.slot_begin, span.num_rows, kk.data(), vv.data());
+    if (span.num_rows > 0)
+      store.read_slots(1, 0, 1, span.slot_begin, span.num_rows, kk.data(), vv.data());
     for (int32_t j = 0; j < span.num_rows; ++j) {
       ASSERT_EQ(std::memcmp(kk.data() + j * rb, m.k[1].data() + want[j] * rb, rb), 0);
       ASSERT_EQ(std::memcmp(vv.data() + j * rb, m.v[1].data() + want[j] * rb, rb), 0);
@@ -187,8 +190,10 @@ TEST(TieredStore, TokenMajorStrides) {
   const int64_t rows = 19;
   const size_t rb = store.row_bytes();
   // [rows, heads, head_dim]
-  std::vector<std::byte> k = test::random_bytes(rb * 4 * rows, rng), v = test::random_bytes(k.size(), rng);
-  KvRows r{k.data(), v.data(), DType::kBF16, 4, 64, rows, /*head_stride=*/64, /*row_stride=*/4 * 64};
+  std::vector<std::byte> k = test::random_bytes(rb * 4 * rows, rng),
+                         v = test::random_bytes(k.size(), rng);
+  KvRows r{k.data(), v.data(), DType::kBF16,       4,
+           64,       rows,     /*head_stride=*/64, /*row_stride=*/4 * 64};
   store.append(0, 0, r);
   std::vector<std::byte> out(rb), vout(rb);
   for (int h = 0; h < 4; ++h)

@@ -36,7 +36,7 @@ struct Options {
   int32_t budget = 2048;          // selected tokens per KV head per step
   int32_t steps = 32;
   int32_t retention = 8;
-  double drift = 0.05;            // share of the working set replaced per step
+  double drift = 0.05;  // share of the working set replaced per step
   size_t cache_mib = 1024;
   std::string backend = "auto";
 };
@@ -59,19 +59,32 @@ Options parse(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--context") o.context = std::atoll(next());
-    else if (a == "--layers") o.layers = std::atoi(next());
-    else if (a == "--kv-heads") o.kv_heads = std::atoi(next());
-    else if (a == "--head-dim") o.head_dim = std::atoi(next());
-    else if (a == "--rows-per-cluster") o.rows_per_cluster = std::atoi(next());
-    else if (a == "--budget") o.budget = std::atoi(next());
-    else if (a == "--steps") o.steps = std::atoi(next());
-    else if (a == "--retention") o.retention = std::atoi(next());
-    else if (a == "--drift") o.drift = std::atof(next());
-    else if (a == "--cache-mib") o.cache_mib = static_cast<size_t>(std::atoll(next()));
-    else if (a == "--backend") o.backend = next();
-    else if (a == "-h" || a == "--help") { usage(); std::exit(0); }
-    else {
+    if (a == "--context")
+      o.context = std::atoll(next());
+    else if (a == "--layers")
+      o.layers = std::atoi(next());
+    else if (a == "--kv-heads")
+      o.kv_heads = std::atoi(next());
+    else if (a == "--head-dim")
+      o.head_dim = std::atoi(next());
+    else if (a == "--rows-per-cluster")
+      o.rows_per_cluster = std::atoi(next());
+    else if (a == "--budget")
+      o.budget = std::atoi(next());
+    else if (a == "--steps")
+      o.steps = std::atoi(next());
+    else if (a == "--retention")
+      o.retention = std::atoi(next());
+    else if (a == "--drift")
+      o.drift = std::atof(next());
+    else if (a == "--cache-mib")
+      o.cache_mib = static_cast<size_t>(std::atoll(next()));
+    else if (a == "--backend")
+      o.backend = next();
+    else if (a == "-h" || a == "--help") {
+      usage();
+      std::exit(0);
+    } else {
       std::fprintf(stderr, "kvtier_demo: unknown option %s\n", a.c_str());
       usage();
       std::exit(2);
@@ -92,20 +105,22 @@ int main(int argc, char** argv) try {
   if (o.backend == "cpu") backend = Backend::kCpu;
   if (o.backend == "cuda") backend = Backend::kCuda;
   const int64_t sinks = 16;
-  const int32_t num_clusters = static_cast<int32_t>(std::max<int64_t>(1, (o.context - sinks) / o.rows_per_cluster));
+  const int32_t num_clusters =
+      static_cast<int32_t>(std::max<int64_t>(1, (o.context - sinks) / o.rows_per_cluster));
 
   memory::TieredStoreConfig sc;
   sc.shape = {o.layers, o.kv_heads, o.head_dim, DType::kBF16};
   const size_t row_bytes = sc.shape.row_bytes();
-  const size_t kv_bytes = 2 * row_bytes * static_cast<size_t>(o.context + o.steps) * o.kv_heads * o.layers;
+  const size_t kv_bytes =
+      2 * row_bytes * static_cast<size_t>(o.context + o.steps) * o.kv_heads * o.layers;
   sc.host.bytes_limit = kv_bytes + kv_bytes / 16 + (64u << 20);
   memory::TieredStore store(sc);
 
   std::printf("kvtier demo: memory tiers and cluster cache\n");
   std::printf("  device        %s\n", cuda::device_description(0).c_str());
   std::printf("  backend       %s\n", backend_name(backend));
-  std::printf("  shape         %d layers x %d KV heads x head_dim %d, bf16, context %lld\n", o.layers,
-              o.kv_heads, o.head_dim, static_cast<long long>(o.context));
+  std::printf("  shape         %d layers x %d KV heads x head_dim %d, bf16, context %lld\n",
+              o.layers, o.kv_heads, o.head_dim, static_cast<long long>(o.context));
 
   // ---- prefill: host tier + cluster layout ----
   auto t0 = std::chrono::steady_clock::now();
@@ -114,7 +129,9 @@ int main(int argc, char** argv) try {
   std::vector<uint64_t> rows(row_bytes * o.context * o.kv_heads / 8);
   for (int32_t l = 0; l < o.layers; ++l) {
     for (auto& x : rows) x = rng();
-    store.append(0, l, memory::KvRows{rows.data(), rows.data(), DType::kBF16, o.kv_heads, o.head_dim, o.context});
+    store.append(
+        0, l,
+        memory::KvRows{rows.data(), rows.data(), DType::kBF16, o.kv_heads, o.head_dim, o.context});
   }
   const double t_append = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
@@ -126,11 +143,12 @@ int main(int argc, char** argv) try {
     }
   const double t_cluster = seconds_since(t0);
   const memory::HostArenaStats hs = store.arena().stats();
-  std::printf("  host tier     %.1f MiB in %zu slabs, %s, NUMA node %d%s%s\n", hs.bytes_used / 1048576.0,
-              hs.num_slabs, store.arena().is_pinned() ? "pinned" : "pageable", store.arena().numa_node(),
+  std::printf("  host tier     %.1f MiB in %zu slabs, %s, NUMA node %d%s%s\n",
+              hs.bytes_used / 1048576.0, hs.num_slabs,
+              store.arena().is_pinned() ? "pinned" : "pageable", store.arena().numa_node(),
               store.arena().pin_note().empty() ? "" : " -- ", store.arena().pin_note().c_str());
-  std::printf("  prefill       append %.2f s, cluster layout %.2f s (%d clusters per head)\n", t_append,
-              t_cluster, num_clusters);
+  std::printf("  prefill       append %.2f s, cluster layout %.2f s (%d clusters per head)\n",
+              t_append, t_cluster, num_clusters);
 
   // ---- decode ----
   memory::ClusterCacheConfig cc;
@@ -170,7 +188,8 @@ int main(int argc, char** argv) try {
       for (int32_t h = 0; h < o.kv_heads; ++h) {
         auto& r = ranking[static_cast<size_t>(l) * o.kv_heads + h];
         // Drift: swap a few top-ranked clusters with random others.
-        const int32_t swaps = static_cast<int32_t>(std::ceil(o.drift * o.budget / o.rows_per_cluster));
+        const int32_t swaps =
+            static_cast<int32_t>(std::ceil(o.drift * o.budget / o.rows_per_cluster));
         for (int32_t s = 0; s < swaps; ++s)
           std::swap(r[rng() % std::min<int32_t>(num_clusters, o.budget / o.rows_per_cluster + 1)],
                     r[rng() % num_clusters]);
@@ -185,17 +204,24 @@ int main(int argc, char** argv) try {
       }
       const memory::CacheLookup lk = cache.lookup(reqs);
       std::vector<memory::GatherSegment> plan;
-      const auto addr = backend == Backend::kCuda ? memory::HostAddress::kDevice : memory::HostAddress::kHost;
+      const auto addr =
+          backend == Backend::kCuda ? memory::HostAddress::kDevice : memory::HostAddress::kHost;
       memory::plan_fetch(store, reqs.data(), lk, cc.page_size, addr, &plan);
       fetched_bytes += memory::plan_bytes(plan, row_bytes);
-      kernels::GatherParams gp{plan.data(), static_cast<int32_t>(plan.size()), static_cast<int32_t>(row_bytes),
-                               cc.page_size, cache.k_pool(), cache.v_pool()};
+      kernels::GatherParams gp{plan.data(),
+                               static_cast<int32_t>(plan.size()),
+                               static_cast<int32_t>(row_bytes),
+                               cc.page_size,
+                               cache.k_pool(),
+                               cache.v_pool()};
       if (backend == Backend::kCuda) {
 #if KVTIER_WITH_CUDA
         if (!dev_segs || dev_segs->size() < plan.size())
-          dev_segs = std::make_unique<cuda::DeviceBuffer<memory::GatherSegment>>(plan.size() * 2 + 1024, 0);
+          dev_segs = std::make_unique<cuda::DeviceBuffer<memory::GatherSegment>>(
+              plan.size() * 2 + 1024, 0);
         ev_a->record(stream->get());
-        cuda::memcpy_async(dev_segs->get(), plan.data(), plan.size() * sizeof(memory::GatherSegment), stream->get());
+        cuda::memcpy_async(dev_segs->get(), plan.data(),
+                           plan.size() * sizeof(memory::GatherSegment), stream->get());
         gp.segments = dev_segs->get();
         kernels::launch_gather(gp, stream->get());
         ev_b->record(stream->get());
@@ -210,9 +236,11 @@ int main(int argc, char** argv) try {
       // Verify one request in 16 against the host tier, bitwise.
       for (size_t i = 0; i < reqs.size(); i += 16) {
         const auto& q = reqs[i];
-        const memory::ClusterSpan span = store.cluster_span(0, q.key.layer, q.key.kv_head, q.key.cluster);
+        const memory::ClusterSpan span =
+            store.cluster_span(0, q.key.layer, q.key.kv_head, q.key.cluster);
         std::vector<std::byte> want(row_bytes * span.num_rows), want_v(want.size()), got(row_bytes);
-        store.read_slots(0, q.key.layer, q.key.kv_head, span.slot_begin, span.num_rows, want.data(), want_v.data());
+        store.read_slots(0, q.key.layer, q.key.kv_head, span.slot_begin, span.num_rows, want.data(),
+                         want_v.data());
         for (int32_t r = 0; r < q.num_rows; r += 7) {
           const std::byte* src = cache.k_page(lk.page_ids[lk.page_indptr[i] + r / cc.page_size]) +
                                  static_cast<size_t>(r % cc.page_size) * row_bytes;
@@ -228,29 +256,33 @@ int main(int argc, char** argv) try {
       }
       // The step's new token goes to the tail of the host tier.
       for (auto& x : token) x = rng();
-      store.append(0, l, memory::KvRows{token.data(), token.data(), DType::kBF16, o.kv_heads, o.head_dim, 1});
+      store.append(
+          0, l,
+          memory::KvRows{token.data(), token.data(), DType::kBF16, o.kv_heads, o.head_dim, 1});
     }
   }
   const double decode_s = seconds_since(t_decode);
   const memory::CacheStats cs = cache.stats();
   const memory::HostArenaStats hs2 = store.arena().stats();
   std::printf("\n%-28s %s\n", "metric", "value");
-  std::printf("%-28s %d steps x %d layers, budget %d tokens/KV head\n", "decode", o.steps, o.layers, o.budget);
+  std::printf("%-28s %d steps x %d layers, budget %d tokens/KV head\n", "decode", o.steps, o.layers,
+              o.budget);
   std::printf("%-28s %.1f %%\n", "cache hit rate", 100.0 * cs.hit_rate());
   std::printf("%-28s %lld hits, %lld misses\n", "cluster lookups", static_cast<long long>(cs.hits),
               static_cast<long long>(cs.misses));
-  std::printf("%-28s %lld (%lld under memory pressure)\n", "evictions", static_cast<long long>(cs.evictions),
-              static_cast<long long>(cs.pressure_evictions));
+  std::printf("%-28s %lld (%lld under memory pressure)\n", "evictions",
+              static_cast<long long>(cs.evictions), static_cast<long long>(cs.pressure_evictions));
   std::printf("%-28s %.1f MiB (%.2f MiB per step)\n", "bytes fetched", fetched_bytes / 1048576.0,
               fetched_bytes / 1048576.0 / o.steps);
-  std::printf("%-28s %.2f GB/s (%s)\n", "fetch bandwidth", fetched_bytes / std::max(fetch_seconds, 1e-12) / 1e9,
+  std::printf("%-28s %.2f GB/s (%s)\n", "fetch bandwidth",
+              fetched_bytes / std::max(fetch_seconds, 1e-12) / 1e9,
               backend == Backend::kCuda ? "gather kernel, CUDA events" : "CPU reference gather");
-  std::printf("%-28s %.1f / %.1f MiB (peak %.1f)\n", "host arena used / limit", hs2.bytes_used / 1048576.0,
-              hs2.bytes_limit / 1048576.0, hs2.bytes_peak / 1048576.0);
-  std::printf("%-28s %lld / %lld pages\n", "cache pages used", static_cast<long long>(cs.pages_used),
-              static_cast<long long>(cs.num_pages));
-  std::printf("%-28s %lld rows checked, %lld mismatches\n", "verification", static_cast<long long>(verified),
-              static_cast<long long>(mismatches));
+  std::printf("%-28s %.1f / %.1f MiB (peak %.1f)\n", "host arena used / limit",
+              hs2.bytes_used / 1048576.0, hs2.bytes_limit / 1048576.0, hs2.bytes_peak / 1048576.0);
+  std::printf("%-28s %lld / %lld pages\n", "cache pages used",
+              static_cast<long long>(cs.pages_used), static_cast<long long>(cs.num_pages));
+  std::printf("%-28s %lld rows checked, %lld mismatches\n", "verification",
+              static_cast<long long>(verified), static_cast<long long>(mismatches));
   std::printf("%-28s %.2f s\n", "decode wall time", decode_s);
   return mismatches == 0 ? 0 : 1;
 } catch (const std::exception& e) {
