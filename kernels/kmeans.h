@@ -1,0 +1,92 @@
+// Spherical k-means over keys, batched: many independent problems (one per layer and KV head, or
+// per sequence, layer and KV head) in one call. Cosine assignment; centroid = normalized mean of
+// its points' unit vectors, accumulated in fp32 (ClusterKV's code accumulates in fp16 atomics,
+// which loses mass once clusters hold thousands of rows); empty clusters re-seeded with the
+// worst-fitting points; a maximum iteration count and a relative-objective stopping test.
+//   kmeans_ref   plain loops, double accumulation, deterministic: the specification
+//   kmeans_cpu   the same algorithm on oneTBB (problems and points in parallel)
+//   launch_kmeans  CUDA, ordered on a stream
+// The objective is sum over points of (1 - cos(point, its centroid)); it never increases.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "memory/core/cuda_fwd.h"
+#include "memory/core/dtype.h"
+
+namespace kvtier::kernels {
+
+enum class KmeansInit : uint8_t {
+  kRandomRows,  ///< k distinct rows drawn uniformly (seeded)
+  kPlusPlus,    ///< k-means++ seeding (D^2 sampling on 1 - cos) over a sample of the rows
+};
+
+struct KmeansParams {
+  int32_t num_problems = 1;
+  int64_t num_points = 0;    ///< n, rows per problem (problems are stored with this stride)
+  int32_t dim = 0;           ///< 64 or 128 (also 256)
+  int32_t num_clusters = 0;  ///< k requested; the effective k is min(k, n), see below
+  int32_t max_iters = 20;    ///< Lloyd updates at most
+  float rel_tol = 1e-4f;     ///< stop when (prev - obj) <= rel_tol * prev
+  KmeansInit init = KmeansInit::kRandomRows;
+  int64_t init_sample = 16384;  ///< rows k-means++ draws from (all rows if n is smaller)
+  uint64_t seed = 0;
+  DType dtype = DType::kF32;  ///< element type of the points
+  /// Clusters between consecutive problems in centroids and sizes; 0 means num_clusters. For
+  /// incremental clustering (a window of W new rows into C+ clusters appended to an index of C
+  /// clusters), pass centroids + C * dim, sizes + C and the index's capacity as the stride.
+  int32_t centroid_stride = 0;
+};
+
+inline int32_t kmeans_centroid_stride(const KmeansParams& p) {
+  return p.centroid_stride > 0 ? p.centroid_stride : p.num_clusters;
+}
+
+/// Effective cluster count: min(num_clusters, num_points). Clusters past it come out empty
+/// (size 0, zero centroid) and no label points at them.
+inline int32_t kmeans_effective_k(const KmeansParams& p) {
+  return static_cast<int32_t>(p.num_points < p.num_clusters ? p.num_points : p.num_clusters);
+}
+
+/// Throws InvalidArgumentError naming the bad field.
+void check_kmeans_params(const KmeansParams& p);
+
+/// Per-problem result summary.
+struct KmeansReport {
+  double objective = 0;         ///< final sum of (1 - cos)
+  int32_t iterations = 0;       ///< Lloyd updates done
+  std::vector<double> history;  ///< objective after the initial assignment and after each update
+};
+
+/// Initial centroid rows [num_problems, k_eff] for kRandomRows: distinct, uniformly drawn, a
+/// function of (seed, problem) only, so every backend starts from the same rows.
+std::vector<int32_t> kmeans_random_init_rows(const KmeansParams& p);
+
+/// Reference. points [num_problems, num_points, dim] of p.dtype (host); outputs (host):
+/// centroids [num_problems, stride, dim] unit vectors (first num_clusters of each problem written),
+/// labels [num_problems, num_points] in [0, k_eff), sizes [num_problems, stride]. Throws
+/// InvalidArgumentError on NaN or Inf in the points, naming problem, row and column.
+std::vector<KmeansReport> kmeans_ref(const KmeansParams& p, const void* points, float* centroids,
+                                     int32_t* labels, int32_t* sizes);
+
+/// The same contract and result (up to floating-point summation order) on oneTBB.
+std::vector<KmeansReport> kmeans_cpu(const KmeansParams& p, const void* points, float* centroids,
+                                     int32_t* labels, int32_t* sizes);
+
+#if KVTIER_WITH_CUDA
+/// Device workspace launch_kmeans needs, in bytes.
+size_t kmeans_workspace_bytes(const KmeansParams& p);
+
+/// Same contract on device pointers, ordered on `stream`; no host synchronization. `workspace`
+/// holds kmeans_workspace_bytes(p) bytes. objective_dev [num_problems] (final objective),
+/// iterations_dev [num_problems], nonfinite_dev [1] (set to 1 if any input is NaN or Inf: then
+/// the outputs are meaningless) may be null. Initial rows for kRandomRows are uploaded from the
+/// host (kmeans_random_init_rows), so the call is asynchronous after that small copy.
+void launch_kmeans(const KmeansParams& p, const void* points, float* centroids, int32_t* labels,
+                   int32_t* sizes, void* workspace, double* objective_dev, int32_t* iterations_dev,
+                   int32_t* nonfinite_dev, cudaStream_t stream);
+#endif
+
+}  // namespace kvtier::kernels

@@ -1,0 +1,237 @@
+// Reference spherical k-means: plain loops, double accumulation, deterministic. The specification
+// the oneTBB and CUDA versions are tested against.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <unordered_set>
+
+#include "kernels/kmeans.h"
+#include "kernels/kmeans_common.h"
+#include "memory/core/check.h"
+#include "memory/core/half.h"
+
+namespace kvtier::kernels {
+
+void check_kmeans_params(const KmeansParams& p) {
+  KVTIER_CHECK(p.num_problems >= 1, "num_problems must be >= 1, got ", p.num_problems);
+  KVTIER_CHECK(p.num_points >= 1, "num_points must be >= 1, got ", p.num_points);
+  KVTIER_CHECK(p.num_points <= (int64_t{1} << 31) - 1, "num_points ", p.num_points,
+               " is too large");
+  KVTIER_CHECK(p.dim == 64 || p.dim == 128 || p.dim == 256, "k-means dim ", p.dim,
+               " is not supported (supported: 64, 128, 256)");
+  KVTIER_CHECK(p.num_clusters >= 1, "num_clusters must be >= 1, got ", p.num_clusters);
+  KVTIER_CHECK(p.max_iters >= 0, "max_iters must be >= 0, got ", p.max_iters);
+  KVTIER_CHECK(p.rel_tol >= 0.f && std::isfinite(p.rel_tol),
+               "rel_tol must be finite and >= 0, got ", p.rel_tol);
+  KVTIER_CHECK(p.init_sample >= 1, "init_sample must be >= 1, got ", p.init_sample);
+  KVTIER_CHECK(kmeans_centroid_stride(p) >= p.num_clusters, "centroid_stride ", p.centroid_stride,
+               " is below num_clusters ", p.num_clusters);
+}
+
+std::vector<int32_t> kmeans_random_init_rows(const KmeansParams& p) {
+  check_kmeans_params(p);
+  const int32_t k = kmeans_effective_k(p);
+  std::vector<int32_t> rows(static_cast<size_t>(p.num_problems) * k);
+  for (int32_t prob = 0; prob < p.num_problems; ++prob) {
+    // Floyd's algorithm: k distinct values in [0, n) with k draws, whatever n is.
+    std::mt19937_64 rng(detail::problem_seed(p.seed, prob));
+    std::vector<int32_t> picked;
+    picked.reserve(k);
+    std::unordered_set<int64_t> seen;
+    const int64_t n = p.num_points;
+    for (int64_t j = n - k; j < n; ++j) {
+      const int64_t t = static_cast<int64_t>(rng() % static_cast<uint64_t>(j + 1));
+      const int64_t v = seen.count(t) ? j : t;
+      seen.insert(v);
+      picked.push_back(static_cast<int32_t>(v));
+    }
+    std::copy(picked.begin(), picked.end(), rows.begin() + static_cast<size_t>(prob) * k);
+  }
+  return rows;
+}
+
+namespace detail {
+
+void load_unit_rows(const KmeansParams& p, const void* points, int32_t prob,
+                    std::vector<double>* out) {
+  const int64_t n = p.num_points;
+  const int d = p.dim;
+  out->assign(static_cast<size_t>(n) * d, 0.0);
+  const size_t base = static_cast<size_t>(prob) * n * d;
+  for (int64_t i = 0; i < n; ++i) {
+    double norm2 = 0;
+    for (int c = 0; c < d; ++c) {
+      const float v = load_as_float(points, p.dtype, base + i * d + c);
+      KVTIER_CHECK(std::isfinite(v), "k-means input is not finite (", v, ") at problem ", prob,
+                   ", row ", i, ", column ", c);
+      (*out)[i * d + c] = v;
+      norm2 += static_cast<double>(v) * v;
+    }
+    const double inv = norm2 > 0 ? 1.0 / std::sqrt(norm2) : 0.0;  // a zero row stays zero
+    for (int c = 0; c < d; ++c) (*out)[i * d + c] *= inv;
+  }
+}
+
+}  // namespace detail
+
+namespace detail {
+
+// Greedy k-means++ over a sample (as scikit-learn does): the first centre is a uniformly drawn
+// row; for each next one, 2 + ln(k) candidates are drawn with probability proportional to
+// (1 - best cos) to the centres so far, and the candidate that lowers the total the most is kept.
+// The extra candidates make a second centre in one well-separated blob vanishingly rare.
+std::vector<int32_t> plus_plus_rows(const KmeansParams& p, const std::vector<double>& x,
+                                    int32_t prob) {
+  const int32_t k = kmeans_effective_k(p);
+  const int d = p.dim;
+  std::mt19937_64 rng(detail::problem_seed(p.seed, prob) ^ 0x5eed5eedull);
+  const std::vector<int32_t> sample = detail::init_sample_rows(p, prob);
+  const int64_t m = static_cast<int64_t>(sample.size());
+  const int trials = 2 + static_cast<int>(std::log(static_cast<double>(k)));
+  std::vector<double> best(static_cast<size_t>(m), 2.0), cand_best(best.size()), keep(best.size());
+  std::vector<uint8_t> taken(static_cast<size_t>(m), 0);
+  std::vector<int32_t> out;
+  auto potential_with = [&](int64_t c_row, std::vector<double>* nb) {
+    const double* c = &x[static_cast<size_t>(sample[c_row]) * d];
+    double total = 0;
+    for (int64_t s = 0; s < m; ++s) {
+      const double* r = &x[static_cast<size_t>(sample[s]) * d];
+      double dot = 0;
+      for (int t = 0; t < d; ++t) dot += r[t] * c[t];
+      (*nb)[s] = std::min(best[s], std::max(0.0, 1.0 - dot));
+      total += taken[s] || s == c_row ? 0.0 : (*nb)[s];
+    }
+    return total;
+  };
+  for (int32_t j = 0; j < k; ++j) {
+    double total = 0;
+    for (int64_t s = 0; s < m; ++s) total += taken[s] ? 0.0 : best[s];
+    int64_t pick = -1;
+    if (j == 0) {
+      pick = static_cast<int64_t>(rng() % static_cast<uint64_t>(m));
+    } else if (total <= 0) {  // every remaining row coincides with a centre: the first untaken
+      pick = 0;
+      while (taken[pick]) ++pick;
+    } else {
+      double best_total = 0;
+      for (int trial = 0; trial < trials; ++trial) {
+        double u = std::uniform_real_distribution<double>(0.0, total)(rng);
+        int64_t cand = -1;
+        for (int64_t s = 0; s < m; ++s) {
+          if (taken[s]) continue;
+          cand = s;
+          if (u < best[s]) break;
+          u -= best[s];
+        }
+        const double t = potential_with(cand, &cand_best);
+        if (pick < 0 || t < best_total) {
+          pick = cand;
+          best_total = t;
+          keep.swap(cand_best);
+        }
+      }
+    }
+    if (j == 0) potential_with(pick, &keep);
+    taken[pick] = 1;
+    out.push_back(sample[pick]);
+    best.swap(keep);
+  }
+  return out;
+}
+
+}  // namespace detail
+
+std::vector<KmeansReport> kmeans_ref(const KmeansParams& p, const void* points, float* centroids,
+                                     int32_t* labels, int32_t* sizes) {
+  check_kmeans_params(p);
+  KVTIER_CHECK(points && centroids && labels && sizes, "k-means: null pointer argument");
+  const int64_t n = p.num_points;
+  const int d = p.dim;
+  const int32_t k = kmeans_effective_k(p);
+  const int32_t stride = kmeans_centroid_stride(p);
+  const std::vector<int32_t> random_rows =
+      p.init == KmeansInit::kRandomRows ? kmeans_random_init_rows(p) : std::vector<int32_t>();
+  std::vector<KmeansReport> reports(static_cast<size_t>(p.num_problems));
+  std::vector<double> x, c(static_cast<size_t>(k) * d), sum(static_cast<size_t>(k) * d), cosv(n);
+  std::vector<int32_t> lab(n), cnt(k);
+
+  for (int32_t prob = 0; prob < p.num_problems; ++prob) {
+    detail::load_unit_rows(p, points, prob, &x);
+    std::vector<int32_t> init =
+        p.init == KmeansInit::kRandomRows
+            ? std::vector<int32_t>(random_rows.begin() + static_cast<size_t>(prob) * k,
+                                   random_rows.begin() + static_cast<size_t>(prob + 1) * k)
+            : detail::plus_plus_rows(p, x, prob);
+    for (int32_t j = 0; j < k; ++j)
+      for (int t = 0; t < d; ++t) c[j * d + t] = x[static_cast<size_t>(init[j]) * d + t];
+
+    // Assignment: nearest centroid by cosine, ties to the lower id; returns the objective.
+    auto assign = [&]() {
+      double obj = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        double best = -3.0;
+        int32_t arg = 0;
+        for (int32_t j = 0; j < k; ++j) {
+          double dot = 0;
+          for (int t = 0; t < d; ++t) dot += x[i * d + t] * c[j * d + t];
+          if (dot > best) {
+            best = dot;
+            arg = j;
+          }
+        }
+        lab[i] = arg;
+        cosv[i] = best;
+        obj += 1.0 - best;
+      }
+      return obj;
+    };
+    KmeansReport& rep = reports[prob];
+    double obj = assign();
+    rep.history.push_back(obj);
+    for (int32_t it = 1; it <= p.max_iters; ++it) {
+      // Update: normalized sum of each cluster's unit rows.
+      std::fill(sum.begin(), sum.end(), 0.0);
+      std::fill(cnt.begin(), cnt.end(), 0);
+      for (int64_t i = 0; i < n; ++i) {
+        ++cnt[lab[i]];
+        for (int t = 0; t < d; ++t) sum[lab[i] * d + t] += x[i * d + t];
+      }
+      std::vector<int32_t> empty;
+      for (int32_t j = 0; j < k; ++j) {
+        double norm2 = 0;
+        for (int t = 0; t < d; ++t) norm2 += sum[j * d + t] * sum[j * d + t];
+        if (cnt[j] == 0) {
+          empty.push_back(j);
+        } else if (norm2 > 0) {
+          const double inv = 1.0 / std::sqrt(norm2);
+          for (int t = 0; t < d; ++t) c[j * d + t] = sum[j * d + t] * inv;
+        }  // a cluster whose rows cancel out keeps its centroid
+      }
+      // Re-seed empty clusters with the worst-fitting rows (largest 1 - cos), lowest index first
+      // among equals, each row used once.
+      if (!empty.empty()) {
+        const std::vector<int64_t> worst = detail::worst_fit_rows(cosv, empty.size());
+        for (size_t e = 0; e < empty.size(); ++e)
+          for (int t = 0; t < d; ++t) c[empty[e] * d + t] = x[worst[e] * d + t];
+      }
+      const double prev = obj;
+      obj = assign();
+      rep.history.push_back(obj);
+      rep.iterations = it;
+      if (prev - obj <= static_cast<double>(p.rel_tol) * prev) break;
+    }
+    rep.objective = obj;
+    std::fill(cnt.begin(), cnt.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++cnt[lab[i]];
+    float* cout = centroids + static_cast<size_t>(prob) * stride * d;
+    for (int32_t j = 0; j < p.num_clusters; ++j)
+      for (int t = 0; t < d; ++t) cout[j * d + t] = j < k ? static_cast<float>(c[j * d + t]) : 0.f;
+    for (int32_t j = 0; j < p.num_clusters; ++j)
+      sizes[static_cast<size_t>(prob) * stride + j] = j < k ? cnt[j] : 0;
+    std::copy(lab.begin(), lab.end(), labels + static_cast<size_t>(prob) * n);
+  }
+  return reports;
+}
+
+}  // namespace kvtier::kernels
