@@ -3,14 +3,19 @@
 // through its flag in the workspace. Same algorithm as kmeans_ref: cosine assignment (ties to
 // the lower id), fp32 sums of unit rows, worst-fit re-seeding of empty clusters, relative
 // objective test after each assignment.
-// NOTE: this first version computes the assignment on CUDA cores from shared-memory tiles; the
-// tensor-core version is the next step (see bench/RESULTS.md for where it stands).
+// The assignment is a fused GEMM + argmax on tensor cores (fp16 operands: unit vectors need no
+// exponent range, and fp16's 11-bit significand flips 8x fewer near-ties than bf16; fp32
+// accumulation; no n x k score matrix in memory). It keeps the top two candidates per row, and
+// both are re-scored exactly in fp32 before the label is final; that kernel also computes the
+// objective and accumulates the next update's sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/kmeans.h"
@@ -23,8 +28,23 @@ namespace kvtier::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTilePoints = 64;     // points per assignment block
-constexpr int kTileCentroids = 32;  // centroids per shared-memory chunk
+
+template <typename F>
+void dispatch_dim(int d, F&& f) {
+  switch (d) {
+    case 64:
+      f(std::integral_constant<int, 64>{});
+      break;
+    case 128:
+      f(std::integral_constant<int, 128>{});
+      break;
+    case 256:
+      f(std::integral_constant<int, 256>{});
+      break;
+    default:
+      KVTIER_CHECK(false, "k-means dim ", d, " is not supported (supported: 64, 128, 256)");
+  }
+}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -39,7 +59,15 @@ struct Workspace {
   int32_t* done;       // [P] 1 once converged
   int32_t* iters;      // [P]
   int32_t* init_rows;  // [P, k]
+  __half* cb;  // [P, k_pad, d] fp16 copy of the unit centroids for the tensor-core assignment
+  int32_t* runner_up;  // [P, n] second candidate of the bf16 assignment, re-scored exactly
 };
+
+constexpr int kAssignPoints = 128;     // rows per assignment block
+constexpr int kAssignCentroids = 128;  // centroids per shared-memory chunk
+inline int64_t padded_k(int k) {
+  return (k + kAssignCentroids - 1) / kAssignCentroids * kAssignCentroids;
+}
 
 size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
 
@@ -61,6 +89,9 @@ Workspace carve(const KmeansParams& p, void* base, size_t* total) {
   w.done = reinterpret_cast<int32_t*>(take(P * 4));
   w.iters = reinterpret_cast<int32_t*>(take(P * 4));
   w.init_rows = reinterpret_cast<int32_t*>(take(P * k * 4));
+  w.runner_up = reinterpret_cast<int32_t*>(take(P * n * 4));
+  w.cb = reinterpret_cast<__half*>(
+      take(P * static_cast<size_t>(padded_k(static_cast<int>(k))) * d * 2));
   *total = off;
   return w;
 }
@@ -97,84 +128,188 @@ __global__ void init_kernel(const T* __restrict__ x, int64_t n, int d, int k, in
         to_float(x[(static_cast<size_t>(p) * n + row) * d + t]) * inv;
 }
 
-// grid: (ceil(n / kTilePoints), P), block kThreads. A tile of unit rows and chunks of centroids in
-// shared memory; thread (r, c) of a 64 x 4 layout scores row r against centroids c, c+4, ... of the
-// chunk; the 4 threads of a row combine their best (max cos, ties to the lower id).
-template <typename T>
-__global__ void assign_kernel(const T* __restrict__ x, int64_t n, int d, int k, int stride,
-                              const float* __restrict__ centroids,
-                              const float* __restrict__ inv_norm, const int32_t* done, int it,
-                              int max_iters, int32_t* labels, float* best, double* objective) {
+// grid: (k_pad / 128, P), block 128: fp16 copy of the centroids, zero rows past k.
+__global__ void centroids_fp16_kernel(int d, int k, int stride, int64_t k_pad,
+                                      const float* centroids, const int32_t* done, __half* cb) {
   const int p = blockIdx.y;
   if (done[p]) return;
-  extern __shared__ float smem[];
-  float* xs = smem;                          // [kTilePoints][d + 1]
-  float* cs = smem + kTilePoints * (d + 1);  // [kTileCentroids][d + 1]
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTilePoints;
-  for (int i = threadIdx.x; i < kTilePoints * d; i += blockDim.x) {
-    const int r = i / d, t = i % d;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= k_pad) return;
+  __half* dst = cb + (static_cast<size_t>(p) * k_pad + j) * d;
+  const float* src = centroids + (static_cast<size_t>(p) * stride + j) * d;
+  for (int t = 0; t < d; ++t) dst[t] = __float2half(j < k ? src[t] : 0.f);
+}
+
+// grid: (ceil(n / 128), P), block 256 = 8 warps as 4 (rows) x 2 (columns). The block's 128 unit
+// rows (fp16) stay in shared memory; centroids stream through in chunks of 128. Warp (wr, wc)
+// computes rows wr*32.. x chunk columns wc*64.. with 2 x 4 WMMA 16x16x16 accumulators, stores
+// them to its own shared-memory patch, and lane i folds row wr*32+i's 64 scores into a running
+// (max, argmax), ties to the lower id. The two column halves are merged at the end.
+template <typename T, int kDim>
+__global__ void __launch_bounds__(256)
+    assign_wmma_kernel(const T* __restrict__ x, int64_t n, int k, int64_t k_pad,
+                       const __half* __restrict__ cb, const float* __restrict__ inv_norm,
+                       const int32_t* done, int32_t* labels, int32_t* runner_up) {
+  using namespace nvcuda;
+  const int p = blockIdx.y;
+  if (done[p]) return;
+  constexpr int kLd = kDim + 8;  // fp16 row stride: 16-byte multiple, staggers banks
+  constexpr int kSLd = 68;       // float stride of a warp's 32 x 64 score patch
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* xs = reinterpret_cast<__half*>(smem_raw);                       // [128][kLd]
+  __half* cs = xs + kAssignPoints * kLd;                                  // [128][kLd]
+  float* scores = reinterpret_cast<float*>(cs + kAssignCentroids * kLd);  // [8 warps][32][kSLd]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wr = warp >> 1, wc = warp & 1;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAssignPoints;
+
+  for (int i = threadIdx.x; i < kAssignPoints * kDim; i += blockDim.x) {
+    const int r = i / kDim, t = i % kDim;
     const int64_t row = row0 + r;
-    xs[r * (d + 1) + t] = row < n ? to_float(x[(static_cast<size_t>(p) * n + row) * d + t]) *
-                                        inv_norm[static_cast<size_t>(p) * n + row]
-                                  : 0.f;
+    const float v = row < n ? to_float(x[(static_cast<size_t>(p) * n + row) * kDim + t]) *
+                                  inv_norm[static_cast<size_t>(p) * n + row]
+                            : 0.f;
+    xs[r * kLd + t] = __float2half(v);
   }
-  const int r = threadIdx.x >> 2, lane4 = threadIdx.x & 3;
-  float my_best = -3.f;
-  int my_arg = 0;
-  const float* cbase = centroids + static_cast<size_t>(p) * stride * d;
-  for (int c0 = 0; c0 < k; c0 += kTileCentroids) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < kTileCentroids * d; i += blockDim.x) {
-      const int c = i / d, t = i % d;
-      cs[c * (d + 1) + t] = c0 + c < k ? cbase[static_cast<size_t>(c0 + c) * d + t] : 0.f;
+  // Top two candidates by fp16 score; the exact fp32 re-scoring of both (cos_accumulate_kernel)
+  // picks the label, so fp16 rounding only matters when the true best ranks third or lower.
+  float best = -INFINITY, best2 = -INFINITY;
+  int arg = 0, arg2 = 0;
+  float* patch = scores + warp * 32 * kSLd;
+  const __half* cbase = cb + static_cast<size_t>(p) * k_pad * kDim;
+  for (int64_t c0 = 0; c0 < k_pad; c0 += kAssignCentroids) {
+    __syncthreads();  // previous chunk fully consumed (and xs written, on the first pass)
+    const int4* src = reinterpret_cast<const int4*>(cbase + c0 * kDim);
+    int4* dst4 = reinterpret_cast<int4*>(cs);
+    constexpr int kVecPerRow = kDim / 8;
+    for (int i = threadIdx.x; i < kAssignCentroids * kVecPerRow; i += blockDim.x) {
+      const int r = i / kVecPerRow, v = i % kVecPerRow;
+      dst4[(r * kLd) / 8 + v] = src[i];
     }
     __syncthreads();
-    for (int c = lane4; c < kTileCentroids && c0 + c < k; c += 4) {
-      float dot = 0.f;
-      const float* xr = xs + r * (d + 1);
-      const float* cr = cs + c * (d + 1);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) wmma::fill_fragment(acc[a][b], 0.f);
+#pragma unroll
+    for (int kk = 0; kk < kDim; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[4];
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+        wmma::load_matrix_sync(fa[a], xs + (wr * 32 + a * 16) * kLd + kk, kLd);
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        wmma::load_matrix_sync(fb[b], cs + (wc * 64 + b * 16) * kLd + kk, kLd);
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        wmma::store_matrix_sync(patch + (a * 16) * kSLd + b * 16, acc[a][b], kSLd,
+                                wmma::mem_row_major);
+    __syncwarp();
+    // Lane i scans row i; a rotated column order keeps the 32 lanes on distinct banks.
+    const int64_t cbase_id = c0 + wc * 64;
 #pragma unroll 8
-      for (int t = 0; t < d; ++t) dot += xr[t] * cr[t];
-      if (dot > my_best) {  // c increases within a thread, so ties keep the lower id
-        my_best = dot;
-        my_arg = c0 + c;
+    for (int jj = 0; jj < 64; ++jj) {
+      const int j = (jj + lane) & 63;
+      const int64_t id = cbase_id + j;
+      const float v = patch[lane * kSLd + j];
+      if (id >= k) continue;
+      const int iid = static_cast<int>(id);
+      if (v > best || (v == best && iid < arg)) {
+        best2 = best;
+        arg2 = arg;
+        best = v;
+        arg = iid;
+      } else if (v > best2 || (v == best2 && iid < arg2)) {
+        best2 = v;
+        arg2 = iid;
       }
     }
+    __syncwarp();
   }
-  for (int o = 1; o < 4; o <<= 1) {
-    const float ob = __shfl_xor_sync(0xffffffffu, my_best, o);
-    const int oa = __shfl_xor_sync(0xffffffffu, my_arg, o);
-    if (ob > my_best || (ob == my_best && oa < my_arg)) {
-      my_best = ob;
-      my_arg = oa;
+  // Merge the two column halves: warp (wr, 1) hands its top two to warp (wr, 0) through smem.
+  __syncthreads();
+  float* hand_v = scores;  // reuse: [4][32][2]
+  int* hand_a = reinterpret_cast<int*>(scores + 4 * 32 * 2);
+  const int slot = (wr * 32 + lane) * 2;
+  if (wc == 1) {
+    hand_v[slot] = best;
+    hand_v[slot + 1] = best2;
+    hand_a[slot] = arg;
+    hand_a[slot + 1] = arg2;
+  }
+  __syncthreads();
+  if (wc == 0) {
+    for (int q = 0; q < 2; ++q) {
+      const float ov = hand_v[slot + q];
+      const int oa = hand_a[slot + q];
+      if (ov > best || (ov == best && oa < arg)) {
+        best2 = best;
+        arg2 = arg;
+        best = ov;
+        arg = oa;
+      } else if (ov > best2 || (ov == best2 && oa < arg2)) {
+        best2 = ov;
+        arg2 = oa;
+      }
     }
-  }
-  const int64_t row = row0 + r;
-  if (lane4 == 0 && row < n) {
-    // The objective term recomputed exactly against the chosen centroid (fp32 dot of unit rows).
-    labels[static_cast<size_t>(p) * n + row] = my_arg;
-    best[static_cast<size_t>(p) * n + row] = my_best;
-    atomicAdd(&objective[static_cast<size_t>(p) * (max_iters + 1) + it],
-              1.0 - static_cast<double>(my_best));
+    const int64_t row = row0 + wr * 32 + lane;
+    if (row < n) {
+      labels[static_cast<size_t>(p) * n + row] = arg;
+      runner_up[static_cast<size_t>(p) * n + row] = best2 > -INFINITY ? arg2 : arg;
+    }
   }
 }
 
-// grid: (ceil(n / 8), P), block 256, one warp per row: sums[label] += unit row, counts[label]++.
+// grid: (ceil(n / 8), P), block 256, one warp per row. For the labels of assignment `it`: the
+// exact fp32 cosine to the chosen centroid (best[], objective[it]) and the next update's sums.
 template <typename T>
-__global__ void accumulate_kernel(const T* __restrict__ x, int64_t n, int d, int k,
-                                  const int32_t* labels, const float* inv_norm, const int32_t* done,
-                                  float* sums, int32_t* counts) {
+__global__ void cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d, int k, int stride,
+                                      int max_iters, int it, int32_t* labels,
+                                      const int32_t* runner_up, const float* centroids,
+                                      const float* inv_norm, const int32_t* done, float* best,
+                                      double* objective, float* sums, int32_t* counts) {
   const int p = blockIdx.y;
   if (done[p]) return;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   if (row >= n) return;
-  const int lab = labels[static_cast<size_t>(p) * n + row];
+  const int cand1 = labels[static_cast<size_t>(p) * n + row];
+  const int cand2 = runner_up[static_cast<size_t>(p) * n + row];
   const float inv = inv_norm[static_cast<size_t>(p) * n + row];
   const T* r = x + (static_cast<size_t>(p) * n + row) * d;
+  const float* c1 = centroids + (static_cast<size_t>(p) * stride + cand1) * d;
+  const float* c2 = centroids + (static_cast<size_t>(p) * stride + cand2) * d;
+  float d1 = 0.f, d2 = 0.f;
+  for (int t = lane; t < d; t += 32) {
+    const float v = to_float(r[t]) * inv;
+    d1 += v * c1[t];
+    d2 += v * c2[t];
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    d1 += __shfl_xor_sync(0xffffffffu, d1, o);
+    d2 += __shfl_xor_sync(0xffffffffu, d2, o);
+  }
+  const bool second = d2 > d1 || (d2 == d1 && cand2 < cand1);
+  const int lab = second ? cand2 : cand1;
+  const float dot = second ? d2 : d1;
   float* s = sums + (static_cast<size_t>(p) * k + lab) * d;
   for (int t = lane; t < d; t += 32) atomicAdd(&s[t], to_float(r[t]) * inv);
-  if (lane == 0) atomicAdd(&counts[static_cast<size_t>(p) * k + lab], 1);
+  if (lane == 0 && second) labels[static_cast<size_t>(p) * n + row] = lab;
+  if (lane == 0) {
+    best[static_cast<size_t>(p) * n + row] = dot;
+    atomicAdd(&objective[static_cast<size_t>(p) * (max_iters + 1) + it],
+              1.0 - static_cast<double>(dot));
+    atomicAdd(&counts[static_cast<size_t>(p) * k + lab], 1);
+  }
 }
 
 // grid: (k, P), block 128: normalize non-empty clusters' sums into centroids.
@@ -297,24 +432,33 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
   init_kernel<T>
       <<<dim3(k, P), 128, 0, stream>>>(x, n, d, k, stride, w.init_rows, w.inv_norm, centroids);
   KVTIER_CUDA_CHECK_LAUNCH("kmeans init_kernel");
-  const size_t smem = static_cast<size_t>(kTilePoints + kTileCentroids) * (d + 1) * sizeof(float);
-  KVTIER_CUDA_CHECK(cudaFuncSetAttribute(
-      assign_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 tile_grid(static_cast<unsigned>((n + kTilePoints - 1) / kTilePoints),
+  const int64_t k_pad = padded_k(k);
+  const dim3 tile_grid(static_cast<unsigned>((n + kAssignPoints - 1) / kAssignPoints),
                        static_cast<unsigned>(P));
+  const dim3 cb_grid(static_cast<unsigned>(k_pad / 128), static_cast<unsigned>(P));
   auto assign = [&](int it) {
-    assign_kernel<T><<<tile_grid, kThreads, smem, stream>>>(x, n, d, k, stride, centroids,
-                                                            w.inv_norm, w.done, it, p.max_iters,
-                                                            labels, w.best, w.objective);
-    KVTIER_CUDA_CHECK_LAUNCH("kmeans assign_kernel");
+    centroids_fp16_kernel<<<cb_grid, 128, 0, stream>>>(d, k, stride, k_pad, centroids, w.done,
+                                                       w.cb);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans centroids_fp16_kernel");
+    dispatch_dim(d, [&](auto dim) {
+      constexpr int kDim = decltype(dim)::value;
+      constexpr size_t smem = (kAssignPoints + kAssignCentroids) * (kDim + 8) * 2 + 8 * 32 * 68 * 4;
+      KVTIER_CUDA_CHECK(cudaFuncSetAttribute(assign_wmma_kernel<T, kDim>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+      assign_wmma_kernel<T, kDim><<<tile_grid, 256, smem, stream>>>(
+          x, n, k, k_pad, w.cb, w.inv_norm, w.done, labels, w.runner_up);
+    });
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans assign_wmma_kernel");
+    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.sums, 0, static_cast<size_t>(P) * k * d * 4, stream));
+    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.counts, 0, static_cast<size_t>(P) * k * 4, stream));
+    cos_accumulate_kernel<T><<<row_grid, kThreads, 0, stream>>>(
+        x, n, d, k, stride, p.max_iters, it, labels, w.runner_up, centroids, w.inv_norm, w.done,
+        w.best, w.objective, w.sums, w.counts);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans cos_accumulate_kernel");
   };
   assign(0);
   for (int it = 1; it <= p.max_iters; ++it) {
-    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.sums, 0, static_cast<size_t>(P) * k * d * 4, stream));
-    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.counts, 0, static_cast<size_t>(P) * k * 4, stream));
-    accumulate_kernel<T><<<row_grid, kThreads, 0, stream>>>(x, n, d, k, labels, w.inv_norm, w.done,
-                                                            w.sums, w.counts);
-    KVTIER_CUDA_CHECK_LAUNCH("kmeans accumulate_kernel");
     update_kernel<<<dim3(k, P), 128, 0, stream>>>(d, k, stride, w.sums, w.counts, w.done,
                                                   centroids);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans update_kernel");
