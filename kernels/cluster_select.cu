@@ -1,0 +1,257 @@
+// Launchers of cluster scoring and selection: head_dim / head-tile / aggregation dispatch for the
+// scoring kernel, the block-sort tiers and the segmented-sort fallback for selection.
+#include <cstddef>
+#include <cstdint>
+#include <cub/device/device_segmented_radix_sort.cuh>
+#include <limits>
+#include <type_traits>
+
+#include "kernels/cluster_select_kernels.cuh"
+#include "memory/core/check.h"
+
+namespace kvtier::kernels {
+
+namespace {
+
+using cluster_select_device::kScoreThreads;
+using cluster_select_device::kScoreWarps;
+
+/// Threads and items per thread of the sorted-walk kernel of the segmented path.
+constexpr int kWalkThreads = 256;
+constexpr int kWalkItems = 4;
+
+constexpr size_t kDefaultSmemBytes = 48 << 10;
+
+template <typename F>
+void dispatch_head_dim(int head_dim, F&& f) {
+  switch (head_dim) {
+    case 64:
+      f(std::integral_constant<int, 64>{});
+      break;
+    case 128:
+      f(std::integral_constant<int, 128>{});
+      break;
+    case 256:
+      f(std::integral_constant<int, 256>{});
+      break;
+    default:
+      KVTIER_CHECK(false, "unsupported head_dim ", head_dim, " (supported: 64, 128, 256)");
+  }
+}
+
+/// Heads per centroid read: the group rounded up to a power of two, at most 8 (Llama-3 70B has
+/// G = 8; above that the registers holding the query slices would spill).
+template <typename F>
+void dispatch_head_tile(int group_size, F&& f) {
+  if (group_size <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (group_size <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (group_size <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+size_t max_dynamic_smem_bytes() {
+  int device = 0, bytes = 0;
+  KVTIER_CUDA_CHECK(cudaGetDevice(&device));
+  KVTIER_CUDA_CHECK(
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
+
+template <typename Kernel>
+void launch_with_smem(Kernel kernel, int grid, int threads, size_t smem, cudaStream_t stream,
+                      const ScoreKernelParams& kp) {
+  if (smem > kDefaultSmemBytes) {
+    KVTIER_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)));
+  }
+  kernel<<<grid, threads, smem, stream>>>(kp);
+  KVTIER_CUDA_CHECK_LAUNCH("score_clusters_kernel");
+}
+
+void reset_nonfinite_flag(int32_t* flag, cudaStream_t stream) {
+  if (flag != nullptr) KVTIER_CUDA_CHECK(cudaMemsetAsync(flag, 0xff, sizeof(int32_t), stream));
+}
+
+void check_aligned(const void* ptr, const char* name) {
+  KVTIER_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0, name, " must be 16-byte aligned, got ",
+               ptr);
+}
+
+void score_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, cudaStream_t stream) {
+  check_aligned(t.queries, "queries");
+  check_aligned(t.centroids, "centroids");
+  const ScoreKernelParams kp{t.queries,      t.centroids,           t.num_clusters,
+                             t.scores,       t.nonfinite_problem,   p.group_size,
+                             p.max_clusters, cluster_score_scale(p)};
+  const size_t G = static_cast<size_t>(p.group_size);
+  const size_t base_smem = (2 * kScoreWarps * G + 2 * G) * sizeof(float);
+  const size_t cache_smem =
+      base_smem + G * (static_cast<size_t>(p.max_clusters) + 1) * sizeof(float);
+  const size_t smem_limit = max_dynamic_smem_bytes();
+  KVTIER_CHECK(base_smem <= smem_limit, "group_size ", p.group_size, " needs ", base_smem,
+               " bytes of shared memory; the device allows ", smem_limit);
+  const bool cache = cache_smem <= smem_limit;
+  dispatch_head_dim(p.head_dim, [&](auto dim) {
+    constexpr int kDim = decltype(dim)::value;
+    dispatch_head_tile(p.group_size, [&](auto tile) {
+      constexpr int kTile = decltype(tile)::value;
+      if (p.aggregation == ScoreAggregation::kMax) {
+        launch_with_smem(score_clusters_kernel<kDim, kTile, ScoreAggregation::kMax, false>,
+                         p.num_problems, kScoreThreads, base_smem, stream, kp);
+      } else if (cache) {
+        launch_with_smem(score_clusters_kernel<kDim, kTile, ScoreAggregation::kSoftmaxSum, true>,
+                         p.num_problems, kScoreThreads, cache_smem, stream, kp);
+      } else {
+        launch_with_smem(score_clusters_kernel<kDim, kTile, ScoreAggregation::kSoftmaxSum, false>,
+                         p.num_problems, kScoreThreads, base_smem, stream, kp);
+      }
+    });
+  });
+}
+
+SelectKernelParams select_kernel_params(const ClusterSelectParams& p,
+                                        const ClusterSelectTensors& t) {
+  SelectKernelParams kp{};
+  kp.scores = t.scores;
+  kp.num_clusters = t.num_clusters;
+  kp.cluster_sizes = t.cluster_sizes;
+  kp.budgets = t.budgets;
+  kp.selected_ids = t.selected_ids;
+  kp.selected_rows = t.selected_rows;
+  kp.num_selected = t.num_selected;
+  kp.total_rows = t.total_rows;
+  kp.nonfinite_problem = t.nonfinite_problem;
+  kp.max_clusters = p.max_clusters;
+  kp.id_bits = detail::cluster_id_bits(p.max_clusters);
+  kp.overflow = p.overflow;
+  return kp;
+}
+
+/// Workspace of the segmented path, each piece 256-byte aligned.
+struct SegmentedLayout {
+  size_t keys_in = 0, keys_out = 0, offsets = 0, bad = 0, temp = 0;
+  size_t temp_bytes = 0, total = 0;
+};
+
+size_t align_up(size_t x) { return (x + 255) & ~size_t{255}; }
+
+SegmentedLayout segmented_layout(const ClusterSelectParams& p) {
+  const int64_t items = static_cast<int64_t>(p.num_problems) * p.max_clusters;
+  KVTIER_CHECK(items <= std::numeric_limits<int>::max(), "num_problems * max_clusters = ", items,
+               " exceeds the segmented sort's limit of 2^31 - 1 (num_problems ", p.num_problems,
+               ", max_clusters ", p.max_clusters, ")");
+  SegmentedLayout l;
+  const size_t key_bytes = align_up(static_cast<size_t>(items) * sizeof(uint64_t));
+  l.keys_in = 0;
+  l.keys_out = l.keys_in + key_bytes;
+  l.offsets = l.keys_out + key_bytes;
+  l.bad = l.offsets + align_up((static_cast<size_t>(p.num_problems) + 1) * sizeof(int32_t));
+  l.temp = l.bad + align_up(static_cast<size_t>(p.num_problems) * sizeof(int32_t));
+  KVTIER_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeysDescending(
+      nullptr, l.temp_bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+      static_cast<int>(items), p.num_problems, static_cast<const int32_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), 0, 32 + detail::cluster_id_bits(p.max_clusters)));
+  l.total = l.temp + align_up(l.temp_bytes);
+  return l;
+}
+
+/// Throws unless `workspace` can hold what the selection needs (nothing below the block-sort
+/// limit). Called before anything is launched.
+void check_workspace(const ClusterSelectParams& p, const void* workspace, size_t workspace_bytes) {
+  if (p.max_clusters <= kMaxBlockSortClusters) return;
+  const size_t need = segmented_layout(p).total;
+  KVTIER_CHECK(workspace != nullptr && workspace_bytes >= need, "workspace of ", workspace_bytes,
+               " bytes is smaller than the ", need,
+               " that select_clusters_workspace_bytes() asks for (max_clusters ", p.max_clusters,
+               ")");
+}
+
+void select_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, void* workspace,
+                 cudaStream_t stream) {
+  SelectKernelParams kp = select_kernel_params(p, t);
+  const int grid = p.num_problems;
+  if (p.max_clusters <= 256) {
+    select_clusters_block_kernel<128, 2><<<grid, 128, 0, stream>>>(kp);
+    KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel<128, 2>");
+  } else if (p.max_clusters <= 1024) {
+    select_clusters_block_kernel<256, 4><<<grid, 256, 0, stream>>>(kp);
+    KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel<256, 4>");
+  } else if (p.max_clusters <= kMaxBlockSortClusters) {
+    select_clusters_block_kernel<512, 8><<<grid, 512, 0, stream>>>(kp);
+    KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel<512, 8>");
+  } else {
+    const SegmentedLayout l = segmented_layout(p);
+    auto* base = static_cast<std::byte*>(workspace);
+    auto* keys_in = reinterpret_cast<uint64_t*>(base + l.keys_in);
+    auto* keys_out = reinterpret_cast<uint64_t*>(base + l.keys_out);
+    auto* offsets = reinterpret_cast<int32_t*>(base + l.offsets);
+    auto* bad = reinterpret_cast<int32_t*>(base + l.bad);
+    build_select_keys_kernel<<<grid, 256, 0, stream>>>(kp, p.num_problems, keys_in, offsets, bad);
+    KVTIER_CUDA_CHECK_LAUNCH("build_select_keys_kernel");
+    size_t temp_bytes = l.temp_bytes;
+    KVTIER_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeysDescending(
+        base + l.temp, temp_bytes, keys_in, keys_out,
+        static_cast<int>(static_cast<int64_t>(p.num_problems) * p.max_clusters), p.num_problems,
+        static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets + 1), 0,
+        32 + kp.id_bits, stream));
+    KVTIER_CUDA_CHECK_LAUNCH("cub::DeviceSegmentedRadixSort::SortKeysDescending");
+    kp.sorted_keys = keys_out;
+    kp.problem_bad = bad;
+    select_clusters_sorted_kernel<kWalkThreads, kWalkItems><<<grid, kWalkThreads, 0, stream>>>(kp);
+    KVTIER_CUDA_CHECK_LAUNCH("select_clusters_sorted_kernel");
+  }
+}
+
+}  // namespace
+
+void launch_score_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                           cudaStream_t stream) {
+  check_score_params(p);
+  detail::check_score_tensors(p, t);
+  reset_nonfinite_flag(t.nonfinite_problem, stream);
+  if (p.num_problems == 0) return;
+  score_impl(p, t, stream);
+}
+
+size_t select_clusters_workspace_bytes(const ClusterSelectParams& p) {
+  check_select_params(p);
+  if (p.max_clusters <= kMaxBlockSortClusters || p.num_problems == 0) return 0;
+  return segmented_layout(p).total;
+}
+
+void launch_select_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                            void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  check_select_params(p);
+  detail::check_select_tensors(p, t);
+  if (p.num_problems == 0) {
+    reset_nonfinite_flag(t.nonfinite_problem, stream);
+    return;
+  }
+  check_workspace(p, workspace, workspace_bytes);
+  reset_nonfinite_flag(t.nonfinite_problem, stream);
+  select_impl(p, t, workspace, stream);
+}
+
+void launch_score_and_select_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                                      void* workspace, size_t workspace_bytes,
+                                      cudaStream_t stream) {
+  check_score_params(p);
+  check_select_params(p);
+  detail::check_score_tensors(p, t);
+  detail::check_select_tensors(p, t);
+  if (p.num_problems == 0) {
+    reset_nonfinite_flag(t.nonfinite_problem, stream);
+    return;
+  }
+  check_workspace(p, workspace, workspace_bytes);
+  reset_nonfinite_flag(t.nonfinite_problem, stream);
+  score_impl(p, t, stream);
+  select_impl(p, t, workspace, stream);
+}
+
+}  // namespace kvtier::kernels

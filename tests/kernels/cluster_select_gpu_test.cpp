@@ -1,0 +1,568 @@
+// GPU tests of cluster scoring and selection against the CPU reference:
+//   selection    exactly the reference's on the same scores (unique or tied), for every tier of the
+//                block sort and the segmented fallback above 4096 clusters
+//   scoring      within rtol 1e-5 / atol 1e-6 of the reference (cached and recomputed logits,
+//                one or several head tiles)
+//   pipeline     ids exactly the reference's on data whose logits are exact in fp32 (small
+//                integers, scale 1/8); on Gaussian data the GPU selection equals the reference
+//                selection of the GPU's own scores
+//   non-finite   the flag names the lowest bad problem, which selects nothing; others unaffected
+// Each test starts with KVTIER_REQUIRE_GPU(); without CUDA the binary builds and the tests skip.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/cluster_select.h"
+#include "tests/common/test_util.h"
+
+namespace kvtier::kernels {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+std::string aggregation_name(ScoreAggregation a) {
+  return a == ScoreAggregation::kMax ? "max" : "softmax_sum";
+}
+std::string overflow_name(BudgetOverflow o) {
+  return o == BudgetOverflow::kSkip ? "skip" : "truncate";
+}
+
+/// Host arrays of one batch of problems.
+struct Case {
+  ClusterSelectParams p;
+  uint64_t seed = 0;
+  std::vector<float> queries, centroids;
+  std::vector<int32_t> num_clusters, sizes, budgets;
+  std::vector<float> scores;  // input of selection-only runs
+
+  std::string describe() const {
+    std::ostringstream os;
+    os << "test_seed " << test::test_seed() << " (case seed " << seed << ") problems "
+       << p.num_problems << " G " << p.group_size << " head_dim " << p.head_dim << " max_clusters "
+       << p.max_clusters << " aggregation " << aggregation_name(p.aggregation) << " overflow "
+       << overflow_name(p.overflow) << " scale " << p.scale;
+    return os.str();
+  }
+};
+
+struct Result {
+  std::vector<float> scores;
+  std::vector<int32_t> ids, rows, num_selected, total_rows;
+  int32_t nonfinite_problem = 0;
+};
+
+int64_t context_rows(const Case& c, int32_t problem) {
+  int64_t total = 0;
+  for (int32_t j = 0; j < c.num_clusters[problem]; ++j) {
+    total += c.sizes[static_cast<size_t>(problem) * c.p.max_clusters + j];
+  }
+  return total;
+}
+
+enum class Data { kGaussian, kSmallIntegers };
+
+/// Queries and centroids N(0, 1), or integers in {-1, 0, 1} (every fp32 dot product is then
+/// exact). Valid counts in [max/2, max], problem 0 full; sizes 1..40 with ~10% empty; budgets 0,
+/// a third of the context, all of it, more, random.
+Case make_case(int32_t problems, int32_t G, int32_t head_dim, int32_t max_clusters,
+               ScoreAggregation agg, BudgetOverflow overflow, uint64_t seed,
+               Data data = Data::kGaussian) {
+  Case c;
+  c.seed = seed;
+  c.p.num_problems = problems;
+  c.p.group_size = G;
+  c.p.head_dim = head_dim;
+  c.p.max_clusters = max_clusters;
+  c.p.aggregation = agg;
+  c.p.overflow = overflow;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  auto value = [&] {
+    return data == Data::kGaussian ? normal(rng)
+                                   : static_cast<float>(static_cast<int>(rng() % 3) - 1);
+  };
+  c.queries.resize(static_cast<size_t>(problems) * G * head_dim);
+  for (float& x : c.queries) x = value();
+  c.centroids.resize(static_cast<size_t>(problems) * max_clusters * head_dim);
+  for (float& x : c.centroids) x = value();
+  c.num_clusters.resize(problems);
+  for (int32_t i = 0; i < problems; ++i) {
+    c.num_clusters[i] =
+        i == 0 ? max_clusters
+               : max_clusters / 2 + static_cast<int32_t>(rng() % (max_clusters / 2 + 1));
+  }
+  c.sizes.resize(static_cast<size_t>(problems) * max_clusters);
+  for (int32_t& s : c.sizes) s = rng() % 10 == 0 ? 0 : 1 + static_cast<int32_t>(rng() % 40);
+  c.budgets.resize(problems);
+  for (int32_t i = 0; i < problems; ++i) {
+    const int64_t ctx = context_rows(c, i);
+    switch (i % 5) {
+      case 0:
+        c.budgets[i] = 0;
+        break;
+      case 1:
+        c.budgets[i] = static_cast<int32_t>(ctx / 3);
+        break;
+      case 2:
+        c.budgets[i] = static_cast<int32_t>(ctx);
+        break;
+      case 3:
+        c.budgets[i] = static_cast<int32_t>(ctx + 17);
+        break;
+      default:
+        c.budgets[i] = static_cast<int32_t>(rng() % (ctx + 1));
+        break;
+    }
+  }
+  return c;
+}
+
+/// Selection-only case: unique scores, or (ties) few distinct values including -0 and +0.
+/// Padding scores are NaN: they must never be read.
+Case make_select_case(int32_t problems, int32_t max_clusters, BudgetOverflow overflow,
+                      uint64_t seed, bool ties) {
+  Case c = make_case(problems, 1, 64, max_clusters, ScoreAggregation::kMax, overflow, seed);
+  std::mt19937_64 rng(seed ^ 0x5eed);
+  c.scores.assign(static_cast<size_t>(problems) * max_clusters, kNaN);
+  for (int32_t i = 0; i < problems; ++i) {
+    std::set<float> used;
+    for (int32_t j = 0; j < c.num_clusters[i]; ++j) {
+      float s;
+      if (ties) {
+        const float pool[] = {-0.f, 0.f, 1.5f, -2.f, 3.25f, 1e-30f};
+        s = pool[rng() % 6];
+      } else {
+        do {
+          s = std::uniform_real_distribution<float>(-50.f, 50.f)(rng);
+        } while (!used.insert(s).second);
+      }
+      c.scores[static_cast<size_t>(i) * max_clusters + j] = s;
+    }
+  }
+  return c;
+}
+
+ClusterSelectTensors host_tensors(Case& c, Result& r) {
+  const size_t slots = static_cast<size_t>(c.p.num_problems) * c.p.max_clusters;
+  r.scores.resize(slots);
+  r.ids.resize(slots);
+  r.rows.resize(slots);
+  r.num_selected.resize(c.p.num_problems);
+  r.total_rows.resize(c.p.num_problems);
+  ClusterSelectTensors t;
+  t.queries = c.queries.data();
+  t.centroids = c.centroids.data();
+  t.num_clusters = c.num_clusters.data();
+  t.cluster_sizes = c.sizes.data();
+  t.budgets = c.budgets.data();
+  t.scores = r.scores.data();
+  t.selected_ids = r.ids.data();
+  t.selected_rows = r.rows.data();
+  t.num_selected = r.num_selected.data();
+  t.total_rows = r.total_rows.data();
+  return t;
+}
+
+Result ref_pipeline(Case c) {
+  Result r;
+  score_and_select_clusters_ref(c.p, host_tensors(c, r));
+  return r;
+}
+
+Result ref_select(Case c, const std::vector<float>& scores) {
+  Result r;
+  ClusterSelectTensors t = host_tensors(c, r);
+  r.scores = scores;
+  t.scores = r.scores.data();
+  select_clusters_ref(c.p, t);
+  return r;
+}
+
+Result ref_scores(Case c) {
+  Result r;
+  score_clusters_ref(c.p, host_tensors(c, r));
+  return r;
+}
+
+int64_t first_mismatch(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+  if (a.size() != b.size()) return 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i]) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+/// Exact equality of the four selection outputs, restricted to problems `keep` (all if empty).
+void expect_same_selection(const Case& c, const Result& want, const Result& got,
+                           const std::vector<bool>& keep = {}) {
+  const int32_t K = c.p.max_clusters;
+  for (int32_t i = 0; i < c.p.num_problems; ++i) {
+    if (!keep.empty() && !keep[i]) continue;
+    ASSERT_EQ(want.num_selected[i], got.num_selected[i]) << c.describe() << " problem " << i;
+    ASSERT_EQ(want.total_rows[i], got.total_rows[i]) << c.describe() << " problem " << i;
+    const std::vector<int32_t> wi(want.ids.begin() + i * K, want.ids.begin() + (i + 1) * K),
+        gi(got.ids.begin() + i * K, got.ids.begin() + (i + 1) * K),
+        wr(want.rows.begin() + i * K, want.rows.begin() + (i + 1) * K),
+        gr(got.rows.begin() + i * K, got.rows.begin() + (i + 1) * K);
+    ASSERT_EQ(first_mismatch(wi, gi), -1)
+        << "first bad slot of selected_ids; " << c.describe() << " problem " << i;
+    ASSERT_EQ(first_mismatch(wr, gr), -1)
+        << "first bad slot of selected_rows; " << c.describe() << " problem " << i;
+  }
+}
+
+/// fp32 tolerance of the style guide: |got - want| <= 1e-6 + 1e-5 |want|; padding exactly -inf.
+void expect_scores_close(const Case& c, const std::vector<float>& want,
+                         const std::vector<float>& got, const std::vector<bool>& keep = {}) {
+  ASSERT_EQ(want.size(), got.size());
+  double max_err = 0;
+  int64_t first_bad = -1;
+  for (int32_t i = 0; i < c.p.num_problems; ++i) {
+    if (!keep.empty() && !keep[i]) continue;
+    for (int32_t j = 0; j < c.p.max_clusters; ++j) {
+      const size_t k = static_cast<size_t>(i) * c.p.max_clusters + j;
+      if (j >= c.num_clusters[i]) {
+        if (!(got[k] == -kInf) && first_bad < 0) first_bad = static_cast<int64_t>(k);
+        continue;
+      }
+      const double err = std::fabs(static_cast<double>(got[k]) - want[k]);
+      max_err = std::max(max_err, err);
+      if (!(err <= 1e-6 + 1e-5 * std::fabs(want[k])) && first_bad < 0) {
+        first_bad = static_cast<int64_t>(k);
+      }
+    }
+  }
+  EXPECT_EQ(first_bad, -1) << "first bad score index (problem * max_clusters + cluster); max error "
+                           << max_err << "; " << c.describe();
+}
+
+#if KVTIER_WITH_CUDA
+
+template <typename T>
+cuda::DeviceBuffer<T> upload(const std::vector<T>& v, cudaStream_t stream) {
+  cuda::DeviceBuffer<T> b(std::max<size_t>(v.size(), 1), 0);
+  if (!v.empty()) cuda::memcpy_async(b.get(), v.data(), v.size() * sizeof(T), stream);
+  return b;
+}
+
+template <typename T>
+std::vector<T> download(const cuda::DeviceBuffer<T>& b, size_t n, cudaStream_t stream) {
+  std::vector<T> v(n);
+  if (n > 0) cuda::memcpy_async(v.data(), b.get(), n * sizeof(T), stream);
+  return v;
+}
+
+enum class GpuStep { kScore, kSelect, kScoreThenSelect, kBoth };
+
+/// Runs `step` on the device. kSelect reads c.scores; the others score c's queries and
+/// centroids. Outputs are poisoned first, so every slot the kernels should write is checked.
+Result run_on_gpu(const Case& c, GpuStep step) {
+  cuda::Stream stream(0);
+  const cudaStream_t s = stream.get();
+  const size_t slots = static_cast<size_t>(c.p.num_problems) * c.p.max_clusters;
+  auto queries = upload(c.queries, s);
+  auto centroids = upload(c.centroids, s);
+  auto num_clusters = upload(c.num_clusters, s);
+  auto sizes = upload(c.sizes, s);
+  auto budgets = upload(c.budgets, s);
+  auto scores =
+      step == GpuStep::kSelect ? upload(c.scores, s) : upload(std::vector<float>(slots, 7.f), s);
+  auto ids = upload(std::vector<int32_t>(slots, 0x5a5a5a5a), s);
+  auto rows = upload(std::vector<int32_t>(slots, 0x5a5a5a5a), s);
+  auto num_selected = upload(std::vector<int32_t>(c.p.num_problems, 0x5a5a5a5a), s);
+  auto total_rows = upload(std::vector<int32_t>(c.p.num_problems, 0x5a5a5a5a), s);
+  auto flag = upload(std::vector<int32_t>{12345}, s);
+  ClusterSelectTensors t;
+  t.queries = queries.get();
+  t.centroids = centroids.get();
+  t.num_clusters = num_clusters.get();
+  t.cluster_sizes = sizes.get();
+  t.budgets = budgets.get();
+  t.scores = scores.get();
+  t.selected_ids = ids.get();
+  t.selected_rows = rows.get();
+  t.num_selected = num_selected.get();
+  t.total_rows = total_rows.get();
+  t.nonfinite_problem = flag.get();
+  const size_t ws_bytes = select_clusters_workspace_bytes(c.p);
+  cuda::DeviceBuffer<std::byte> workspace(std::max<size_t>(ws_bytes, 1), 0);
+  switch (step) {
+    case GpuStep::kScore:
+      launch_score_clusters(c.p, t, s);
+      break;
+    case GpuStep::kSelect:
+      launch_select_clusters(c.p, t, workspace.get(), ws_bytes, s);
+      break;
+    case GpuStep::kScoreThenSelect:
+      launch_score_clusters(c.p, t, s);
+      launch_select_clusters(c.p, t, workspace.get(), ws_bytes, s);
+      break;
+    case GpuStep::kBoth:
+      launch_score_and_select_clusters(c.p, t, workspace.get(), ws_bytes, s);
+      break;
+  }
+  Result r;
+  r.scores = download(scores, slots, s);
+  r.ids = download(ids, slots, s);
+  r.rows = download(rows, slots, s);
+  r.num_selected = download(num_selected, c.p.num_problems, s);
+  r.total_rows = download(total_rows, c.p.num_problems, s);
+  r.nonfinite_problem = download(flag, 1, s)[0];
+  stream.synchronize();
+  return r;
+}
+
+#endif  // KVTIER_WITH_CUDA
+
+// ---- selection: exact, every tier ----
+
+class ClusterSelectGpu : public ::testing::TestWithParam<int32_t> {};
+
+TEST_P(ClusterSelectGpu, EqualsReferenceOnUniqueScores) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  const int32_t k = GetParam();
+  for (const auto overflow : {BudgetOverflow::kTruncate, BudgetOverflow::kSkip}) {
+    Case c = make_select_case(10, k, overflow, test::test_seed() + k, /*ties=*/false);
+    const Result want = ref_select(c, c.scores);
+    const Result got = run_on_gpu(c, GpuStep::kSelect);
+    EXPECT_EQ(got.nonfinite_problem, -1) << c.describe();
+    expect_same_selection(c, want, got);
+  }
+#endif
+}
+
+TEST_P(ClusterSelectGpu, EqualsReferenceWithTiesAndSignedZeros) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  const int32_t k = GetParam();
+  for (const auto overflow : {BudgetOverflow::kTruncate, BudgetOverflow::kSkip}) {
+    Case c = make_select_case(6, k, overflow, test::test_seed() + 7 * k, /*ties=*/true);
+    expect_same_selection(c, ref_select(c, c.scores), run_on_gpu(c, GpuStep::kSelect));
+  }
+#endif
+}
+
+INSTANTIATE_TEST_SUITE_P(Clusters, ClusterSelectGpu,
+                         ::testing::Values(1, 2, 3, 7, 20, 255, 256, 257, 1000, 4095, 4096, 4097,
+                                           5000),
+                         [](const auto& info) { return "k" + std::to_string(info.param); });
+
+TEST(ClusterSelectGpuEdge, DeviceValuesAreClamped) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // On the device: num_clusters above max_clusters counts as max_clusters, below 0 as 0; a
+  // negative budget as 0; a negative size as an empty cluster.
+  for (const int32_t k : {100, 5000}) {
+    Case c = make_select_case(4, k, BudgetOverflow::kTruncate, test::test_seed(), false);
+    for (int32_t j = 0; j < k; ++j) c.scores[static_cast<size_t>(1) * k + j] = 1000.f + j;
+    Case sane = c;
+    c.num_clusters[1] = k + 50;
+    sane.num_clusters[1] = k;
+    c.num_clusters[2] = -3;
+    sane.num_clusters[2] = 0;
+    c.budgets[3] = -8;
+    sane.budgets[3] = 0;
+    c.sizes[0] = -2;
+    sane.sizes[0] = 0;
+    c.budgets[0] = 100000;
+    sane.budgets[0] = 100000;
+    expect_same_selection(c, ref_select(sane, sane.scores), run_on_gpu(c, GpuStep::kSelect));
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuEdge, WorkspaceIsSizedAndChecked) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  ClusterSelectParams p;
+  p.num_problems = 4;
+  p.max_clusters = kMaxBlockSortClusters;
+  EXPECT_EQ(select_clusters_workspace_bytes(p), 0u);
+  p.max_clusters = kMaxBlockSortClusters + 1;
+  const size_t need = select_clusters_workspace_bytes(p);
+  EXPECT_GE(need, static_cast<size_t>(2 * 4 * (kMaxBlockSortClusters + 1) * sizeof(uint64_t)));
+  Case c = make_select_case(4, kMaxBlockSortClusters + 1, BudgetOverflow::kTruncate,
+                            test::test_seed(), false);
+  cuda::Stream stream(0);
+  cuda::DeviceBuffer<std::byte> small(need - 1, 0);
+  ClusterSelectTensors t;  // never dereferenced: the workspace check comes first
+  int32_t dummy = 0;
+  t.scores = reinterpret_cast<float*>(&dummy);
+  t.num_clusters = t.cluster_sizes = t.budgets = &dummy;
+  t.selected_ids = t.selected_rows = t.num_selected = t.total_rows = &dummy;
+  EXPECT_THROW(launch_select_clusters(c.p, t, small.get(), need - 1, stream.get()),
+               InvalidArgumentError);
+  EXPECT_THROW(launch_select_clusters(c.p, t, nullptr, 0, stream.get()), InvalidArgumentError);
+#endif
+}
+
+// ---- scoring: fp32 tolerance ----
+
+class ClusterSelectGpuScore
+    : public ::testing::TestWithParam<std::tuple<int, int, ScoreAggregation>> {};
+
+TEST_P(ClusterSelectGpuScore, MatchesReferenceWithinTolerance) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  const auto [head_dim, G, agg] = GetParam();
+  for (const int32_t k : {1, 37, 1000}) {
+    Case c = make_case(9, G, head_dim, k, agg, BudgetOverflow::kTruncate,
+                       test::test_seed() + head_dim + G * 1000 + k);
+    const Result got = run_on_gpu(c, GpuStep::kScore);
+    EXPECT_EQ(got.nonfinite_problem, -1) << c.describe();
+    expect_scores_close(c, ref_scores(c).scores, got.scores);
+  }
+#endif
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ClusterSelectGpuScore,
+    ::testing::Combine(::testing::Values(64, 128, 256), ::testing::Values(1, 3, 4, 8, 12),
+                       ::testing::Values(ScoreAggregation::kSoftmaxSum, ScoreAggregation::kMax)),
+    [](const auto& info) {
+      return "d" + std::to_string(std::get<0>(info.param)) + "_g" +
+             std::to_string(std::get<1>(info.param)) + "_" +
+             aggregation_name(std::get<2>(info.param));
+    });
+
+TEST(ClusterSelectGpuScoreEdge, RecomputedLogitsWhenTheCacheDoesNotFit) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // 8 heads x 8000 clusters of logits = 256 KiB: more than a block's shared memory, so the
+  // softmax reads the centroids a second time. G = 20 also crosses three head tiles.
+  for (const int32_t G : {8, 20}) {
+    Case c = make_case(3, G, 128, 8000, ScoreAggregation::kSoftmaxSum, BudgetOverflow::kTruncate,
+                       test::test_seed() + G);
+    c.p.scale = 0.3f;
+    const Result got = run_on_gpu(c, GpuStep::kScore);
+    EXPECT_EQ(got.nonfinite_problem, -1);
+    expect_scores_close(c, ref_scores(c).scores, got.scores);
+  }
+#endif
+}
+
+// ---- the pipeline ----
+
+class ClusterSelectGpuPipeline
+    : public ::testing::TestWithParam<std::tuple<int32_t, ScoreAggregation, BudgetOverflow>> {};
+
+TEST_P(ClusterSelectGpuPipeline, IdsEqualReferenceOnExactLogits) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Integer data and scale 1/8: every logit is exact in fp32. Under kMax the scores are then
+  // bitwise the reference's; under kSoftmaxSum with G = 1 the score is a monotone function of
+  // the logit, and distinct logits differ by >= 1/8 (a 13% score ratio), far above fp32 error,
+  // while equal logits give equal scores on both sides (ties broken by id).
+  const auto [k, agg, overflow] = GetParam();
+  const int32_t G = agg == ScoreAggregation::kMax ? 8 : 1;
+  Case c = make_case(12, G, 128, k, agg, overflow, test::test_seed() + k, Data::kSmallIntegers);
+  c.p.scale = 0.125f;
+  const Result want = ref_pipeline(c);
+  const Result got = run_on_gpu(c, GpuStep::kBoth);
+  EXPECT_EQ(got.nonfinite_problem, -1);
+  expect_scores_close(c, want.scores, got.scores);
+  expect_same_selection(c, want, got);
+#endif
+}
+
+TEST_P(ClusterSelectGpuPipeline, SelectionOfGaussianDataEqualsReferenceOnGpuScores) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  const auto [k, agg, overflow] = GetParam();
+  Case c = make_case(12, 4, 128, k, agg, overflow, test::test_seed() + 3 * k);
+  const Result want = ref_pipeline(c);
+  const Result got = run_on_gpu(c, GpuStep::kScoreThenSelect);
+  EXPECT_EQ(got.nonfinite_problem, -1);
+  expect_scores_close(c, want.scores, got.scores);
+  expect_same_selection(c, ref_select(c, got.scores), got);
+#endif
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ClusterSelectGpuPipeline,
+    ::testing::Combine(::testing::Values(300, 4096, 5000),
+                       ::testing::Values(ScoreAggregation::kSoftmaxSum, ScoreAggregation::kMax),
+                       ::testing::Values(BudgetOverflow::kTruncate, BudgetOverflow::kSkip)),
+    [](const auto& info) {
+      return "k" + std::to_string(std::get<0>(info.param)) + "_" +
+             aggregation_name(std::get<1>(info.param)) + "_" +
+             overflow_name(std::get<2>(info.param));
+    });
+
+// ---- non-finite input ----
+
+TEST(ClusterSelectGpuNonFinite, ScoringFlagsTheLowestBadProblem) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  for (const auto agg : {ScoreAggregation::kSoftmaxSum, ScoreAggregation::kMax}) {
+    for (const float v : {kNaN, kInf}) {
+      Case clean = make_case(8, 4, 128, 300, agg, BudgetOverflow::kTruncate, test::test_seed(),
+                             Data::kSmallIntegers);
+      clean.p.scale = 0.125f;
+      Case c = clean;
+      c.centroids[(static_cast<size_t>(5) * 300 + 7) * 128 + 3] = v;  // problem 5, cluster 7
+      c.queries[(static_cast<size_t>(6) * 4 + 3) * 128 + 127] = v;    // problem 6, head 3
+      c.queries[(static_cast<size_t>(3) * 4 + 0) * 128 + 0] = v;      // problem 3, no clusters
+      c.num_clusters[3] = 0;
+      clean.num_clusters[3] = 0;
+      const Result got = run_on_gpu(c, GpuStep::kBoth);
+      EXPECT_EQ(got.nonfinite_problem, 3) << c.describe();
+      std::vector<bool> good(8, true);
+      for (const int32_t i : {3, 5, 6}) {
+        good[i] = false;
+        EXPECT_EQ(got.num_selected[i], 0) << "problem " << i;
+        EXPECT_EQ(got.total_rows[i], 0) << "problem " << i;
+        for (int32_t j = 0; j < 300; ++j) {
+          const size_t k = static_cast<size_t>(i) * 300 + j;
+          ASSERT_EQ(got.ids[k], -1) << "problem " << i << " slot " << j;
+          ASSERT_EQ(got.rows[k], 0) << "problem " << i << " slot " << j;
+          if (j < c.num_clusters[i]) {
+            ASSERT_TRUE(std::isnan(got.scores[k])) << "problem " << i << " cluster " << j;
+          } else {
+            ASSERT_EQ(got.scores[k], -kInf) << "problem " << i << " cluster " << j;
+          }
+        }
+      }
+      expect_scores_close(c, ref_scores(clean).scores, got.scores, good);
+      // The other problems' selections are the reference's on the GPU's scores.
+      Case rest = clean;
+      for (const int32_t i : {3, 5, 6}) rest.num_clusters[i] = 0;
+      expect_same_selection(c, ref_select(rest, got.scores), got, good);
+    }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuNonFinite, SelectionFlagsTheLowestBadProblem) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  for (const int32_t k : {300, 5000}) {
+    Case c = make_select_case(6, k, BudgetOverflow::kTruncate, test::test_seed(), false);
+    Case clean = c;
+    c.scores[static_cast<size_t>(4) * k + 1] = -kInf;
+    c.scores[static_cast<size_t>(2) * k + 0] = kNaN;
+    clean.num_clusters[2] = clean.num_clusters[4] = 0;
+    const Result got = run_on_gpu(c, GpuStep::kSelect);
+    EXPECT_EQ(got.nonfinite_problem, 2) << c.describe();
+    for (const int32_t i : {2, 4}) {
+      EXPECT_EQ(got.num_selected[i], 0) << "problem " << i;
+      EXPECT_EQ(got.total_rows[i], 0) << "problem " << i;
+    }
+    // With their clusters removed, the bad problems' reference is the empty selection too.
+    expect_same_selection(c, ref_select(clean, clean.scores), got);
+  }
+#endif
+}
+
+}  // namespace
+}  // namespace kvtier::kernels
