@@ -26,6 +26,7 @@ void BM_KmeansGpu(benchmark::State& state) {
   p.max_iters = 20;
   p.rel_tol = 0.f;  // always 20 iterations: the figure the target is stated for
   p.dtype = DType::kBF16;
+  p.pruning = state.range(2) ? kernels::KmeansPruning::kBounds : kernels::KmeansPruning::kNone;
   // Keys around 4096 random directions per problem, as real keys cluster.
   const size_t elems = static_cast<size_t>(p.num_problems) * p.num_points * p.dim;
   std::vector<uint16_t> host(elems);
@@ -44,19 +45,30 @@ void BM_KmeansGpu(benchmark::State& state) {
       sz(static_cast<size_t>(p.num_problems) * p.num_clusters, 0);
   cuda::memcpy_async(x.get(), host.data(), elems * 2, s.get());
   cuda::Event a(cuda::EventTiming::kEnabled), b(cuda::EventTiming::kEnabled);
-  kernels::launch_kmeans(p, x.get(), c.get(), l.get(), sz.get(), ws.get(), nullptr, nullptr, nullptr, s.get());
+  kernels::launch_kmeans(p, x.get(), c.get(), l.get(), sz.get(), ws.get(), nullptr, nullptr,
+                         nullptr, s.get());
   s.synchronize();  // warm-up
   for (auto _ : state) {
     a.record(s.get());
-    kernels::launch_kmeans(p, x.get(), c.get(), l.get(), sz.get(), ws.get(), nullptr, nullptr, nullptr, s.get());
+    kernels::launch_kmeans(p, x.get(), c.get(), l.get(), sz.get(), ws.get(), nullptr, nullptr,
+                           nullptr, s.get());
     b.record(s.get());
     b.synchronize();
     state.SetIterationTime(cuda::elapsed_ms(a, b) * 1e-3);
   }
-  const double flop = 2.0 * p.num_problems * p.num_points * p.num_clusters * p.dim * (p.max_iters + 1);
+  const double flop =
+      2.0 * p.num_problems * p.num_points * p.num_clusters * p.dim * (p.max_iters + 1);
   state.counters["assign_TFLOP"] = flop / 1e12;
 }
-BENCHMARK(BM_KmeansGpu)->Args({32768, 256})->Args({131072, 8})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(2);
+// Args: keys per problem, problems, pruning (1 = angle bounds, 0 = scan every row).
+BENCHMARK(BM_KmeansGpu)
+    ->Args({32768, 256, 0})
+    ->Args({32768, 256, 1})
+    ->Args({131072, 8, 0})
+    ->Args({131072, 8, 1})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(2);
 #endif
 
 }  // namespace

@@ -60,8 +60,22 @@ struct Workspace {
   int32_t* iters;      // [P]
   int32_t* init_rows;  // [P, k]
   __half* cb;  // [P, k_pad, d] fp16 copy of the unit centroids for the tensor-core assignment
-  int32_t* runner_up;  // [P, n] second candidate of the bf16 assignment, re-scored exactly
+  int32_t* runner_up;     // [P, n] second candidate of the fp16 assignment, re-scored exactly
+  float* second_score;    // [P, n] fp16 score of that second candidate
+  float* theta2;          // [P, n] lower bound on the angle to the nearest other centroid
+  int32_t* active_rows;   // [P, n] rows the next assignment must scan (compacted)
+  int32_t* active_count;  // [P]
+  uint8_t* active;        // [P, n] 1 if the row was scanned in the current assignment
+  float* drift;           // [P, k] angle each centroid moved in the last update
+  int32_t* drift_max;     // [P] largest drift (float bits; drifts are >= 0)
 };
+
+/// A row keeps its label without a scan when (angle to own centroid + its drift) + kAngleMargin
+/// < (lower bound on the angle to any other centroid - the largest drift). The margin covers
+/// acos() in fp32 near 1 (~3.5e-4 rad); kScoreSlack covers fp16 rounding of both operands in
+/// the tensor-core scores (each score is within ~2^-10 of the exact cosine).
+constexpr float kAngleMargin = 1e-3f;
+constexpr float kScoreSlack = 2e-3f;
 
 constexpr int kAssignPoints = 128;     // rows per assignment block
 constexpr int kAssignCentroids = 128;  // centroids per shared-memory chunk
@@ -90,6 +104,13 @@ Workspace carve(const KmeansParams& p, void* base, size_t* total) {
   w.iters = reinterpret_cast<int32_t*>(take(P * 4));
   w.init_rows = reinterpret_cast<int32_t*>(take(P * k * 4));
   w.runner_up = reinterpret_cast<int32_t*>(take(P * n * 4));
+  w.second_score = reinterpret_cast<float*>(take(P * n * 4));
+  w.theta2 = reinterpret_cast<float*>(take(P * n * 4));
+  w.active_rows = reinterpret_cast<int32_t*>(take(P * n * 4));
+  w.active_count = reinterpret_cast<int32_t*>(take(P * 4));
+  w.active = reinterpret_cast<uint8_t*>(take(P * n));
+  w.drift = reinterpret_cast<float*>(take(P * k * 4));
+  w.drift_max = reinterpret_cast<int32_t*>(take(P * 4));
   w.cb = reinterpret_cast<__half*>(
       take(P * static_cast<size_t>(padded_k(static_cast<int>(k))) * d * 2));
   *total = off;
@@ -149,10 +170,14 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(256)
     assign_wmma_kernel(const T* __restrict__ x, int64_t n, int k, int64_t k_pad,
                        const __half* __restrict__ cb, const float* __restrict__ inv_norm,
-                       const int32_t* done, int32_t* labels, int32_t* runner_up) {
+                       const int32_t* done, const int32_t* active_rows, const int32_t* active_count,
+                       int32_t* labels, int32_t* runner_up, float* second_score) {
   using namespace nvcuda;
   const int p = blockIdx.y;
   if (done[p]) return;
+  const int64_t count = active_count[p];
+  const int64_t entry0 = static_cast<int64_t>(blockIdx.x) * kAssignPoints;
+  if (entry0 >= count) return;   // only the compacted active rows are scanned
   constexpr int kLd = kDim + 8;  // fp16 row stride: 16-byte multiple, staggers banks
   constexpr int kSLd = 68;       // float stride of a warp's 32 x 64 score patch
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -161,14 +186,15 @@ __global__ void __launch_bounds__(256)
   float* scores = reinterpret_cast<float*>(cs + kAssignCentroids * kLd);  // [8 warps][32][kSLd]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wr = warp >> 1, wc = warp & 1;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAssignPoints;
+  const int32_t* rows = active_rows + static_cast<size_t>(p) * n;
 
   for (int i = threadIdx.x; i < kAssignPoints * kDim; i += blockDim.x) {
     const int r = i / kDim, t = i % kDim;
-    const int64_t row = row0 + r;
-    const float v = row < n ? to_float(x[(static_cast<size_t>(p) * n + row) * kDim + t]) *
-                                  inv_norm[static_cast<size_t>(p) * n + row]
-                            : 0.f;
+    const int64_t e = entry0 + r;
+    const int64_t row = e < count ? rows[e] : -1;
+    const float v = row >= 0 ? to_float(x[(static_cast<size_t>(p) * n + row) * kDim + t]) *
+                                   inv_norm[static_cast<size_t>(p) * n + row]
+                             : 0.f;
     xs[r * kLd + t] = __float2half(v);
   }
   // Top two candidates by fp16 score; the exact fp32 re-scoring of both (cos_accumulate_kernel)
@@ -261,31 +287,39 @@ __global__ void __launch_bounds__(256)
         arg2 = oa;
       }
     }
-    const int64_t row = row0 + wr * 32 + lane;
-    if (row < n) {
-      labels[static_cast<size_t>(p) * n + row] = arg;
-      runner_up[static_cast<size_t>(p) * n + row] = best2 > -INFINITY ? arg2 : arg;
+    const int64_t e = entry0 + wr * 32 + lane;
+    if (e < count) {
+      const size_t row = static_cast<size_t>(p) * n + rows[e];
+      labels[row] = arg;
+      runner_up[row] = best2 > -INFINITY ? arg2 : arg;
+      second_score[row] = best2 > -INFINITY ? best2 : -1.f;
     }
   }
 }
 
-// grid: (ceil(n / 8), P), block 256, one warp per row. For the labels of assignment `it`: the
-// exact fp32 cosine to the chosen centroid (best[], objective[it]) and the next update's sums.
+// grid: (ceil(n / 8), P), block 256, one warp per row. For the labels of assignment `it`: a row
+// scanned in this assignment picks the exactly better of its two candidates and gets a fresh
+// bound theta2; every row gets its exact fp32 cosine to its centroid (best[], objective[it]) and
+// adds its unit vector to the next update's sums.
 template <typename T>
 __global__ void cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d, int k, int stride,
                                       int max_iters, int it, int32_t* labels,
-                                      const int32_t* runner_up, const float* centroids,
+                                      const int32_t* runner_up, const float* second_score,
+                                      const uint8_t* active, const float* centroids,
                                       const float* inv_norm, const int32_t* done, float* best,
-                                      double* objective, float* sums, int32_t* counts) {
+                                      float* theta2, double* objective, float* sums,
+                                      int32_t* counts) {
   const int p = blockIdx.y;
   if (done[p]) return;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   if (row >= n) return;
-  const int cand1 = labels[static_cast<size_t>(p) * n + row];
-  const int cand2 = runner_up[static_cast<size_t>(p) * n + row];
-  const float inv = inv_norm[static_cast<size_t>(p) * n + row];
-  const T* r = x + (static_cast<size_t>(p) * n + row) * d;
+  const size_t ri = static_cast<size_t>(p) * n + row;
+  const bool scanned = active[ri] != 0;
+  const int cand1 = labels[ri];
+  const int cand2 = scanned ? runner_up[ri] : cand1;
+  const float inv = inv_norm[ri];
+  const T* r = x + ri * d;
   const float* c1 = centroids + (static_cast<size_t>(p) * stride + cand1) * d;
   const float* c2 = centroids + (static_cast<size_t>(p) * stride + cand2) * d;
   float d1 = 0.f, d2 = 0.f;
@@ -303,18 +337,61 @@ __global__ void cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d,
   const float dot = second ? d2 : d1;
   float* s = sums + (static_cast<size_t>(p) * k + lab) * d;
   for (int t = lane; t < d; t += 32) atomicAdd(&s[t], to_float(r[t]) * inv);
-  if (lane == 0 && second) labels[static_cast<size_t>(p) * n + row] = lab;
   if (lane == 0) {
-    best[static_cast<size_t>(p) * n + row] = dot;
+    if (second) labels[ri] = lab;
+    if (scanned) {
+      // Every other centroid scored at most second_score in fp16, so its true cosine is at most
+      // that plus the slack; the other candidate's is known exactly.
+      const float other = cand2 == cand1 ? -1.f : (second ? d1 : d2);
+      const float u = fminf(1.f, fmaxf(other, second_score[ri] + kScoreSlack));
+      theta2[ri] = cand2 == cand1 && second_score[ri] < -0.5f ? 4.f : acosf(u);  // k == 1: no other
+    }
+    best[ri] = dot;
     atomicAdd(&objective[static_cast<size_t>(p) * (max_iters + 1) + it],
               1.0 - static_cast<double>(dot));
     atomicAdd(&counts[static_cast<size_t>(p) * k + lab], 1);
   }
 }
 
+// grid: (ceil(n / 256), P), block 256: rows whose label provably cannot change stay; the rest go
+// to the active list of the next assignment. The first assignment scans every row.
+__global__ void filter_kernel(int64_t n, int first, const int32_t* labels, const float* best,
+                              const float* drift, const int32_t* drift_max, const int32_t* done,
+                              int k, float* theta2, uint8_t* active, int32_t* active_rows,
+                              int32_t* active_count) {
+  const int p = blockIdx.y;
+  if (done[p]) return;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  const size_t ri = static_cast<size_t>(p) * n + row;
+  bool scan = first != 0;
+  if (!scan) {
+    const float s1 = best[ri];  // +inf marks a row taken to re-seed a cluster
+    const float t2 = theta2[ri] - __int_as_float(drift_max[p]);
+    theta2[ri] = t2;
+    scan = !(s1 <= 1.f) || !(acosf(fmaxf(s1, -1.f)) +
+                                 drift[static_cast<size_t>(p) * k + labels[ri]] + kAngleMargin <
+                             t2);
+  }
+  active[ri] = scan ? 1 : 0;
+  if (scan) {
+    // Warp-aggregated append: one atomic per warp.
+    const unsigned mask = __activemask();
+    const unsigned ballot = __ballot_sync(mask, scan);
+    const int leader = __ffs(ballot) - 1;
+    const int lane = threadIdx.x & 31;
+    int base = 0;
+    if (lane == leader) base = atomicAdd(&active_count[p], __popc(ballot));
+    base = __shfl_sync(mask, base, leader);
+    active_rows[static_cast<size_t>(p) * n + base + __popc(ballot & ((1u << lane) - 1))] =
+        static_cast<int32_t>(row);
+  }
+}
+
 // grid: (k, P), block 128: normalize non-empty clusters' sums into centroids.
 __global__ void update_kernel(int d, int k, int stride, const float* sums, const int32_t* counts,
-                              const int32_t* done, float* centroids) {
+                              const int32_t* done, float* centroids, float* drift,
+                              int32_t* drift_max) {
   const int p = blockIdx.y, j = blockIdx.x;
   if (done[p] || counts[static_cast<size_t>(p) * k + j] == 0) return;
   const float* s = sums + (static_cast<size_t>(p) * k + j) * d;
@@ -332,8 +409,25 @@ __global__ void update_kernel(int d, int k, int stride, const float* sums, const
   __syncthreads();
   if (red[0] <= 0.f) return;  // rows cancel out: keep the centroid
   const float inv = rsqrtf(red[0]);
-  for (int t = threadIdx.x; t < d; t += blockDim.x)
-    centroids[(static_cast<size_t>(p) * stride + j) * d + t] = s[t] * inv;
+  __syncthreads();
+  float* c = centroids + (static_cast<size_t>(p) * stride + j) * d;
+  float dot = 0.f;  // old . new, for the drift angle
+  for (int t = threadIdx.x; t < d; t += blockDim.x) {
+    const float nv = s[t] * inv;
+    dot += c[t] * nv;
+    c[t] = nv;
+  }
+  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = dot;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float tot = 0.f;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) tot += red[w];
+    // acos of a rounded dot: add a little so the drift is never underestimated.
+    const float ang = acosf(fminf(1.f, fmaxf(-1.f, tot))) + 1e-4f;
+    drift[static_cast<size_t>(p) * k + j] = ang;
+    atomicMax(&drift_max[p], __float_as_int(ang));
+  }
 }
 
 // grid: (P), block 256: each empty cluster, in id order, takes the worst-fitting row not yet
@@ -341,7 +435,7 @@ __global__ void update_kernel(int d, int k, int stride, const float* sums, const
 template <typename T>
 __global__ void reseed_kernel(const T* __restrict__ x, int64_t n, int d, int k, int stride,
                               const int32_t* counts, const float* inv_norm, const int32_t* done,
-                              float* best, float* centroids) {
+                              float* best, float* centroids, float* drift, int32_t* drift_max) {
   const int p = blockIdx.x;
   if (done[p]) return;
   __shared__ float sv[kThreads];
@@ -369,11 +463,23 @@ __global__ void reseed_kernel(const T* __restrict__ x, int64_t n, int d, int k, 
     __syncthreads();
     if (row >= n) return;
     const float inv = inv_norm[static_cast<size_t>(p) * n + row];
-    for (int t = threadIdx.x; t < d; t += blockDim.x)
-      centroids[(static_cast<size_t>(p) * stride + j) * d + t] =
-          to_float(x[(static_cast<size_t>(p) * n + row) * d + t]) * inv;
+    float* c = centroids + (static_cast<size_t>(p) * stride + j) * d;
+    float dot = 0.f;
+    for (int t = threadIdx.x; t < d; t += blockDim.x) {
+      const float nv = to_float(x[(static_cast<size_t>(p) * n + row) * d + t]) * inv;
+      dot += c[t] * nv;
+      c[t] = nv;
+    }
+    sv[threadIdx.x] = dot;
     __syncthreads();
-    if (threadIdx.x == 0) b[row] = INFINITY;
+    if (threadIdx.x == 0) {
+      float tot = 0.f;
+      for (int q = 0; q < static_cast<int>(blockDim.x); ++q) tot += sv[q];
+      const float ang = acosf(fminf(1.f, fmaxf(-1.f, tot))) + 1e-4f;
+      drift[static_cast<size_t>(p) * k + j] = ang;
+      atomicMax(&drift_max[p], __float_as_int(ang));
+      b[row] = INFINITY;
+    }
     __syncthreads();
   }
 }
@@ -436,7 +542,15 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
   const dim3 tile_grid(static_cast<unsigned>((n + kAssignPoints - 1) / kAssignPoints),
                        static_cast<unsigned>(P));
   const dim3 cb_grid(static_cast<unsigned>(k_pad / 128), static_cast<unsigned>(P));
+  const bool prune = p.pruning == KmeansPruning::kBounds;
+  const dim3 filter_grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(P));
   auto assign = [&](int it) {
+    // Which rows to scan: all of them at first (or without pruning), else those whose bounds fail.
+    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.active_count, 0, static_cast<size_t>(P) * 4, stream));
+    filter_kernel<<<filter_grid, 256, 0, stream>>>(n, it == 0 || !prune ? 1 : 0, labels, w.best,
+                                                   w.drift, w.drift_max, w.done, k, w.theta2,
+                                                   w.active, w.active_rows, w.active_count);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans filter_kernel");
     centroids_fp16_kernel<<<cb_grid, 128, 0, stream>>>(d, k, stride, k_pad, centroids, w.done,
                                                        w.cb);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans centroids_fp16_kernel");
@@ -447,23 +561,26 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
       assign_wmma_kernel<T, kDim><<<tile_grid, 256, smem, stream>>>(
-          x, n, k, k_pad, w.cb, w.inv_norm, w.done, labels, w.runner_up);
+          x, n, k, k_pad, w.cb, w.inv_norm, w.done, w.active_rows, w.active_count, labels,
+          w.runner_up, w.second_score);
     });
     KVTIER_CUDA_CHECK_LAUNCH("kmeans assign_wmma_kernel");
     KVTIER_CUDA_CHECK(cudaMemsetAsync(w.sums, 0, static_cast<size_t>(P) * k * d * 4, stream));
     KVTIER_CUDA_CHECK(cudaMemsetAsync(w.counts, 0, static_cast<size_t>(P) * k * 4, stream));
     cos_accumulate_kernel<T><<<row_grid, kThreads, 0, stream>>>(
-        x, n, d, k, stride, p.max_iters, it, labels, w.runner_up, centroids, w.inv_norm, w.done,
-        w.best, w.objective, w.sums, w.counts);
+        x, n, d, k, stride, p.max_iters, it, labels, w.runner_up, w.second_score, w.active,
+        centroids, w.inv_norm, w.done, w.best, w.theta2, w.objective, w.sums, w.counts);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans cos_accumulate_kernel");
   };
   assign(0);
   for (int it = 1; it <= p.max_iters; ++it) {
-    update_kernel<<<dim3(k, P), 128, 0, stream>>>(d, k, stride, w.sums, w.counts, w.done,
-                                                  centroids);
+    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.drift, 0, static_cast<size_t>(P) * k * 4, stream));
+    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.drift_max, 0, static_cast<size_t>(P) * 4, stream));
+    update_kernel<<<dim3(k, P), 128, 0, stream>>>(d, k, stride, w.sums, w.counts, w.done, centroids,
+                                                  w.drift, w.drift_max);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans update_kernel");
     reseed_kernel<T><<<P, kThreads, 0, stream>>>(x, n, d, k, stride, w.counts, w.inv_norm, w.done,
-                                                 w.best, centroids);
+                                                 w.best, centroids, w.drift, w.drift_max);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans reseed_kernel");
     assign(it);
     converge_kernel<<<(P + 127) / 128, 128, 0, stream>>>(P, it, p.max_iters, p.rel_tol, w.objective,

@@ -23,6 +23,12 @@ enum class KmeansInit : uint8_t {
   kPlusPlus,    ///< k-means++ seeding (D^2 sampling on 1 - cos) over a sample of the rows
 };
 
+/// How the GPU assignment avoids work (the CPU paths always scan every row).
+enum class KmeansPruning : uint8_t {
+  kBounds,  ///< skip rows whose label provably cannot change (angle bounds vs centroid drift)
+  kNone,    ///< scan every row against every centroid each iteration
+};
+
 struct KmeansParams {
   int32_t num_problems = 1;
   int64_t num_points = 0;    ///< n, rows per problem (problems are stored with this stride)
@@ -38,6 +44,7 @@ struct KmeansParams {
   /// incremental clustering (a window of W new rows into C+ clusters appended to an index of C
   /// clusters), pass centroids + C * dim, sizes + C and the index's capacity as the stride.
   int32_t centroid_stride = 0;
+  KmeansPruning pruning = KmeansPruning::kBounds;  ///< GPU only; results are the same either way
 };
 
 inline int32_t kmeans_centroid_stride(const KmeansParams& p) {

@@ -87,29 +87,33 @@ TEST_P(KmeansGpu, MatchesReference) {
   std::vector<float> c(static_cast<size_t>(3) * k * dim);
   std::vector<int32_t> l(3 * 1031), sz(3 * k);
   const auto want = kmeans_ref(p, pts, c.data(), l.data(), sz.data());
-  const GpuOut got = run_gpu(p, pts, bytes);
-  EXPECT_EQ(got.nonfinite, 0);
-  for (int32_t prob = 0; prob < 3; ++prob) {
-    EXPECT_NEAR(got.objective[prob], want[prob].objective,
-                1e-4 * std::max(1.0, want[prob].objective))
-        << "problem " << prob << " dim " << dim << " k " << k << " seed " << test::test_seed();
-    int64_t total = 0;
-    for (int32_t j = 0; j < k; ++j) total += got.sizes[prob * k + j];
-    EXPECT_EQ(total, 1031);
-  }
-  // Where the reference recovered the six well-separated blobs exactly (row i is in blob i % 6),
-  // no row is near a tie, so the GPU must agree row for row.
-  if (k == 6) {
+  for (KmeansPruning pruning : {KmeansPruning::kBounds, KmeansPruning::kNone}) {
+    p.pruning = pruning;
+    SCOPED_TRACE(pruning == KmeansPruning::kBounds ? "pruning: bounds" : "pruning: none");
+    const GpuOut got = run_gpu(p, pts, bytes);
+    EXPECT_EQ(got.nonfinite, 0);
     for (int32_t prob = 0; prob < 3; ++prob) {
-      bool found = true;
-      for (int64_t i = 6; i < 1031 && found; ++i)
-        found = l[prob * 1031 + i] == l[prob * 1031 + i % 6];
-      for (int a = 0; a < 6 && found; ++a)
-        for (int b = a + 1; b < 6; ++b) found = found && l[prob * 1031 + a] != l[prob * 1031 + b];
-      if (!found) continue;
-      for (int64_t i = 0; i < 1031; ++i)
-        ASSERT_EQ(got.labels[prob * 1031 + i], l[prob * 1031 + i])
-            << "problem " << prob << " row " << i;
+      EXPECT_NEAR(got.objective[prob], want[prob].objective,
+                  1e-4 * std::max(1.0, want[prob].objective))
+          << "problem " << prob << " dim " << dim << " k " << k << " seed " << test::test_seed();
+      int64_t total = 0;
+      for (int32_t j = 0; j < k; ++j) total += got.sizes[prob * k + j];
+      EXPECT_EQ(total, 1031);
+    }
+    // Where the reference recovered the six well-separated blobs exactly (row i is in blob i % 6),
+    // no row is near a tie, so the GPU must agree row for row.
+    if (k == 6) {
+      for (int32_t prob = 0; prob < 3; ++prob) {
+        bool found = true;
+        for (int64_t i = 6; i < 1031 && found; ++i)
+          found = l[prob * 1031 + i] == l[prob * 1031 + i % 6];
+        for (int a = 0; a < 6 && found; ++a)
+          for (int b = a + 1; b < 6; ++b) found = found && l[prob * 1031 + a] != l[prob * 1031 + b];
+        if (!found) continue;
+        for (int64_t i = 0; i < 1031; ++i)
+          ASSERT_EQ(got.labels[prob * 1031 + i], l[prob * 1031 + i])
+              << "problem " << prob << " row " << i;
+      }
     }
   }
 #else
