@@ -3,15 +3,14 @@
 // through its flag in the workspace. Same algorithm as kmeans_ref: cosine assignment (ties to
 // the lower id), fp32 sums of unit rows, worst-fit re-seeding of empty clusters, relative
 // objective test after each assignment.
-// The assignment is a fused GEMM + argmax on tensor cores (fp16 operands: unit vectors need no
-// exponent range, and fp16's 11-bit significand flips 8x fewer near-ties than bf16; fp32
+// The assignment is a fused GEMM + argmax on tensor cores (mma.sync; fp16 operands: unit vectors
+// need no exponent range, and fp16's 11-bit significand flips 8x fewer near-ties than bf16; fp32
 // accumulation; no n x k score matrix in memory). It keeps the top two candidates per row, and
 // both are re-scored exactly in fp32 before the label is final; that kernel also computes the
 // objective and accumulates the next update's sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
@@ -161,139 +160,195 @@ __global__ void centroids_fp16_kernel(int d, int k, int stride, int64_t k_pad,
   for (int t = 0; t < d; ++t) dst[t] = __float2half(j < k ? src[t] : 0.f);
 }
 
-// grid: (ceil(n / 128), P), block 256 = 8 warps as 4 (rows) x 2 (columns). The block's 128 unit
-// rows (fp16) stay in shared memory; centroids stream through in chunks of 128. Warp (wr, wc)
-// computes rows wr*32.. x chunk columns wc*64.. with 2 x 4 WMMA 16x16x16 accumulators, stores
-// them to its own shared-memory patch, and lane i folds row wr*32+i's 64 scores into a running
-// (max, argmax), ties to the lower id. The two column halves are merged at the end.
+// Top-two insert: (v, id) into (b1, i1) >= (b2, i2); higher score first, ties to the lower id.
+__device__ __forceinline__ void top2_insert(float v, int id, float& b1, int& i1, float& b2,
+                                            int& i2) {
+  if (v > b1 || (v == b1 && id < i1)) {
+    b2 = b1;
+    i2 = i1;
+    b1 = v;
+    i1 = id;
+  } else if (v > b2 || (v == b2 && id < i2)) {
+    b2 = v;
+    i2 = id;
+  }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
+
+// grid: (ceil(n / 128), P), block 256 = 8 warps as 4 (rows) x 2 (columns); each block takes 128
+// entries of the problem's active-row list. The block's rows (unit vectors, fp16) stay in shared
+// memory; centroids stream through in chunks of 128 with cp.async double buffering. Warp (wr, wc)
+// computes rows wr*32.. x chunk columns wc*64.. with mma.sync m16n8k16 (2 x 8 tiles, fp32
+// accumulators in registers) and folds each row's 16 scores per thread into a running top two,
+// merged across the 4 threads of a quad by shuffles; the two column halves are merged at the end.
 template <typename T, int kDim>
 __global__ void __launch_bounds__(256)
-    assign_wmma_kernel(const T* __restrict__ x, int64_t n, int k, int64_t k_pad,
-                       const __half* __restrict__ cb, const float* __restrict__ inv_norm,
-                       const int32_t* done, const int32_t* active_rows, const int32_t* active_count,
-                       int32_t* labels, int32_t* runner_up, float* second_score) {
-  using namespace nvcuda;
+    assign_mma_kernel(const T* __restrict__ x, int64_t n, int k, int64_t k_pad,
+                      const __half* __restrict__ cb, const float* __restrict__ inv_norm,
+                      const int32_t* done, const int32_t* active_rows, const int32_t* active_count,
+                      int32_t* labels, int32_t* runner_up, float* second_score) {
   const int p = blockIdx.y;
   if (done[p]) return;
   const int64_t count = active_count[p];
   const int64_t entry0 = static_cast<int64_t>(blockIdx.x) * kAssignPoints;
   if (entry0 >= count) return;   // only the compacted active rows are scanned
-  constexpr int kLd = kDim + 8;  // fp16 row stride: 16-byte multiple, staggers banks
-  constexpr int kSLd = 68;       // float stride of a warp's 32 x 64 score patch
+  constexpr int kLd = kDim + 8;  // fp16 row stride: rows 16-byte aligned, ldmatrix conflict-free
+  constexpr int kVecPerRow = kDim / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __half* xs = reinterpret_cast<__half*>(smem_raw);                       // [128][kLd]
-  __half* cs = xs + kAssignPoints * kLd;                                  // [128][kLd]
-  float* scores = reinterpret_cast<float*>(cs + kAssignCentroids * kLd);  // [8 warps][32][kSLd]
+  __half* xs = reinterpret_cast<__half*>(smem_raw);  // [128][kLd]
+  __half* cs = xs + kAssignPoints * kLd;             // [2][128][kLd]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wr = warp >> 1, wc = warp & 1;
+  const int g = lane >> 2, t4 = lane & 3;
   const int32_t* rows = active_rows + static_cast<size_t>(p) * n;
-
-  for (int i = threadIdx.x; i < kAssignPoints * kDim; i += blockDim.x) {
-    const int r = i / kDim, t = i % kDim;
-    const int64_t e = entry0 + r;
-    const int64_t row = e < count ? rows[e] : -1;
-    const float v = row >= 0 ? to_float(x[(static_cast<size_t>(p) * n + row) * kDim + t]) *
-                                   inv_norm[static_cast<size_t>(p) * n + row]
-                             : 0.f;
-    xs[r * kLd + t] = __float2half(v);
-  }
-  // Top two candidates by fp16 score; the exact fp32 re-scoring of both (cos_accumulate_kernel)
-  // picks the label, so fp16 rounding only matters when the true best ranks third or lower.
-  float best = -INFINITY, best2 = -INFINITY;
-  int arg = 0, arg2 = 0;
-  float* patch = scores + warp * 32 * kSLd;
   const __half* cbase = cb + static_cast<size_t>(p) * k_pad * kDim;
-  for (int64_t c0 = 0; c0 < k_pad; c0 += kAssignCentroids) {
-    __syncthreads();  // previous chunk fully consumed (and xs written, on the first pass)
+
+  auto load_chunk = [&](int64_t c0, __half* dst) {
     const int4* src = reinterpret_cast<const int4*>(cbase + c0 * kDim);
-    int4* dst4 = reinterpret_cast<int4*>(cs);
-    constexpr int kVecPerRow = kDim / 8;
     for (int i = threadIdx.x; i < kAssignCentroids * kVecPerRow; i += blockDim.x) {
       const int r = i / kVecPerRow, v = i % kVecPerRow;
-      dst4[(r * kLd) / 8 + v] = src[i];
+      cp_async_16(dst + r * kLd + v * 8, src + i);
     }
-    __syncthreads();
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+    cp_async_commit();
+  };
+  load_chunk(0, cs);
+  for (int i = threadIdx.x; i < kAssignPoints * kDim; i += blockDim.x) {
+    const int r = i / kDim, c = i % kDim;
+    const int64_t e = entry0 + r;
+    const int64_t row = e < count ? rows[e] : -1;
+    const float v = row >= 0 ? to_float(x[(static_cast<size_t>(p) * n + row) * kDim + c]) *
+                                   inv_norm[static_cast<size_t>(p) * n + row]
+                             : 0.f;
+    xs[r * kLd + c] = __float2half(v);
+  }
+  // Running top two for the 4 rows this thread sees: [m-tile a][half h] -> row wr*32 + a*16 + h*8 +
+  // g.
+  float b1[2][2], b2[2][2];
+  int i1[2][2], i2[2][2];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      b1[a][h] = b2[a][h] = -INFINITY,
+      i1[a][h] = i2[a][h] = 0;  // id 0: valid even if every score is NaN
+
+  int buf = 0;
+  for (int64_t c0 = 0; c0 < k_pad; c0 += kAssignCentroids, buf ^= 1) {
+    cp_async_wait_all();
+    __syncthreads();  // chunk c0 landed; xs written; the other buffer is free again
+    if (c0 + kAssignCentroids < k_pad)
+      load_chunk(c0 + kAssignCentroids, cs + (buf ^ 1) * kAssignCentroids * kLd);
+    const __half* cur = cs + buf * kAssignCentroids * kLd;
+    float acc[2][8][4];
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int b = 0; b < 4; ++b) wmma::fill_fragment(acc[a][b], 0.f);
+      for (int b = 0; b < 8; ++b)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kDim; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[4];
+      uint32_t fa[2][4];
 #pragma unroll
       for (int a = 0; a < 2; ++a)
-        wmma::load_matrix_sync(fa[a], xs + (wr * 32 + a * 16) * kLd + kk, kLd);
+        ldmatrix_x4(fa[a], xs + (wr * 32 + a * 16 + (lane & 15)) * kLd + kk + (lane >> 4) * 8);
 #pragma unroll
-      for (int b = 0; b < 4; ++b)
-        wmma::load_matrix_sync(fb[b], cs + (wc * 64 + b * 16) * kLd + kk, kLd);
+      for (int bp = 0; bp < 4; ++bp) {  // two n-tiles of 8 centroids per ldmatrix.x4
+        uint32_t fb[4];
+        const int nrow = wc * 64 + bp * 16 + ((lane >> 4) << 3) + (lane & 7);
+        ldmatrix_x4(fb, cur + nrow * kLd + kk + ((lane >> 3) & 1) * 8);
 #pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+        for (int a = 0; a < 2; ++a) {
+          mma_16816(acc[a][2 * bp], fa[a], fb[0], fb[1]);
+          mma_16816(acc[a][2 * bp + 1], fa[a], fb[2], fb[3]);
+        }
+      }
     }
+    // Fold: thread holds columns 2*t4 + {0, 1} of every n-tile for rows g and g + 8.
+    const int col0 = static_cast<int>(c0) + wc * 64 + 2 * t4;
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int b = 0; b < 4; ++b)
-        wmma::store_matrix_sync(patch + (a * 16) * kSLd + b * 16, acc[a][b], kSLd,
-                                wmma::mem_row_major);
-    __syncwarp();
-    // Lane i scans row i; a rotated column order keeps the 32 lanes on distinct banks.
-    const int64_t cbase_id = c0 + wc * 64;
-#pragma unroll 8
-    for (int jj = 0; jj < 64; ++jj) {
-      const int j = (jj + lane) & 63;
-      const int64_t id = cbase_id + j;
-      const float v = patch[lane * kSLd + j];
-      if (id >= k) continue;
-      const int iid = static_cast<int>(id);
-      if (v > best || (v == best && iid < arg)) {
-        best2 = best;
-        arg2 = arg;
-        best = v;
-        arg = iid;
-      } else if (v > best2 || (v == best2 && iid < arg2)) {
-        best2 = v;
-        arg2 = iid;
-      }
-    }
-    __syncwarp();
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const int id = col0 + b * 8 + q;
+            if (id < k)
+              top2_insert(acc[a][b][h * 2 + q], id, b1[a][h], i1[a][h], b2[a][h], i2[a][h]);
+          }
   }
-  // Merge the two column halves: warp (wr, 1) hands its top two to warp (wr, 0) through smem.
+  // Merge the quad's four partial top-twos (threads t4 = 0..3 of a row), then the column halves.
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        const float ob1 = __shfl_xor_sync(0xffffffffu, b1[a][h], o);
+        const float ob2 = __shfl_xor_sync(0xffffffffu, b2[a][h], o);
+        const int oi1 = __shfl_xor_sync(0xffffffffu, i1[a][h], o);
+        const int oi2 = __shfl_xor_sync(0xffffffffu, i2[a][h], o);
+        top2_insert(ob1, oi1, b1[a][h], i1[a][h], b2[a][h], i2[a][h]);
+        top2_insert(ob2, oi2, b1[a][h], i1[a][h], b2[a][h], i2[a][h]);
+      }
+  cp_async_wait_all();
   __syncthreads();
-  float* hand_v = scores;  // reuse: [4][32][2]
-  int* hand_a = reinterpret_cast<int*>(scores + 4 * 32 * 2);
-  const int slot = (wr * 32 + lane) * 2;
-  if (wc == 1) {
-    hand_v[slot] = best;
-    hand_v[slot + 1] = best2;
-    hand_a[slot] = arg;
-    hand_a[slot + 1] = arg2;
+  float* hand_v = reinterpret_cast<float*>(cs);  // reuse: [128 rows][2]
+  int* hand_i = reinterpret_cast<int*>(hand_v + kAssignPoints * 2);
+  if (wc == 1 && t4 == 0) {
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wr * 32 + a * 16 + h * 8 + g;
+        hand_v[r * 2] = b1[a][h];
+        hand_v[r * 2 + 1] = b2[a][h];
+        hand_i[r * 2] = i1[a][h];
+        hand_i[r * 2 + 1] = i2[a][h];
+      }
   }
   __syncthreads();
-  if (wc == 0) {
-    for (int q = 0; q < 2; ++q) {
-      const float ov = hand_v[slot + q];
-      const int oa = hand_a[slot + q];
-      if (ov > best || (ov == best && oa < arg)) {
-        best2 = best;
-        arg2 = arg;
-        best = ov;
-        arg = oa;
-      } else if (ov > best2 || (ov == best2 && oa < arg2)) {
-        best2 = ov;
-        arg2 = oa;
+  if (wc == 0 && t4 == 0) {
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wr * 32 + a * 16 + h * 8 + g;
+        top2_insert(hand_v[r * 2], hand_i[r * 2], b1[a][h], i1[a][h], b2[a][h], i2[a][h]);
+        top2_insert(hand_v[r * 2 + 1], hand_i[r * 2 + 1], b1[a][h], i1[a][h], b2[a][h], i2[a][h]);
+        const int64_t e = entry0 + r;
+        if (e < count) {
+          const size_t ri = static_cast<size_t>(p) * n + rows[e];
+          const bool has2 = b2[a][h] > -INFINITY;
+          labels[ri] = i1[a][h];
+          runner_up[ri] = has2 ? i2[a][h] : i1[a][h];
+          second_score[ri] = has2 ? b2[a][h] : -1.f;
+        }
       }
-    }
-    const int64_t e = entry0 + wr * 32 + lane;
-    if (e < count) {
-      const size_t row = static_cast<size_t>(p) * n + rows[e];
-      labels[row] = arg;
-      runner_up[row] = best2 > -INFINITY ? arg2 : arg;
-      second_score[row] = best2 > -INFINITY ? best2 : -1.f;
-    }
   }
 }
 
@@ -556,15 +611,15 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
     KVTIER_CUDA_CHECK_LAUNCH("kmeans centroids_fp16_kernel");
     dispatch_dim(d, [&](auto dim) {
       constexpr int kDim = decltype(dim)::value;
-      constexpr size_t smem = (kAssignPoints + kAssignCentroids) * (kDim + 8) * 2 + 8 * 32 * 68 * 4;
-      KVTIER_CUDA_CHECK(cudaFuncSetAttribute(assign_wmma_kernel<T, kDim>,
+      constexpr size_t smem = (kAssignPoints + 2 * kAssignCentroids) * (kDim + 8) * 2;
+      KVTIER_CUDA_CHECK(cudaFuncSetAttribute(assign_mma_kernel<T, kDim>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
-      assign_wmma_kernel<T, kDim><<<tile_grid, 256, smem, stream>>>(
+      assign_mma_kernel<T, kDim><<<tile_grid, 256, smem, stream>>>(
           x, n, k, k_pad, w.cb, w.inv_norm, w.done, w.active_rows, w.active_count, labels,
           w.runner_up, w.second_score);
     });
-    KVTIER_CUDA_CHECK_LAUNCH("kmeans assign_wmma_kernel");
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans assign_mma_kernel");
     KVTIER_CUDA_CHECK(cudaMemsetAsync(w.sums, 0, static_cast<size_t>(P) * k * d * 4, stream));
     KVTIER_CUDA_CHECK(cudaMemsetAsync(w.counts, 0, static_cast<size_t>(P) * k * 4, stream));
     cos_accumulate_kernel<T><<<row_grid, kThreads, 0, stream>>>(
