@@ -67,6 +67,7 @@ struct Workspace {
   uint8_t* active;        // [P, n] 1 if the row was scanned in the current assignment
   float* drift;           // [P, k] angle each centroid moved in the last update
   int32_t* drift_max;     // [P] largest drift (float bits; drifts are >= 0)
+  int32_t* prev_labels;   // [P, n] labels of the previous assignment (sums are kept incrementally)
 };
 
 /// A row keeps its label without a scan when (angle to own centroid + its drift) + kAngleMargin
@@ -110,6 +111,7 @@ Workspace carve(const KmeansParams& p, void* base, size_t* total) {
   w.active = reinterpret_cast<uint8_t*>(take(P * n));
   w.drift = reinterpret_cast<float*>(take(P * k * 4));
   w.drift_max = reinterpret_cast<int32_t*>(take(P * 4));
+  w.prev_labels = reinterpret_cast<int32_t*>(take(P * n * 4));
   w.cb = reinterpret_cast<__half*>(
       take(P * static_cast<size_t>(padded_k(static_cast<int>(k))) * d * 2));
   *total = off;
@@ -363,7 +365,7 @@ __global__ void cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d,
                                       const uint8_t* active, const float* centroids,
                                       const float* inv_norm, const int32_t* done, float* best,
                                       float* theta2, double* objective, float* sums,
-                                      int32_t* counts) {
+                                      int32_t* counts, int32_t* prev_labels) {
   const int p = blockIdx.y;
   if (done[p]) return;
   const int lane = threadIdx.x & 31;
@@ -390,9 +392,25 @@ __global__ void cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d,
   const bool second = d2 > d1 || (d2 == d1 && cand2 < cand1);
   const int lab = second ? cand2 : cand1;
   const float dot = second ? d2 : d1;
-  float* s = sums + (static_cast<size_t>(p) * k + lab) * d;
-  for (int t = lane; t < d; t += 32) atomicAdd(&s[t], to_float(r[t]) * inv);
+  // The sums and counts follow the labels incrementally: a row adds itself at the first
+  // assignment and moves its contribution only when its label changes (after a few iterations few
+  // rows move, so this is a few atomics instead of n * d per iteration).
+  const int old = it == 0 ? -1 : prev_labels[ri];
+  if (old != lab) {
+    float* s_new = sums + (static_cast<size_t>(p) * k + lab) * d;
+    float* s_old = old >= 0 ? sums + (static_cast<size_t>(p) * k + old) * d : nullptr;
+    for (int t = lane; t < d; t += 32) {
+      const float v = to_float(r[t]) * inv;
+      atomicAdd(&s_new[t], v);
+      if (s_old) atomicAdd(&s_old[t], -v);
+    }
+  }
   if (lane == 0) {
+    if (old != lab) {
+      atomicAdd(&counts[static_cast<size_t>(p) * k + lab], 1);
+      if (old >= 0) atomicSub(&counts[static_cast<size_t>(p) * k + old], 1);
+      prev_labels[ri] = lab;
+    }
     if (second) labels[ri] = lab;
     if (scanned) {
       // Every other centroid scored at most second_score in fp16, so its true cosine is at most
@@ -404,7 +422,6 @@ __global__ void cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d,
     best[ri] = dot;
     atomicAdd(&objective[static_cast<size_t>(p) * (max_iters + 1) + it],
               1.0 - static_cast<double>(dot));
-    atomicAdd(&counts[static_cast<size_t>(p) * k + lab], 1);
   }
 }
 
@@ -620,11 +637,14 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
           w.runner_up, w.second_score);
     });
     KVTIER_CUDA_CHECK_LAUNCH("kmeans assign_mma_kernel");
-    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.sums, 0, static_cast<size_t>(P) * k * d * 4, stream));
-    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.counts, 0, static_cast<size_t>(P) * k * 4, stream));
+    if (it == 0) {
+      KVTIER_CUDA_CHECK(cudaMemsetAsync(w.sums, 0, static_cast<size_t>(P) * k * d * 4, stream));
+      KVTIER_CUDA_CHECK(cudaMemsetAsync(w.counts, 0, static_cast<size_t>(P) * k * 4, stream));
+    }
     cos_accumulate_kernel<T><<<row_grid, kThreads, 0, stream>>>(
         x, n, d, k, stride, p.max_iters, it, labels, w.runner_up, w.second_score, w.active,
-        centroids, w.inv_norm, w.done, w.best, w.theta2, w.objective, w.sums, w.counts);
+        centroids, w.inv_norm, w.done, w.best, w.theta2, w.objective, w.sums, w.counts,
+        w.prev_labels);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans cos_accumulate_kernel");
   };
   assign(0);
