@@ -289,7 +289,11 @@ __global__ void __launch_bounds__(256)
       }
     }
     // Fold: thread holds columns 2*t4 + {0, 1} of every n-tile for rows g and g + 8.
+    // Most scores lose to the running second best once it has risen, so a single compare
+    // screens them; only the rest go through the full insert. Columns past k exist only in the
+    // last chunk.
     const int col0 = static_cast<int>(c0) + wc * 64 + 2 * t4;
+    const bool full_chunk = c0 + kAssignCentroids <= k;
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
@@ -298,9 +302,10 @@ __global__ void __launch_bounds__(256)
         for (int b = 0; b < 8; ++b)
 #pragma unroll
           for (int q = 0; q < 2; ++q) {
+            const float v = acc[a][b][h * 2 + q];
             const int id = col0 + b * 8 + q;
-            if (id < k)
-              top2_insert(acc[a][b][h * 2 + q], id, b1[a][h], i1[a][h], b2[a][h], i2[a][h]);
+            if (v >= b2[a][h] && (full_chunk || id < k))
+              top2_insert(v, id, b1[a][h], i1[a][h], b2[a][h], i2[a][h]);
           }
   }
   // Merge the quad's four partial top-twos (threads t4 = 0..3 of a row), then the column halves.
