@@ -173,7 +173,7 @@ std::vector<float> structured_votes(int32_t heads, int64_t m, std::mt19937_64& r
   std::uniform_real_distribution<float> u(0.f, 1.f);
   std::exponential_distribution<float> e(1.f);
   for (int32_t h = 0; h < heads; ++h) {
-    float* x = &v[h * m];
+    float* x = v.data() + h * m;  // m may be 0: no element to take the address of
     for (int64_t i = 0; i < m; ++i) x[i] = 0.05f * u(rng);
     const int bursts = 1 + static_cast<int>(rng() % 8);
     for (int b = 0; b < bursts && m > 0; ++b) {
