@@ -1,5 +1,5 @@
 // Launchers of cluster scoring and selection: head_dim / head-tile / aggregation dispatch for the
-// scoring kernel, the block-sort tiers and the segmented-sort fallback for selection.
+// scoring kernel, the block tiers (radix select) and the segmented-sort fallback for selection.
 #include <cstddef>
 #include <cstdint>
 #include <cub/device/device_segmented_radix_sort.cuh>
@@ -129,6 +129,9 @@ SelectKernelParams select_kernel_params(const ClusterSelectParams& p,
   kp.max_clusters = p.max_clusters;
   kp.id_bits = detail::cluster_id_bits(p.max_clusters);
   kp.overflow = p.overflow;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  kp.aligned_rows = p.max_clusters % 4 == 0 && aligned(t.scores) && aligned(t.cluster_sizes) &&
+                    aligned(t.selected_ids) && aligned(t.selected_rows);
   return kp;
 }
 

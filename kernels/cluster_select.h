@@ -29,7 +29,7 @@ enum class BudgetOverflow : uint8_t {
   kSkip,      ///< stop there: it is not taken, and no later (smaller) cluster is tried either
 };
 
-/// Largest max_clusters that the GPU selection sorts inside one thread block (cub::BlockRadixSort);
+/// Largest max_clusters that the GPU selection handles inside one thread block (radix select);
 /// above it the selection uses cub::DeviceSegmentedRadixSort and a caller-provided workspace.
 constexpr int32_t kMaxBlockSortClusters = 4096;
 
@@ -112,11 +112,13 @@ void score_and_select_clusters_cpu(const ClusterSelectParams& p, const ClusterSe
 // One thread block per problem. Scoring accumulates in fp32 (within rtol 1e-5 / atol 1e-6 of the
 // reference); each centroid is read once for all G heads when G <= 8, once per 8 heads otherwise.
 // Under kSoftmaxSum the G x max_clusters logits stay in shared memory when they fit (G = 8 and
-// 4096 clusters: 128 KiB); otherwise the centroids are read a second time. Selection sorts 64-bit
-// (score, id) keys on only the bits in use (32 + log2 max_clusters) with cub::BlockRadixSort in
-// one block per problem up to kMaxBlockSortClusters, else with cub::DeviceSegmentedRadixSort, then
-// applies the budget with a block-wide prefix sum of the sizes. Given the same scores it is
-// exactly the reference's selection, ties included.
+// 4096 clusters: 128 KiB); otherwise the centroids are read a second time. Selection, up to
+// kMaxBlockSortClusters per problem, is a radix select in one block per problem: histograms of the
+// order-preserving score bits weighted by cluster rows find the bucket where the budget fills, and
+// only the clusters at or above it (at most 512) are ranked; with more candidates it falls back to
+// a cub::BlockRadixSort of all keys. Above kMaxBlockSortClusters the keys are sorted with
+// cub::DeviceSegmentedRadixSort. Either way the budget is then applied in score order, and given
+// the same scores the result is exactly the reference's selection, ties included.
 //
 // Non-finite input on the GPU: nothing is thrown, nothing hangs, nothing outside the arrays is
 // written. A problem whose queries or valid centroids hold a NaN/Inf (or whose fp32 logits

@@ -1,5 +1,6 @@
 // Device code of cluster scoring and budgeted selection. Included by cluster_select.cu and GPU
-// tests. One thread block per problem throughout.
+// tests. One thread block per problem throughout. Selection up to kMaxBlockSortClusters is a
+// row-weighted radix select that sorts only the clusters near the budget's threshold.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,6 +41,9 @@ struct SelectKernelParams {
   int32_t max_clusters;
   int32_t id_bits;  // bits of the largest cluster id (detail::cluster_id_bits)
   BudgetOverflow overflow;
+  // scores, cluster_sizes, selected_ids and selected_rows are 16-byte aligned and max_clusters is a
+  // multiple of 4: every row may then be read and written with vector accesses.
+  bool aligned_rows;
 };
 
 namespace cluster_select_device {
@@ -59,12 +63,22 @@ __device__ __forceinline__ void flag_nonfinite(int32_t* nonfinite_problem, int p
   }
 }
 
-/// Device twin of detail::cluster_sort_key (bit for bit).
-__device__ __forceinline__ uint64_t sort_key(float score, uint32_t id, int id_bits) {
+/// The 32 order-preserving bits of a score in its sort key.
+__device__ __forceinline__ uint32_t ordered_score(float score) {
   const uint32_t u = __float_as_uint(score + 0.f);  // -0 + 0 = +0
-  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/// (ordered << id_bits) | (id_mask - id): descending key order is descending score, then
+/// ascending id.
+__device__ __forceinline__ uint64_t key_of(uint32_t ordered, uint32_t id, int id_bits) {
   const uint64_t id_mask = (uint64_t{1} << id_bits) - 1;
   return (static_cast<uint64_t>(ordered) << id_bits) | (id_mask - id);
+}
+
+/// Device twin of detail::cluster_sort_key (bit for bit).
+__device__ __forceinline__ uint64_t sort_key(float score, uint32_t id, int id_bits) {
+  return key_of(ordered_score(score), id, id_bits);
 }
 
 /// A head_dim row spread over the 32 lanes of a warp with coalesced vector loads: lane l holds
@@ -366,76 +380,436 @@ __device__ __forceinline__ void apply_budget_tile(
   carry_count += static_cast<int>(aggregate & 0xffffu);
 }
 
-/// Writes num_selected / total_rows and the padding (-1 ids, 0 rows) after the selection. Call
-/// after a barrier that follows the last apply_budget_tile.
+/// Writes the padding (-1 ids, 0 rows) of slots [begin, end) of a problem's row: 4 slots per
+/// store in the aligned middle when the rows are aligned.
+__device__ __forceinline__ void write_unselected(const SelectKernelParams& kp, size_t row,
+                                                 int begin, int end) {
+  int32_t* __restrict__ ids = kp.selected_ids + row;
+  int32_t* __restrict__ rows = kp.selected_rows + row;
+  int vector_begin = end, vector_end = end;  // [vector_begin, vector_end): int4 stores
+  if (kp.aligned_rows) {
+    vector_begin = (begin + 3) & ~3;
+    vector_end = end & ~3;
+    if (vector_begin > vector_end) vector_begin = vector_end = end;
+    const int4 minus_one = make_int4(-1, -1, -1, -1), zero = make_int4(0, 0, 0, 0);
+    for (int c = vector_begin / 4 + static_cast<int>(threadIdx.x); c < vector_end / 4;
+         c += blockDim.x) {
+      reinterpret_cast<int4*>(ids)[c] = minus_one;
+      reinterpret_cast<int4*>(rows)[c] = zero;
+    }
+  }
+  for (int k = begin + static_cast<int>(threadIdx.x); k < vector_begin; k += blockDim.x) {
+    ids[k] = -1;
+    rows[k] = 0;
+  }
+  for (int k = vector_end + static_cast<int>(threadIdx.x); k < end; k += blockDim.x) {
+    ids[k] = -1;
+    rows[k] = 0;
+  }
+}
+
+/// Writes num_selected / total_rows and the padding (-1 ids, 0 rows) of slots [count, end)
+/// (slots from end on were padded earlier). Call after a barrier that follows the last write of a
+/// selected slot.
 __device__ __forceinline__ void finish_selection(const SelectKernelParams& kp, int problem,
-                                                 int count, int rows) {
-  const size_t row = static_cast<size_t>(problem) * kp.max_clusters;
+                                                 int count, int rows, int end) {
   if (threadIdx.x == 0) {
     kp.num_selected[problem] = count;
     kp.total_rows[problem] = rows;
   }
-  for (int k = count + threadIdx.x; k < kp.max_clusters; k += blockDim.x) {
-    kp.selected_ids[row + k] = -1;
-    kp.selected_rows[row + k] = 0;
+  write_unselected(kp, static_cast<size_t>(problem) * kp.max_clusters, count, end);
+}
+
+// ---- radix select (select_clusters_block_kernel) ----
+
+/// Most candidates the rank step orders. Ranking compares every pair, m^2 / 32 warp steps: 512
+/// candidates cost about as much as 1 / 6 of the full sort they replace, and a problem that needs
+/// more (budget >= its context with many clusters, or hundreds of clusters before the threshold)
+/// takes the full sort.
+constexpr int kSelectMaxCandidates = 512;
+/// The threshold is refined by another digit while more candidates than this remain (and
+/// refining can drop some): a level costs about as much as ranking 128 candidates.
+constexpr int kSelectRefineTarget = 128;
+
+constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+
+/// Compile-time shape of the radix select of a kThreads x kItems block.
+template <int kThreads, int kItems>
+struct SelectShape {
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kDigitBits = ilog2(kThreads) + 2;  // 4 buckets per thread
+  static constexpr int kBuckets = 1 << kDigitBits;
+  static constexpr int kMaxCandidates =
+      kThreads * kItems < kSelectMaxCandidates ? kThreads * kItems : kSelectMaxCandidates;
+  static constexpr int kVec = kItems < 4 ? kItems : 4;  // clusters per vector load
+  static_assert(kItems % kVec == 0, "kItems must be a multiple of the vector width");
+  static_assert(kThreads * kItems <= 0xffff, "counts are packed into 16 bits");
+};
+
+/// Cluster held as item i by this thread: runs of kVec clusters, so that a thread's items
+/// c * kVec .. c * kVec + kVec - 1 are one vector load, j = ((i / kVec) * kThreads + t) * kVec +
+/// i % kVec.
+template <int kThreads, int kItems>
+__device__ __forceinline__ int select_item_cluster(int i) {
+  constexpr int kVec = SelectShape<kThreads, kItems>::kVec;
+  return ((i / kVec) * kThreads + static_cast<int>(threadIdx.x)) * kVec + i % kVec;
+}
+
+/// Loads the problem's clusters into registers, item i being cluster select_item_cluster(i): with
+/// vector loads when the rows are aligned, else one cluster per load. ordered[i] is the score's
+/// ordered_score (any value for padding, j >= n): registers hold these 32 bits rather than 64-bit
+/// keys, which are rebuilt where needed (64 registers per thread are all two 512-thread blocks per
+/// SM allow). sizes[i] is the cluster's rows when it is valid (j < n) and non-empty, i.e. "live",
+/// else 0. Returns whether a valid score is not finite.
+template <int kThreads, int kItems>
+__device__ __forceinline__ bool load_select_items(const SelectKernelParams& kp, size_t row, int n,
+                                                  uint32_t (&ordered)[kItems],
+                                                  uint32_t (&sizes)[kItems]) {
+  constexpr int kVec = SelectShape<kThreads, kItems>::kVec;
+  const float* __restrict__ scores = kp.scores + row;
+  const int32_t* __restrict__ cluster_sizes = kp.cluster_sizes + row;
+  float s[kItems];
+  int32_t z[kItems];
+  // Every load is issued before any is used: one memory round trip.
+  if (kp.aligned_rows) {
+#pragma unroll
+    for (int c = 0; c < kItems / kVec; ++c) {
+      const int j0 = select_item_cluster<kThreads, kItems>(c * kVec);
+      const bool in = j0 < n;  // then j0 + kVec <= max_clusters: max_clusters is a multiple of 4
+      if constexpr (kVec == 4) {
+        const float4 sv =
+            in ? __ldg(reinterpret_cast<const float4*>(scores + j0)) : make_float4(0, 0, 0, 0);
+        const int4 zv =
+            in ? __ldg(reinterpret_cast<const int4*>(cluster_sizes + j0)) : make_int4(0, 0, 0, 0);
+        s[c * 4 + 0] = sv.x, s[c * 4 + 1] = sv.y, s[c * 4 + 2] = sv.z, s[c * 4 + 3] = sv.w;
+        z[c * 4 + 0] = zv.x, z[c * 4 + 1] = zv.y, z[c * 4 + 2] = zv.z, z[c * 4 + 3] = zv.w;
+      } else if constexpr (kVec == 2) {
+        const float2 sv =
+            in ? __ldg(reinterpret_cast<const float2*>(scores + j0)) : make_float2(0, 0);
+        const int2 zv =
+            in ? __ldg(reinterpret_cast<const int2*>(cluster_sizes + j0)) : make_int2(0, 0);
+        s[c * 2 + 0] = sv.x, s[c * 2 + 1] = sv.y;
+        z[c * 2 + 0] = zv.x, z[c * 2 + 1] = zv.y;
+      } else {
+        s[c] = in ? __ldg(scores + j0) : 0.f;
+        z[c] = in ? __ldg(cluster_sizes + j0) : 0;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int j = select_item_cluster<kThreads, kItems>(i);
+      s[i] = j < n ? __ldg(scores + j) : 0.f;
+      z[i] = j < n ? __ldg(cluster_sizes + j) : 0;
+    }
+  }
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const bool valid = select_item_cluster<kThreads, kItems>(i) < n;
+    bad |= valid && !isfinite(s[i]);
+    ordered[i] = ordered_score(s[i]);
+    sizes[i] = valid && z[i] > 0 ? static_cast<uint32_t>(z[i]) : 0u;
+  }
+  return bad;
+}
+
+/// Histogram bucket d as (rows << 16) | count: counts[d] holds the count in its low 16 bits and
+/// the carries out of rows_lo[d] above them.
+__device__ __forceinline__ unsigned long long bucket_entry(const uint32_t* rows_lo,
+                                                           const uint32_t* counts, int d) {
+  const uint32_t c = counts[d];
+  const unsigned long long rows = (static_cast<unsigned long long>(c >> 16) << 32) | rows_lo[d];
+  return (rows << 16) | (c & 0xffffu);
+}
+
+/// Sum of bucket_entry over the buckets 4 quad .. 4 quad + 3.
+__device__ __forceinline__ unsigned long long bucket_quad_sum(const uint32_t* rows_lo,
+                                                              const uint32_t* counts, int quad) {
+  const uint4 lo = reinterpret_cast<const uint4*>(rows_lo)[quad];
+  const uint4 c = reinterpret_cast<const uint4*>(counts)[quad];
+  const unsigned long long rows =
+      static_cast<unsigned long long>(lo.x) + lo.y + lo.z + lo.w +
+      (static_cast<unsigned long long>((c.x >> 16) + (c.y >> 16) + (c.z >> 16) + (c.w >> 16))
+       << 32);
+  return (rows << 16) + (c.x & 0xffffu) + (c.y & 0xffffu) + (c.z & 0xffffu) + (c.w & 0xffffu);
+}
+
+/// Orders the m candidates (distinct keys, non-empty) and applies the budget. Candidate i's slot
+/// is the number of candidates with a larger key, and the rows before it are their sizes: every
+/// live cluster ranked before a candidate is a candidate too, so both equal what a scan of the
+/// sorted clusters would see (empty clusters take no slot and no rows). `lanes` threads share one
+/// candidate (the comparisons are split between them), so that about m groups cover it at once.
+template <int kThreads>
+__device__ __forceinline__ void take_candidates(const ulonglong2* __restrict__ candidates, int m,
+                                                int64_t budget, BudgetOverflow overflow,
+                                                int id_bits, int32_t* __restrict__ ids,
+                                                int32_t* __restrict__ rows, int& s_count,
+                                                int& s_rows) {
+  int log_lanes = 5;
+  while (log_lanes > 0 && (kThreads >> log_lanes) < m) --log_lanes;  // block-uniform
+  const int lanes = 1 << log_lanes;
+  const int sub = static_cast<int>(threadIdx.x) & (lanes - 1);
+  const int groups = kThreads >> log_lanes;
+  const uint64_t id_mask = (uint64_t{1} << id_bits) - 1;
+  for (int base = 0; base < m; base += groups) {  // block-uniform trip count
+    const int i = base + (static_cast<int>(threadIdx.x) >> log_lanes);
+    uint64_t key = 0, size = 0, rows_before = 0;
+    unsigned rank = 0;
+    if (i < m) {
+      const ulonglong2 me = candidates[i];
+      key = me.x;
+      size = me.y;
+#pragma unroll 4
+      for (int j = sub; j < m; j += lanes) {
+        const ulonglong2 other = candidates[j];
+        if (other.x > key) {
+          ++rank;
+          rows_before += other.y;
+        }
+      }
+    }
+    for (int offset = lanes >> 1; offset > 0; offset >>= 1) {
+      rank += __shfl_xor_sync(0xffffffffu, rank, offset);
+      rows_before += __shfl_xor_sync(0xffffffffu, rows_before, offset);
+    }
+    int64_t take = 0;
+    if (i < m && sub == 0) {
+      const int64_t before = static_cast<int64_t>(rows_before), sz = static_cast<int64_t>(size);
+      if (overflow == BudgetOverflow::kTruncate) {
+        if (before < budget) take = sz < budget - before ? sz : budget - before;
+      } else if (before + sz <= budget) {
+        take = sz;
+      }
+      if (take > 0) {
+        ids[rank] = static_cast<int32_t>(id_mask - (key & id_mask));
+        rows[rank] = static_cast<int32_t>(take);
+      }
+    }
+    // take <= budget < 2^31, and so is the sum of a warp's takes (all of them add up to <= budget)
+    const unsigned warp_count = __reduce_add_sync(0xffffffffu, take > 0 ? 1u : 0u);
+    const unsigned warp_rows = __reduce_add_sync(0xffffffffu, static_cast<unsigned>(take));
+    if ((threadIdx.x & 31) == 0 && warp_count > 0) {
+      atomicAdd(&s_count, static_cast<int>(warp_count));
+      atomicAdd(&s_rows, static_cast<int>(warp_rows));
+    }
   }
 }
 
 }  // namespace cluster_select_device
 
-/// Grid: block.x = problem. The block sorts (score, id) keys of its problem's valid clusters with
-/// cub::BlockRadixSort (striped in: thread t loads j = i * kThreads + t; blocked out), descending,
-/// over the 32 score bits and id_bits id bits only, then applies the budget in one tile.
-/// kThreads * kItems >= max_clusters.
-/// __launch_bounds__ caps registers at 64 so two 512-thread blocks fit an SM: 256 problems then
-/// run in one wave on an H100's 132 SMs.
+/// Grid: block.x = problem; kThreads * kItems >= max_clusters, each thread holds kItems clusters
+/// in registers (load_select_items). A row-weighted radix select over the 64-bit (score, id) keys
+/// finds a threshold key T such that every cluster the scan of the sorted order visits until the
+/// budget is met (up to and including the first one at which the rows reach the budget) has a key
+/// >= T, then ranks only the live (valid, non-empty) clusters with keys >= T, the candidates:
+///   1. The AND and OR of the live ordered scores give the leading key bits they all share.
+///   2. Per level, a histogram of the next kDigitBits key bits below the fixed prefix (4 buckets
+///      per thread: 11 bits for 512 threads) accumulates rows and counts of the live clusters in
+///      the current bucket with shared-memory atomics; a block scan from the top bucket finds the
+///      one in which the rows (including those of all larger keys) first reach the budget. Levels
+///      repeat inside that bucket while more than kSelectRefineTarget candidates remain; two
+///      histograms alternate, so a level costs three barriers. If even all live rows stay below
+///      the budget, every live cluster is a candidate.
+///   3. Up to kSelectMaxCandidates candidates are compacted to shared memory and ranked by
+///      counting (take_candidates); the slots from the candidate count on are padded first. A
+///      larger set takes the full cub::BlockRadixSort of all keys (32 score bits and id_bits id
+///      bits) and apply_budget_tile.
+/// Typical decode data (budget 2048, clusters of 1..128 rows) needs one level and 30..120
+/// candidates. Selections are exactly the reference's: the candidates' ranks and preceding rows
+/// are those of the full sorted scan. __launch_bounds__ caps registers at 64 so two 512-thread
+/// blocks fit an SM: 256 problems then run in one wave on an H100's 132 SMs.
 template <int kThreads, int kItems>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     select_clusters_block_kernel(SelectKernelParams kp) {
   using namespace cluster_select_device;
+  using Shape = SelectShape<kThreads, kItems>;
   using Sort = cub::BlockRadixSort<uint64_t, kThreads, kItems>;
   using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  struct Histogram {
+    alignas(16) uint32_t rows_lo[Shape::kBuckets];  // rows of the live clusters, mod 2^32
+    alignas(16) uint32_t counts[Shape::kBuckets];   // count | (carries out of rows_lo << 16)
+  };
+  struct RadixSelect {
+    Histogram hist[2];  // by level parity: the next level's is cleared while this one is read
+    typename Scan::TempStorage scan;
+    ulonglong2 candidates[Shape::kMaxCandidates];  // {key, rows}
+  };
   __shared__ union {
     typename Sort::TempStorage sort;
-    typename Scan::TempStorage scan;
+    RadixSelect select;
   } storage;
-  __shared__ int s_count, s_rows;
+  __shared__ uint2 s_and_or[Shape::kWarps];
+  __shared__ unsigned long long s_found_above, s_found_bucket;
+  __shared__ int s_found_digit, s_num_candidates, s_count, s_rows;
 
   const int problem = blockIdx.x;
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int n = clamp_clusters(kp.num_clusters[problem], kp.max_clusters);
   const size_t row = static_cast<size_t>(problem) * kp.max_clusters;
-  uint64_t keys[kItems];
-  bool bad = false;
+  uint32_t ordered[kItems];
+  uint32_t sizes[kItems];
+  const bool bad = load_select_items<kThreads, kItems>(kp, row, n, ordered, sizes);
+  // The sort key of item i, rebuilt where needed: id_mask - j in 32 bits from one per-thread base
+  // (the item's offset is a constant), so that no per-item 64-bit value is kept.
+  const uint32_t id_base = static_cast<uint32_t>((uint64_t{1} << kp.id_bits) - 1) -
+                           static_cast<uint32_t>(select_item_cluster<kThreads, kItems>(0));
+  auto key = [&](int i) {
+    const uint32_t offset = static_cast<uint32_t>(select_item_cluster<kThreads, kItems>(i) -
+                                                  select_item_cluster<kThreads, kItems>(0));
+    return (static_cast<uint64_t>(ordered[i]) << kp.id_bits) | (id_base - offset);
+  };
+
+  // ---- 1. leading score bits common to the live keys (live ordered scores are > 0) ----
+  uint32_t ordered_and = ~0u, ordered_or = 0;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    const int j = i * kThreads + static_cast<int>(threadIdx.x);
-    keys[i] = 0;  // padding sorts last: every finite score's key is larger
-    if (j < n) {
-      const float s = kp.scores[row + j];
-      bad |= !isfinite(s);
-      keys[i] = sort_key(s, static_cast<uint32_t>(j), kp.id_bits);
+    if (sizes[i] != 0) {
+      ordered_and &= ordered[i];
+      ordered_or |= ordered[i];
     }
   }
+  ordered_and = __reduce_and_sync(0xffffffffu, ordered_and);
+  ordered_or = __reduce_or_sync(0xffffffffu, ordered_or);
+  if (lane == 0) s_and_or[warp] = make_uint2(ordered_and, ordered_or);
   if (threadIdx.x == 0) {
+    s_num_candidates = 0;
     s_count = 0;
     s_rows = 0;
   }
+  reinterpret_cast<uint4*>(storage.select.hist[0].rows_lo)[threadIdx.x] = make_uint4(0, 0, 0, 0);
+  reinterpret_cast<uint4*>(storage.select.hist[0].counts)[threadIdx.x] = make_uint4(0, 0, 0, 0);
   int64_t budget = kp.budgets[problem] > 0 ? kp.budgets[problem] : 0;
   if (__syncthreads_or(bad)) {
     if (threadIdx.x == 0) flag_nonfinite(kp.nonfinite_problem, problem);
     budget = 0;  // a problem with a non-finite score selects nothing
   }
-  if (n > 0 && budget > 0) {  // block-uniform
-    Sort(storage.sort).SortDescending(keys, 0, 32 + kp.id_bits);
-    __syncthreads();  // the scan reuses the sort's shared memory
-    int64_t carry_rows = 0;
-    int carry_count = 0;
-    apply_budget_tile<kThreads, kItems>(keys, 0, n, kp.cluster_sizes + row, budget, kp.overflow,
-                                        kp.id_bits, kp.selected_ids + row, kp.selected_rows + row,
-                                        carry_rows, carry_count, storage.scan, s_count, s_rows);
+  {
+    const uint2 v = s_and_or[lane % Shape::kWarps];  // kWarps <= 32; AND, OR are idempotent
+    ordered_and = __reduce_and_sync(0xffffffffu, v.x);
+    ordered_or = __reduce_or_sync(0xffffffffu, v.y);
+  }
+  int unselected_from = kp.max_clusters;  // slots from here on are padded at the end
+
+  if (budget > 0 && ordered_or != 0) {  // block-uniform; ordered_or == 0: no live cluster
+    // ---- 2. the threshold: live keys >= prefix; the `shift` low bits of prefix are free ----
+    // The id bits count as free (one level over them is cheap when the scores are all equal).
+    const uint32_t diff = ordered_and ^ ordered_or;
+    int shift = kp.id_bits + (diff == 0 ? 0 : 32 - __clz(static_cast<int>(diff)));  // <= 63
+    uint64_t prefix =
+        (static_cast<uint64_t>(ordered_and) << kp.id_bits) & ~((uint64_t{1} << shift) - 1);
+    unsigned long long above = 0;  // (rows << 16) | count of live keys above prefix's bucket
+    int bucket_count = 1;  // live keys in prefix's bucket (shift == 0: one cluster, the only one)
+    for (int level = 0; shift > 0; ++level) {
+      Histogram& hist = storage.select.hist[level & 1];
+      Histogram& next_hist = storage.select.hist[(level + 1) & 1];
+      const int bits = shift < Shape::kDigitBits ? shift : Shape::kDigitBits;
+      const int next = shift - bits;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const uint64_t k = key(i);
+        if (sizes[i] != 0 && (k >> shift) == (prefix >> shift)) {
+          const int digit = static_cast<int>(k >> next) & ((1 << bits) - 1);
+          const uint32_t old = atomicAdd(&hist.rows_lo[digit], sizes[i]);
+          atomicAdd(&hist.counts[digit], old + sizes[i] < old ? 0x10001u : 1u);
+        }
+      }
+      // The next level's histogram was last read before the previous level's final barrier.
+      reinterpret_cast<uint4*>(next_hist.rows_lo)[threadIdx.x] = make_uint4(0, 0, 0, 0);
+      reinterpret_cast<uint4*>(next_hist.counts)[threadIdx.x] = make_uint4(0, 0, 0, 0);
+      __syncthreads();
+      // Thread t owns the buckets kBuckets - 1 - 4 t - q, q = 0..3: the scan runs from the top.
+      // (rows << 16) | count per bucket: rows < 2^43, count <= 4096.
+      const int quad = Shape::kBuckets / 4 - 1 - static_cast<int>(threadIdx.x);
+      unsigned long long before = 0, total = 0;
+      Scan(storage.select.scan)
+          .ExclusiveSum(bucket_quad_sum(hist.rows_lo, hist.counts, quad), before, total);
+      const int64_t above_rows = static_cast<int64_t>(above >> 16);
+      if (above_rows + static_cast<int64_t>(total >> 16) < budget) {
+        // Only at the first level (later buckets hold the budget): every live key is taken.
+        bucket_count = static_cast<int>(total & 0xffffu);
+        break;
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const unsigned long long v = bucket_entry(hist.rows_lo, hist.counts, 4 * quad + 3 - q);
+        const unsigned long long incl = before + v;
+        if (above_rows + static_cast<int64_t>(before >> 16) < budget &&
+            budget <= above_rows + static_cast<int64_t>(incl >> 16)) {  // exactly one bucket
+          s_found_digit = 4 * quad + 3 - q;
+          s_found_above = above + before;
+          s_found_bucket = v;
+        }
+        before = incl;
+      }
+      __syncthreads();
+      prefix |= static_cast<uint64_t>(s_found_digit) << next;
+      shift = next;
+      above = s_found_above;
+      bucket_count = static_cast<int>(s_found_bucket & 0xffffu);
+      const int above_count = static_cast<int>(above & 0xffffu);
+      if (above_count + bucket_count <= kSelectRefineTarget || bucket_count == 1 ||
+          above_count >= Shape::kMaxCandidates) {
+        break;
+      }
+      // The next level's barrier orders these reads before the next s_found_* writes.
+    }
+    const int m = static_cast<int>(above & 0xffffu) + bucket_count;  // live keys >= prefix
+    int32_t* __restrict__ ids = kp.selected_ids + row;
+    int32_t* __restrict__ rows = kp.selected_rows + row;
+
+    if (m <= Shape::kMaxCandidates) {
+      // ---- 3. compact the candidates (any order), then rank them ----
+      // At most m clusters are selected: pad the slots from m on now, behind the ranking.
+      unselected_from = m;
+      write_unselected(kp, row, m, kp.max_clusters);
+      int mine = 0;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) mine += sizes[i] != 0 && key(i) >= prefix ? 1 : 0;
+      int inclusive = mine;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+      }
+      int slot = 0;
+      if (lane == 31 && inclusive > 0) slot = atomicAdd(&s_num_candidates, inclusive);
+      slot = __shfl_sync(0xffffffffu, slot, 31) + inclusive - mine;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const uint64_t k = key(i);
+        if (sizes[i] != 0 && k >= prefix) {
+          storage.select.candidates[slot++] = make_ulonglong2(k, sizes[i]);
+        }
+      }
+      __syncthreads();
+      take_candidates<kThreads>(storage.select.candidates, m, budget, kp.overflow, kp.id_bits, ids,
+                                rows, s_count, s_rows);
+    } else {
+      // ---- 3'. too many candidates: sort every key ----
+      // The scores are loaded again (from L1 or L2): keys kept in registers across the sort would
+      // make the path above spill.
+      uint32_t all_ordered[kItems], unused_sizes[kItems];
+      load_select_items<kThreads, kItems>(kp, row, n, all_ordered, unused_sizes);
+      uint64_t all_keys[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int j = select_item_cluster<kThreads, kItems>(i);
+        all_keys[i] = j < n ? key_of(all_ordered[i], static_cast<uint32_t>(j), kp.id_bits)
+                            : 0;  // padding sorts last
+      }
+      __syncthreads();  // the sort reuses the histograms' shared memory
+      Sort(storage.sort).SortDescending(all_keys, 0, 32 + kp.id_bits);
+      __syncthreads();  // the scan reuses the sort's shared memory
+      int64_t carry_rows = 0;
+      int carry_count = 0;
+      apply_budget_tile<kThreads, kItems>(all_keys, 0, n, kp.cluster_sizes + row, budget,
+                                          kp.overflow, kp.id_bits, ids, rows, carry_rows,
+                                          carry_count, storage.select.scan, s_count, s_rows);
+    }
   }
   __syncthreads();
-  finish_selection(kp, problem, s_count, s_rows);
+  finish_selection(kp, problem, s_count, s_rows, unselected_from);
 }
 
 /// Grid: block.x = problem, 256 threads striding over its max_clusters slots. Writes the keys of
@@ -507,7 +881,7 @@ __global__ void __launch_bounds__(kThreads) select_clusters_sorted_kernel(Select
     __syncthreads();  // scan_storage is reused by the next tile
   }
   __syncthreads();
-  finish_selection(kp, problem, s_count, s_rows);
+  finish_selection(kp, problem, s_count, s_rows, kp.max_clusters);
 }
 
 }  // namespace kvtier::kernels

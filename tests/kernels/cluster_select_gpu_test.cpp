@@ -1,6 +1,8 @@
 // GPU tests of cluster scoring and selection against the CPU reference:
 //   selection    exactly the reference's on the same scores (unique or tied), for every tier of the
-//                block sort and the segmented fallback above 4096 clusters
+//                block kernel and the segmented fallback above 4096 clusters; the radix select's
+//                edge cases (budgets on cluster boundaries, equal scores, the candidate cap and the
+//                full-sort fallback, rows beyond 32 bits, unaligned rows)
 //   scoring      within rtol 1e-5 / atol 1e-6 of the reference (cached and recomputed logits,
 //                one or several head tiles)
 //   pipeline     ids exactly the reference's on data whose logits are exact in fp32 (small
@@ -255,29 +257,42 @@ cuda::DeviceBuffer<T> upload(const std::vector<T>& v, cudaStream_t stream) {
 }
 
 template <typename T>
-std::vector<T> download(const cuda::DeviceBuffer<T>& b, size_t n, cudaStream_t stream) {
+std::vector<T> download(const cuda::DeviceBuffer<T>& b, size_t n, cudaStream_t stream,
+                        size_t offset = 0) {
   std::vector<T> v(n);
-  if (n > 0) cuda::memcpy_async(v.data(), b.get(), n * sizeof(T), stream);
+  if (n > 0) cuda::memcpy_async(v.data(), b.get() + offset, n * sizeof(T), stream);
   return v;
+}
+
+/// `v` uploaded after `offset` filler elements (the data starts at get() + offset).
+template <typename T>
+cuda::DeviceBuffer<T> upload_at(const std::vector<T>& v, size_t offset, T filler,
+                                cudaStream_t stream) {
+  std::vector<T> shifted(offset, filler);
+  shifted.insert(shifted.end(), v.begin(), v.end());
+  return upload(shifted, stream);
 }
 
 enum class GpuStep { kScore, kSelect, kScoreThenSelect, kBoth };
 
 /// Runs `step` on the device. kSelect reads c.scores; the others score c's queries and
 /// centroids. Outputs are poisoned first, so every slot the kernels should write is checked.
-Result run_on_gpu(const Case& c, GpuStep step) {
+/// `misalign` elements shift the per-cluster arrays (scores, sizes, ids, rows) off their
+/// allocations' 16-byte alignment.
+Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
   cuda::Stream stream(0);
   const cudaStream_t s = stream.get();
   const size_t slots = static_cast<size_t>(c.p.num_problems) * c.p.max_clusters;
   auto queries = upload(c.queries, s);
   auto centroids = upload(c.centroids, s);
   auto num_clusters = upload(c.num_clusters, s);
-  auto sizes = upload(c.sizes, s);
+  auto sizes = upload_at(c.sizes, misalign, int32_t{0}, s);
   auto budgets = upload(c.budgets, s);
-  auto scores =
-      step == GpuStep::kSelect ? upload(c.scores, s) : upload(std::vector<float>(slots, 7.f), s);
-  auto ids = upload(std::vector<int32_t>(slots, 0x5a5a5a5a), s);
-  auto rows = upload(std::vector<int32_t>(slots, 0x5a5a5a5a), s);
+  auto scores = step == GpuStep::kSelect
+                    ? upload_at(c.scores, misalign, 0.f, s)
+                    : upload_at(std::vector<float>(slots, 7.f), misalign, 0.f, s);
+  auto ids = upload_at(std::vector<int32_t>(slots, 0x5a5a5a5a), misalign, int32_t{0}, s);
+  auto rows = upload_at(std::vector<int32_t>(slots, 0x5a5a5a5a), misalign, int32_t{0}, s);
   auto num_selected = upload(std::vector<int32_t>(c.p.num_problems, 0x5a5a5a5a), s);
   auto total_rows = upload(std::vector<int32_t>(c.p.num_problems, 0x5a5a5a5a), s);
   auto flag = upload(std::vector<int32_t>{12345}, s);
@@ -285,11 +300,11 @@ Result run_on_gpu(const Case& c, GpuStep step) {
   t.queries = queries.get();
   t.centroids = centroids.get();
   t.num_clusters = num_clusters.get();
-  t.cluster_sizes = sizes.get();
+  t.cluster_sizes = sizes.get() + misalign;
   t.budgets = budgets.get();
-  t.scores = scores.get();
-  t.selected_ids = ids.get();
-  t.selected_rows = rows.get();
+  t.scores = scores.get() + misalign;
+  t.selected_ids = ids.get() + misalign;
+  t.selected_rows = rows.get() + misalign;
   t.num_selected = num_selected.get();
   t.total_rows = total_rows.get();
   t.nonfinite_problem = flag.get();
@@ -311,9 +326,9 @@ Result run_on_gpu(const Case& c, GpuStep step) {
       break;
   }
   Result r;
-  r.scores = download(scores, slots, s);
-  r.ids = download(ids, slots, s);
-  r.rows = download(rows, slots, s);
+  r.scores = download(scores, slots, s, misalign);
+  r.ids = download(ids, slots, s, misalign);
+  r.rows = download(rows, slots, s, misalign);
   r.num_selected = download(num_selected, c.p.num_problems, s);
   r.total_rows = download(total_rows, c.p.num_problems, s);
   r.nonfinite_problem = download(flag, 1, s)[0];
@@ -403,6 +418,166 @@ TEST(ClusterSelectGpuEdge, WorkspaceIsSizedAndChecked) {
   EXPECT_THROW(launch_select_clusters(c.p, t, small.get(), need - 1, stream.get()),
                InvalidArgumentError);
   EXPECT_THROW(launch_select_clusters(c.p, t, nullptr, 0, stream.get()), InvalidArgumentError);
+#endif
+}
+
+// ---- selection: edge cases of the radix select (up to kMaxBlockSortClusters) ----
+
+/// Rows of the first q non-empty clusters of `problem` in the reference's order (score
+/// descending, ties to the lower id).
+int64_t rows_of_top(const Case& c, int32_t problem, int32_t q) {
+  const int32_t K = c.p.max_clusters, n = c.num_clusters[problem];
+  const float* s = c.scores.data() + static_cast<size_t>(problem) * K;
+  const int32_t* sizes = c.sizes.data() + static_cast<size_t>(problem) * K;
+  std::vector<int32_t> order(n);
+  for (int32_t j = 0; j < n; ++j) order[j] = j;
+  std::sort(order.begin(), order.end(),
+            [s](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
+  int64_t rows = 0;
+  for (int32_t k = 0, taken = 0; k < n && taken < q; ++k) {
+    if (sizes[order[k]] == 0) continue;
+    rows += sizes[order[k]];
+    ++taken;
+  }
+  return rows;
+}
+
+TEST(ClusterSelectGpuRadix, BudgetsOnClusterBoundaries) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // A budget equal to the rows of the top q clusters (the stopping cluster fits exactly), one
+  // less (it is truncated or, under kSkip, ends the scan) and one more.
+  const int32_t tops[] = {1, 2, 5, 17, 33, 64, 100, 129, 200, 511, 512, 513};
+  for (const int32_t k : {300, 1000, 4096}) {
+    for (const auto overflow : {BudgetOverflow::kTruncate, BudgetOverflow::kSkip}) {
+      for (const bool ties : {false, true}) {
+        Case c = make_select_case(36, k, overflow, test::test_seed() + 11 * k, ties);
+        std::mt19937_64 rng(c.seed);
+        for (int32_t& size : c.sizes) {
+          size = rng() % 8 == 0 ? 0 : 1 + static_cast<int32_t>(rng() % 128);
+        }
+        for (int32_t i = 0; i < c.p.num_problems; ++i) {
+          const int64_t rows = rows_of_top(c, i, tops[(i / 3) % 12]);
+          c.budgets[i] = static_cast<int32_t>(std::max<int64_t>(0, rows + i % 3 - 1));
+        }
+        expect_same_selection(c, ref_select(c, c.scores), run_on_gpu(c, GpuStep::kSelect));
+      }
+    }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuRadix, EqualAndNearlyEqualScores) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Keys that differ only in their id bits or in the last bits of the score: the threshold is
+  // refined over several digits, and ids break the ties.
+  for (const int32_t k : {256, 1000, 4096}) {
+    for (const auto overflow : {BudgetOverflow::kTruncate, BudgetOverflow::kSkip}) {
+      for (int variant = 0; variant < 3; ++variant) {
+        Case c = make_select_case(8, k, overflow, test::test_seed() + 13 * k + variant, false);
+        std::mt19937_64 rng(c.seed);
+        for (int32_t i = 0; i < c.p.num_problems; ++i) {
+          for (int32_t j = 0; j < c.num_clusters[i]; ++j) {
+            float& s = c.scores[static_cast<size_t>(i) * k + j];
+            if (variant == 0) {
+              s = 0.5f;
+            } else if (variant == 1) {
+              s = rng() % 2 ? 0.f : -0.f;
+            } else {
+              s = std::nextafter(1.f + static_cast<float>(rng() % 3), 10.f) *
+                  (1.f + std::numeric_limits<float>::epsilon() * static_cast<float>(rng() % 7));
+            }
+          }
+          const int64_t budgets[] = {1, 40, 700, 2048, 5000, context_rows(c, i) - 1};
+          c.budgets[i] = static_cast<int32_t>(std::max<int64_t>(0, budgets[i % 6]));
+        }
+        expect_same_selection(c, ref_select(c, c.scores), run_on_gpu(c, GpuStep::kSelect));
+      }
+    }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuRadix, CandidateCapAndFullSortFallback) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Single-row clusters: a budget of b rows needs b clusters, so the candidates exceed the cap
+  // (512) from b = 513 on and the block sorts every key. With mostly empty clusters a budget
+  // above the context takes every live cluster: ranked when there are few, sorted when many.
+  for (const int32_t k : {1000, 4096}) {
+    for (const auto overflow : {BudgetOverflow::kTruncate, BudgetOverflow::kSkip}) {
+      for (const bool ties : {false, true}) {
+        Case c = make_select_case(14, k, overflow, test::test_seed() + 17 * k, ties);
+        std::mt19937_64 rng(c.seed);
+        const int32_t budgets[] = {1, 100, 511, 512, 513, 1000, 4000};
+        for (int32_t i = 0; i < c.p.num_problems; ++i) {
+          int32_t* sizes = c.sizes.data() + static_cast<size_t>(i) * k;
+          if (i < 7) {
+            for (int32_t j = 0; j < k; ++j) sizes[j] = 1;
+            c.budgets[i] = budgets[i];
+          } else {
+            const int32_t empty_per_16 = i < 10 ? 15 : 4;  // ~1/16 or ~3/4 of clusters live
+            for (int32_t j = 0; j < k; ++j) {
+              sizes[j] = static_cast<int32_t>(rng() % 16) < empty_per_16
+                             ? 0
+                             : 1 + static_cast<int32_t>(rng() % 3);
+            }
+            const int64_t ctx = context_rows(c, i);
+            c.budgets[i] = static_cast<int32_t>(i % 2 ? ctx : ctx + 5);
+          }
+        }
+        expect_same_selection(c, ref_select(c, c.scores), run_on_gpu(c, GpuStep::kSelect));
+      }
+    }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuRadix, RowsBeyond32Bits) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Sizes near 2^31: a histogram bucket's rows overflow 32 bits (the carry path).
+  for (const int32_t k : {1000, 4096}) {
+    for (const auto overflow : {BudgetOverflow::kTruncate, BudgetOverflow::kSkip}) {
+      for (const bool ties : {false, true}) {
+        Case c = make_select_case(6, k, overflow, test::test_seed() + 19 * k, ties);
+        std::mt19937_64 rng(c.seed);
+        for (int32_t& size : c.sizes) {
+          size = rng() % 2
+                     ? std::numeric_limits<int32_t>::max() - static_cast<int32_t>(rng() % 1000)
+                     : static_cast<int32_t>(rng() % (1u << 30));
+        }
+        const int32_t budgets[] = {std::numeric_limits<int32_t>::max(),
+                                   1 << 30,
+                                   std::numeric_limits<int32_t>::max() - 1,
+                                   12345,
+                                   0,
+                                   1};
+        for (int32_t i = 0; i < c.p.num_problems; ++i) c.budgets[i] = budgets[i % 6];
+        expect_same_selection(c, ref_select(c, c.scores), run_on_gpu(c, GpuStep::kSelect));
+      }
+    }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuRadix, UnalignedRowsUseScalarAccesses) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Arrays shifted by one element: no vector loads or stores, same selection.
+  for (const int32_t k : {256, 1024, 4096}) {
+    for (const auto overflow : {BudgetOverflow::kTruncate, BudgetOverflow::kSkip}) {
+      Case c = make_select_case(10, k, overflow, test::test_seed() + 23 * k, false);
+      std::mt19937_64 rng(c.seed);
+      for (int32_t i = 0; i < c.p.num_problems; ++i) {
+        c.budgets[i] = static_cast<int32_t>(rng() % 3000);
+      }
+      const Result want = ref_select(c, c.scores);
+      expect_same_selection(c, want, run_on_gpu(c, GpuStep::kSelect, /*misalign=*/1));
+      expect_same_selection(c, want, run_on_gpu(c, GpuStep::kSelect));
+    }
+  }
 #endif
 }
 
