@@ -8,6 +8,9 @@ function(kvtier_add_test)
   endif()
   add_executable(${T_NAME} ${T_SOURCES})
   target_link_libraries(${T_NAME} PRIVATE ${T_LIBS} kvtier_test_util GTest::gtest GTest::gtest_main)
+  if(TARGET kvtier_tsan_tbb)  # TSan builds: TBB algorithms on one thread (tests/common/tsan_tbb.cpp)
+    target_link_libraries(${T_NAME} PRIVATE kvtier_tsan_tbb)
+  endif()
   gtest_discover_tests(${T_NAME}
     DISCOVERY_MODE PRE_TEST
     DISCOVERY_TIMEOUT 60
