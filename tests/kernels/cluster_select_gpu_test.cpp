@@ -268,8 +268,8 @@ std::vector<T> download(const cuda::DeviceBuffer<T>& b, size_t n, cudaStream_t s
 template <typename T>
 cuda::DeviceBuffer<T> upload_at(const std::vector<T>& v, size_t offset, T filler,
                                 cudaStream_t stream) {
-  std::vector<T> shifted(offset, filler);
-  shifted.insert(shifted.end(), v.begin(), v.end());
+  std::vector<T> shifted(offset + v.size(), filler);
+  std::copy(v.begin(), v.end(), shifted.begin() + static_cast<std::ptrdiff_t>(offset));
   return upload(shifted, stream);
 }
 
