@@ -53,7 +53,7 @@ inline uint16_t float_to_fp16(float f) {
   std::memcpy(&u, &f, 4);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
   if (abs < 0x38800000u) {  // subnormal or zero in fp16
     if (abs < 0x33000000u) return static_cast<uint16_t>(sign);
@@ -73,9 +73,12 @@ inline uint16_t float_to_fp16(float f) {
 /// Element i of a fp32/fp16/bf16 array as float.
 inline float load_as_float(const void* p, DType t, size_t i) {
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(p)[i];
-    case DType::kF16: return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
-    case DType::kBF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(p)[i];
+    case DType::kF16:
+      return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::kBF16:
+      return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
   }
   return 0.f;
 }
@@ -83,9 +86,15 @@ inline float load_as_float(const void* p, DType t, size_t i) {
 /// Stores v as element i of a fp32/fp16/bf16 array.
 inline void store_from_float(void* p, DType t, size_t i, float v) {
   switch (t) {
-    case DType::kF32: static_cast<float*>(p)[i] = v; break;
-    case DType::kF16: static_cast<uint16_t*>(p)[i] = float_to_fp16(v); break;
-    case DType::kBF16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+    case DType::kF32:
+      static_cast<float*>(p)[i] = v;
+      break;
+    case DType::kF16:
+      static_cast<uint16_t*>(p)[i] = float_to_fp16(v);
+      break;
+    case DType::kBF16:
+      static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
+      break;
   }
 }
 
