@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "kernels/cluster_select_kernels.cuh"
+#include "kernels/dispatch.h"
 #include "memory/core/check.h"
 
 namespace kvtier::kernels {
@@ -21,23 +22,6 @@ constexpr int kWalkThreads = 256;
 constexpr int kWalkItems = 4;
 
 constexpr size_t kDefaultSmemBytes = 48 << 10;
-
-template <typename F>
-void dispatch_head_dim(int head_dim, F&& f) {
-  switch (head_dim) {
-    case 64:
-      f(std::integral_constant<int, 64>{});
-      break;
-    case 128:
-      f(std::integral_constant<int, 128>{});
-      break;
-    case 256:
-      f(std::integral_constant<int, 256>{});
-      break;
-    default:
-      KVTIER_CHECK(false, "unsupported head_dim ", head_dim, " (supported: 64, 128, 256)");
-  }
-}
 
 /// Heads per centroid read: the group rounded up to a power of two, at most 8 (Llama-3 70B has
 /// G = 8; above that the registers holding the query slices would spill).

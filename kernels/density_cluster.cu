@@ -12,6 +12,7 @@
 
 #include "kernels/density_cluster.h"
 #include "kernels/density_cluster_kernels.cuh"
+#include "kernels/dispatch.h"
 #include "memory/core/check.h"
 
 namespace kvtier::kernels {
@@ -87,25 +88,11 @@ void run_votes(const ObservationVotesParams& p, const dbac_device::VoteKernelPar
   }
 }
 
-/// dtype x head_dim in one place; the default fails loudly (check_observation_votes_params has
-/// already rejected anything else).
+/// dtype here, head_dim through dispatch_head_dim; the default fails loudly
+/// (check_observation_votes_params has already rejected anything else).
 template <typename F>
 void dispatch_votes(DType dtype, int head_dim, F&& f) {
-  auto with_dim = [&](auto tag) {
-    switch (head_dim) {
-      case 64:
-        f(tag, std::integral_constant<int, 64>{});
-        break;
-      case 128:
-        f(tag, std::integral_constant<int, 128>{});
-        break;
-      case 256:
-        f(tag, std::integral_constant<int, 256>{});
-        break;
-      default:
-        KVTIER_CHECK(false, "unsupported head_dim ", head_dim, " (supported: 64, 128, 256)");
-    }
-  };
+  auto with_dim = [&](auto tag) { dispatch_head_dim(head_dim, [&](auto dim) { f(tag, dim); }); };
   switch (dtype) {
     case DType::kF32:
       with_dim(float{});

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/dispatch.h"
 #include "kernels/kmeans.h"
 #include "kernels/kmeans_common.h"
 #include "memory/core/check.h"
@@ -27,23 +28,6 @@ namespace kvtier::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename F>
-void dispatch_dim(int d, F&& f) {
-  switch (d) {
-    case 64:
-      f(std::integral_constant<int, 64>{});
-      break;
-    case 128:
-      f(std::integral_constant<int, 128>{});
-      break;
-    case 256:
-      f(std::integral_constant<int, 256>{});
-      break;
-    default:
-      KVTIER_CHECK(false, "k-means dim ", d, " is not supported (supported: 64, 128, 256)");
-  }
-}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -631,7 +615,7 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
     centroids_fp16_kernel<<<cb_grid, 128, 0, stream>>>(d, k, stride, k_pad, centroids, w.done,
                                                        w.cb);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans centroids_fp16_kernel");
-    dispatch_dim(d, [&](auto dim) {
+    dispatch_head_dim(d, [&](auto dim) {
       constexpr int kDim = decltype(dim)::value;
       constexpr size_t smem = (kAssignPoints + 2 * kAssignCentroids) * (kDim + 8) * 2;
       KVTIER_CUDA_CHECK(cudaFuncSetAttribute(assign_mma_kernel<T, kDim>,

@@ -149,7 +149,6 @@ std::vector<KmeansReport> kmeans_ref(const KmeansParams& p, const void* points, 
   const int64_t n = p.num_points;
   const int d = p.dim;
   const int32_t k = kmeans_effective_k(p);
-  const int32_t stride = kmeans_centroid_stride(p);
   const std::vector<int32_t> random_rows =
       p.init == KmeansInit::kRandomRows ? kmeans_random_init_rows(p) : std::vector<int32_t>();
   std::vector<KmeansReport> reports(static_cast<size_t>(p.num_problems));
@@ -222,14 +221,7 @@ std::vector<KmeansReport> kmeans_ref(const KmeansParams& p, const void* points, 
       if (prev - obj <= static_cast<double>(p.rel_tol) * prev) break;
     }
     rep.objective = obj;
-    std::fill(cnt.begin(), cnt.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++cnt[lab[i]];
-    float* cout = centroids + static_cast<size_t>(prob) * stride * d;
-    for (int32_t j = 0; j < p.num_clusters; ++j)
-      for (int t = 0; t < d; ++t) cout[j * d + t] = j < k ? static_cast<float>(c[j * d + t]) : 0.f;
-    for (int32_t j = 0; j < p.num_clusters; ++j)
-      sizes[static_cast<size_t>(prob) * stride + j] = j < k ? cnt[j] : 0;
-    std::copy(lab.begin(), lab.end(), labels + static_cast<size_t>(prob) * n);
+    detail::write_problem_outputs(p, prob, c, lab, centroids, labels, sizes);
   }
   return reports;
 }
