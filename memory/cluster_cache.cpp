@@ -91,8 +91,13 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
   std::lock_guard<std::mutex> lock(mu_);
 
   // Pass 1, read-only: classify, count the pages the misses need and the pages eviction may free.
-  std::unordered_map<ClusterKey, size_t, ClusterKeyHash> first_miss;  // key -> request index
-  std::unordered_set<ClusterKey, ClusterKeyHash> hit_unpinned;
+  // The scratch containers are members, cleared here, so a lookup allocates nothing once warm.
+  auto& first_miss = scratch_first_miss_;  // key -> request index
+  auto& hit_unpinned = scratch_hit_unpinned_;
+  auto& placed = scratch_placed_;  // request -> its entry (hits now, misses once placed)
+  first_miss.clear();
+  hit_unpinned.clear();
+  placed.assign(count, nullptr);
   int64_t need_pages = 0, hit_unpinned_pages = 0;
   for (size_t i = 0; i < count; ++i) {
     const CacheRequest& r = requests[i];
@@ -102,6 +107,7 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
                    " of sequence ", r.key.seq, " layer ", r.key.layer, " kv_head ", r.key.kv_head,
                    " is cached with ", it->second.num_rows, " rows but requested with ",
                    r.num_rows);
+      placed[i] = &it->second;  // entries are node-based: the pointer survives later inserts
       if (it->second.last_used != step_ && hit_unpinned.insert(r.key).second)
         hit_unpinned_pages += static_cast<int64_t>(it->second.pages.size());
     } else {
@@ -130,12 +136,9 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
   CacheLookup out;
   out.page_indptr.assign(count + 1, 0);
   out.hit.assign(count, 0);
-  std::vector<const Entry*> placed(count, nullptr);
   for (size_t i = 0; i < count; ++i) {
-    auto it = entries_.find(requests[i].key);
-    if (it == entries_.end() || first_miss.count(requests[i].key)) continue;
-    touch_locked(it->second);
-    placed[i] = &it->second;
+    if (placed[i] == nullptr) continue;
+    touch_locked(*placed[i]);  // pinned now, so evicting for the misses cannot take it
     out.hit[i] = 1;
   }
   for (size_t i = 0; i < count; ++i) {

@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "memory/core/backend.h"
@@ -165,6 +166,10 @@ class ClusterCache {
   std::list<ClusterKey> lru_;  // front = least recently used; ordered by last_used
   std::vector<int32_t> free_pages_;
   CacheStats stats_;
+  // Scratch of lookup(), kept to avoid allocating per call (guarded by mu_).
+  std::unordered_map<ClusterKey, size_t, ClusterKeyHash> scratch_first_miss_;
+  std::unordered_set<ClusterKey, ClusterKeyHash> scratch_hit_unpinned_;
+  std::vector<Entry*> scratch_placed_;
 };
 
 }  // namespace kvtier::memory
