@@ -12,21 +12,25 @@ void plan_fetch(const TieredStore& store, const CacheRequest* requests, const Ca
   KVTIER_CHECK(out != nullptr, "plan_fetch: out is null");
   for (int32_t i : lookup.misses) {
     const CacheRequest& r = requests[i];
-    const ClusterSpan span =
-        store.cluster_span(r.key.seq, r.key.layer, r.key.kv_head, r.key.cluster);
-    KVTIER_CHECK(span.num_rows == r.num_rows, "request for cluster ", r.key.cluster,
-                 " of sequence ", r.key.seq, " layer ", r.key.layer, " kv_head ", r.key.kv_head,
-                 " says ", r.num_rows, " rows; the cluster has ", span.num_rows);
     const int32_t* pages = lookup.page_ids.data() + lookup.page_indptr[i];
-    store.for_each_run(
-        r.key.seq, r.key.layer, r.key.kv_head, span.slot_begin, span.num_rows,
-        [&](const RowRun& run) {
+    auto rows_mismatch = [&](int64_t cluster_rows) {
+      return detail::str_cat("request for cluster ", r.key.cluster, " of sequence ", r.key.seq,
+                             " layer ", r.key.layer, " kv_head ", r.key.kv_head, " says ",
+                             r.num_rows, " rows; the cluster has ", cluster_rows);
+    };
+    int64_t first_slot = -1;  // the cluster's first slot: the first run starts there
+    const ClusterSpan span = store.for_each_cluster_run(
+        r.key.seq, r.key.layer, r.key.kv_head, r.key.cluster, [&](const RowRun& run) {
+          if (first_slot < 0) first_slot = run.slot;
+          int64_t row = run.slot - first_slot;  // row within the cluster
+          // A cluster larger than the request would write past the request's pages.
+          if (row + run.num_rows > r.num_rows)
+            throw InvalidArgumentError("kvtier: " + rows_mismatch(row + run.num_rows) + " or more");
           const std::byte* k = address == HostAddress::kDevice ? run.k_device : run.k;
           const std::byte* v = address == HostAddress::kDevice ? run.v_device : run.v;
           KVTIER_CHECK(k != nullptr && v != nullptr, "plan_fetch: the rows of sequence ", r.key.seq,
                        " are not in pinned memory, so the GPU cannot read them (host arena: ",
                        store.arena().pin_note(), ")");
-          int64_t row = run.slot - span.slot_begin;  // row within the cluster
           int32_t done = 0;
           while (done < run.num_rows) {
             const int32_t dst_row = static_cast<int32_t>(row % page_size);
@@ -42,6 +46,7 @@ void plan_fetch(const TieredStore& store, const CacheRequest* requests, const Ca
             row += n;
           }
         });
+    KVTIER_CHECK(span.num_rows == r.num_rows, rows_mismatch(span.num_rows));
   }
 }
 

@@ -239,12 +239,8 @@ HeadLayout TieredStore::layout(SeqId seq, int32_t layer, int32_t kv_head) const 
   return l;
 }
 
-ClusterSpan TieredStore::cluster_span(SeqId seq, int32_t layer, int32_t kv_head,
-                                      int32_t cluster) const {
-  check_head(seq, layer, kv_head);
-  auto s = find(seq);
-  std::shared_lock<std::shared_mutex> lock(s->mu);
-  const Head& h = s->heads[static_cast<size_t>(layer) * shape_.num_kv_heads + kv_head];
+ClusterSpan TieredStore::cluster_span_locked(const Head& h, SeqId seq, int32_t layer,
+                                             int32_t kv_head, int32_t cluster) const {
   const int32_t n = h.indexed ? static_cast<int32_t>(h.cluster_offsets.size() - 1) : 0;
   KVTIER_CHECK(cluster >= 0 && cluster < n, "cluster ", cluster, " of sequence ", seq, " layer ",
                layer, " kv_head ", kv_head, " is out of range [0, ", n, ")");
@@ -252,14 +248,17 @@ ClusterSpan TieredStore::cluster_span(SeqId seq, int32_t layer, int32_t kv_head,
           static_cast<int32_t>(h.cluster_offsets[cluster + 1] - h.cluster_offsets[cluster])};
 }
 
-void TieredStore::for_each_run(SeqId seq, int32_t layer, int32_t kv_head, int64_t slot_begin,
-                               int64_t count, const std::function<void(const RowRun&)>& fn) const {
+ClusterSpan TieredStore::cluster_span(SeqId seq, int32_t layer, int32_t kv_head,
+                                      int32_t cluster) const {
   check_head(seq, layer, kv_head);
   auto s = find(seq);
   std::shared_lock<std::shared_mutex> lock(s->mu);
-  const Head& h = s->heads[static_cast<size_t>(layer) * shape_.num_kv_heads + kv_head];
-  KVTIER_CHECK(slot_begin >= 0 && count >= 0 && slot_begin + count <= h.num_rows, "slots [",
-               slot_begin, ", ", slot_begin + count, ") are out of range [0, ", h.num_rows, ")");
+  return cluster_span_locked(s->heads[static_cast<size_t>(layer) * shape_.num_kv_heads + kv_head],
+                             seq, layer, kv_head, cluster);
+}
+
+void TieredStore::runs_locked(const Head& h, int64_t slot_begin, int64_t count,
+                              const std::function<void(const RowRun&)>& fn) const {
   int64_t slot = slot_begin;
   const int64_t end = slot_begin + count;
   while (slot < end) {
@@ -277,6 +276,29 @@ void TieredStore::for_each_run(SeqId seq, int32_t layer, int32_t kv_head, int64_
     fn(run);
     slot += n;
   }
+}
+
+void TieredStore::for_each_run(SeqId seq, int32_t layer, int32_t kv_head, int64_t slot_begin,
+                               int64_t count, const std::function<void(const RowRun&)>& fn) const {
+  check_head(seq, layer, kv_head);
+  auto s = find(seq);
+  std::shared_lock<std::shared_mutex> lock(s->mu);
+  const Head& h = s->heads[static_cast<size_t>(layer) * shape_.num_kv_heads + kv_head];
+  KVTIER_CHECK(slot_begin >= 0 && count >= 0 && slot_begin + count <= h.num_rows, "slots [",
+               slot_begin, ", ", slot_begin + count, ") are out of range [0, ", h.num_rows, ")");
+  runs_locked(h, slot_begin, count, fn);
+}
+
+ClusterSpan TieredStore::for_each_cluster_run(SeqId seq, int32_t layer, int32_t kv_head,
+                                              int32_t cluster,
+                                              const std::function<void(const RowRun&)>& fn) const {
+  check_head(seq, layer, kv_head);
+  auto s = find(seq);
+  std::shared_lock<std::shared_mutex> lock(s->mu);
+  const Head& h = s->heads[static_cast<size_t>(layer) * shape_.num_kv_heads + kv_head];
+  const ClusterSpan span = cluster_span_locked(h, seq, layer, kv_head, cluster);
+  runs_locked(h, span.slot_begin, span.num_rows, fn);
+  return span;
 }
 
 void TieredStore::read_slots(SeqId seq, int32_t layer, int32_t kv_head, int64_t slot_begin,

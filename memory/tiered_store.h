@@ -127,6 +127,11 @@ class TieredStore {
   void for_each_run(SeqId seq, int32_t layer, int32_t kv_head, int64_t slot_begin, int64_t count,
                     const std::function<void(const RowRun&)>& fn) const;
 
+  /// for_each_run over one cluster's slots, under one lookup and one lock; returns its span.
+  /// Throws InvalidArgumentError for a cluster id out of range.
+  ClusterSpan for_each_cluster_run(SeqId seq, int32_t layer, int32_t kv_head, int32_t cluster,
+                                   const std::function<void(const RowRun&)>& fn) const;
+
   // ---- accounting ----
   const KvShape& shape() const { return shape_; }
   size_t row_bytes() const { return row_bytes_; }
@@ -140,6 +145,10 @@ class TieredStore {
   struct Sequence;
   std::shared_ptr<Sequence> find(SeqId seq) const;  // throws NotFoundError
   void check_head(SeqId seq, int32_t layer, int32_t kv_head) const;
+  ClusterSpan cluster_span_locked(const Head& h, SeqId seq, int32_t layer, int32_t kv_head,
+                                  int32_t cluster) const;
+  void runs_locked(const Head& h, int64_t slot_begin, int64_t count,
+                   const std::function<void(const RowRun&)>& fn) const;
 
   const KvShape shape_;
   const size_t row_bytes_;

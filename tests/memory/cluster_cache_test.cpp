@@ -341,3 +341,40 @@ INSTANTIATE_TEST_SUITE_P(PageSizes, CacheRoundTrip,
 
 }  // namespace
 }  // namespace kvtier::memory
+
+namespace kvtier::memory {
+namespace {
+
+TEST(FetchPlan, RowCountMismatchIsAnErrorAndWritesNoStrayPage) {
+  TieredStoreConfig sc;
+  sc.shape = {1, 1, 64, DType::kBF16};
+  sc.host.bytes_limit = 1 << 20;
+  sc.host.page_bytes = 4096;
+  TieredStore store(sc);
+  store.add_sequence(0);
+  std::vector<std::byte> k(128 * 40), v(k.size());
+  store.append(0, 0, KvRows{k.data(), v.data(), DType::kBF16, 1, 64, 40});
+  std::vector<int32_t> labels(40, 0);
+  store.cluster(0, 0, 0, 0, 40, labels.data(), 1);  // one cluster of 40 rows
+  ClusterCache cache(cache_config(64, 16));
+  for (int32_t rows : {20, 60}) {  // fewer and more rows than the cluster has
+    cache.erase_sequence(0);
+    std::vector<CacheRequest> reqs = {{{0, 0, 0, 0}, rows}};
+    const CacheLookup lk = cache.lookup(reqs);
+    std::vector<GatherSegment> plan;
+    try {
+      plan_fetch(store, reqs.data(), lk, 16, HostAddress::kHost, &plan);
+      FAIL() << "no error for " << rows << " rows";
+    } catch (const InvalidArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find("says " + std::to_string(rows) + " rows"),
+                std::string::npos)
+          << e.what();
+    }
+    for (const GatherSegment& s : plan)  // nothing planned past the request's own pages
+      EXPECT_TRUE(std::find(lk.page_ids.begin(), lk.page_ids.end(), s.dst_page) !=
+                  lk.page_ids.end());
+  }
+}
+
+}  // namespace
+}  // namespace kvtier::memory
