@@ -10,6 +10,8 @@
 // objective and accumulates the next update's sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cub/block/block_scan.cuh>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -52,7 +54,17 @@ struct Workspace {
   float* drift;           // [P, k] angle each centroid moved in the last update
   int32_t* drift_max;     // [P] largest drift (float bits; drifts are >= 0)
   int32_t* prev_labels;   // [P, n] labels of the previous assignment (sums are kept incrementally)
+  int32_t* moved;         // [P] rows whose label changed in the current assignment
+  int32_t* rebuild;       // [P] nonzero: this assignment rebuilds sums and counts from scratch
+  int32_t* cursor;        // [P, k] counting-sort offsets of the rebuild
+  int32_t* order;         // [P, n] rows grouped by label (rebuild)
 };
+
+/// Sums are rebuilt from scratch (counting sort by label, then one warp per cluster) when more
+/// than 1/kRebuildShare of a problem's rows moved in the previous assignment; otherwise the moved
+/// rows update them with atomics. A moved row costs 2 * d float atomics (about 3.6 ns per row
+/// at d = 128 on an H100) while a rebuild costs about 0.4 ns per row of the problem.
+constexpr int kRebuildShare = 16;
 
 /// A row keeps its label without a scan when (angle to own centroid + its drift) + kAngleMargin
 /// < (lower bound on the angle to any other centroid - the largest drift). The margin covers
@@ -96,6 +108,10 @@ Workspace carve(const KmeansParams& p, void* base, size_t* total) {
   w.drift = reinterpret_cast<float*>(take(P * k * 4));
   w.drift_max = reinterpret_cast<int32_t*>(take(P * 4));
   w.prev_labels = reinterpret_cast<int32_t*>(take(P * n * 4));
+  w.moved = reinterpret_cast<int32_t*>(take(P * 4));
+  w.rebuild = reinterpret_cast<int32_t*>(take(P * 4));
+  w.cursor = reinterpret_cast<int32_t*>(take(P * k * 4));
+  w.order = reinterpret_cast<int32_t*>(take(P * n * 4));
   w.cb = reinterpret_cast<__half*>(
       take(P * static_cast<size_t>(padded_k(static_cast<int>(k))) * d * 2));
   *total = off;
@@ -343,74 +359,192 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// grid: (ceil(n / 8), P), block 256, one warp per row. For the labels of assignment `it`: a row
-// scanned in this assignment picks the exactly better of its two candidates and gets a fresh
-// bound theta2; every row gets its exact fp32 cosine to its centroid (best[], objective[it]) and
-// adds its unit vector to the next update's sums.
+// grid: (ceil(n / kAccumRows), P), block 256: each warp takes kAccumRows / 8 rows in turn. For
+// the labels of assignment `it`: a row scanned in this assignment picks the exactly better of its
+// two candidates and gets a fresh bound theta2; every row gets its exact fp32 cosine to its
+// centroid (best[], objective[it]) and adds its unit vector to the next update's sums. The
+// objective is reduced in the block first: one double atomic per block, not per row (per-row
+// atomics on one address per problem serialized and cost more than the rest of the kernel).
+constexpr int kAccumRows = 64;
+
 template <typename T>
-__global__ void cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d, int k, int stride,
-                                      int max_iters, int it, int32_t* labels,
-                                      const int32_t* runner_up, const float* second_score,
-                                      const uint8_t* active, const float* centroids,
-                                      const float* inv_norm, const int32_t* done, float* best,
-                                      float* theta2, double* objective, float* sums,
-                                      int32_t* counts, int32_t* prev_labels) {
+__global__ void __launch_bounds__(kThreads)
+    cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d, int k, int stride,
+                          int max_iters, int it, int32_t* labels, const int32_t* runner_up,
+                          const float* second_score, const uint8_t* active,
+                          const float* centroids, const float* inv_norm, const int32_t* done,
+                          float* best, float* theta2, double* objective, float* sums,
+                          int32_t* counts, int32_t* prev_labels, const int32_t* rebuild,
+                          int32_t* moved) {
   const int p = blockIdx.y;
   if (done[p]) return;
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const bool rebuilding = it == 0 || rebuild[p] != 0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int kWarps = kThreads / 32;
+  double loss = 0.0;  // lane 0's share of this warp's rows
+  int moves = 0;
+  for (int j = 0; j < kAccumRows / kWarps; ++j) {
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kAccumRows + j * kWarps + warp;
+    if (row >= n) break;
+    const size_t ri = static_cast<size_t>(p) * n + row;
+    const bool scanned = active[ri] != 0;
+    const int cand1 = labels[ri];
+    const int cand2 = scanned ? runner_up[ri] : cand1;
+    const float inv = inv_norm[ri];
+    const T* r = x + ri * d;
+    const float* c1 = centroids + (static_cast<size_t>(p) * stride + cand1) * d;
+    const float* c2 = centroids + (static_cast<size_t>(p) * stride + cand2) * d;
+    float d1 = 0.f, d2 = 0.f;
+    if (cand2 != cand1) {
+      for (int t = lane; t < d; t += 32) {
+        const float v = to_float(r[t]) * inv;
+        d1 += v * c1[t];
+        d2 += v * c2[t];
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        d1 += __shfl_xor_sync(0xffffffffu, d1, o);
+        d2 += __shfl_xor_sync(0xffffffffu, d2, o);
+      }
+    } else {
+      for (int t = lane; t < d; t += 32) d1 += to_float(r[t]) * inv * c1[t];
+      for (int o = 16; o > 0; o >>= 1) d1 += __shfl_xor_sync(0xffffffffu, d1, o);
+      d2 = d1;
+    }
+    const bool second = d2 > d1 || (d2 == d1 && cand2 < cand1);
+    const int lab = second ? cand2 : cand1;
+    const float dot = second ? d2 : d1;
+    // Incremental sums: a row moves its contribution only when its label changes (after a few
+    // iterations few rows move, so this is a few atomics instead of n * d per iteration). A
+    // rebuilding problem only counts here; rebuild_sums_kernel redoes its sums.
+    const int old = it == 0 ? -1 : prev_labels[ri];
+    if (old != lab && !rebuilding) {
+      float* s_new = sums + (static_cast<size_t>(p) * k + lab) * d;
+      float* s_old = old >= 0 ? sums + (static_cast<size_t>(p) * k + old) * d : nullptr;
+      for (int t = lane; t < d; t += 32) {
+        const float v = to_float(r[t]) * inv;
+        atomicAdd(&s_new[t], v);
+        if (s_old) atomicAdd(&s_old[t], -v);
+      }
+    }
+    if (lane == 0) {
+      if (rebuilding) atomicAdd(&counts[static_cast<size_t>(p) * k + lab], 1);
+      if (old != lab) {
+        if (!rebuilding) {
+          atomicAdd(&counts[static_cast<size_t>(p) * k + lab], 1);
+          if (old >= 0) atomicSub(&counts[static_cast<size_t>(p) * k + old], 1);
+        }
+        prev_labels[ri] = lab;
+        moves += old >= 0 ? 1 : 0;
+      }
+      if (second) labels[ri] = lab;
+      if (scanned) {
+        // Every other centroid scored at most second_score in fp16, so its true cosine is at most
+        // that plus the slack; the other candidate's is known exactly.
+        const float other = cand2 == cand1 ? -1.f : (second ? d1 : d2);
+        const float u = fminf(1.f, fmaxf(other, second_score[ri] + kScoreSlack));
+        theta2[ri] = cand2 == cand1 && second_score[ri] < -0.5f ? 4.f : acosf(u);  // k == 1
+      }
+      best[ri] = dot;
+      loss += 1.0 - static_cast<double>(dot);
+    }
+  }
+  __shared__ double warp_loss[kWarps];
+  __shared__ int warp_moves[kWarps];
+  if (lane == 0) warp_loss[warp] = loss, warp_moves[warp] = moves;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    int total_moves = 0;
+    for (int w = 0; w < kWarps; ++w) total += warp_loss[w], total_moves += warp_moves[w];
+    atomicAdd(&objective[static_cast<size_t>(p) * (max_iters + 1) + it], total);
+    if (total_moves) atomicAdd(&moved[p], total_moves);
+  }
+}
+
+// grid: (ceil(k / 256), P), block 256: a rebuilding problem's counts start from zero.
+__global__ void rebuild_prepare_kernel(int k, int it, const int32_t* done, const int32_t* rebuild,
+                                       int32_t* counts) {
+  const int p = blockIdx.y;
+  if (done[p] || !(it == 0 || rebuild[p] != 0)) return;
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j < k) counts[static_cast<size_t>(p) * k + j] = 0;
+}
+
+// grid: (P), block kScanThreads: exclusive scan of a rebuilding problem's counts into cursor.
+constexpr int kScanThreads = 1024;
+__global__ void __launch_bounds__(kScanThreads)
+    rebuild_scan_kernel(int k, int it, const int32_t* done, const int32_t* rebuild,
+                        const int32_t* counts, int32_t* cursor) {
+  const int p = blockIdx.x;
+  if (done[p] || !(it == 0 || rebuild[p] != 0)) return;
+  using Scan = cub::BlockScan<int32_t, kScanThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int32_t carry;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  const int32_t* c = counts + static_cast<size_t>(p) * k;
+  int32_t* out = cursor + static_cast<size_t>(p) * k;
+  for (int base = 0; base < k; base += kScanThreads) {
+    const int j = base + static_cast<int>(threadIdx.x);
+    const int32_t v = j < k ? c[j] : 0;
+    int32_t excl, total;
+    Scan(tmp).ExclusiveSum(v, excl, total);
+    if (j < k) out[j] = carry + excl;
+    __syncthreads();
+    if (threadIdx.x == 0) carry += total;
+    __syncthreads();
+  }
+}
+
+// grid: (ceil(n / 256), P), block 256: rows into their label's range of order[]; afterwards
+// cursor[j] is the end of cluster j's range (its start is the end minus counts[j]).
+__global__ void rebuild_scatter_kernel(int64_t n, int k, int it, const int32_t* done,
+                                       const int32_t* rebuild, const int32_t* labels,
+                                       int32_t* cursor, int32_t* order) {
+  const int p = blockIdx.y;
+  if (done[p] || !(it == 0 || rebuild[p] != 0)) return;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= n) return;
   const size_t ri = static_cast<size_t>(p) * n + row;
-  const bool scanned = active[ri] != 0;
-  const int cand1 = labels[ri];
-  const int cand2 = scanned ? runner_up[ri] : cand1;
-  const float inv = inv_norm[ri];
-  const T* r = x + ri * d;
-  const float* c1 = centroids + (static_cast<size_t>(p) * stride + cand1) * d;
-  const float* c2 = centroids + (static_cast<size_t>(p) * stride + cand2) * d;
-  float d1 = 0.f, d2 = 0.f;
-  for (int t = lane; t < d; t += 32) {
-    const float v = to_float(r[t]) * inv;
-    d1 += v * c1[t];
-    d2 += v * c2[t];
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    d1 += __shfl_xor_sync(0xffffffffu, d1, o);
-    d2 += __shfl_xor_sync(0xffffffffu, d2, o);
-  }
-  const bool second = d2 > d1 || (d2 == d1 && cand2 < cand1);
-  const int lab = second ? cand2 : cand1;
-  const float dot = second ? d2 : d1;
-  // The sums and counts follow the labels incrementally: a row adds itself at the first
-  // assignment and moves its contribution only when its label changes (after a few iterations few
-  // rows move, so this is a few atomics instead of n * d per iteration).
-  const int old = it == 0 ? -1 : prev_labels[ri];
-  if (old != lab) {
-    float* s_new = sums + (static_cast<size_t>(p) * k + lab) * d;
-    float* s_old = old >= 0 ? sums + (static_cast<size_t>(p) * k + old) * d : nullptr;
-    for (int t = lane; t < d; t += 32) {
-      const float v = to_float(r[t]) * inv;
-      atomicAdd(&s_new[t], v);
-      if (s_old) atomicAdd(&s_old[t], -v);
+  const int32_t pos = atomicAdd(&cursor[static_cast<size_t>(p) * k + labels[ri]], 1);
+  order[static_cast<size_t>(p) * n + pos] = static_cast<int32_t>(row);
+}
+
+// grid: (ceil(k / 8), P), block 256, one warp per cluster: the cluster's sum of unit rows in
+// fp32 registers, written whole (empty clusters get zeros), no atomics.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    rebuild_sums_kernel(const T* __restrict__ x, int64_t n, int d, int k, int it,
+                        const int32_t* done, const int32_t* rebuild, const int32_t* counts,
+                        const int32_t* cursor, const int32_t* order, const float* inv_norm,
+                        float* sums) {
+  const int p = blockIdx.y;
+  if (done[p] || !(it == 0 || rebuild[p] != 0)) return;
+  const int j = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5);
+  if (j >= k) return;
+  const int lane = threadIdx.x & 31;
+  constexpr int kMaxPerLane = 8;  // d <= 256
+  float acc[kMaxPerLane] = {};
+  const size_t pj = static_cast<size_t>(p) * k + j;
+  const int32_t end = cursor[pj], begin = end - counts[pj];
+  const int32_t* ord = order + static_cast<size_t>(p) * n;
+  const T* xp = x + static_cast<size_t>(p) * n * d;
+  const float* invp = inv_norm + static_cast<size_t>(p) * n;
+  for (int32_t i = begin; i < end; ++i) {
+    const int32_t row = ord[i];
+    const float inv = invp[row];
+    const T* r = xp + static_cast<size_t>(row) * d;
+#pragma unroll
+    for (int e = 0; e < kMaxPerLane; ++e) {
+      const int t = lane + 32 * e;
+      if (t < d) acc[e] += to_float(r[t]) * inv;
     }
   }
-  if (lane == 0) {
-    if (old != lab) {
-      atomicAdd(&counts[static_cast<size_t>(p) * k + lab], 1);
-      if (old >= 0) atomicSub(&counts[static_cast<size_t>(p) * k + old], 1);
-      prev_labels[ri] = lab;
-    }
-    if (second) labels[ri] = lab;
-    if (scanned) {
-      // Every other centroid scored at most second_score in fp16, so its true cosine is at most
-      // that plus the slack; the other candidate's is known exactly.
-      const float other = cand2 == cand1 ? -1.f : (second ? d1 : d2);
-      const float u = fminf(1.f, fmaxf(other, second_score[ri] + kScoreSlack));
-      theta2[ri] = cand2 == cand1 && second_score[ri] < -0.5f ? 4.f : acosf(u);  // k == 1: no other
-    }
-    best[ri] = dot;
-    atomicAdd(&objective[static_cast<size_t>(p) * (max_iters + 1) + it],
-              1.0 - static_cast<double>(dot));
+  float* s = sums + pj * d;
+#pragma unroll
+  for (int e = 0; e < kMaxPerLane; ++e) {
+    const int t = lane + 32 * e;
+    if (t < d) s[t] = acc[e];
   }
 }
 
@@ -546,10 +680,13 @@ __global__ void reseed_kernel(const T* __restrict__ x, int64_t n, int d, int k, 
 }
 
 // grid: (ceil(P / 128)), block 128: the stopping test after assignment `it`.
-__global__ void converge_kernel(int P, int it, int max_iters, float rel_tol,
-                                const double* objective, int32_t* done, int32_t* iters) {
+__global__ void converge_kernel(int P, int64_t n, int it, int max_iters, float rel_tol,
+                                const double* objective, int32_t* done, int32_t* iters,
+                                int32_t* moved, int32_t* rebuild) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= P || done[p]) return;
+  rebuild[p] = static_cast<int64_t>(moved[p]) * kRebuildShare > n ? 1 : 0;
+  moved[p] = 0;
   const double* o = objective + static_cast<size_t>(p) * (max_iters + 1);
   iters[p] = it;
   if (o[it - 1] - o[it] <= static_cast<double>(rel_tol) * o[it - 1]) done[p] = 1;
@@ -592,6 +729,9 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
       cudaMemsetAsync(w.objective, 0, static_cast<size_t>(P) * (p.max_iters + 1) * 8, stream));
   KVTIER_CUDA_CHECK(cudaMemsetAsync(w.done, 0, static_cast<size_t>(P) * 4, stream));
   KVTIER_CUDA_CHECK(cudaMemsetAsync(w.iters, 0, static_cast<size_t>(P) * 4, stream));
+  KVTIER_CUDA_CHECK(cudaMemsetAsync(w.moved, 0, static_cast<size_t>(P) * 4, stream));
+  // Nonzero bytes: the second assignment rebuilds too (the first always does).
+  KVTIER_CUDA_CHECK(cudaMemsetAsync(w.rebuild, 1, static_cast<size_t>(P) * 4, stream));
   if (nonfinite_dev) KVTIER_CUDA_CHECK(cudaMemsetAsync(nonfinite_dev, 0, 4, stream));
   const dim3 row_grid(static_cast<unsigned>((n + 7) / 8), static_cast<unsigned>(P));
   prep_kernel<T><<<row_grid, kThreads, 0, stream>>>(x, n, d, w.inv_norm, nonfinite_dev);
@@ -604,6 +744,8 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
                        static_cast<unsigned>(P));
   const dim3 cb_grid(static_cast<unsigned>(k_pad / 128), static_cast<unsigned>(P));
   const bool prune = p.pruning == KmeansPruning::kBounds;
+  const dim3 accum_grid(static_cast<unsigned>((n + kAccumRows - 1) / kAccumRows),
+                        static_cast<unsigned>(P));
   const dim3 filter_grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(P));
   auto assign = [&](int it) {
     // Which rows to scan: all of them at first (or without pruning), else those whose bounds fail.
@@ -626,15 +768,24 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
           w.runner_up, w.second_score);
     });
     KVTIER_CUDA_CHECK_LAUNCH("kmeans assign_mma_kernel");
-    if (it == 0) {
-      KVTIER_CUDA_CHECK(cudaMemsetAsync(w.sums, 0, static_cast<size_t>(P) * k * d * 4, stream));
-      KVTIER_CUDA_CHECK(cudaMemsetAsync(w.counts, 0, static_cast<size_t>(P) * k * 4, stream));
-    }
-    cos_accumulate_kernel<T><<<row_grid, kThreads, 0, stream>>>(
+    rebuild_prepare_kernel<<<dim3(static_cast<unsigned>((k + 255) / 256), P), 256, 0, stream>>>(
+        k, it, w.done, w.rebuild, w.counts);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans rebuild_prepare_kernel");
+    cos_accumulate_kernel<T><<<accum_grid, kThreads, 0, stream>>>(
         x, n, d, k, stride, p.max_iters, it, labels, w.runner_up, w.second_score, w.active,
         centroids, w.inv_norm, w.done, w.best, w.theta2, w.objective, w.sums, w.counts,
-        w.prev_labels);
+        w.prev_labels, w.rebuild, w.moved);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans cos_accumulate_kernel");
+    rebuild_scan_kernel<<<P, kScanThreads, 0, stream>>>(k, it, w.done, w.rebuild, w.counts,
+                                                        w.cursor);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans rebuild_scan_kernel");
+    rebuild_scatter_kernel<<<filter_grid, 256, 0, stream>>>(n, k, it, w.done, w.rebuild, labels,
+                                                            w.cursor, w.order);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans rebuild_scatter_kernel");
+    rebuild_sums_kernel<T>
+        <<<dim3(static_cast<unsigned>((k + 7) / 8), P), kThreads, 0, stream>>>(
+            x, n, d, k, it, w.done, w.rebuild, w.counts, w.cursor, w.order, w.inv_norm, w.sums);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans rebuild_sums_kernel");
   };
   assign(0);
   for (int it = 1; it <= p.max_iters; ++it) {
@@ -647,8 +798,9 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
                                                  w.best, centroids, w.drift, w.drift_max);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans reseed_kernel");
     assign(it);
-    converge_kernel<<<(P + 127) / 128, 128, 0, stream>>>(P, it, p.max_iters, p.rel_tol, w.objective,
-                                                         w.done, w.iters);
+    converge_kernel<<<(P + 127) / 128, 128, 0, stream>>>(P, n, it, p.max_iters, p.rel_tol,
+                                                         w.objective, w.done, w.iters, w.moved,
+                                                         w.rebuild);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans converge_kernel");
   }
   finish_kernel<<<P, kThreads, 0, stream>>>(n, d, k, p.num_clusters, stride, p.max_iters, labels,
