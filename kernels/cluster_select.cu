@@ -69,9 +69,9 @@ void check_aligned(const void* ptr, const char* name) {
 void score_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, cudaStream_t stream) {
   check_aligned(t.queries, "queries");
   check_aligned(t.centroids, "centroids");
-  const ScoreKernelParams kp{t.queries,      t.centroids,           t.num_clusters,
-                             t.scores,       t.nonfinite_problem,   p.group_size,
-                             p.max_clusters, cluster_score_scale(p)};
+  const ScoreKernelParams kp{t.queries,       t.centroids,    t.num_clusters,
+                             t.centroid_rows, t.scores,       t.nonfinite_problem,
+                             p.group_size,    p.max_clusters, cluster_score_scale(p)};
   const size_t G = static_cast<size_t>(p.group_size);
   const size_t base_smem = (2 * kScoreWarps * G + 2 * G) * sizeof(float);
   const size_t cache_smem =

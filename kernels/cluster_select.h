@@ -50,8 +50,12 @@ struct ClusterSelectParams {
 /// num_clusters, cluster_sizes, budgets and writes the four selection outputs. Fields a step does
 /// not use may stay null. Nothing is owned.
 struct ClusterSelectTensors {
-  const float* queries = nullptr;          ///< [num_problems, group_size, head_dim]
-  const float* centroids = nullptr;        ///< [num_problems, max_clusters, head_dim]
+  const float* queries = nullptr;    ///< [num_problems, group_size, head_dim]
+  const float* centroids = nullptr;  ///< [num_problems, max_clusters, head_dim]
+  /// Optional [num_problems]: problem p scores the centroids of row centroid_rows[p] of
+  /// `centroids` instead of row p (an engine keeps one centroid table per layer and scores a
+  /// batch's rows of it in place). Rows must be >= 0 and within the table; not validated.
+  const int32_t* centroid_rows = nullptr;
   const int32_t* num_clusters = nullptr;   ///< [num_problems], each in [0, max_clusters]
   const int32_t* cluster_sizes = nullptr;  ///< [num_problems, max_clusters] rows (tokens), >= 0
   const int32_t* budgets = nullptr;        ///< [num_problems] tokens to recall, >= 0
@@ -154,6 +158,10 @@ void launch_score_and_select_clusters(const ClusterSelectParams& p, const Cluste
 #endif
 
 namespace detail {
+/// Row of `centroids` that problem p scores.
+inline size_t centroid_row(const ClusterSelectTensors& t, int32_t problem) {
+  return static_cast<size_t>(t.centroid_rows ? t.centroid_rows[problem] : problem);
+}
 /// Throws InvalidArgumentError when an array that scoring (selection) uses is null while
 /// num_problems > 0. Shared by _ref and _cpu.
 void check_score_tensors(const ClusterSelectParams& p, const ClusterSelectTensors& t);

@@ -33,7 +33,7 @@ Status score_problem_cpu(const ClusterSelectParams& p, const ClusterSelectTensor
   const int32_t G = p.group_size, D = p.head_dim;
   const double scale = cluster_score_scale(p);
   const float* q = t.queries + static_cast<size_t>(problem) * G * D;
-  const float* c = t.centroids + static_cast<size_t>(problem) * p.max_clusters * D;
+  const float* c = t.centroids + detail::centroid_row(t, problem) * p.max_clusters * D;
   float* out = t.scores + static_cast<size_t>(problem) * p.max_clusters;
 
   w.queries.resize(static_cast<size_t>(G) * D);

@@ -15,11 +15,12 @@ namespace kvtier::kernels {
 
 /// Scoring arguments, by value.
 struct ScoreKernelParams {
-  const float* queries;         // [num_problems, group_size, head_dim]
-  const float* centroids;       // [num_problems, max_clusters, head_dim]
-  const int32_t* num_clusters;  // [num_problems]
-  float* scores;                // [num_problems, max_clusters]
-  int32_t* nonfinite_problem;   // [1] or null: lowest problem with a non-finite input or logit
+  const float* queries;          // [num_problems, group_size, head_dim]
+  const float* centroids;        // [num_problems, max_clusters, head_dim]
+  const int32_t* num_clusters;   // [num_problems]
+  const int32_t* centroid_rows;  // [num_problems] or null: problem p scores centroid row [p]
+  float* scores;                 // [num_problems, max_clusters]
+  int32_t* nonfinite_problem;    // [1] or null: lowest problem with a non-finite input or logit
   int32_t group_size;
   int32_t max_clusters;
   float scale;
@@ -221,7 +222,9 @@ __global__ void __launch_bounds__(cluster_select_device::kScoreThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = clamp_clusters(kp.num_clusters[problem], kp.max_clusters);
   const float* q_base = kp.queries + static_cast<size_t>(problem) * G * kHeadDim;
-  const float* c_base = kp.centroids + static_cast<size_t>(problem) * kp.max_clusters * kHeadDim;
+  const size_t c_row = kp.centroid_rows ? static_cast<size_t>(kp.centroid_rows[problem])
+                                        : static_cast<size_t>(problem);
+  const float* c_base = kp.centroids + c_row * kp.max_clusters * kHeadDim;
   float* out = kp.scores + static_cast<size_t>(problem) * kp.max_clusters;
   const int my_head = lane >> kHeadShift;
   const bool head_leader = (lane & ((1 << kHeadShift) - 1)) == 0;

@@ -31,7 +31,7 @@ void score_problem_ref(const ClusterSelectParams& p, const ClusterSelectTensors&
   const int32_t G = p.group_size, D = p.head_dim;
   const double scale = cluster_score_scale(p);
   const float* q = t.queries + static_cast<size_t>(problem) * G * D;
-  const float* c = t.centroids + static_cast<size_t>(problem) * p.max_clusters * D;
+  const float* c = t.centroids + detail::centroid_row(t, problem) * p.max_clusters * D;
   float* out = t.scores + static_cast<size_t>(problem) * p.max_clusters;
 
   // logits[g][j] = scale * dot(q[g], c[j])
@@ -169,7 +169,7 @@ Status check_score_problem(const ClusterSelectParams& p, const ClusterSelectTens
       }
     }
   }
-  const float* c = t.centroids + static_cast<size_t>(problem) * p.max_clusters * D;
+  const float* c = t.centroids + detail::centroid_row(t, problem) * p.max_clusters * D;
   for (int32_t j = 0; j < n; ++j) {
     for (int32_t d = 0; d < D; ++d) {
       const float v = c[static_cast<size_t>(j) * D + d];

@@ -44,7 +44,8 @@ struct Case {
   uint64_t seed = 0;
   std::vector<float> queries, centroids;
   std::vector<int32_t> num_clusters, sizes, budgets;
-  std::vector<float> scores;  // input of selection-only runs
+  std::vector<float> scores;           // input of selection-only runs
+  std::vector<int32_t> centroid_rows;  // optional: `centroids` is a table read through these
 
   std::string describe() const {
     std::ostringstream os;
@@ -285,6 +286,8 @@ Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
   const size_t slots = static_cast<size_t>(c.p.num_problems) * c.p.max_clusters;
   auto queries = upload(c.queries, s);
   auto centroids = upload(c.centroids, s);
+  auto centroid_rows =
+      upload(c.centroid_rows.empty() ? std::vector<int32_t>{0} : c.centroid_rows, s);
   auto num_clusters = upload(c.num_clusters, s);
   auto sizes = upload_at(c.sizes, misalign, int32_t{0}, s);
   auto budgets = upload(c.budgets, s);
@@ -299,6 +302,7 @@ Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
   ClusterSelectTensors t;
   t.queries = queries.get();
   t.centroids = centroids.get();
+  t.centroid_rows = c.centroid_rows.empty() ? nullptr : centroid_rows.get();
   t.num_clusters = num_clusters.get();
   t.cluster_sizes = sizes.get() + misalign;
   t.budgets = budgets.get();
@@ -623,6 +627,26 @@ TEST(ClusterSelectGpuScoreEdge, RecomputedLogitsWhenTheCacheDoesNotFit) {
     EXPECT_EQ(got.nonfinite_problem, -1);
     expect_scores_close(c, ref_scores(c).scores, got.scores);
   }
+#endif
+}
+
+TEST(ClusterSelectGpuScoreEdge, IndirectCentroidRows) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  Case c = make_case(5, 4, 128, 300, ScoreAggregation::kSoftmaxSum, BudgetOverflow::kTruncate,
+                     test::test_seed() + 7);
+  const Result want = run_on_gpu(c, GpuStep::kScore);
+  const size_t row = static_cast<size_t>(c.p.max_clusters) * c.p.head_dim;
+  const int32_t P = c.p.num_problems;
+  std::vector<float> table((P + 2) * row, std::numeric_limits<float>::quiet_NaN());
+  for (int32_t p = 0; p < P; ++p) {
+    c.centroid_rows.push_back(P + 1 - p);  // rows 0 and 1 stay NaN
+    std::copy_n(c.centroids.begin() + p * row, row, table.begin() + c.centroid_rows[p] * row);
+  }
+  c.centroids = table;
+  const Result got = run_on_gpu(c, GpuStep::kScore);
+  EXPECT_EQ(got.nonfinite_problem, -1);
+  EXPECT_EQ(got.scores, want.scores);
 #endif
 }
 

@@ -442,6 +442,36 @@ void expect_cpu_equals_ref(Case& c) {
   expect_same_selection(want, got, c.describe());
 }
 
+// A centroid table holding the problems' rows in another order (plus an unused row), read
+// through centroid_rows, scores exactly like the contiguous layout, on both CPU paths.
+TEST(ClusterSelectCentroidRows, IndirectRowsScoreLikeContiguousRows) {
+  Case c = make_case(6, 4, 128, 50, ScoreAggregation::kSoftmaxSum, BudgetOverflow::kTruncate,
+                     test::test_seed() + 99);
+  Result want;
+  score_clusters_ref(c.p, tensors(c, want));
+  const size_t row = static_cast<size_t>(c.p.max_clusters) * c.p.head_dim;
+  const int32_t P = c.p.num_problems;
+  std::vector<float> table((P + 1) * row, std::numeric_limits<float>::quiet_NaN());
+  std::vector<int32_t> rows(P);
+  for (int32_t p = 0; p < P; ++p) {
+    rows[p] = P - p;  // row 0 stays NaN: reading it would poison the scores
+    std::copy_n(c.centroids.begin() + p * row, row, table.begin() + rows[p] * row);
+  }
+  for (const bool fast : {false, true}) {
+    Result got;
+    ClusterSelectTensors t = tensors(c, got);
+    t.centroids = table.data();
+    t.centroid_rows = rows.data();
+    if (fast) {
+      score_clusters_cpu(c.p, t);
+    } else {
+      score_clusters_ref(c.p, t);
+    }
+    EXPECT_EQ(std::memcmp(got.scores.data(), want.scores.data(), want.scores.size() * 4), 0)
+        << (fast ? "cpu " : "ref ") << c.describe();
+  }
+}
+
 class ClusterSelectCpu
     : public ::testing::TestWithParam<std::tuple<int, int, ScoreAggregation, BudgetOverflow>> {};
 
