@@ -1,0 +1,1526 @@
+// The engine: see engine.h for what it keeps where. Both backends run this file; the kCuda-only
+// parts are the stream plumbing and the kernel launches, each next to its kCpu twin.
+#include "scheduler/engine.h"
+
+#include <tbb/parallel_for.h>
+#include <tbb/task_group.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <future>
+#include <mutex>
+#include <unordered_map>
+
+#include "kernels/decode_attention.h"
+#include "kernels/kmeans.h"
+#include "kernels/kv_gather.h"
+#include "memory/core/check.h"
+#include "memory/core/cuda_raii.h"
+#include "memory/core/half.h"
+#include "memory/fetch_plan.h"
+#include "memory/pinned_buffer.h"
+
+#if KVTIER_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "scheduler/engine_kernels.h"
+#endif
+
+namespace kvtier {
+
+using memory::KvRows;
+using scheduler::Direction;
+using scheduler::Event;
+using scheduler::EventKind;
+
+const char* mode_name(Mode mode) {
+  switch (mode) {
+    case Mode::kFull:
+      return "full";
+    case Mode::kClusterKV:
+      return "clusterkv";
+    case Mode::kClusterAttn:
+      return "clusterattn";
+    case Mode::kHybrid:
+      return "hybrid";
+  }
+  return "?";
+}
+
+Mode parse_mode(std::string_view name) {
+  for (const Mode m : {Mode::kFull, Mode::kClusterKV, Mode::kClusterAttn, Mode::kHybrid}) {
+    if (name == mode_name(m)) return m;
+  }
+  KVTIER_CHECK(false, "unknown mode '", std::string(name),
+               "'; expected full, clusterkv, clusterattn or hybrid");
+  return Mode::kFull;
+}
+
+void validate(const EngineConfig& c) {
+  const ModelShape& m = c.model;
+  KVTIER_CHECK(m.num_layers > 0, "model.num_layers must be > 0, got ", m.num_layers);
+  KVTIER_CHECK(m.num_kv_heads > 0, "model.num_kv_heads must be > 0, got ", m.num_kv_heads);
+  KVTIER_CHECK(m.num_q_heads > 0 && m.num_q_heads % m.num_kv_heads == 0, "model.num_q_heads ",
+               m.num_q_heads, " must be a positive multiple of num_kv_heads ", m.num_kv_heads);
+  KVTIER_CHECK(m.head_dim == 64 || m.head_dim == 128, "model.head_dim must be 64 or 128, got ",
+               m.head_dim);
+  KVTIER_CHECK(m.dtype == DType::kF16 || m.dtype == DType::kBF16, "model.dtype ",
+               dtype_name(m.dtype), " is not supported (fp16 or bf16)");
+  KVTIER_CHECK(c.mode == Mode::kFull || c.mode == Mode::kClusterKV, "mode ", mode_name(c.mode),
+               " is not available in this version of the engine (full and clusterkv are)");
+  KVTIER_CHECK(c.budget > 0, "budget must be > 0, got ", c.budget);
+  KVTIER_CHECK(c.sink >= 0, "sink must be >= 0, got ", c.sink);
+  KVTIER_CHECK(c.window > 0, "window must be > 0, got ", c.window);
+  KVTIER_CHECK(c.tokens_per_cluster > 0, "tokens_per_cluster must be > 0, got ",
+               c.tokens_per_cluster);
+  KVTIER_CHECK(c.initial_clusters >= 0, "initial_clusters must be >= 0, got ", c.initial_clusters);
+  KVTIER_CHECK(c.window_clusters > 0 && c.window_clusters <= c.window, "window_clusters ",
+               c.window_clusters, " must be in [1, window = ", c.window, "]");
+  KVTIER_CHECK(c.retention_steps >= 0, "retention_steps must be >= 0, got ", c.retention_steps);
+  KVTIER_CHECK(c.page_size > 0, "page_size must be > 0, got ", c.page_size);
+  KVTIER_CHECK(c.num_dense_layers >= 0, "num_dense_layers must be >= 0, got ", c.num_dense_layers);
+  KVTIER_CHECK(c.kmeans_iters > 0, "kmeans_iters must be > 0, got ", c.kmeans_iters);
+  KVTIER_CHECK(c.host_bytes_limit > 0, "host_bytes_limit must be > 0 (the host tier's cap)");
+  KVTIER_CHECK(c.max_sequences > 0, "max_sequences must be > 0, got ", c.max_sequences);
+  KVTIER_CHECK(c.max_batch > 0, "max_batch must be > 0, got ", c.max_batch);
+  KVTIER_CHECK(c.max_context > 0, "max_context must be > 0, got ", c.max_context);
+  KVTIER_CHECK(c.backend == Backend::kCpu || cuda::built_with_cuda(),
+               "backend cuda: this build has no CUDA");
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+/// Device memory on kCuda, host memory on kCpu; counted in the engine's GPU accounting only for
+/// kCuda.
+struct MemCounter {
+  std::atomic<size_t> now{0};
+  std::atomic<size_t> kv{0};
+  std::atomic<size_t> peak{0};
+  void add(size_t b, bool is_kv) {
+    const size_t v = now.fetch_add(b) + b;
+    if (is_kv) kv.fetch_add(b);
+    size_t p = peak.load();
+    while (v > p && !peak.compare_exchange_weak(p, v)) {
+    }
+  }
+  void sub(size_t b, bool is_kv) {
+    now.fetch_sub(b);
+    if (is_kv) kv.fetch_sub(b);
+  }
+};
+
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Backend backend, int device, size_t bytes, MemCounter* counter, bool is_kv)
+      : bytes_(bytes), is_kv_(is_kv) {
+    if (bytes == 0) return;
+    if (backend == Backend::kCuda) {
+      dev_ = cuda::DeviceAllocation(bytes, device);
+      ptr_ = static_cast<std::byte*>(dev_.get());
+      counter_ = counter;
+      if (counter_) counter_->add(bytes, is_kv_);
+    } else {
+      host_.reset(new std::byte[bytes]);
+      ptr_ = host_.get();
+    }
+  }
+  ~Buffer() { release(); }
+  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      dev_ = std::move(o.dev_);
+      host_ = std::move(o.host_);
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+      counter_ = std::exchange(o.counter_, nullptr);
+      is_kv_ = o.is_kv_;
+    }
+    return *this;
+  }
+  std::byte* get() const { return ptr_; }
+  template <typename T>
+  T* as() const {
+    return reinterpret_cast<T*>(ptr_);
+  }
+  size_t size() const { return bytes_; }
+
+ private:
+  void release() {
+    if (counter_) counter_->sub(bytes_, is_kv_);
+    counter_ = nullptr;
+    dev_ = cuda::DeviceAllocation();
+    host_.reset();
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  cuda::DeviceAllocation dev_;
+  std::unique_ptr<std::byte[]> host_;
+  std::byte* ptr_ = nullptr;
+  size_t bytes_ = 0;
+  MemCounter* counter_ = nullptr;
+  bool is_kv_ = false;
+};
+
+/// Copies `height` rows of `width` bytes between pitched layouts, on `stream` (kCuda) or now.
+void copy_2d(Backend backend, void* dst, size_t dpitch, const void* src, size_t spitch,
+             size_t width, size_t height, cudaStream_t stream) {
+  if (height == 0 || width == 0) return;
+#if KVTIER_WITH_CUDA
+  if (backend == Backend::kCuda) {
+    KVTIER_CUDA_CHECK(
+        cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDefault, stream));
+    return;
+  }
+#endif
+  (void)stream;
+  (void)backend;
+  for (size_t r = 0; r < height; ++r) {
+    std::memcpy(static_cast<std::byte*>(dst) + r * dpitch,
+                static_cast<const std::byte*>(src) + r * spitch, width);
+  }
+}
+
+/// A CUDA event, or nothing on kCpu.
+struct MaybeEvent {
+  std::unique_ptr<cuda::Event> ev;
+  void record(Backend b, cudaStream_t s) {
+    if (b != Backend::kCuda) return;
+    if (!ev) ev = std::make_unique<cuda::Event>();
+    ev->record(s);
+  }
+  void synchronize() {
+    if (ev) ev->synchronize();
+  }
+  bool done() const { return !ev || ev->query(); }
+};
+
+void stream_wait(Backend b, cudaStream_t s, const MaybeEvent& e) {
+#if KVTIER_WITH_CUDA
+  if (b == Backend::kCuda && e.ev) KVTIER_CUDA_CHECK(cudaStreamWaitEvent(s, e.ev->get(), 0));
+#else
+  (void)b;
+  (void)s;
+  (void)e;
+#endif
+}
+
+/// Pinned host staging slots for the small per-call uploads and downloads: a slot is reused
+/// only after the copies that read or wrote it have completed (its event).
+class StagingRing {
+ public:
+  StagingRing(Backend backend, size_t slots) : backend_(backend), slots_(slots) {}
+  /// A slot with at least `bytes`; waits for its previous use.
+  std::byte* acquire(size_t bytes) {
+    Slot& s = slots_[next_];
+    s.done.synchronize();
+    if (s.buf.size_bytes() < bytes) {
+      s.buf = memory::PinnedBuffer::allocate(std::max<size_t>(bytes, 64 << 10) * 2);
+    }
+    current_ = next_;
+    next_ = (next_ + 1) % slots_.size();
+    return s.buf.data();
+  }
+  /// Marks the last acquired slot busy until the work enqueued on `stream` so far completes.
+  void release(cudaStream_t stream) { slots_[current_].done.record(backend_, stream); }
+
+ private:
+  struct Slot {
+    memory::PinnedBuffer buf;
+    MaybeEvent done;
+  };
+  Backend backend_;
+  std::vector<Slot> slots_;
+  size_t next_ = 0, current_ = 0;
+};
+
+/// Background job result: waited on (and its error rethrown) where the engine first needs it.
+struct Job {
+  std::promise<void> promise;
+  std::shared_future<void> future = promise.get_future().share();
+  bool ready() const {
+    return future.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+  }
+};
+
+struct WindowJob {
+  int64_t begin = 0;  ///< store position of the first row clustered
+  int32_t first_cluster = 0;
+  std::vector<int32_t> labels;  ///< [Hkv, W] (kCpu: filled at once)
+  memory::PinnedBuffer labels_host;
+  Buffer points, labels_dev, workspace;  ///< kCuda
+  MaybeEvent done;                       ///< k-means and its label download finished
+  std::shared_ptr<Job> host;             ///< store.cluster done
+};
+
+struct LayerState {
+  bool recall = false;
+  bool prefilled = false;
+  int64_t rows = 0;  ///< rows of this layer (prompt + decoded)
+  // Resident rows: [Hkv, res_cap, D] K and V, res_rows per head (the same for every head).
+  Buffer res_k, res_v;
+  int64_t res_cap = 0, res_rows = 0;
+  // Recall: store positions [0, recall_end) are the recallable rows; [0, clustered) indexed.
+  int64_t recall_end = 0, clustered = 0;
+  int32_t num_clusters = 0;
+  std::vector<std::vector<int32_t>> sizes;  ///< [Hkv][num_clusters], host copy
+  Buffer win_k, win_v;                      ///< ring [Hkv, win_cap, D]: position p at p % win_cap
+  int64_t win_cap = 0;
+  int64_t table_row = 0;              ///< centroid-table row of KV head 0
+  std::shared_ptr<Job> prefill;       ///< offload + clustering of the prompt
+  MaybeEvent prefill_device;          ///< centroids and sizes written
+  std::unique_ptr<WindowJob> window;  ///< window clustering in flight
+  MaybeEvent centroids_ready;         ///< committed window clusters' centroids written
+  MaybeEvent last_decode;             ///< the last decode_layer's work on this layer
+};
+
+struct Sequence {
+  SeqId id = 0;
+  int32_t slot = 0;
+  std::vector<LayerState> layers;
+};
+
+}  // namespace
+
+struct Engine::Impl {
+  EngineConfig cfg;
+  Backend backend;
+  int device;
+  int32_t L, Hq, Hkv, D, G;
+  DType dtype;
+  size_t rowb;
+  std::vector<int32_t> recall_index;  // per layer: index among recall layers, or -1
+  int32_t num_recall_layers = 0;
+  int32_t cap_c = 0;  // centroid capacity per (sequence, layer, KV head)
+
+  MemCounter mem;
+  std::unique_ptr<memory::TieredStore> store;
+  std::unique_ptr<memory::ClusterCache> cache;
+  scheduler::Telemetry telemetry{16384};
+  Buffer centroid_table;  // float [max_sequences * R * Hkv, cap_c, D]
+  Buffer size_table;      // int32 [max_sequences * R * Hkv, cap_c]
+  std::vector<int32_t> free_slots;
+  std::unordered_map<SeqId, std::unique_ptr<Sequence>> seqs;
+
+  tbb::task_group jobs;
+  std::deque<std::shared_ptr<Job>> inflight_prefills;
+  static constexpr size_t kMaxInflightPrefills = 4;
+
+#if KVTIER_WITH_CUDA
+  std::unique_ptr<cuda::Stream> side, copy;
+#endif
+  StagingRing staging{Backend::kCpu, 8};
+  // The step's new rows bound for the host tier (kCuda): the append kernel also writes them to
+  // step_dev [L][max_batch][2][Hkv][D]; end_step downloads them in one copy and a background job
+  // appends them to the store.
+  Buffer step_dev;
+  memory::PinnedBuffer step_host;
+  struct StepRow {
+    SeqId seq;
+    int32_t layer;
+    int32_t index;  // batch index within the layer's slice of step_dev
+  };
+  std::vector<StepRow> step_rows;
+  std::vector<int32_t> step_rows_per_layer;
+  std::vector<MaybeEvent> step_layer_done;  // per layer: its last decode this step
+  std::shared_ptr<Job> step_append;         // the previous step's append job
+
+  // Decode scratch (device on kCuda, host on kCpu), grown on demand.
+  Buffer q32, sizes_batch, scores, sel_ids, sel_rows, num_sel, total_rows, select_ws, attn_ws,
+      params_dev, select_params, segments_dev;
+  std::vector<int32_t> h_ids, h_rows, h_num_sel;
+
+  int64_t steps = 0, decode_calls = 0, window_clusterings = 0, rows_attended = 0;
+  std::atomic<int64_t> prefill_cluster_us{0};
+
+  explicit Impl(const EngineConfig& c);
+  ~Impl();
+
+  cudaStream_t side_stream() const {
+#if KVTIER_WITH_CUDA
+    return side ? side->get() : nullptr;
+#else
+    return nullptr;
+#endif
+  }
+  cudaStream_t copy_stream() const {
+#if KVTIER_WITH_CUDA
+    return copy ? copy->get() : nullptr;
+#else
+    return nullptr;
+#endif
+  }
+  Buffer alloc(size_t bytes, bool is_kv = false) {
+    return Buffer(backend, device, bytes, &mem, is_kv);
+  }
+  void grow(Buffer& b, size_t bytes) {
+    if (b.size() < bytes) b = alloc(std::max(bytes, b.size() * 3 / 2));
+  }
+  Sequence& find(SeqId seq) {
+    auto it = seqs.find(seq);
+    KVTIER_CHECK_CODE(kNotFound, it != seqs.end(), "unknown sequence ", seq);
+    return *it->second;
+  }
+  float* centroids_row(int64_t row) const { return centroid_table.as<float>() + row * cap_c * D; }
+  int32_t* sizes_row(int64_t row) const { return size_table.as<int32_t>() + row * cap_c; }
+  void record(Event e) { telemetry.record(e); }
+  void wait_job(const std::shared_ptr<Job>& job, SeqId seq, int32_t layer);
+  void ensure_resident(LayerState& st, int64_t rows, cudaStream_t stream);
+  void prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream);
+  void decode(int32_t layer, const DecodeBatch& b, cudaStream_t stream);
+  void start_window_job(Sequence& s, int32_t layer);
+  void finish_window_job(Sequence& s, int32_t layer, bool wait);
+  void run_window_host(Sequence& s, int32_t layer, WindowJob& job);
+  void flush_step_rows();
+  void wait_sequence(Sequence& s);
+};
+
+Engine::Impl::Impl(const EngineConfig& c)
+    : cfg(c),
+      backend(c.backend),
+      device(c.device),
+      L(c.model.num_layers),
+      Hq(c.model.num_q_heads),
+      Hkv(c.model.num_kv_heads),
+      D(c.model.head_dim),
+      G(c.model.num_q_heads / c.model.num_kv_heads),
+      dtype(c.model.dtype),
+      rowb(kv_row_bytes(c.model.dtype, c.model.head_dim)),
+      staging(c.backend, 8) {
+  if (backend == Backend::kCuda) {
+    KVTIER_CHECK(cuda::device_available(), "backend cuda: no CUDA device is available");
+  }
+  recall_index.assign(L, -1);
+  if (cfg.mode == Mode::kClusterKV) {
+    for (int32_t l = std::min(cfg.num_dense_layers, L); l < L; ++l) {
+      recall_index[l] = num_recall_layers++;
+    }
+  }
+  memory::TieredStoreConfig sc;
+  sc.shape = memory::KvShape{L, Hkv, D, dtype};
+  sc.host.bytes_limit = cfg.host_bytes_limit;
+  sc.host.device = device;
+  if (backend == Backend::kCpu) sc.host.pin = memory::PinMode::kPageable;
+  store = std::make_unique<memory::TieredStore>(sc);
+  for (int32_t i = cfg.max_sequences - 1; i >= 0; --i) free_slots.push_back(i);
+  step_rows_per_layer.assign(L, 0);
+  step_layer_done.resize(L);
+#if KVTIER_WITH_CUDA
+  if (backend == Backend::kCuda) {
+    cuda::DeviceGuard guard(device);
+    side = std::make_unique<cuda::Stream>(device);
+    copy = std::make_unique<cuda::Stream>(device);
+    const size_t step_bytes = static_cast<size_t>(L) * cfg.max_batch * 2 * Hkv * rowb;
+    step_host = memory::PinnedBuffer::allocate(step_bytes);
+    step_dev = alloc(step_bytes);
+  }
+#endif
+  if (num_recall_layers > 0) {
+    // Prompt clusters hold tokens_per_cluster rows on average and window clusters W / C+, so a
+    // head never has more than max_context / min(both) clusters (+ rounding).
+    const double per = std::min<double>(cfg.tokens_per_cluster,
+                                        static_cast<double>(cfg.window) / cfg.window_clusters);
+    int64_t cap = static_cast<int64_t>(static_cast<double>(cfg.max_context) / per) + 2;
+    if (cfg.initial_clusters > 0) cap += cfg.initial_clusters;
+    cap = (cap + 3) / 4 * 4;
+    KVTIER_CHECK(cap < (1 << 30), "max_context ", cfg.max_context, " needs too many clusters");
+    cap_c = static_cast<int32_t>(cap);
+    const size_t rows = static_cast<size_t>(cfg.max_sequences) * num_recall_layers * Hkv;
+    centroid_table = alloc(rows * cap_c * D * sizeof(float));
+    size_table = alloc(rows * cap_c * sizeof(int32_t));
+    memory::ClusterCacheConfig cc;
+    cc.backend = backend;
+    cc.device = device;
+    cc.dtype = dtype;
+    cc.head_dim = D;
+    cc.page_size = cfg.page_size;
+    cc.retention_steps = cfg.retention_steps;
+    cc.bytes_limit = cfg.cache_bytes;
+    if (cc.bytes_limit == 0) {
+      const int64_t pages_per_head = (cfg.budget + cfg.page_size - 1) / cfg.page_size + 64;
+      cc.num_pages = 4 * pages_per_head * Hkv * num_recall_layers * cfg.max_batch;
+    }
+    cache = std::make_unique<memory::ClusterCache>(cc);
+    if (backend == Backend::kCuda) {
+      mem.add(static_cast<size_t>(cache->num_pages()) * cache->page_bytes() * 2, true);
+    }
+  }
+}
+
+Engine::Impl::~Impl() {
+  try {
+    jobs.wait();
+  } catch (...) {
+  }
+  if (cache && backend == Backend::kCuda) {
+    mem.sub(static_cast<size_t>(cache->num_pages()) * cache->page_bytes() * 2, true);
+  }
+}
+
+void Engine::Impl::wait_job(const std::shared_ptr<Job>& job, SeqId seq, int32_t layer) {
+  if (!job) return;
+  if (!job->ready()) {
+    const auto t0 = Clock::now();
+    job->future.wait();
+    Event e;
+    e.kind = EventKind::kStall;
+    e.seq = seq;
+    e.layer = layer;
+    e.stall_us = static_cast<uint32_t>(ms_since(t0) * 1000);
+    record(e);
+  }
+  job->future.get();  // rethrows the job's error
+}
+
+void Engine::Impl::wait_sequence(Sequence& s) {
+  for (int32_t l = 0; l < L; ++l) {
+    LayerState& st = s.layers[l];
+    if (st.prefill) st.prefill->future.wait();
+    if (st.window && st.window->host) st.window->host->future.wait();
+    st.window.reset();
+    st.prefill_device.synchronize();
+    st.last_decode.synchronize();
+  }
+}
+
+// Resident rows [Hkv, cap, D]: grows (keeping the rows) when `rows` do not fit.
+void Engine::Impl::ensure_resident(LayerState& st, int64_t rows, cudaStream_t stream) {
+  if (rows <= st.res_cap) return;
+  const int64_t cap = std::max<int64_t>({rows, st.res_cap + st.res_cap / 4, 64});
+  Buffer k = alloc(static_cast<size_t>(Hkv) * cap * rowb, true);
+  Buffer v = alloc(static_cast<size_t>(Hkv) * cap * rowb, true);
+  if (st.res_rows > 0) {
+    copy_2d(backend, k.get(), cap * rowb, st.res_k.get(), st.res_cap * rowb, st.res_rows * rowb,
+            Hkv, stream);
+    copy_2d(backend, v.get(), cap * rowb, st.res_v.get(), st.res_cap * rowb, st.res_rows * rowb,
+            Hkv, stream);
+  }
+#if KVTIER_WITH_CUDA
+  // The old buffers may still be read by work on `stream`; freeing them synchronizes.
+  if (backend == Backend::kCuda && st.res_rows > 0)
+    KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
+  st.res_k = std::move(k);
+  st.res_v = std::move(v);
+  st.res_cap = cap;
+}
+
+// Copies rows [r0, r0 + count) of every head of `kv` to a head-major destination whose head h
+// starts at dst + h * head_pitch and whose row i goes to row dst_row + i.
+void copy_kv_rows(Backend backend, const KvRows& kv, bool v_side, int64_t r0, int64_t count,
+                  std::byte* dst, size_t head_pitch, int64_t dst_row, size_t rowb,
+                  cudaStream_t stream) {
+  const size_t es = dtype_size(kv.dtype);
+  const int64_t hs = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
+  const int64_t rs = kv.row_stride >= 0 ? kv.row_stride : kv.head_dim;
+  const std::byte* src = static_cast<const std::byte*>(v_side ? kv.v : kv.k);
+  for (int32_t h = 0; h < kv.num_kv_heads; ++h) {
+    copy_2d(backend, dst + h * head_pitch + dst_row * rowb, rowb,
+            src + (static_cast<size_t>(h) * hs + static_cast<size_t>(r0) * rs) * es, rs * es, rowb,
+            static_cast<size_t>(count), stream);
+  }
+}
+
+void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream) {
+  LayerState& st = s.layers[layer];
+  const int64_t n = kv.num_rows;
+  const bool recall = st.recall;
+  // Row split: resident [0, res_n); recallable [res_n, n), of which the first c_n are clustered
+  // now and the remainder (< W) waits in the window.
+  const int64_t res_n = recall ? std::min<int64_t>(cfg.sink, n) : n;
+  const int64_t r_n = n - res_n;
+  const int64_t rem = recall ? r_n % cfg.window : 0;
+  const int64_t c_n = recall ? r_n - rem : 0;
+  int32_t c0 = 0;
+  if (c_n > 0) {
+    c0 = cfg.initial_clusters > 0
+             ? static_cast<int32_t>(std::min<int64_t>(cfg.initial_clusters, c_n))
+             : static_cast<int32_t>((c_n + cfg.tokens_per_cluster - 1) / cfg.tokens_per_cluster);
+    KVTIER_CHECK_CODE(kCapacity, c0 <= cap_c, "prompt of ", n, " rows needs ", c0,
+                      " clusters per head; the table holds ", cap_c,
+                      " (raise max_context or tokens_per_cluster)");
+  }
+  const cudaStream_t side_s = backend == Backend::kCuda ? side_stream() : nullptr;
+  MaybeEvent in;
+  in.record(backend, stream);
+  stream_wait(backend, side_s, in);
+
+  // Resident rows and the window remainder, copied now (on the side stream).
+  ensure_resident(st, recall ? std::max<int64_t>(cfg.sink, 1) : n + 256, side_s);
+  copy_kv_rows(backend, kv, false, 0, res_n, st.res_k.get(), st.res_cap * rowb, 0, rowb, side_s);
+  copy_kv_rows(backend, kv, true, 0, res_n, st.res_v.get(), st.res_cap * rowb, 0, rowb, side_s);
+  st.res_rows = res_n;
+  if (recall) {
+    st.win_cap = 2 * static_cast<int64_t>(cfg.window);
+    st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+    st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+    for (int64_t i = 0; i < rem;) {  // positions c_n + i -> ring slot (c_n + i) % win_cap
+      const int64_t slot = (c_n + i) % st.win_cap;
+      const int64_t run = std::min(rem - i, st.win_cap - slot);
+      copy_kv_rows(backend, kv, false, res_n + c_n + i, run, st.win_k.get(), st.win_cap * rowb,
+                   slot, rowb, side_s);
+      copy_kv_rows(backend, kv, true, res_n + c_n + i, run, st.win_v.get(), st.win_cap * rowb, slot,
+                   rowb, side_s);
+      i += run;
+    }
+    st.recall_end = r_n;
+    st.sizes.assign(Hkv, {});
+  }
+  st.rows = n;
+  st.prefilled = true;
+
+  // What goes to the host tier: the recallable rows (recall layers) or every row (offload).
+  const int64_t off0 = recall ? res_n : 0, off_n = recall ? r_n : n;
+  auto job = std::make_shared<Job>();
+  st.prefill = job;
+  const SeqId seq = s.id;
+  Event off;
+  off.kind = EventKind::kOffload;
+  off.seq = seq;
+  off.layer = layer;
+  off.dir = Direction::kDeviceToHost;
+  off.bytes = static_cast<int64_t>(2 * off_n * Hkv * rowb);
+
+  if (backend == Backend::kCpu) {
+    // Same steps, in order, now.
+    try {
+      KvRows part = kv;
+      const size_t es = dtype_size(kv.dtype);
+      const int64_t rs = kv.row_stride >= 0 ? kv.row_stride : kv.head_dim;
+      part.head_stride = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
+      part.row_stride = rs;
+      part.k = static_cast<const std::byte*>(kv.k) + off0 * rs * es;
+      part.v = static_cast<const std::byte*>(kv.v) + off0 * rs * es;
+      part.num_rows = off_n;
+      if (off_n > 0) store->append(seq, layer, part);
+      record(off);
+      if (c_n > 0) {
+        const auto t0 = Clock::now();
+        std::vector<std::byte> points(static_cast<size_t>(Hkv) * c_n * rowb);
+        copy_kv_rows(backend, kv, false, res_n, c_n, points.data(), c_n * rowb, 0, rowb, nullptr);
+        kernels::KmeansParams kp;
+        kp.num_problems = Hkv;
+        kp.num_points = c_n;
+        kp.dim = D;
+        kp.num_clusters = c0;
+        kp.max_iters = cfg.kmeans_iters;
+        kp.dtype = dtype;
+        kp.centroid_stride = cap_c;
+        kp.seed = static_cast<uint64_t>(seq) * 1000003ull + layer;
+        std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
+        kernels::kmeans_cpu(kp, points.data(), centroids_row(st.table_row), labels.data(),
+                            sizes_row(st.table_row));
+        for (int32_t h = 0; h < Hkv; ++h) {
+          store->cluster(seq, layer, h, 0, c_n, labels.data() + static_cast<size_t>(h) * c_n, c0);
+          st.sizes[h].assign(sizes_row(st.table_row + h), sizes_row(st.table_row + h) + c0);
+        }
+        st.num_clusters = c0;
+        st.clustered = c_n;
+        prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
+        Event ce;
+        ce.kind = EventKind::kCluster;
+        ce.seq = seq;
+        ce.layer = layer;
+        ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
+        record(ce);
+      }
+      job->promise.set_value();
+    } catch (...) {
+      job->promise.set_exception(std::current_exception());
+    }
+    return;
+  }
+
+#if KVTIER_WITH_CUDA
+  // kCuda: an engine-owned head-major copy [Hkv, off_n] (clustered rows first, then the rest)
+  // lets the caller reuse its buffers as soon as the copy is done; offload and k-means read it.
+  while (inflight_prefills.size() >= kMaxInflightPrefills) {
+    inflight_prefills.front()->future.wait();
+    inflight_prefills.pop_front();
+  }
+  struct Work {
+    Buffer k, v, labels, ws;
+    memory::PinnedBuffer host;  // [K | V] staging, head-major
+    MaybeEvent copied, d2h, kmeans;
+  };
+  auto w = std::make_shared<Work>();
+  const size_t part_bytes = static_cast<size_t>(Hkv) * off_n * rowb;
+  if (off_n > 0) {
+    w->k = alloc(part_bytes);
+    w->v = alloc(part_bytes);
+    // Region A: [Hkv, c_n] clustered rows; region B: [Hkv, off_n - c_n] the rest.
+    const int64_t b_n = off_n - c_n;
+    std::byte* kb = w->k.get() + static_cast<size_t>(Hkv) * c_n * rowb;
+    std::byte* vb = w->v.get() + static_cast<size_t>(Hkv) * c_n * rowb;
+    copy_kv_rows(backend, kv, false, off0, c_n, w->k.get(), c_n * rowb, 0, rowb, side_s);
+    copy_kv_rows(backend, kv, true, off0, c_n, w->v.get(), c_n * rowb, 0, rowb, side_s);
+    copy_kv_rows(backend, kv, false, off0 + c_n, b_n, kb, b_n * rowb, 0, rowb, side_s);
+    copy_kv_rows(backend, kv, true, off0 + c_n, b_n, vb, b_n * rowb, 0, rowb, side_s);
+  }
+  w->copied.record(backend, side_s);
+  stream_wait(backend, stream, w->copied);  // the caller's buffers are free after this
+  if (off_n > 0) {
+    w->host = memory::PinnedBuffer::allocate(2 * part_bytes);
+    stream_wait(backend, copy_stream(), w->copied);
+    cuda::memcpy_async(w->host.data(), w->k.get(), part_bytes, copy_stream());
+    cuda::memcpy_async(w->host.data() + part_bytes, w->v.get(), part_bytes, copy_stream());
+    w->d2h.record(backend, copy_stream());
+  }
+  if (c_n > 0) {
+    kernels::KmeansParams kp;
+    kp.num_problems = Hkv;
+    kp.num_points = c_n;
+    kp.dim = D;
+    kp.num_clusters = c0;
+    kp.max_iters = cfg.kmeans_iters;
+    kp.dtype = dtype;
+    kp.centroid_stride = cap_c;
+    kp.seed = static_cast<uint64_t>(seq) * 1000003ull + layer;
+    w->labels = alloc(static_cast<size_t>(Hkv) * c_n * sizeof(int32_t));
+    w->ws = alloc(kernels::kmeans_workspace_bytes(kp));
+    kernels::launch_kmeans(kp, w->k.get(), centroids_row(st.table_row), w->labels.as<int32_t>(),
+                           sizes_row(st.table_row), w->ws.get(), nullptr, nullptr, nullptr, side_s);
+    w->kmeans.record(backend, side_s);
+  }
+  st.prefill_device.record(backend, side_s);
+  inflight_prefills.push_back(job);
+  const int64_t table_row = st.table_row;
+  LayerState* stp = &st;
+  jobs.run([this, w, job, seq, layer, off_n, c_n, c0, part_bytes, off, table_row, stp] {
+    try {
+      const auto t0 = Clock::now();
+      w->d2h.synchronize();
+      if (off_n > 0) {
+        // Region A then region B: store positions stay in token order.
+        const int64_t b_n = off_n - c_n;
+        const std::byte* hk = w->host.data();
+        const std::byte* hv = w->host.data() + part_bytes;
+        KvRows a{hk, hv, dtype, Hkv, D, c_n, c_n * D, D};
+        if (c_n > 0) store->append(seq, layer, a);
+        KvRows b{hk + static_cast<size_t>(Hkv) * c_n * rowb,
+                 hv + static_cast<size_t>(Hkv) * c_n * rowb,
+                 dtype,
+                 Hkv,
+                 D,
+                 b_n,
+                 b_n * D,
+                 D};
+        if (b_n > 0) store->append(seq, layer, b);
+      }
+      Event e = off;
+      record(e);
+      if (c_n > 0) {
+        std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
+        w->kmeans.synchronize();
+        KVTIER_CUDA_CHECK(
+            cudaMemcpy(labels.data(), w->labels.get(), labels.size() * 4, cudaMemcpyDeviceToHost));
+        for (int32_t h = 0; h < Hkv; ++h) {
+          const int32_t* lab = labels.data() + static_cast<size_t>(h) * c_n;
+          store->cluster(seq, layer, h, 0, c_n, lab, c0);
+          std::vector<int32_t> sz(c0, 0);
+          for (int64_t i = 0; i < c_n; ++i) ++sz[lab[i]];
+          stp->sizes[h] = std::move(sz);
+        }
+        stp->num_clusters = c0;
+        stp->clustered = c_n;
+        Event ce;
+        ce.kind = EventKind::kCluster;
+        ce.seq = seq;
+        ce.layer = layer;
+        ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
+        record(ce);
+      }
+      prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
+      (void)table_row;
+      w->k = Buffer();
+      w->v = Buffer();
+      w->labels = Buffer();
+      w->ws = Buffer();
+      job->promise.set_value();
+    } catch (...) {
+      job->promise.set_exception(std::current_exception());
+    }
+  });
+#endif
+}
+
+// ---- decode ----
+
+namespace {
+
+/// Ring positions [begin, begin + count) of every head as at most two slot runs.
+template <typename F>
+void for_ring_runs(int64_t begin, int64_t count, int64_t cap, F&& fn) {
+  for (int64_t i = 0; i < count;) {
+    const int64_t slot = (begin + i) % cap;
+    const int64_t run = std::min(count - i, cap - slot);
+    fn(slot, run, i);
+    i += run;
+  }
+}
+
+}  // namespace
+
+void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stream) {
+  KVTIER_CHECK(layer >= 0 && layer < L, "decode_layer: layer ", layer, " out of [0, ", L, ")");
+  const int32_t B = b.num_seqs;
+  KVTIER_CHECK(B > 0 && B <= cfg.max_batch, "decode_layer: num_seqs ", B,
+               " out of [1, max_batch = ", cfg.max_batch, "]");
+  KVTIER_CHECK(b.seqs && b.q && b.k_new && b.v_new && b.out,
+               "decode_layer: seqs, q, k_new, v_new and out must not be null");
+  const int32_t P = B * Hkv;
+  const bool recall = recall_index[layer] >= 0;
+  const bool cuda_path = backend == Backend::kCuda;
+  std::vector<Sequence*> ss(B);
+  for (int32_t i = 0; i < B; ++i) {
+    ss[i] = &find(b.seqs[i]);
+    for (int32_t j = 0; j < i; ++j) {
+      KVTIER_CHECK(b.seqs[j] != b.seqs[i], "decode_layer: sequence ", b.seqs[i],
+                   " appears twice in the batch");
+    }
+    KVTIER_CHECK_CODE(kCapacity, ss[i]->layers[layer].rows < cfg.max_context, "sequence ",
+                      b.seqs[i], " reached max_context = ", cfg.max_context, " rows in layer ",
+                      layer);
+  }
+  if (cuda_path) {
+    KVTIER_CHECK(step_rows_per_layer[layer] + B <= cfg.max_batch,
+                 "decode_layer: more than "
+                 "max_batch = ",
+                 cfg.max_batch, " sequences decoded in layer ", layer, " within one step");
+  }
+  // Everything this layer needs from background work.
+  for (int32_t i = 0; i < B; ++i) {
+    LayerState& st = ss[i]->layers[layer];
+    if (st.prefill) {
+      wait_job(st.prefill, ss[i]->id, layer);
+      stream_wait(backend, stream, st.prefill_device);
+      st.prefill.reset();
+    }
+    if (!st.prefilled) {  // no prompt: start empty
+      st.prefilled = true;
+      if (st.recall) {
+        st.win_cap = 2 * static_cast<int64_t>(cfg.window);
+        st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+        st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+        st.sizes.assign(Hkv, {});
+      }
+    }
+    if (st.recall && st.recall_end - st.clustered >= st.win_cap) {
+      // The ring is full: the window clustering in flight must land first.
+      finish_window_job(*ss[i], layer, /*wait=*/true);
+      KVTIER_ASSERT(st.recall_end - st.clustered < st.win_cap);
+    }
+    stream_wait(backend, stream, st.centroids_ready);
+  }
+
+  // ---- append: each new row to the resident rows (a dense layer, or a sink not yet full) or
+  // the window ring; rows bound for the host tier also to step_dev (kCuda).
+  std::vector<void*> dst(4 * static_cast<size_t>(P));  // [k P][v P][k step P][v step P]
+  std::vector<uint8_t> stored(B);
+  const int32_t step_base = cuda_path ? step_rows_per_layer[layer] : 0;
+  for (int32_t i = 0; i < B; ++i) {
+    LayerState& st = ss[i]->layers[layer];
+    const bool to_resident = !st.recall || st.res_rows < cfg.sink;
+    stored[i] = !st.recall || !to_resident;
+    if (to_resident) ensure_resident(st, st.res_rows + 1, stream);
+    for (int32_t h = 0; h < Hkv; ++h) {
+      const size_t p = static_cast<size_t>(i) * Hkv + h;
+      if (to_resident) {
+        dst[p] = st.res_k.get() + (h * st.res_cap + st.res_rows) * rowb;
+        dst[P + p] = st.res_v.get() + (h * st.res_cap + st.res_rows) * rowb;
+      } else {
+        const int64_t slot = st.recall_end % st.win_cap;
+        dst[p] = st.win_k.get() + (h * st.win_cap + slot) * rowb;
+        dst[P + p] = st.win_v.get() + (h * st.win_cap + slot) * rowb;
+      }
+      if (cuda_path) {
+        const size_t base =
+            ((static_cast<size_t>(layer) * cfg.max_batch + step_base + i) * 2) * Hkv * rowb;
+        dst[2 * P + p] = step_dev.get() + base + h * rowb;
+        dst[3 * P + p] = step_dev.get() + base + (Hkv + h) * rowb;
+      }
+    }
+  }
+  const std::byte* k_new = static_cast<const std::byte*>(b.k_new);
+  const std::byte* v_new = static_cast<const std::byte*>(b.v_new);
+  if (!cuda_path) {
+    for (int32_t p = 0; p < P; ++p) {
+      std::memcpy(dst[p], k_new + p * rowb, rowb);
+      std::memcpy(dst[P + p], v_new + p * rowb, rowb);
+    }
+    for (int32_t i = 0; i < B; ++i) {
+      if (!stored[i]) continue;
+      KvRows one{k_new + static_cast<size_t>(i) * Hkv * rowb,
+                 v_new + static_cast<size_t>(i) * Hkv * rowb,
+                 dtype,
+                 Hkv,
+                 D,
+                 1,
+                 D,
+                 D};
+      store->append(ss[i]->id, layer, one);
+      Event e;
+      e.kind = EventKind::kOffload;
+      e.seq = ss[i]->id;
+      e.layer = layer;
+      e.dir = Direction::kDeviceToHost;
+      e.bytes = static_cast<int64_t>(2 * Hkv * rowb);
+      record(e);
+    }
+  }
+#if KVTIER_WITH_CUDA
+  else {
+    const size_t bytes = dst.size() * sizeof(void*);
+    std::byte* up = staging.acquire(bytes);
+    std::memcpy(up, dst.data(), bytes);
+    grow(params_dev, bytes);
+    cuda::memcpy_async(params_dev.get(), up, bytes, stream);
+    staging.release(stream);
+    void** d = params_dev.as<void*>();
+    // Resident/ring rows (the first 2P pointers) and step rows (the next 2P): src row p % P.
+    scheduler::launch_append_rows(k_new, v_new, P, P, static_cast<int32_t>(rowb), d, d + P, stream);
+    scheduler::launch_append_rows(k_new, v_new, P, P, static_cast<int32_t>(rowb), d + 2 * P,
+                                  d + 3 * P, stream);
+    for (int32_t i = 0; i < B; ++i) {
+      if (stored[i]) step_rows.push_back(StepRow{ss[i]->id, layer, step_base + i});
+    }
+    step_rows_per_layer[layer] += B;
+  }
+#endif
+  for (int32_t i = 0; i < B; ++i) {
+    LayerState& st = ss[i]->layers[layer];
+    if (!st.recall || st.res_rows < cfg.sink) {
+      ++st.res_rows;
+    } else {
+      ++st.recall_end;
+    }
+    ++st.rows;
+  }
+
+  // ---- what attention reads, per problem p = (sequence i, KV head h).
+  std::vector<kernels::KvChunk> chunks;
+  std::vector<int32_t> indptr(P + 1, 0);
+  std::vector<memory::GatherSegment> gather;  // misses fetched before attention
+  auto chunk = [&](const std::byte* k, const std::byte* v, int64_t rows) {
+    kernels::KvChunk c{};
+    c.k = k;
+    c.v = v;
+    c.num_rows = static_cast<int32_t>(rows);
+    chunks.push_back(c);
+  };
+  if (!recall) {
+    for (int32_t i = 0; i < B; ++i) {
+      const LayerState& st = ss[i]->layers[layer];
+      for (int32_t h = 0; h < Hkv; ++h) {
+        const size_t off = static_cast<size_t>(h) * st.res_cap * rowb;
+        chunk(st.res_k.get() + off, st.res_v.get() + off, st.res_rows);
+        indptr[i * Hkv + h + 1] = static_cast<int32_t>(chunks.size());
+      }
+    }
+  } else {
+    // Score and select (problems without clusters select nothing).
+    std::vector<int32_t> crow(P), ncl(P), budgets(P, cfg.budget);
+    bool any = false;
+    for (int32_t i = 0; i < B; ++i) {
+      const LayerState& st = ss[i]->layers[layer];
+      for (int32_t h = 0; h < Hkv; ++h) {
+        crow[i * Hkv + h] = static_cast<int32_t>(st.table_row + h);
+        ncl[i * Hkv + h] = st.num_clusters;
+        any = any || st.num_clusters > 0;
+      }
+    }
+    kernels::ClusterSelectParams sp;
+    sp.num_problems = P;
+    sp.group_size = G;
+    sp.head_dim = D;
+    sp.max_clusters = cap_c;
+    sp.aggregation = cfg.aggregation;
+    sp.overflow = cfg.overflow;
+    const int32_t ncols = std::min(cap_c, cfg.budget);
+    h_num_sel.assign(P, 0);
+    h_ids.assign(static_cast<size_t>(P) * ncols, -1);
+    h_rows.assign(static_cast<size_t>(P) * ncols, 0);
+    if (any) {
+      const size_t slots = static_cast<size_t>(P) * cap_c;
+      if (!cuda_path) {
+        std::vector<float> q32h(static_cast<size_t>(P) * G * D);
+        const std::byte* q = static_cast<const std::byte*>(b.q);
+        for (size_t e = 0; e < q32h.size(); ++e) q32h[e] = load_as_float(q, dtype, e);
+        std::vector<int32_t> sizes(slots), ids(slots), rows(slots), nsel(P), tot(P);
+        std::vector<float> sc(slots);
+        for (int32_t p = 0; p < P; ++p) {
+          std::memcpy(&sizes[static_cast<size_t>(p) * cap_c], sizes_row(crow[p]), cap_c * 4);
+        }
+        kernels::ClusterSelectTensors t;
+        t.queries = q32h.data();
+        t.centroids = centroid_table.as<float>();
+        t.centroid_rows = crow.data();
+        t.num_clusters = ncl.data();
+        t.cluster_sizes = sizes.data();
+        t.budgets = budgets.data();
+        t.scores = sc.data();
+        t.selected_ids = ids.data();
+        t.selected_rows = rows.data();
+        t.num_selected = nsel.data();
+        t.total_rows = tot.data();
+        kernels::score_and_select_clusters_cpu(sp, t);
+        for (int32_t p = 0; p < P; ++p) {
+          h_num_sel[p] = nsel[p];
+          std::copy_n(&ids[static_cast<size_t>(p) * cap_c], ncols, &h_ids[p * ncols]);
+          std::copy_n(&rows[static_cast<size_t>(p) * cap_c], ncols, &h_rows[p * ncols]);
+        }
+      }
+#if KVTIER_WITH_CUDA
+      else {
+        std::byte* up = staging.acquire(3 * P * 4);
+        std::memcpy(up, crow.data(), P * 4);
+        std::memcpy(up + P * 4, ncl.data(), P * 4);
+        std::memcpy(up + 2 * P * 4, budgets.data(), P * 4);
+        Buffer& sel_params = select_params;
+        grow(sel_params, 3 * P * 4);
+        cuda::memcpy_async(sel_params.get(), up, 3 * P * 4, stream);
+        staging.release(stream);
+        const int32_t* d_crow = sel_params.as<int32_t>();
+        grow(q32, static_cast<size_t>(P) * G * D * 4);
+        grow(sizes_batch, slots * 4);
+        grow(scores, slots * 4);
+        grow(sel_ids, slots * 4);
+        grow(sel_rows, slots * 4);
+        grow(num_sel, P * 4);
+        grow(total_rows, P * 4);
+        scheduler::launch_to_f32(b.q, dtype, static_cast<int64_t>(P) * G * D, q32.as<float>(),
+                                 stream);
+        scheduler::launch_gather_table_rows(size_table.as<int32_t>(), d_crow, P, cap_c,
+                                            sizes_batch.as<int32_t>(), stream);
+        kernels::ClusterSelectTensors t;
+        t.queries = q32.as<float>();
+        t.centroids = centroid_table.as<float>();
+        t.centroid_rows = d_crow;
+        t.num_clusters = d_crow + P;
+        t.cluster_sizes = sizes_batch.as<int32_t>();
+        t.budgets = d_crow + 2 * P;
+        t.scores = scores.as<float>();
+        t.selected_ids = sel_ids.as<int32_t>();
+        t.selected_rows = sel_rows.as<int32_t>();
+        t.num_selected = num_sel.as<int32_t>();
+        t.total_rows = total_rows.as<int32_t>();
+        const size_t ws = kernels::select_clusters_workspace_bytes(sp);
+        grow(select_ws, std::max<size_t>(ws, 16));
+        kernels::launch_score_and_select_clusters(sp, t, select_ws.get(), ws, stream);
+        const size_t down = (2 * static_cast<size_t>(P) * ncols + P) * 4;
+        std::byte* dn = staging.acquire(down);
+        KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(dn, ncols * 4, sel_ids.get(), cap_c * 4, ncols * 4, P,
+                                            cudaMemcpyDeviceToHost, stream));
+        KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(dn + P * ncols * 4, ncols * 4, sel_rows.get(),
+                                            cap_c * 4, ncols * 4, P, cudaMemcpyDeviceToHost,
+                                            stream));
+        cuda::memcpy_async(dn + 2 * P * ncols * 4, num_sel.get(), P * 4, stream);
+        const auto t0 = Clock::now();
+        KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
+        Event e;
+        e.kind = EventKind::kStall;
+        e.layer = layer;
+        e.stall_us = static_cast<uint32_t>(ms_since(t0) * 1000);
+        record(e);
+        std::memcpy(h_ids.data(), dn, P * ncols * 4);
+        std::memcpy(h_rows.data(), dn + P * ncols * 4, P * ncols * 4);
+        std::memcpy(h_num_sel.data(), dn + 2 * P * ncols * 4, P * 4);
+        staging.release(stream);
+      }
+#endif
+    }
+    // Cache lookup: whole clusters.
+    std::vector<memory::CacheRequest> req;
+    std::vector<int32_t> req_rows, req_problem;
+    for (int32_t p = 0; p < P; ++p) {
+      const int32_t i = p / Hkv, h = p % Hkv;
+      const LayerState& st = ss[i]->layers[layer];
+      for (int32_t j = 0; j < h_num_sel[p]; ++j) {
+        const int32_t id = h_ids[static_cast<size_t>(p) * ncols + j];
+        KVTIER_ASSERT(id >= 0 && id < st.num_clusters);
+        memory::CacheRequest r;
+        r.key = memory::ClusterKey{ss[i]->id, layer, h, id};
+        r.num_rows = st.sizes[h][id];
+        req.push_back(r);
+        req_rows.push_back(h_rows[static_cast<size_t>(p) * ncols + j]);
+        req_problem.push_back(p);
+      }
+    }
+    const memory::CacheLookup lk = cache->lookup(req);
+    const bool fused = cfg.fetch == FetchPath::kFused && cuda_path;
+    std::vector<memory::GatherSegment> plan;
+    memory::plan_fetch(*store, req.data(), lk, cfg.page_size,
+                       cuda_path ? memory::HostAddress::kDevice : memory::HostAddress::kHost,
+                       &plan);
+    // Per-problem telemetry: hits, misses and bytes.
+    {
+      std::vector<int32_t> hits(P, 0), misses(P, 0);
+      std::vector<int64_t> bytes(P, 0);
+      for (size_t r = 0; r < req.size(); ++r) {
+        if (lk.hit[r]) {
+          ++hits[req_problem[r]];
+        } else {
+          ++misses[req_problem[r]];
+          bytes[req_problem[r]] += static_cast<int64_t>(2 * req[r].num_rows * rowb);
+        }
+      }
+      for (int32_t p = 0; p < P; ++p) {
+        if (hits[p] + misses[p] == 0) continue;
+        Event e;
+        e.kind = EventKind::kCacheLookup;
+        e.seq = ss[p / Hkv]->id;
+        e.layer = layer;
+        e.kv_head = p % Hkv;
+        e.hits = hits[p];
+        e.misses = misses[p];
+        record(e);
+        if (misses[p] > 0) {
+          e.kind = EventKind::kFetch;
+          e.hits = e.misses = 0;  // counted by the lookup event
+          e.dir = Direction::kHostToDevice;
+          e.bytes = bytes[p];
+          record(e);
+        }
+      }
+      if (!lk.evicted.empty()) {
+        Event e;
+        e.kind = EventKind::kEvict;
+        e.layer = layer;
+        e.misses = static_cast<int32_t>(lk.evicted.size());
+        record(e);
+      }
+    }
+    // Segments by destination page, for the fused path.
+    std::unordered_map<int32_t, std::vector<const memory::GatherSegment*>> by_page;
+    std::vector<uint8_t> fused_req(req.size(), 0);
+    if (fused) {
+      for (size_t r = 0; r < req.size(); ++r) {
+        fused_req[r] = !lk.hit[r] && req_rows[r] == req[r].num_rows;  // truncated: gathered
+      }
+      for (const auto& sgm : plan) by_page[sgm.dst_page].push_back(&sgm);
+      std::unordered_map<int32_t, uint8_t> page_fused;
+      for (size_t r = 0; r < req.size(); ++r) {
+        for (int32_t q = lk.page_indptr[r]; q < lk.page_indptr[r + 1]; ++q) {
+          page_fused[lk.page_ids[q]] = fused_req[r];
+        }
+      }
+      for (const auto& sgm : plan) {
+        if (!page_fused[sgm.dst_page]) gather.push_back(sgm);
+      }
+    } else {
+      gather = plan;
+    }
+    // Chunks: [sink | selected clusters' pages | window].
+    size_t r = 0;
+    for (int32_t p = 0; p < P; ++p) {
+      const int32_t i = p / Hkv, h = p % Hkv;
+      const LayerState& st = ss[i]->layers[layer];
+      if (st.res_rows > 0) {
+        const size_t off = static_cast<size_t>(h) * st.res_cap * rowb;
+        chunk(st.res_k.get() + off, st.res_v.get() + off, st.res_rows);
+      }
+      for (; r < req.size() && req_problem[r] == p; ++r) {
+        int64_t left = req_rows[r];
+        for (int32_t q = lk.page_indptr[r]; q < lk.page_indptr[r + 1] && left > 0; ++q) {
+          const int32_t page = lk.page_ids[q];
+          if (fused_req[r]) {
+            for (const memory::GatherSegment* sgm : by_page[page]) {
+              kernels::KvChunk c{};
+              c.k = sgm->src_k;
+              c.v = sgm->src_v;
+              c.k_copy = cache->k_page(page) + sgm->dst_row * rowb;
+              c.v_copy = cache->v_page(page) + sgm->dst_row * rowb;
+              c.num_rows = sgm->num_rows;
+              chunks.push_back(c);
+              left -= sgm->num_rows;
+            }
+          } else {
+            const int64_t rows = std::min<int64_t>(left, cfg.page_size);
+            chunk(cache->k_page(page), cache->v_page(page), rows);
+            left -= rows;
+          }
+        }
+      }
+      const int64_t wn = st.recall_end - st.clustered;
+      for_ring_runs(st.clustered, wn, st.win_cap, [&](int64_t slot, int64_t run, int64_t) {
+        const size_t off = (static_cast<size_t>(h) * st.win_cap + slot) * rowb;
+        chunk(st.win_k.get() + off, st.win_v.get() + off, run);
+      });
+      indptr[p + 1] = static_cast<int32_t>(chunks.size());
+    }
+  }
+  int64_t max_rows = 0;
+  for (int32_t p = 0; p < P; ++p) {
+    int64_t rows = 0;
+    for (int32_t c = indptr[p]; c < indptr[p + 1]; ++c) rows += chunks[c].num_rows;
+    max_rows = std::max(max_rows, rows);
+    rows_attended += rows;
+  }
+  kernels::DecodeAttentionParams ap;
+  ap.num_seqs = B;
+  ap.num_q_heads = Hq;
+  ap.num_kv_heads = Hkv;
+  ap.head_dim = D;
+  ap.dtype = dtype;
+  if (!cuda_path) {
+    if (!gather.empty()) {
+      kernels::GatherParams gp;
+      gp.segments = gather.data();
+      gp.num_segments = static_cast<int32_t>(gather.size());
+      gp.row_bytes = static_cast<int32_t>(rowb);
+      gp.page_size = cfg.page_size;
+      gp.k_pool = cache->k_pool();
+      gp.v_pool = cache->v_pool();
+      kernels::gather_ref(gp);
+    }
+    kernels::DecodeAttentionTensors t;
+    t.q = b.q;
+    t.chunks = chunks.data();
+    t.chunk_indptr = indptr.data();
+    t.out = b.out;
+    kernels::decode_attention_cpu(ap, t);
+  }
+#if KVTIER_WITH_CUDA
+  else {
+    // One upload: [segments | chunks | indptr].
+    const size_t seg_bytes = gather.size() * sizeof(memory::GatherSegment);
+    const size_t ch_bytes = chunks.size() * sizeof(kernels::KvChunk);
+    const size_t ip_bytes = indptr.size() * sizeof(int32_t);
+    const size_t total = seg_bytes + ch_bytes + ip_bytes;
+    std::byte* up = staging.acquire(total);
+    std::memcpy(up, gather.data(), seg_bytes);
+    std::memcpy(up + seg_bytes, chunks.data(), ch_bytes);
+    std::memcpy(up + seg_bytes + ch_bytes, indptr.data(), ip_bytes);
+    grow(segments_dev, total);
+    cuda::memcpy_async(segments_dev.get(), up, total, stream);
+    staging.release(stream);
+    if (!gather.empty()) {
+      kernels::GatherParams gp;
+      gp.segments = segments_dev.as<memory::GatherSegment>();
+      gp.num_segments = static_cast<int32_t>(gather.size());
+      gp.row_bytes = static_cast<int32_t>(rowb);
+      gp.page_size = cfg.page_size;
+      gp.k_pool = cache->k_pool();
+      gp.v_pool = cache->v_pool();
+      kernels::launch_gather(gp, stream);
+    }
+    kernels::DecodeAttentionTensors t;
+    t.q = b.q;
+    t.chunks = reinterpret_cast<const kernels::KvChunk*>(segments_dev.get() + seg_bytes);
+    t.chunk_indptr = reinterpret_cast<const int32_t*>(segments_dev.get() + seg_bytes + ch_bytes);
+    t.out = b.out;
+    const size_t ws = kernels::decode_attention_workspace_bytes(ap, max_rows);
+    grow(attn_ws, std::max<size_t>(ws, 16));
+    kernels::launch_decode_attention(ap, t, max_rows, attn_ws.get(), ws, stream);
+  }
+#endif
+  for (int32_t i = 0; i < B; ++i) ss[i]->layers[layer].last_decode.record(backend, stream);
+  step_layer_done[layer].record(backend, stream);
+  ++decode_calls;
+}
+
+// ---- window clustering ----
+
+void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
+  LayerState& st = s.layers[layer];
+  const int64_t W = cfg.window;
+  const int32_t cp = cfg.window_clusters;
+  KVTIER_CHECK_CODE(kCapacity, st.num_clusters + cp <= cap_c, "sequence ", s.id, " layer ", layer,
+                    ": the centroid table (", cap_c, " per head) is full; raise max_context");
+  auto job = std::make_unique<WindowJob>();
+  job->begin = st.clustered;
+  job->first_cluster = st.num_clusters;
+  kernels::KmeansParams kp;
+  kp.num_problems = Hkv;
+  kp.num_points = W;
+  kp.dim = D;
+  kp.num_clusters = cp;
+  kp.max_iters = cfg.kmeans_iters;
+  kp.dtype = dtype;
+  kp.centroid_stride = cap_c;
+  kp.seed = static_cast<uint64_t>(s.id) * 1000003ull + layer * 7919ull + job->begin;
+  float* cent = centroids_row(st.table_row) + static_cast<size_t>(job->first_cluster) * D;
+  int32_t* sizes = sizes_row(st.table_row) + job->first_cluster;
+  const size_t bytes = static_cast<size_t>(Hkv) * W * rowb;
+  const SeqId seq = s.id;
+  if (backend == Backend::kCpu) {
+    std::vector<std::byte> points(bytes);
+    for_ring_runs(job->begin, W, st.win_cap, [&](int64_t slot, int64_t run, int64_t i) {
+      copy_2d(backend, points.data() + i * rowb, W * rowb, st.win_k.get() + slot * rowb,
+              st.win_cap * rowb, run * rowb, Hkv, nullptr);
+    });
+    job->labels.resize(static_cast<size_t>(Hkv) * W);
+    kernels::kmeans_cpu(kp, points.data(), cent, job->labels.data(), sizes);
+    job->host = std::make_shared<Job>();
+    run_window_host(s, layer, *job);
+    st.window = std::move(job);
+    finish_window_job(s, layer, /*wait=*/true);
+    return;
+  }
+#if KVTIER_WITH_CUDA
+  const cudaStream_t side_s = side_stream();
+  stream_wait(backend, side_s, st.last_decode);
+  job->points = alloc(bytes);
+  for_ring_runs(job->begin, W, st.win_cap, [&](int64_t slot, int64_t run, int64_t i) {
+    copy_2d(backend, job->points.get() + i * rowb, W * rowb, st.win_k.get() + slot * rowb,
+            st.win_cap * rowb, run * rowb, Hkv, side_s);
+  });
+  job->labels_dev = alloc(static_cast<size_t>(Hkv) * W * 4);
+  job->workspace = alloc(kernels::kmeans_workspace_bytes(kp));
+  kernels::launch_kmeans(kp, job->points.get(), cent, job->labels_dev.as<int32_t>(), sizes,
+                         job->workspace.get(), nullptr, nullptr, nullptr, side_s);
+  job->labels_host = memory::PinnedBuffer::allocate(static_cast<size_t>(Hkv) * W * 4);
+  cuda::memcpy_async(job->labels_host.data(), job->labels_dev.get(),
+                     static_cast<size_t>(Hkv) * W * 4, side_s);
+  job->done.record(backend, side_s);
+  job->host = std::make_shared<Job>();
+  const std::shared_ptr<Job> appended = step_append;  // the rows are in the store after it
+  WindowJob* j = job.get();
+  Sequence* sp = &s;
+  st.window = std::move(job);
+  jobs.run([this, j, sp, layer, appended] {
+    try {
+      if (appended) appended->future.get();
+      j->done.synchronize();
+      j->labels.assign(reinterpret_cast<const int32_t*>(j->labels_host.data()),
+                       reinterpret_cast<const int32_t*>(j->labels_host.data()) +
+                           static_cast<size_t>(Hkv) * cfg.window);
+      run_window_host(*sp, layer, *j);
+    } catch (...) {
+      j->host->promise.set_exception(std::current_exception());
+    }
+  });
+  (void)seq;
+#endif
+}
+
+// Background half of a window job: the store's re-layout. Sets j.host.
+void Engine::Impl::run_window_host(Sequence& s, int32_t layer, WindowJob& j) {
+  try {
+    const int64_t W = cfg.window;
+    for (int32_t h = 0; h < Hkv; ++h) {
+      store->cluster(s.id, layer, h, j.begin, W, j.labels.data() + static_cast<size_t>(h) * W,
+                     cfg.window_clusters);
+    }
+    Event e;
+    e.kind = EventKind::kCluster;
+    e.seq = s.id;
+    e.layer = layer;
+    e.bytes = static_cast<int64_t>(W * Hkv * rowb);
+    record(e);
+    j.host->promise.set_value();
+  } catch (...) {
+    j.host->promise.set_exception(std::current_exception());
+  }
+}
+
+// Commits a finished window job: its clusters join the index and its rows leave the window.
+void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait) {
+  LayerState& st = s.layers[layer];
+  if (!st.window) return;
+  WindowJob& j = *st.window;
+  if (!wait && !j.host->ready()) return;
+  wait_job(j.host, s.id, layer);
+  const int64_t W = cfg.window;
+  const int32_t cp = cfg.window_clusters;
+  for (int32_t h = 0; h < Hkv; ++h) {
+    std::vector<int32_t> sz(cp, 0);
+    for (int64_t i = 0; i < W; ++i) ++sz[j.labels[static_cast<size_t>(h) * W + i]];
+    st.sizes[h].insert(st.sizes[h].end(), sz.begin(), sz.end());
+  }
+  st.num_clusters += cp;
+  st.clustered += W;
+  st.centroids_ready = std::move(j.done);
+  st.window.reset();
+  ++window_clusterings;
+}
+
+void Engine::Impl::flush_step_rows() {
+#if KVTIER_WITH_CUDA
+  if (step_rows.empty()) return;
+  if (step_append) step_append->future.wait();  // step_host is free again
+  for (int32_t l = 0; l < L; ++l) {
+    if (step_rows_per_layer[l] > 0) stream_wait(backend, copy_stream(), step_layer_done[l]);
+  }
+  cuda::memcpy_async(step_host.data(), step_dev.get(), step_dev.size(), copy_stream());
+  auto done = std::make_shared<MaybeEvent>();
+  done->record(backend, copy_stream());
+  auto job = std::make_shared<Job>();
+  auto rows = std::make_shared<std::vector<StepRow>>(std::move(step_rows));
+  step_rows.clear();
+  std::fill(step_rows_per_layer.begin(), step_rows_per_layer.end(), 0);
+  const std::shared_ptr<Job> previous = step_append;
+  jobs.run([this, done, job, rows, previous] {
+    try {
+      if (previous) previous->future.get();
+      done->synchronize();
+      for (const StepRow& r : *rows) {
+        const std::byte* base =
+            step_host.data() +
+            ((static_cast<size_t>(r.layer) * cfg.max_batch + r.index) * 2) * Hkv * rowb;
+        KvRows one{base, base + Hkv * rowb, dtype, Hkv, D, 1, D, D};
+        store->append(r.seq, r.layer, one);
+        Event e;
+        e.kind = EventKind::kOffload;
+        e.seq = r.seq;
+        e.layer = r.layer;
+        e.dir = Direction::kDeviceToHost;
+        e.bytes = static_cast<int64_t>(2 * Hkv * rowb);
+        record(e);
+      }
+      job->promise.set_value();
+    } catch (...) {
+      job->promise.set_exception(std::current_exception());
+    }
+  });
+  step_append = job;
+#endif
+}
+
+// ---- Engine ----
+
+Engine::Engine(const EngineConfig& config) {
+  validate(config);
+  impl_ = std::make_unique<Impl>(config);
+}
+
+Engine::~Engine() = default;
+
+void Engine::add_sequence(SeqId seq) {
+  Impl& m = *impl_;
+  KVTIER_CHECK(!m.seqs.count(seq), "sequence ", seq, " already exists");
+  KVTIER_CHECK_CODE(kCapacity, !m.free_slots.empty(), "max_sequences = ", m.cfg.max_sequences,
+                    " sequences are live; remove one first");
+  auto s = std::make_unique<Sequence>();
+  s->id = seq;
+  s->slot = m.free_slots.back();
+  s->layers.resize(m.L);
+  for (int32_t l = 0; l < m.L; ++l) {
+    LayerState& st = s->layers[l];
+    st.recall = m.recall_index[l] >= 0;
+    if (st.recall) {
+      st.table_row =
+          (static_cast<int64_t>(s->slot) * m.num_recall_layers + m.recall_index[l]) * m.Hkv;
+    }
+  }
+  m.store->add_sequence(seq);
+  m.free_slots.pop_back();
+  m.seqs.emplace(seq, std::move(s));
+}
+
+void Engine::remove_sequence(SeqId seq) {
+  Impl& m = *impl_;
+  Sequence& s = m.find(seq);
+  if (m.step_append) m.step_append->future.wait();
+  m.wait_sequence(s);
+  m.store->remove_sequence(seq);
+  if (m.cache) m.cache->erase_sequence(seq);
+  m.free_slots.push_back(s.slot);
+  m.seqs.erase(seq);
+}
+
+bool Engine::contains(SeqId seq) const { return impl_->seqs.count(seq) != 0; }
+
+int64_t Engine::sequence_length(SeqId seq, int32_t layer) const {
+  Sequence& s = impl_->find(seq);
+  KVTIER_CHECK(layer >= 0 && layer < impl_->L, "layer ", layer, " out of [0, ", impl_->L, ")");
+  return s.layers[layer].rows;
+}
+
+void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv, cudaStream_t stream) {
+  Impl& m = *impl_;
+  Sequence& s = m.find(seq);
+  KVTIER_CHECK(layer >= 0 && layer < m.L, "prefill_layer: layer ", layer, " out of [0, ", m.L, ")");
+  KVTIER_CHECK(kv.dtype == m.dtype, "prefill_layer: dtype ", dtype_name(kv.dtype),
+               " does not match the model's ", dtype_name(m.dtype));
+  KVTIER_CHECK(kv.num_kv_heads == m.Hkv, "prefill_layer: num_kv_heads ", kv.num_kv_heads,
+               " does not match the model's ", m.Hkv);
+  KVTIER_CHECK(kv.head_dim == m.D, "prefill_layer: head_dim ", kv.head_dim,
+               " does not match the model's ", m.D);
+  KVTIER_CHECK(kv.num_rows >= 0, "prefill_layer: num_rows must be >= 0, got ", kv.num_rows);
+  KVTIER_CHECK(kv.num_rows == 0 || (kv.k && kv.v), "prefill_layer: k and v must not be null");
+  KVTIER_CHECK(!s.layers[layer].prefilled, "prefill_layer: layer ", layer, " of sequence ", seq,
+               " already has rows (prefill once, before decoding)");
+  KVTIER_CHECK_CODE(kCapacity, kv.num_rows <= m.cfg.max_context, "prompt of ", kv.num_rows,
+                    " rows exceeds max_context = ", m.cfg.max_context);
+  if (kv.num_rows == 0) return;
+  m.prefill(s, layer, kv, stream);
+}
+
+void Engine::decode_layer(int32_t layer, const DecodeBatch& batch, cudaStream_t stream) {
+  impl_->decode(layer, batch, stream);
+}
+
+void Engine::end_step() {
+  Impl& m = *impl_;
+  ++m.steps;
+  if (m.cache) m.cache->begin_step(m.steps);
+  if (m.backend == Backend::kCuda) m.flush_step_rows();
+  for (auto& [id, s] : m.seqs) {
+    for (int32_t l = 0; l < m.L; ++l) {
+      LayerState& st = s->layers[l];
+      if (!st.recall || !st.prefilled || st.prefill) continue;
+      m.finish_window_job(*s, l, /*wait=*/false);
+      if (!st.window && st.recall_end - st.clustered >= m.cfg.window) m.start_window_job(*s, l);
+    }
+  }
+  if (!m.cfg.telemetry_path.empty()) {
+    m.telemetry.drain_to_file(m.cfg.telemetry_path).throw_if_error();
+  } else {
+    std::vector<Event> sink;
+    m.telemetry.drain(&sink);
+  }
+}
+
+void Engine::synchronize() {
+  Impl& m = *impl_;
+  m.jobs.wait();
+  if (m.step_append) m.step_append->future.get();
+  for (auto& [id, s] : m.seqs) {
+    for (int32_t l = 0; l < m.L; ++l) {
+      LayerState& st = s->layers[l];
+      if (st.prefill) st.prefill->future.get();
+      if (st.window) st.window->host->future.get();
+    }
+  }
+}
+
+EngineStats Engine::stats() const {
+  const Impl& m = *impl_;
+  EngineStats s;
+  s.steps = m.steps;
+  s.decode_layer_calls = m.decode_calls;
+  s.sequences = static_cast<int64_t>(m.seqs.size());
+  if (m.cache) s.cache = m.cache->stats();
+  s.telemetry = m.telemetry.stats();
+  s.gpu_bytes = m.mem.now.load();
+  s.gpu_kv_bytes = m.mem.kv.load();
+  s.gpu_peak_bytes = m.mem.peak.load();
+  const memory::HostArenaStats hs = m.store->arena().stats();
+  s.host_bytes_used = hs.bytes_used;
+  s.host_bytes_peak = hs.bytes_peak;
+  s.prefill_cluster_ms = static_cast<double>(m.prefill_cluster_us.load()) / 1000.0;
+  s.window_clusterings = m.window_clusterings;
+  s.rows_attended = m.rows_attended;
+  return s;
+}
+
+const EngineConfig& Engine::config() const { return impl_->cfg; }
+scheduler::Telemetry& Engine::telemetry() { return impl_->telemetry; }
+bool Engine::is_recall_layer(int32_t layer) const {
+  KVTIER_CHECK(layer >= 0 && layer < impl_->L, "layer ", layer, " out of [0, ", impl_->L, ")");
+  return impl_->recall_index[layer] >= 0;
+}
+
+}  // namespace kvtier

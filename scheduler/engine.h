@@ -1,0 +1,170 @@
+// kvtier::Engine: the KV cache of one model, kept in the tiers and served to decode attention.
+//
+// Per (sequence, layer) the engine keeps:
+//   - resident rows on the GPU, always attended: the sink (first `sink` tokens) of a recall
+//     layer, or every row of a dense layer (mode full, and the first `num_dense_layers` layers);
+//   - for a recall layer (clusterkv), the recallable rows in the host tier (TieredStore),
+//     clustered by spherical k-means per KV head, with the centroids on the GPU; the rows not yet
+//     clustered sit in a GPU window ring and are clustered W at a time off the critical path;
+//   - recalled clusters in the GPU cluster cache (pages of `page_size` rows, retention R).
+// A decode step for a recall layer scores the centroids against the query heads of each KV
+// group, selects whole clusters up to the budget, fetches the misses from pinned host memory
+// into cache pages, and runs sparse attention over [sink | selected pages | window].
+//
+// Backends: kCuda (device pointers, work ordered on the caller's stream plus the engine's side
+// and copy streams; no device-wide synchronization) and kCpu (host pointers, the same code with
+// the CPU kernels; used by CI to run everything but the kernels).
+//
+// Thread-safety: one thread drives an Engine (the calls below are not concurrent with each
+// other); the engine's own background work (offload, clustering) runs on oneTBB tasks.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kernels/cluster_select.h"
+#include "memory/cluster_cache.h"
+#include "memory/core/backend.h"
+#include "memory/core/cuda_fwd.h"
+#include "memory/core/dtype.h"
+#include "memory/tiered_store.h"
+#include "scheduler/telemetry.h"
+
+namespace kvtier {
+
+using memory::SeqId;
+
+enum class Mode : uint8_t {
+  kFull,         ///< every row kept on the GPU and attended; rows are offloaded to the host tier
+  kClusterKV,    ///< recall per step: sink + selected clusters + local window
+  kClusterAttn,  ///< prefill-time selection by DBAC (not available yet: rejected by validation)
+  kHybrid,       ///< DBAC's set resident + ClusterKV recall (not available yet)
+};
+const char* mode_name(Mode mode);
+/// "full", "clusterkv", "clusterattn", "hybrid". Throws InvalidArgumentError otherwise.
+Mode parse_mode(std::string_view name);
+
+struct ModelShape {
+  int32_t num_layers = 0;
+  int32_t num_q_heads = 0;
+  int32_t num_kv_heads = 0;  ///< num_q_heads is a multiple of it (GQA)
+  int32_t head_dim = 0;      ///< 64 or 128
+  DType dtype = DType::kBF16;
+};
+
+/// How misses reach the cache: a gather kernel before attention, or attention itself reading
+/// the missed rows from mapped host memory and writing them into their pages (fused).
+enum class FetchPath : uint8_t { kGather, kFused };
+
+struct EngineConfig {
+  ModelShape model;
+  Mode mode = Mode::kClusterKV;
+  Backend backend = Backend::kCuda;
+  int device = 0;
+
+  // ---- recall (clusterkv) ----
+  int32_t budget = 2048;            ///< rows recalled per KV head and step (B)
+  int32_t sink = 16;                ///< first tokens, always resident (S)
+  int32_t window = 256;             ///< unclustered rows are clustered W at a time (W)
+  int32_t tokens_per_cluster = 64;  ///< prompt clusters: C0 = ceil(rows / this), unless set
+  int32_t initial_clusters = 0;     ///< C0 for a prompt; 0: from tokens_per_cluster
+  int32_t window_clusters = 4;      ///< C+: clusters per W window rows
+  int32_t retention_steps = 8;      ///< R
+  int32_t page_size = 16;           ///< cache page rows
+  int32_t num_dense_layers = 2;     ///< first layers kept whole on the GPU (ClusterKV keeps 2)
+  kernels::ScoreAggregation aggregation = kernels::ScoreAggregation::kSoftmaxSum;
+  kernels::BudgetOverflow overflow = kernels::BudgetOverflow::kTruncate;
+  int32_t kmeans_iters = 10;
+  FetchPath fetch = FetchPath::kGather;
+
+  // ---- capacity ----
+  size_t host_bytes_limit = 0;   ///< host tier (pinned arena) cap; required
+  size_t cache_bytes = 0;        ///< GPU cluster cache, K and V; 0: 4 x budget rows per KV head
+                                 ///< of every recall layer for max_batch sequences
+  int32_t max_sequences = 8;     ///< live sequences at once (sizes the centroid tables)
+  int32_t max_batch = 8;         ///< sequences per decode_layer call
+  int64_t max_context = 135168;  ///< rows per sequence and layer (prompt + generated)
+
+  std::string telemetry_path;  ///< if set, events are appended there as JSON Lines at end_step
+};
+
+/// Throws InvalidArgumentError naming the first bad field.
+void validate(const EngineConfig& config);
+
+/// One decode step of one layer for a batch of sequences. Pointers are device pointers on kCuda,
+/// host pointers on kCpu; all tensors contiguous in model.dtype.
+struct DecodeBatch {
+  const SeqId* seqs = nullptr;  ///< [num_seqs] (host array), distinct
+  int32_t num_seqs = 0;
+  const void* q = nullptr;      ///< [num_seqs, num_q_heads, head_dim]
+  const void* k_new = nullptr;  ///< [num_seqs, num_kv_heads, head_dim]: this step's token
+  const void* v_new = nullptr;
+  void* out = nullptr;  ///< [num_seqs, num_q_heads, head_dim]
+};
+
+struct EngineStats {
+  int64_t steps = 0;
+  int64_t decode_layer_calls = 0;
+  int64_t sequences = 0;
+  memory::CacheStats cache;
+  scheduler::TelemetryStats telemetry;
+  size_t gpu_bytes = 0;     ///< device memory the engine holds now (all of it)
+  size_t gpu_kv_bytes = 0;  ///< of that, KV rows: resident rows, windows and the cache pool
+  size_t gpu_peak_bytes = 0;
+  size_t host_bytes_used = 0;  ///< host tier
+  size_t host_bytes_peak = 0;
+  double prefill_cluster_ms = 0;  ///< clustering time of prefills (wall, in background jobs)
+  int64_t window_clusterings = 0;
+  int64_t rows_attended = 0;  ///< sum over decode problems of the rows attention read
+};
+
+class Engine {
+ public:
+  explicit Engine(const EngineConfig& config);
+  ~Engine();  ///< waits for background work
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  /// Throws InvalidArgumentError if `seq` exists, CapacityError past max_sequences.
+  void add_sequence(SeqId seq);
+  /// Frees everything of `seq` (waits for its background work). NotFoundError if unknown.
+  void remove_sequence(SeqId seq);
+  bool contains(SeqId seq) const;
+  /// Rows stored for `seq` in each layer after the calls so far (prompt + decoded tokens).
+  int64_t sequence_length(SeqId seq, int32_t layer) const;
+
+  /// One layer's prompt K and V (any strides, see KvRows; device pointers on kCuda). Called once
+  /// per layer, before that layer's first decode_layer. Copies what it needs before the work on
+  /// `stream` that follows it, so the caller may reuse the buffers once `stream` passes this
+  /// point. Offload and clustering continue in the background; decode waits for them only when
+  /// it first needs the layer.
+  void prefill_layer(SeqId seq, int32_t layer, const memory::KvRows& kv,
+                     cudaStream_t stream = nullptr);
+
+  /// Appends each sequence's new K/V row to `layer` and writes attention over all its rows (the
+  /// new one included) to batch.out, ordered on `stream`.
+  void decode_layer(int32_t layer, const DecodeBatch& batch, cudaStream_t stream = nullptr);
+
+  /// Ends a decode step: the step's rows reach the host tier, finished window clusterings are
+  /// committed and new ones started, the cache's step advances, telemetry is drained.
+  void end_step();
+
+  /// Waits for all background work (offloads, clusterings) to finish.
+  void synchronize();
+
+  EngineStats stats() const;
+  const EngineConfig& config() const;
+  scheduler::Telemetry& telemetry();
+  /// True if `layer` is served by recall (clusterkv and not a dense layer).
+  bool is_recall_layer(int32_t layer) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvtier

@@ -1,0 +1,94 @@
+// The engine on the CUDA backend, against dense attention over every row (the same oracle as the
+// CPU suite) and against the CPU backend: full mode, clusterkv with a budget covering the
+// context (gather and fused fetch), bf16, and recall with a small budget.
+#include <gtest/gtest.h>
+
+#include "scheduler/engine.h"
+#include "tests/scheduler/engine_driver.h"
+
+namespace kvtier {
+namespace {
+
+using namespace test_engine;
+
+EngineConfig gpu_config(Mode mode, const Shape& s, DType dtype = DType::kF16) {
+  EngineConfig c = make_config(mode, s, dtype);
+  c.backend = Backend::kCuda;
+  return c;
+}
+
+TEST(EngineGpu, FullModeEqualsDenseAttention) {
+  KVTIER_REQUIRE_GPU();
+  EXPECT_LT(run_churn(gpu_config(Mode::kFull, Shape{}), test::test_seed(), 50), kTol);
+}
+
+TEST(EngineGpu, ClusterKVWithBudgetCoveringTheContextEqualsDense) {
+  KVTIER_REQUIRE_GPU();
+  for (const FetchPath f : {FetchPath::kGather, FetchPath::kFused}) {
+    EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});
+    c.budget = 4096;
+    c.fetch = f;
+    EXPECT_LT(run_churn(c, test::test_seed() + 1, 60), kTol)
+        << (f == FetchPath::kFused ? "fused" : "gather");
+  }
+}
+
+TEST(EngineGpu, TruncatedClustersWithFusedFetch) {
+  KVTIER_REQUIRE_GPU();
+  // A budget that cuts clusters: misses of truncated clusters are gathered, the rest fused; the
+  // cached pages must hold whole clusters either way, so later hits read the right rows.
+  EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});
+  c.budget = 4096;
+  c.fetch = FetchPath::kFused;
+  c.num_dense_layers = 0;
+  EXPECT_LT(run_churn(c, test::test_seed() + 2, 40), kTol);
+  EngineStats st_gather, st_fused;
+  EngineConfig p = gpu_config(Mode::kClusterKV, Shape{});
+  const double gather = run_peaked(p, test::test_seed() + 3, &st_gather);
+  p.fetch = FetchPath::kFused;
+  const double fused = run_peaked(p, test::test_seed() + 3, &st_fused);
+  EXPECT_LT(gather, 0.05);
+  EXPECT_LT(fused, 0.05);
+}
+
+TEST(EngineGpu, Bf16AndHeadDim128) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kClusterKV, Shape{2, 8, 2, 128}, DType::kBF16);
+  c.budget = 4096;
+  EXPECT_LT(run_churn(c, test::test_seed() + 4, 30), 2e-2);
+}
+
+TEST(EngineGpu, SmallBudgetRecallsWhatMattersAndMatchesTheCpuBackend) {
+  KVTIER_REQUIRE_GPU();
+  EngineStats gpu, cpu;
+  const double g = run_peaked(gpu_config(Mode::kClusterKV, Shape{}), test::test_seed() + 5, &gpu);
+  const double c = run_peaked(make_config(Mode::kClusterKV, Shape{}), test::test_seed() + 5, &cpu);
+  EXPECT_LT(g, 0.05);
+  EXPECT_LT(c, 0.05);
+  EXPECT_LE(gpu.rows_attended, 40 * (4 + 384 + 2 * 32));
+  EXPECT_GT(gpu.cache.hits, 0);
+  EXPECT_GT(gpu.window_clusterings, 0);
+  EXPECT_EQ(gpu.window_clusterings, cpu.window_clusterings);
+  EXPECT_GT(gpu.gpu_bytes, 0u);
+}
+
+TEST(EngineGpu, StatsAndTelemetryAddUp) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});
+  c.budget = 24;
+  Driver d(c, test::test_seed() + 6);
+  d.add(1, 150, true);
+  d.add(2, 80, false);
+  for (int t = 0; t < 40; ++t) d.step({1, 2});
+  d.engine().synchronize();
+  const EngineStats s = d.engine().stats();
+  EXPECT_EQ(s.telemetry.hits, s.cache.hits);
+  EXPECT_EQ(s.telemetry.misses, s.cache.misses);
+  EXPECT_EQ(s.telemetry.bytes[static_cast<int>(scheduler::Direction::kHostToDevice)],
+            s.cache.bytes_fetched);
+  EXPECT_GT(s.host_bytes_used, 0u);
+  EXPECT_EQ(d.engine().sequence_length(1, 0), 190);
+}
+
+}  // namespace
+}  // namespace kvtier

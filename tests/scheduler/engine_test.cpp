@@ -1,0 +1,134 @@
+// The engine on the CPU backend: every path but the kernels themselves. Mode full and clusterkv
+// with a budget of at least the context must equal dense attention over all rows, step after
+// step, with ragged batches and sequences joining and leaving; clusterkv with a small budget
+// must recall what matters; bad input gets a clear error and changes nothing.
+#include "scheduler/engine.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/scheduler/engine_driver.h"
+
+namespace kvtier {
+namespace {
+
+using namespace test_engine;
+
+TEST(Engine, FullModeEqualsDenseAttentionOverManySteps) {
+  const EngineConfig c = make_config(Mode::kFull, Shape{});
+  EXPECT_LT(run_churn(c, test::test_seed(), 60), kTol);
+}
+
+TEST(Engine, ClusterKVWithBudgetCoveringTheContextEqualsDense) {
+  EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+  c.budget = 4096;  // >= any context here: every cluster is selected
+  EXPECT_LT(run_churn(c, test::test_seed() + 1, 70), kTol);
+}
+
+TEST(Engine, ClusterKVWithTruncateAndSkipAndNoDenseLayers) {
+  for (const auto overflow : {kernels::BudgetOverflow::kTruncate, kernels::BudgetOverflow::kSkip}) {
+    EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+    c.num_dense_layers = 0;
+    c.overflow = overflow;
+    c.budget = 4096;
+    EXPECT_LT(run_churn(c, test::test_seed() + 2, 40), kTol);
+  }
+}
+
+TEST(Engine, HalfPrecisionDtypesEqualDenseWithinTolerance) {
+  for (const DType t : {DType::kBF16, DType::kF16}) {
+    EngineConfig c = make_config(Mode::kClusterKV, Shape{2, 4, 2, 128}, t);
+    c.budget = 4096;
+    EXPECT_LT(run_churn(c, test::test_seed() + 3, 30), t == DType::kBF16 ? 2e-2 : kTol)
+        << dtype_name(t);
+  }
+}
+
+TEST(Engine, SmallBudgetRecallsTheClustersThatMatter) {
+  EngineStats st;
+  EXPECT_LT(run_peaked(make_config(Mode::kClusterKV, Shape{}), test::test_seed() + 4, &st), 0.05);
+  // Sink + budget + window (at most 2W) per step and layer, against 2048+ rows.
+  EXPECT_LE(st.rows_attended, 40 * (4 + 384 + 2 * 32));
+  EXPECT_GT(st.cache.hits, 0);
+  EXPECT_GT(st.window_clusterings, 0);
+}
+
+TEST(Engine, StatsAndTelemetryAddUp) {
+  EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+  c.budget = 24;
+  Driver d(c, test::test_seed() + 5);
+  d.add(1, 150, true);
+  d.add(2, 80, false);
+  for (int t = 0; t < 40; ++t) d.step({1, 2});
+  const EngineStats s = d.engine().stats();
+  EXPECT_EQ(s.steps, 40);
+  EXPECT_EQ(s.decode_layer_calls, 40 * 3);
+  EXPECT_EQ(s.telemetry.hits, s.cache.hits);
+  EXPECT_EQ(s.telemetry.misses, s.cache.misses);
+  EXPECT_EQ(s.telemetry.bytes[static_cast<int>(scheduler::Direction::kHostToDevice)],
+            s.cache.bytes_fetched);
+  EXPECT_GT(s.cache.hits, 0);  // retention keeps recent clusters
+  EXPECT_GT(s.host_bytes_used, 0u);
+  EXPECT_EQ(d.engine().sequence_length(1, 0), 190);
+  EXPECT_EQ(d.engine().sequence_length(2, 2), 120);
+}
+
+TEST(EngineErrors, BadConfigNamesTheField) {
+  auto msg = [](EngineConfig c) {
+    try {
+      validate(c);
+    } catch (const InvalidArgumentError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  const EngineConfig ok = make_config(Mode::kClusterKV, Shape{});
+  EXPECT_EQ(msg(ok), "");
+  EngineConfig c = ok;
+  c.budget = 0;
+  EXPECT_NE(msg(c).find("budget"), std::string::npos);
+  c = ok;
+  c.model.head_dim = 96;
+  EXPECT_NE(msg(c).find("head_dim"), std::string::npos);
+  c = ok;
+  c.model.num_q_heads = 7;
+  EXPECT_NE(msg(c).find("num_q_heads"), std::string::npos);
+  c = ok;
+  c.host_bytes_limit = 0;
+  EXPECT_NE(msg(c).find("host_bytes_limit"), std::string::npos);
+  c = ok;
+  c.window_clusters = 0;
+  EXPECT_NE(msg(c).find("window_clusters"), std::string::npos);
+  EXPECT_THROW(parse_mode("sparse"), InvalidArgumentError);
+  EXPECT_EQ(parse_mode("hybrid"), Mode::kHybrid);
+}
+
+TEST(EngineErrors, BadCallsThrowAndChangeNothing) {
+  const EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+  Driver d(c, test::test_seed() + 6);
+  d.add(1, 40, true);
+  Engine& e = d.engine();
+  EXPECT_THROW(e.add_sequence(1), InvalidArgumentError);
+  EXPECT_THROW(e.remove_sequence(99), NotFoundError);
+  std::vector<uint16_t> x(8 * 64), out(8 * 64);
+  const SeqId unknown = 42, one = 1;
+  DecodeBatch b{&unknown, 1, x.data(), x.data(), x.data(), out.data()};
+  EXPECT_THROW(e.decode_layer(0, b), NotFoundError);
+  b.seqs = &one;
+  EXPECT_THROW(e.decode_layer(7, b), InvalidArgumentError);
+  const SeqId twice[] = {1, 1};
+  DecodeBatch b2{twice, 2, x.data(), x.data(), x.data(), out.data()};
+  EXPECT_THROW(e.decode_layer(0, b2), InvalidArgumentError);
+  memory::KvRows rows{x.data(), x.data(), DType::kF16, 2, 64, 1, -1, -1};
+  EXPECT_THROW(e.prefill_layer(1, 0, rows), InvalidArgumentError);  // already prefilled
+  rows.dtype = DType::kBF16;
+  EXPECT_THROW(e.prefill_layer(1, 0, rows), InvalidArgumentError);
+  for (SeqId s = 2; s <= 4; ++s) e.add_sequence(s);
+  EXPECT_THROW(e.add_sequence(5), CapacityError);
+  // The sequence is intact: decoding still equals dense attention.
+  for (SeqId s = 2; s <= 4; ++s) e.remove_sequence(s);
+  EXPECT_EQ(e.sequence_length(1, 0), 40);
+  EXPECT_LT(d.step({1}), kTol);
+}
+
+}  // namespace
+}  // namespace kvtier
