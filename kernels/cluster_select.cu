@@ -196,6 +196,137 @@ void select_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, vo
 
 }  // namespace
 
+namespace {
+
+// ---- split scoring: many blocks per problem, for batches too small to fill the GPU ----
+
+constexpr int kSplitTile = 64;  // centroids per block of the logits kernel
+constexpr int kSplitThreads = 256;
+
+// grid: (num_problems, ceil(max_clusters / kSplitTile)), block kSplitThreads (8 warps). Writes
+// logits[p][g][j] = scale * q_g . c_j for the block's centroids j < num_clusters[p].
+template <int kDim>
+__global__ void __launch_bounds__(kSplitThreads)
+    split_logits_kernel(ScoreKernelParams kp, float* logits) {
+  const int p = blockIdx.x, G = kp.group_size;
+  const int n = min(max(kp.num_clusters[p], 0), kp.max_clusters);
+  const int j0 = blockIdx.y * kSplitTile;
+  if (j0 >= n) return;
+  extern __shared__ float q[];  // [G][kDim]
+  for (int i = threadIdx.x; i < G * kDim; i += blockDim.x)
+    q[i] = kp.queries[static_cast<size_t>(p) * G * kDim + i];
+  __syncthreads();
+  const size_t row =
+      kp.centroid_rows ? static_cast<size_t>(kp.centroid_rows[p]) : static_cast<size_t>(p);
+  const float* cb = kp.centroids + row * kp.max_clusters * kDim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int kPer = kDim / 32;
+  for (int j = j0 + warp; j < min(j0 + kSplitTile, n); j += kSplitThreads / 32) {
+    float c[kPer];
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) c[e] = cb[static_cast<size_t>(j) * kDim + e * 32 + lane];
+    for (int g = 0; g < G; ++g) {
+      float d = 0.f;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) d += c[e] * q[g * kDim + e * 32 + lane];
+      for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      if (lane == 0) logits[(static_cast<size_t>(p) * G + g) * kp.max_clusters + j] = d * kp.scale;
+    }
+  }
+}
+
+// grid: (num_problems), block kSplitThreads: per head max and sum over the problem's logits (one
+// warp per head, shuffles only), then scores[j] = sum_g exp(l_gj - m_g) / s_g (kSoftmaxSum) or
+// max_g l_gj (kMax); -inf past n.
+template <ScoreAggregation kAgg>
+__global__ void __launch_bounds__(kSplitThreads)
+    split_finish_kernel(ScoreKernelParams kp, const float* logits) {
+  const int p = blockIdx.x, G = kp.group_size;
+  const int n = min(max(kp.num_clusters[p], 0), kp.max_clusters);
+  float* out = kp.scores + static_cast<size_t>(p) * kp.max_clusters;
+  for (int j = n + threadIdx.x; j < kp.max_clusters; j += blockDim.x) out[j] = -INFINITY;
+  if (n == 0) return;
+  __shared__ float head_m[32], head_s[32];
+  __shared__ int bad;
+  if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
+  const float* lp = logits + static_cast<size_t>(p) * G * kp.max_clusters;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int g = warp; g < G; g += kSplitThreads / 32) {
+    const float* row = lp + static_cast<size_t>(g) * kp.max_clusters;
+    float m = -INFINITY;
+    bool my_bad = false;
+    for (int j = lane; j < n; j += 32) {
+      const float v = row[j];
+      my_bad = my_bad || !isfinite(v);
+      m = fmaxf(m, v);
+    }
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (__any_sync(0xffffffffu, my_bad) && lane == 0) bad = 1;
+    float sum = 0.f;
+    if constexpr (kAgg == ScoreAggregation::kSoftmaxSum) {
+      for (int j = lane; j < n; j += 32) sum += __expf(row[j] - m);
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    if (lane == 0) head_m[g] = m, head_s[g] = sum;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    float v = kAgg == ScoreAggregation::kMax ? -INFINITY : 0.f;
+    for (int g = 0; g < G; ++g) {
+      const float l = lp[static_cast<size_t>(g) * kp.max_clusters + j];
+      if constexpr (kAgg == ScoreAggregation::kMax) {
+        v = fmaxf(v, l);
+      } else {
+        v += __expf(l - head_m[g]) / head_s[g];
+      }
+    }
+    out[j] = bad ? NAN : v;
+  }
+  if (bad && threadIdx.x == 0 && kp.nonfinite_problem) {
+    atomicMin(reinterpret_cast<unsigned int*>(kp.nonfinite_problem), static_cast<unsigned>(p));
+  }
+}
+
+}  // namespace
+
+size_t score_clusters_split_workspace_bytes(const ClusterSelectParams& p) {
+  check_score_params(p);
+  return static_cast<size_t>(p.num_problems) * p.group_size * p.max_clusters * sizeof(float);
+}
+
+void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  check_score_params(p);
+  detail::check_score_tensors(p, t);
+  KVTIER_CHECK(p.group_size <= 32, "split scoring supports group_size <= 32, got ", p.group_size);
+  reset_nonfinite_flag(t.nonfinite_problem, stream);
+  if (p.num_problems == 0) return;
+  const size_t need = score_clusters_split_workspace_bytes(p);
+  KVTIER_CHECK(workspace != nullptr && workspace_bytes >= need, "split scoring needs ", need,
+               " bytes of workspace, got ", workspace_bytes);
+  const ScoreKernelParams kp{t.queries,       t.centroids,    t.num_clusters,
+                             t.centroid_rows, t.scores,       t.nonfinite_problem,
+                             p.group_size,    p.max_clusters, cluster_score_scale(p)};
+  float* logits = static_cast<float*>(workspace);
+  const dim3 grid(static_cast<unsigned>(p.num_problems),
+                  static_cast<unsigned>((p.max_clusters + kSplitTile - 1) / kSplitTile));
+  dispatch_head_dim(p.head_dim, [&](auto dim) {
+    constexpr int kDim = decltype(dim)::value;
+    split_logits_kernel<kDim>
+        <<<grid, kSplitThreads, p.group_size * kDim * sizeof(float), stream>>>(kp, logits);
+  });
+  KVTIER_CUDA_CHECK_LAUNCH("split_logits_kernel");
+  if (p.aggregation == ScoreAggregation::kMax) {
+    split_finish_kernel<ScoreAggregation::kMax>
+        <<<p.num_problems, kSplitThreads, 0, stream>>>(kp, logits);
+  } else {
+    split_finish_kernel<ScoreAggregation::kSoftmaxSum>
+        <<<p.num_problems, kSplitThreads, 0, stream>>>(kp, logits);
+  }
+  KVTIER_CUDA_CHECK_LAUNCH("split_finish_kernel");
+}
+
 void launch_score_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                            cudaStream_t stream) {
   check_score_params(p);

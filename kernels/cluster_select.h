@@ -152,6 +152,14 @@ size_t select_clusters_workspace_bytes(const ClusterSelectParams& p);
 void launch_select_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                             void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+/// Scoring split over many thread blocks per problem (tiles of 64 centroids write their logits to
+/// `workspace`, then one block per problem aggregates): the same results as
+/// launch_score_clusters (fp32, within the same tolerance of the reference), for batches of few
+/// problems that one block per problem cannot spread over the GPU (a decode step of one
+/// sequence has 8 problems per layer). Requires group_size <= 32.
+size_t score_clusters_split_workspace_bytes(const ClusterSelectParams& p);
+void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                                 void* workspace, size_t workspace_bytes, cudaStream_t stream);
 /// launch_score_clusters then launch_select_clusters, with one reset of t.nonfinite_problem.
 void launch_score_and_select_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                       void* workspace, size_t workspace_bytes, cudaStream_t stream);

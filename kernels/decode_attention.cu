@@ -120,8 +120,7 @@ Plan make_plan(const DecodeAttentionParams& p, int64_t max_rows) {
         if (p.num_splits > 0) {
           plan.num_splits = p.num_splits;
         } else if (problem_blocks > 0) {
-          plan.num_splits =
-              choose_splits(max_rows, problem_blocks, resident_blocks<T, kDim, kG>());
+          plan.num_splits = choose_splits(max_rows, problem_blocks, resident_blocks<T, kDim, kG>());
         }
       });
     });
@@ -195,10 +194,9 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
         KVTIER_CUDA_CHECK_LAUNCH("decode_attention_kernel");
       });
       if (plan.num_splits > 1) {
-        const auto grid = static_cast<unsigned>((plan.out_rows + 3) / 4);
-        merge_splits_kernel<T, kDim><<<grid, 128, 0, stream>>>(
-            kp.part_out, kp.part_lse, static_cast<int32_t>(plan.out_rows), plan.num_splits,
-            static_cast<T*>(out), lse);
+        merge_splits_kernel<T, kDim>
+            <<<static_cast<unsigned>(plan.out_rows), kMergeWarps * 32, 0, stream>>>(
+                kp.part_out, kp.part_lse, plan.num_splits, static_cast<T*>(out), lse);
         KVTIER_CUDA_CHECK_LAUNCH("merge_splits_kernel");
       }
     });

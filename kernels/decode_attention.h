@@ -40,10 +40,10 @@ static_assert(alignof(KvChunk) == 16, "KvChunk is loaded with 16-byte vectors");
 
 /// Shapes and options of one call.
 struct DecodeAttentionParams {
-  int32_t num_seqs = 0;      ///< >= 0
-  int32_t num_q_heads = 0;   ///< a multiple of num_kv_heads
-  int32_t num_kv_heads = 0;  ///< >= 1; query head qh uses KV head qh / G, G = q / kv heads
-  int32_t head_dim = 0;      ///< 64, 128 or 256
+  int32_t num_seqs = 0;        ///< >= 0
+  int32_t num_q_heads = 0;     ///< a multiple of num_kv_heads
+  int32_t num_kv_heads = 0;    ///< >= 1; query head qh uses KV head qh / G, G = q / kv heads
+  int32_t head_dim = 0;        ///< 64, 128 or 256
   DType dtype = DType::kBF16;  ///< of q, K, V and out: kF16 or kBF16 (the CPU paths also kF32)
   float scale = 0.f;           ///< logit = scale * dot(q, k); 0 means 1/sqrt(head_dim)
   /// GPU only: splits of each problem's rows (split-KV); 0 chooses from the device's size and
@@ -59,8 +59,8 @@ struct DecodeAttentionTensors {
   /// [num_seqs * num_kv_heads + 1]: problem p's chunks are [indptr[p], indptr[p + 1]) in order;
   /// its rows are the concatenation of those chunks' rows.
   const int32_t* chunk_indptr = nullptr;
-  void* out = nullptr;    ///< [num_seqs, num_q_heads, head_dim] of dtype
-  float* lse = nullptr;   ///< optional [num_seqs, num_q_heads]; see below
+  void* out = nullptr;   ///< [num_seqs, num_q_heads, head_dim] of dtype
+  float* lse = nullptr;  ///< optional [num_seqs, num_q_heads]; see below
 };
 
 /// The arrays of a dense call: every problem's rows are contiguous at a fixed stride.

@@ -81,8 +81,10 @@ void run_piece(const DecodeAttentionParams& p, const DecodeAttentionTensors& t, 
     const auto* vb = static_cast<const std::byte*>(ch.v);
     const size_t off = static_cast<size_t>(lo - first) * row_bytes;
     const size_t bytes = static_cast<size_t>(hi - lo) * row_bytes;
-    if (ch.k_copy != nullptr) std::memcpy(static_cast<std::byte*>(ch.k_copy) + off, kb + off, bytes);
-    if (ch.v_copy != nullptr) std::memcpy(static_cast<std::byte*>(ch.v_copy) + off, vb + off, bytes);
+    if (ch.k_copy != nullptr)
+      std::memcpy(static_cast<std::byte*>(ch.k_copy) + off, kb + off, bytes);
+    if (ch.v_copy != nullptr)
+      std::memcpy(static_cast<std::byte*>(ch.v_copy) + off, vb + off, bytes);
     for (int64_t r = lo; r < hi; ++r) {
       const size_t ro = static_cast<size_t>(r - first) * row_bytes;
       row_to_float(kb + ro, p.dtype, D, k.data());
@@ -121,7 +123,8 @@ void attention_cpu(const DecodeAttentionParams& p, const DecodeAttentionTensors&
   for (int32_t i = 0; i < problems; ++i) {
     piece_begin[static_cast<size_t>(i)] = pieces.size();
     const int64_t n = rows[static_cast<size_t>(i)];
-    for (int64_t b = 0; b < n; b += kPieceRows) pieces.push_back({i, b, std::min(n, b + kPieceRows)});
+    for (int64_t b = 0; b < n; b += kPieceRows)
+      pieces.push_back({i, b, std::min(n, b + kPieceRows)});
   }
   piece_begin[static_cast<size_t>(problems)] = pieces.size();
 
@@ -134,37 +137,39 @@ void attention_cpu(const DecodeAttentionParams& p, const DecodeAttentionTensors&
                         run_piece(p, t, pieces[i], states.data() + i * piece_floats);
                     });
 
-  tbb::parallel_for(tbb::blocked_range<int32_t>(0, problems), [&](const tbb::blocked_range<int32_t>&
-                                                                      r) {
-    std::vector<double> o(D);
-    for (int32_t i = r.begin(); i != r.end(); ++i) {
-      const int32_t seq = i / p.num_kv_heads, kv_head = i % p.num_kv_heads;
-      const size_t first = piece_begin[static_cast<size_t>(i)];
-      const size_t last = piece_begin[static_cast<size_t>(i) + 1];
-      for (int32_t g = 0; g < G; ++g) {
-        const size_t out_row = static_cast<size_t>(seq) * p.num_q_heads + kv_head * G + g;
-        double m = -std::numeric_limits<double>::infinity();
-        for (size_t j = first; j < last; ++j) m = std::max<double>(m, states[j * piece_floats + g * stride]);
-        std::fill(o.begin(), o.end(), 0.0);
-        double l = 0.0;
-        if (m > -std::numeric_limits<double>::infinity()) {
-          for (size_t j = first; j < last; ++j) {
-            const float* s = states.data() + j * piece_floats + g * stride;
-            const double w = std::exp(static_cast<double>(s[0]) - m);
-            l += w * s[1];
-            for (int32_t d = 0; d < D; ++d) o[d] += w * s[2 + d];
+  tbb::parallel_for(
+      tbb::blocked_range<int32_t>(0, problems), [&](const tbb::blocked_range<int32_t>& r) {
+        std::vector<double> o(D);
+        for (int32_t i = r.begin(); i != r.end(); ++i) {
+          const int32_t seq = i / p.num_kv_heads, kv_head = i % p.num_kv_heads;
+          const size_t first = piece_begin[static_cast<size_t>(i)];
+          const size_t last = piece_begin[static_cast<size_t>(i) + 1];
+          for (int32_t g = 0; g < G; ++g) {
+            const size_t out_row = static_cast<size_t>(seq) * p.num_q_heads + kv_head * G + g;
+            double m = -std::numeric_limits<double>::infinity();
+            for (size_t j = first; j < last; ++j)
+              m = std::max<double>(m, states[j * piece_floats + g * stride]);
+            std::fill(o.begin(), o.end(), 0.0);
+            double l = 0.0;
+            if (m > -std::numeric_limits<double>::infinity()) {
+              for (size_t j = first; j < last; ++j) {
+                const float* s = states.data() + j * piece_floats + g * stride;
+                const double w = std::exp(static_cast<double>(s[0]) - m);
+                l += w * s[1];
+                for (int32_t d = 0; d < D; ++d) o[d] += w * s[2 + d];
+              }
+            }
+            for (int32_t d = 0; d < D; ++d) {
+              store_from_float(t.out, p.dtype, out_row * D + d,
+                               l > 0 ? static_cast<float>(o[d] / l) : 0.f);
+            }
+            if (t.lse) {
+              t.lse[out_row] = l > 0 ? static_cast<float>(m + std::log(l))
+                                     : -std::numeric_limits<float>::infinity();
+            }
           }
         }
-        for (int32_t d = 0; d < D; ++d) {
-          store_from_float(t.out, p.dtype, out_row * D + d, l > 0 ? static_cast<float>(o[d] / l) : 0.f);
-        }
-        if (t.lse) {
-          t.lse[out_row] = l > 0 ? static_cast<float>(m + std::log(l))
-                                 : -std::numeric_limits<float>::infinity();
-        }
-      }
-    }
-  });
+      });
 }
 
 }  // namespace

@@ -15,11 +15,11 @@ namespace kvtier::kernels {
 
 /// Arguments shared by both row sources, by value.
 struct AttentionKernelParams {
-  const void* q;     // [num_seqs, num_q_heads, head_dim]
-  void* out;         // [num_seqs, num_q_heads, head_dim] (written when num_splits == 1)
-  float* lse;        // [num_seqs, num_q_heads] or null (written when num_splits == 1)
-  float* part_out;   // [num_seqs * num_q_heads, num_splits, head_dim] (num_splits > 1)
-  float* part_lse;   // [num_seqs * num_q_heads, num_splits] (num_splits > 1)
+  const void* q;    // [num_seqs, num_q_heads, head_dim]
+  void* out;        // [num_seqs, num_q_heads, head_dim] (written when num_splits == 1)
+  float* lse;       // [num_seqs, num_q_heads] or null (written when num_splits == 1)
+  float* part_out;  // [num_seqs * num_q_heads, num_splits, head_dim] (num_splits > 1)
+  float* part_lse;  // [num_seqs * num_q_heads, num_splits] (num_splits > 1)
   int32_t num_q_heads;
   int32_t num_kv_heads;
   int32_t group_size;  // G = num_q_heads / num_kv_heads
@@ -30,8 +30,8 @@ struct AttentionKernelParams {
 
 /// Rows from a chunk list (KvChunk, chunk_indptr).
 struct ChunkedRows {
-  const KvChunk* chunks;         // all problems' chunks
-  const int32_t* chunk_indptr;   // [num_problems + 1]
+  const KvChunk* chunks;        // all problems' chunks
+  const int32_t* chunk_indptr;  // [num_problems + 1]
 };
 
 /// Rows from a dense layout.
@@ -54,15 +54,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-/// Register stages of the row pipeline (each holds one 16-byte vector of K and of V per lane).
-template <int kG>
-constexpr int stages_for() {
-  return kG <= 4 ? 4 : 3;
-}
+/// Steps of the row pipeline in flight per warp, in shared memory (a power of two). A step is
+/// 1 KiB of K and V per warp, so a block keeps up to 28 KiB of loads in flight: the register
+/// version (3 steps) reached only 2.0-2.2 TB/s on an H100, being limited by bytes in flight.
+constexpr int kStages = 8;
 /// Blocks per SM the register budget is set for (__launch_bounds__).
 template <int kG>
 constexpr int min_blocks_for() {
-  return kG <= 1 ? 4 : (kG <= 4 ? 3 : 2);
+  return kG <= 4 ? 4 : 2;
 }
 
 // ---- element conversion: a 16-byte vector holds 8 elements ----
@@ -85,23 +84,68 @@ __device__ __forceinline__ void to_float8<__half>(const uint4& raw, float (&f)[8
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 x = __half22float2(__halves2half2(__ushort_as_half(static_cast<uint16_t>(w[i])),
-                                                   __ushort_as_half(static_cast<uint16_t>(w[i] >> 16))));
+    const float2 x =
+        __half22float2(__halves2half2(__ushort_as_half(static_cast<uint16_t>(w[i])),
+                                      __ushort_as_half(static_cast<uint16_t>(w[i] >> 16))));
     f[2 * i] = x.x;
     f[2 * i + 1] = x.y;
   }
 }
 
-__device__ __forceinline__ void store_elem(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store_elem(__nv_bfloat16* p, float x) {
+  *p = __float2bfloat16_rn(x);
+}
 __device__ __forceinline__ void store_elem(__half* p, float x) { *p = __float2half_rn(x); }
 
-/// Streaming 16-byte load: read once, so it skips L1; rows are whole 128/256-byte lines.
-__device__ __forceinline__ uint4 load_stream(const void* ptr) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(ptr));
-  return r;
+/// 2^x in one MUFU instruction (exp2f adds a denormal fix-up around it); results below 2^-126
+/// flush to 0, which the softmax weights tolerate.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/// Sums kT values over the kL lanes of a row (kT <= kL, both powers of two) so that each lane ends
+/// with one total: that of value (lane % kL) / (kL / kT), its "own" value. The first log2(kT)
+/// stages exchange half of the remaining values each (a transpose), so the cost is kT - 1 +
+/// log2(kL / kT) shuffles instead of kT log2(kL). Lanes of a row that own the same value get the
+/// same bits.
+template <int kT, int kL>
+__device__ __forceinline__ float reduce_transpose(float (&v)[kT], int lane) {
+  int o = kL / 2;
+#pragma unroll
+  for (int c = kT; c > 1; c >>= 1, o >>= 1) {
+    const bool up = (lane & o) != 0;
+#pragma unroll
+    for (int i = 0; i < c / 2; ++i) {
+      const float send = up ? v[i] : v[i + c / 2];
+      const float keep = up ? v[i + c / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFullMask, send, o);
+    }
+  }
+  float x = v[0];
+#pragma unroll
+  for (; o >= 1; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
+  return x;
+}
+
+/// Asynchronous 16-byte copy global -> shared (a shared-window address) that bypasses L1 (rows
+/// are read once); with `valid` false nothing is read and the 16 bytes are zero-filled.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+/// Waits until at most kPending of this thread's most recent groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void store16(void* ptr, const uint4& v) {
@@ -374,13 +418,28 @@ struct CursorOf<DenseRows, kRowBytes> {
   using type = DenseCursor<kRowBytes>;
 };
 
-/// One pipeline stage of a lane: its 16 bytes of a K row and of a V row, the step's row count
-/// (warp-uniform) and where the lane's bytes are copied to (fused fetch).
-struct Stage {
-  uint4 k, v;
-  int nrows;
+/// What a warp's consumer needs to know of a chunk-list step besides the data: its row count and
+/// where its rows are copied (fused fetch). Written by lane 0 when the step's loads are issued.
+/// (Dense steps are R rows until the range ends, so the consumer counts them itself.)
+struct StepRecord {
   char* k_copy;
   char* v_copy;
+  int nrows;
+};
+
+/// Shared memory of a block: the warps' pipelines while rows stream, then the warps' partial
+/// results for the merge (the two are never live together).
+template <int kG, int kHeadDim>
+union BlockSmem {
+  struct {
+    uint4 kv[kWarps][kStages][2][32];  // [warp][stage][K, V][lane]: each lane's own 16 bytes
+    StepRecord rec[kWarps][kStages];
+  } ring;
+  struct {
+    float acc[kWarps][kG][kHeadDim];
+    float m[kWarps][kG];
+    float l[kWarps][kG];
+  } merge;
 };
 
 }  // namespace decode_attention_device
@@ -391,12 +450,14 @@ struct Stage {
 /// group (all of it when G <= 8). Block: 4 warps; the split's rows (multiples of 16) are cut into
 /// 4 contiguous ranges, one per warp. A warp walks its range in steps of R = 256 / kHeadDim
 /// consecutive rows: lane l holds 16 bytes (8 elements, column l % (kHeadDim / 8)) of row
-/// l / (kHeadDim / 8) of the step, for K and V. Loads run kStages - 1 steps ahead of the math in
-/// registers. Per step: G dot products reduced over the row's lanes by shuffles, an fp32 online
-/// softmax whose running max is warp-uniform (the rescale is a warp-uniform branch, rarely taken
-/// once the max settles), and the V update. Each KV row is loaded once for all heads of the tile.
-/// Warps are merged in shared memory at the end; out/lse are written directly with one split,
-/// else a partial (normalized out, lse) per split.
+/// l / (kHeadDim / 8) of the step, for K and V. Loads run kStages - 1 steps ahead of the math
+/// (cp.async into a per-warp ring in shared memory; each lane reads back only its own bytes, so
+/// a warp needs no block barrier, only __syncwarp for the step records). Per step: G dot products
+/// reduced over the row's lanes by shuffles, an fp32 online softmax whose running max is
+/// warp-uniform (the rescale is a warp-uniform branch, rarely taken once the max settles), and the
+/// V update. Each KV row is loaded once for all heads of the tile. Warps are merged in shared
+/// memory at the end; out/lse are written directly with one split, else a partial (normalized out,
+/// lse) per split.
 template <typename T, int kHeadDim, int kG, typename Rows>
 __global__ void __launch_bounds__(decode_attention_device::kThreads,
                                   decode_attention_device::min_blocks_for<kG>())
@@ -405,12 +466,9 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
   constexpr int kLanesPerRow = kHeadDim / 8;
   constexpr int kRowsPerStep = 32 / kLanesPerRow;
   constexpr int kRowBytes = kHeadDim * 2;
-  constexpr int kStages = stages_for<kG>();
+  constexpr int kLanesPerHead = kLanesPerRow / kG;  // lanes of a row that own one head's score
   using Cursor = typename CursorOf<Rows, kRowBytes>::type;
-
-  __shared__ float sm_acc[kWarps][kG][kHeadDim];
-  __shared__ float sm_m[kWarps][kG];
-  __shared__ float sm_l[kWarps][kG];
+  __shared__ BlockSmem<kG, kHeadDim> sm;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slot = lane / kLanesPerRow;  // row of the step
@@ -437,14 +495,16 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
     }
   }
 
-  float m[kG], l[kG], acc[kG][8];
+  // Online-softmax state. acc: this lane's 8 columns for every head of its row slot. m and l
+  // belong to the lane's own head (col / kLanesPerHead): m is the same in every lane that owns
+  // the head (the max runs over all rows of the warp), l sums this row slot's weights.
+  float m_own = -INFINITY, l_own = 0.f, acc[kG][8];
 #pragma unroll
   for (int g = 0; g < kG; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
   }
+  const int row_lane0 = lane & ~(kLanesPerRow - 1);  // first lane of this lane's row slot
 
   Cursor cur(rows, problem, seq, kv_head, lane);
   const int64_t total = cur.total_rows();
@@ -455,107 +515,108 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
 
   if (w1 > w0) {
     cur.seek(w0, w1 - w0);
-    Stage st[kStages];
     const size_t lane_off = static_cast<size_t>(slot) * kRowBytes + col * 16;
-    auto load = [&](Stage& s) {
+    constexpr uint32_t kStageBytes = sizeof(sm.ring.kv[0][0]);  // K then V, 512 bytes each
+    const uint4* ring = &sm.ring.kv[warp][0][0][lane];          // this lane's slots
+    const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+    // Issues the next step's loads into ring stage s (nothing once the range is walked).
+    auto produce = [&](int s) {
       const Step step = cur.next(kRowsPerStep);
-      s.nrows = step.nrows;
-      const bool valid = slot < step.nrows;
-      if (valid) {
-        s.k = load_stream(step.k + lane_off);
-        s.v = load_stream(step.v + lane_off);
-      } else {
-        s.k = make_uint4(0, 0, 0, 0);
-        s.v = make_uint4(0, 0, 0, 0);
-      }
       if constexpr (Cursor::kHasCopy) {
-        s.k_copy = valid && step.k_copy != nullptr ? step.k_copy + lane_off : nullptr;
-        s.v_copy = valid && step.v_copy != nullptr ? step.v_copy + lane_off : nullptr;
+        if (lane == 0) sm.ring.rec[warp][s] = StepRecord{step.k_copy, step.v_copy, step.nrows};
       }
+      if (step.nrows > 0) {
+        const bool valid = slot < step.nrows;
+        const size_t off = valid ? lane_off : 0;  // a zero-filled lane reads nothing
+        const uint32_t dst = ring_addr + s * kStageBytes;
+        cp_async16(dst, step.k + off, valid);
+        cp_async16(dst + kStageBytes / 2, step.v + off, valid);
+      }
+      cp_async_commit();
     };
-    auto consume = [&](const Stage& s) {
+    int64_t left = w1 - w0;  // rows not yet consumed (dense steps)
+#pragma unroll 1
+    for (int i = 0; i < kStages - 1; ++i) produce(i);
+#pragma unroll 1
+    for (int t = 0;; ++t) {
+      // Orders lane 0's record writes before the reads below, and this step's reads of the stage
+      // refilled next before its refill.
+      __syncwarp();
+      produce((t + kStages - 1) & (kStages - 1));
+      cp_async_wait<kStages - 1>();  // step t's group has landed
+      const int s = t & (kStages - 1);
+      int nrows;
+      char* k_copy = nullptr;
+      char* v_copy = nullptr;
       if constexpr (Cursor::kHasCopy) {
-        if (s.k_copy != nullptr) store16(s.k_copy, s.k);
-        if (s.v_copy != nullptr) store16(s.v_copy, s.v);
+        const StepRecord rec = sm.ring.rec[warp][s];
+        nrows = rec.nrows;
+        k_copy = rec.k_copy;
+        v_copy = rec.v_copy;
+      } else {
+        nrows = left < kRowsPerStep ? static_cast<int>(left) : kRowsPerStep;
+        left -= nrows;
       }
-      const bool valid = slot < s.nrows;
+      if (nrows == 0) break;
+      const uint4 kraw = ring[s * (kStageBytes / 16)];
+      const uint4 vraw = ring[s * (kStageBytes / 16) + kStageBytes / 32];
+      const bool valid = slot < nrows;
+      if constexpr (Cursor::kHasCopy) {
+        if (valid && k_copy != nullptr) store16(k_copy + lane_off, kraw);
+        if (valid && v_copy != nullptr) store16(v_copy + lane_off, vraw);
+      }
       float kf[8];
-      to_float8<T>(s.k, kf);
+      to_float8<T>(kraw, kf);
       float sc[kG];
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
-        float a = 0.f, b = 0.f;
+        float a = q[g][0] * kf[0];
 #pragma unroll
-        for (int i = 0; i < 8; i += 2) {
-          a = fmaf(q[g][i], kf[i], a);
-          b = fmaf(q[g][i + 1], kf[i + 1], b);
-        }
-        sc[g] = a + b;
+        for (int i = 1; i < 8; ++i) a = fmaf(q[g][i], kf[i], a);
+        sc[g] = a;
       }
-      // Sum over the row's lanes (butterfly: every lane of the row gets the same bits).
+      // This lane's head's logit of this lane's row, then its max over the step's rows.
+      const float s_own = reduce_transpose<kG, kLanesPerRow>(sc, lane);
+      float mx = valid ? s_own : -INFINITY;
 #pragma unroll
-      for (int o = kLanesPerRow / 2; o >= 1; o >>= 1) {
-#pragma unroll
-        for (int g = 0; g < kG; ++g) sc[g] += __shfl_xor_sync(kFullMask, sc[g], o);
-      }
-      // Max over the step's rows: warp-uniform, so the rescale branch below does not diverge.
-      float mx[kG];
-#pragma unroll
-      for (int g = 0; g < kG; ++g) mx[g] = valid ? sc[g] : -INFINITY;
-#pragma unroll
-      for (int o = 16; o >= kLanesPerRow; o >>= 1) {
-#pragma unroll
-        for (int g = 0; g < kG; ++g) mx[g] = fmaxf(mx[g], __shfl_xor_sync(kFullMask, mx[g], o));
-      }
-      bool grow = false;
-#pragma unroll
-      for (int g = 0; g < kG; ++g) grow |= mx[g] > m[g];
-      if (grow) {
+      for (int o = 16; o >= kLanesPerRow; o >>= 1)
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
+      if (__any_sync(kFullMask, mx > m_own)) {  // rare once the maxima settle
+        const float mn = fmaxf(m_own, mx);
+        const float corr = ex2(m_own - mn);  // 0 while m is -inf, 1 if unchanged
+        m_own = mn;
+        l_own *= corr;
 #pragma unroll
         for (int g = 0; g < kG; ++g) {
-          const float mn = fmaxf(m[g], mx[g]);
-          const float corr = exp2f(m[g] - mn);  // 0 while m is -inf; 1 if unchanged
-          l[g] *= corr;
+          const float c =
+              kG == 1 ? corr : __shfl_sync(kFullMask, corr, row_lane0 + g * kLanesPerHead);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
-          m[g] = mn;
+          for (int i = 0; i < 8; ++i) acc[g][i] *= c;
         }
       }
+      const float p_own = valid ? ex2(s_own - m_own) : 0.f;
+      l_own += p_own;
       float vf[8];
-      to_float8<T>(s.v, vf);
+      to_float8<T>(vraw, vf);
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
-        const float pr = valid ? exp2f(sc[g] - m[g]) : 0.f;
-        l[g] += pr;
+        const float pr =
+            kG == 1 ? p_own : __shfl_sync(kFullMask, p_own, row_lane0 + g * kLanesPerHead);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pr, vf[i], acc[g][i]);
       }
-    };
-
-#pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) load(st[i]);
-    bool done = false;
-    while (!done) {
-#pragma unroll
-      for (int u = 0; u < kStages; ++u) {
-        if (!done) {
-          load(st[(u + kStages - 1) % kStages]);
-          if (st[u].nrows == 0) {
-            done = true;
-          } else {
-            consume(st[u]);
-          }
-        }
-      }
     }
+    cp_async_wait_all();
   }
+  __syncthreads();  // every warp is done with the ring before it becomes the merge area
 
-  // Rows of a step went to different lanes: sum them (m is warp-uniform, so no rescaling).
+  // Rows of a step went to different lanes: sum them (m is the same in every row slot, so no
+  // rescaling).
 #pragma unroll
   for (int o = 16; o >= kLanesPerRow; o >>= 1) {
+    l_own += __shfl_xor_sync(kFullMask, l_own, o);
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
-      l[g] += __shfl_xor_sync(kFullMask, l[g], o);
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[g][i] += __shfl_xor_sync(kFullMask, acc[g][i], o);
     }
@@ -563,17 +624,14 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
   if (slot == 0) {
 #pragma unroll
     for (int g = 0; g < kG; ++g) {
-      float4* dst = reinterpret_cast<float4*>(&sm_acc[warp][g][col * 8]);
+      float4* dst = reinterpret_cast<float4*>(&sm.merge.acc[warp][g][col * 8]);
       dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
       dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
     }
   }
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      sm_m[warp][g] = m[g];
-      sm_l[warp][g] = l[g];
-    }
+  if (slot == 0 && col % kLanesPerHead == 0) {
+    sm.merge.m[warp][col / kLanesPerHead] = m_own;
+    sm.merge.l[warp][col / kLanesPerHead] = l_own;
   }
   __syncthreads();
 
@@ -582,16 +640,16 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
     const int g = idx / kHeadDim, d = idx % kHeadDim;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_m[w][g]);
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm.merge.m[w][g]);
     float o = 0.f, lsum = 0.f;
     if (mx != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
-        const float mw = sm_m[w][g];
+        const float mw = sm.merge.m[w][g];
         if (mw != -INFINITY) {
-          const float f = exp2f(mw - mx);
-          lsum += sm_l[w][g] * f;
-          o += sm_acc[w][g][d] * f;
+          const float f = ex2(mw - mx);
+          lsum += sm.merge.l[w][g] * f;
+          o += sm.merge.acc[w][g][d] * f;
         }
       }
       o /= lsum;
@@ -609,76 +667,115 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
   }
 }
 
-/// Merges the splits of every output row by log-sum-exp. Grid: one warp per (sequence, query
-/// head) row, 4 rows per block; lane l holds float4 columns l, l + 32 of the row.
+/// Warps of the split merge: each takes every kMergeWarps-th split of a row.
+constexpr int kMergeWarps = 8;
+
+/// Merges the splits of every output row by log-sum-exp. Grid: one block per (sequence, query
+/// head) row; warp w folds splits w, w + 8, ... into an online (max, sum, acc) in 4-split batches
+/// whose loads are issued together, lane l holding float4 columns l, l + 32; the 8 warps are then
+/// combined in shared memory. The partials are in L2, so the time is latency: 8 warps x 4 loads
+/// in flight per row keep a 66-split row to two or three round trips.
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(kMergeWarps * 32)
     merge_splits_kernel(const float* __restrict__ part_out,  // [rows, splits, kHeadDim]
                         const float* __restrict__ part_lse,  // [rows, splits]
-                        int32_t num_rows, int32_t num_splits,
+                        int32_t num_splits,
                         T* __restrict__ out,     // [rows, kHeadDim]
                         float* __restrict__ lse  // [rows] or null
     ) {
   using namespace decode_attention_device;
   constexpr int kVecs = kHeadDim / 4;
   constexpr int kPerLane = (kVecs + 31) / 32;
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
-  if (row >= num_rows) return;
-  const float* pl = part_lse + static_cast<size_t>(row) * num_splits;
-  float mx = -INFINITY;
-  for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, pl[s]);
-#pragma unroll
-  for (int o = 16; o >= 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
-  T* dst = out + static_cast<size_t>(row) * kHeadDim;
-  if (mx == -INFINITY) {  // no rows in any split
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int c = lane + 32 * j;
-      if (c < kVecs) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) store_elem(dst + c * 4 + i, 0.f);
-      }
-    }
-    if (lane == 0 && lse != nullptr) lse[row] = -INFINITY;
-    return;
-  }
-  float sum = 0.f;
-  for (int s = lane; s < num_splits; s += 32) sum += expf(pl[s] - mx);
-#pragma unroll
-  for (int o = 16; o >= 1; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+  constexpr int kBatch = 4;
+  __shared__ float4 sm_acc[kMergeWarps][kVecs];
+  __shared__ float sm_m[kMergeWarps], sm_sum[kMergeWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const size_t row = blockIdx.x;
+  const float* pl = part_lse + row * num_splits;
+  const float4* po = reinterpret_cast<const float4*>(part_out + row * num_splits * kHeadDim);
+
+  float m = -INFINITY, sum = 0.f;
   float4 acc[kPerLane];
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const float4* po = reinterpret_cast<const float4*>(part_out + static_cast<size_t>(row) *
-                                                                    num_splits * kHeadDim);
-#pragma unroll 4
-  for (int s = 0; s < num_splits; ++s) {
-    const float w = expf(pl[s] - mx);  // 0 for an empty split
+  for (int base = warp; base < num_splits; base += kMergeWarps * kBatch) {
+    float ls[kBatch];
+    float4 x[kBatch][kPerLane];
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int c = lane + 32 * j;
-      if (c < kVecs && w != 0.f) {
-        const float4 x = po[static_cast<size_t>(s) * kVecs + c];
-        acc[j].x = fmaf(w, x.x, acc[j].x);
-        acc[j].y = fmaf(w, x.y, acc[j].y);
-        acc[j].z = fmaf(w, x.z, acc[j].z);
-        acc[j].w = fmaf(w, x.w, acc[j].w);
+    for (int u = 0; u < kBatch; ++u) {
+      const int s = base + u * kMergeWarps;
+      ls[u] = s < num_splits ? pl[s] : -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        const int c = lane + 32 * j;
+        x[u][j] = s < num_splits && c < kVecs ? po[static_cast<size_t>(s) * kVecs + c]
+                                              : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (ls[u] == -INFINITY) continue;  // an empty split (or past the end)
+      if (ls[u] > m) {
+        const float corr = expf(m - ls[u]);
+        sum *= corr;
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          acc[j].x *= corr;
+          acc[j].y *= corr;
+          acc[j].z *= corr;
+          acc[j].w *= corr;
+        }
+        m = ls[u];
+      }
+      const float w = expf(ls[u] - m);
+      sum += w;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        acc[j].x = fmaf(w, x[u][j].x, acc[j].x);
+        acc[j].y = fmaf(w, x[u][j].y, acc[j].y);
+        acc[j].z = fmaf(w, x[u][j].z, acc[j].z);
+        acc[j].w = fmaf(w, x[u][j].w, acc[j].w);
       }
     }
   }
-  const float inv = 1.f / sum;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int c = lane + 32 * j;
-    if (c < kVecs) {
-      store_elem(dst + c * 4 + 0, acc[j].x * inv);
-      store_elem(dst + c * 4 + 1, acc[j].y * inv);
-      store_elem(dst + c * 4 + 2, acc[j].z * inv);
-      store_elem(dst + c * 4 + 3, acc[j].w * inv);
-    }
+    if (c < kVecs) sm_acc[warp][c] = acc[j];
   }
-  if (lane == 0 && lse != nullptr) lse[row] = mx + logf(sum);
+  if (lane == 0) {
+    sm_m[warp] = m;
+    sm_sum[warp] = sum;
+  }
+  __syncthreads();
+  float mx = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) mx = fmaxf(mx, sm_m[w]);
+  float total = 0.f;
+  float f[kMergeWarps];
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) {
+    f[w] = sm_m[w] == -INFINITY ? 0.f : expf(sm_m[w] - mx);
+    total += sm_sum[w] * f[w];
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;  // no rows in any split: zeros
+  T* dst = out + row * kHeadDim;
+  for (int c = threadIdx.x; c < kVecs; c += kMergeWarps * 32) {
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) {
+      const float4 a = sm_acc[w][c];
+      o.x = fmaf(f[w], a.x, o.x);
+      o.y = fmaf(f[w], a.y, o.y);
+      o.z = fmaf(f[w], a.z, o.z);
+      o.w = fmaf(f[w], a.w, o.w);
+    }
+    store_elem(dst + c * 4 + 0, o.x * inv);
+    store_elem(dst + c * 4 + 1, o.y * inv);
+    store_elem(dst + c * 4 + 2, o.z * inv);
+    store_elem(dst + c * 4 + 3, o.w * inv);
+  }
+  if (threadIdx.x == 0 && lse != nullptr) lse[row] = total > 0.f ? mx + logf(total) : -INFINITY;
 }
 
 }  // namespace kvtier::kernels

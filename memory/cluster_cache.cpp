@@ -93,10 +93,9 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
   // Pass 1, read-only: classify, count the pages the misses need and the pages eviction may free.
   // The scratch containers are members, cleared here, so a lookup allocates nothing once warm.
   auto& first_miss = scratch_first_miss_;  // key -> request index
-  auto& hit_unpinned = scratch_hit_unpinned_;
-  auto& placed = scratch_placed_;  // request -> its entry (hits now, misses once placed)
+  auto& placed = scratch_placed_;          // request -> its entry (hits now, misses once placed)
   first_miss.clear();
-  hit_unpinned.clear();
+  ++lookup_serial_;  // marks the hits already counted by this lookup (no set of keys)
   placed.assign(count, nullptr);
   int64_t need_pages = 0, hit_unpinned_pages = 0;
   for (size_t i = 0; i < count; ++i) {
@@ -108,8 +107,10 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
                    " is cached with ", it->second.num_rows, " rows but requested with ",
                    r.num_rows);
       placed[i] = &it->second;  // entries are node-based: the pointer survives later inserts
-      if (it->second.last_used != step_ && hit_unpinned.insert(r.key).second)
+      if (it->second.last_used != step_ && it->second.counted != lookup_serial_) {
+        it->second.counted = lookup_serial_;
         hit_unpinned_pages += static_cast<int64_t>(it->second.pages.size());
+      }
     } else {
       auto [m, fresh] = first_miss.emplace(r.key, i);
       if (fresh) {

@@ -140,6 +140,7 @@ class ClusterCache {
     std::vector<int32_t> pages;
     int32_t num_rows = 0;
     int64_t last_used = 0;
+    int64_t counted = -1;  // lookup serial that last counted this hit's pages
     std::list<ClusterKey>::iterator lru;
   };
   void touch_locked(Entry& e);
@@ -168,7 +169,7 @@ class ClusterCache {
   CacheStats stats_;
   // Scratch of lookup(), kept to avoid allocating per call (guarded by mu_).
   std::unordered_map<ClusterKey, size_t, ClusterKeyHash> scratch_first_miss_;
-  std::unordered_set<ClusterKey, ClusterKeyHash> scratch_hit_unpinned_;
+  int64_t lookup_serial_ = 0;
   std::vector<Entry*> scratch_placed_;
 };
 

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <exception>
@@ -27,8 +29,9 @@
 #if KVTIER_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "scheduler/engine_kernels.h"
 #endif
+
+#include "scheduler/engine_kernels.h"
 
 namespace kvtier {
 
@@ -277,7 +280,9 @@ struct LayerState {
   std::vector<std::vector<int32_t>> sizes;  ///< [Hkv][num_clusters], host copy
   Buffer win_k, win_v;                      ///< ring [Hkv, win_cap, D]: position p at p % win_cap
   int64_t win_cap = 0;
-  int64_t table_row = 0;              ///< centroid-table row of KV head 0
+  int64_t table_row = 0;  ///< centroid-table row of KV head 0
+  Buffer host_pages;      ///< [Hkv][host_pages_cap][2] K, V base of each host-tier page
+  int64_t host_pages_cap = 0;
   std::shared_ptr<Job> prefill;       ///< offload + clustering of the prompt
   MaybeEvent prefill_device;          ///< centroids and sizes written
   std::unique_ptr<WindowJob> window;  ///< window clustering in flight
@@ -306,10 +311,38 @@ struct Engine::Impl {
 
   MemCounter mem;
   std::unique_ptr<memory::TieredStore> store;
-  std::unique_ptr<memory::ClusterCache> cache;
+  // One cluster cache per recall layer (each with its own page pool), so the per-step policy
+  // work runs for all layers in parallel.
+  std::vector<std::unique_ptr<memory::ClusterCache>> caches;
+  std::vector<Buffer> page_next;  // per recall layer: [pages] next page of the cluster or -1
   scheduler::Telemetry telemetry{16384};
   Buffer centroid_table;  // float [max_sequences * R * Hkv, cap_c, D]
   Buffer size_table;      // int32 [max_sequences * R * Hkv, cap_c]
+  Buffer dir_table;       // int32 [same rows, cap_c]: first cache page of the cluster, or -1
+  Buffer slot_table;      // int32 [same rows, cap_c]: first host-tier slot of the cluster
+  int32_t sel_cols = 0;   // selected clusters per problem that the policy reads back
+
+  // What each recall layer selected in a step, for the cache policy (read back without waiting;
+  // double-buffered by step parity). buf: ids [Pmax][sel_cols] | num_sel [Pmax] | stats [Pmax][4].
+  struct LayerRecord {
+    memory::PinnedBuffer buf;
+    std::vector<SeqId> seq;    // per problem
+    std::vector<int32_t> row;  // per problem: directory row
+    int32_t problems = 0;
+    int32_t* ids() const { return reinterpret_cast<int32_t*>(buf.data()); }
+  };
+  std::vector<LayerRecord> records[2];
+  int32_t max_problems = 0;
+  // The policy's decisions for one recall layer, applied on the stream at the next end_step.
+  struct LayerPolicy {
+    std::vector<memory::GatherSegment> segments;
+    std::vector<int32_t> inval_idx, set_idx, set_val, next_idx, next_val;
+  };
+  std::vector<LayerPolicy> policy;
+  std::shared_ptr<Job> policy_job;  // decides `policy` for the previous step
+  mutable std::mutex stats_mu;      // the counters below, written by policy jobs
+  int64_t recall_hits = 0, recall_misses = 0, host_read_bytes = 0, fill_bytes = 0;
+  MaybeEvent policy_applied;  // end_step's directory work; decode waits for it
   std::vector<int32_t> free_slots;
   std::unordered_map<SeqId, std::unique_ptr<Sequence>> seqs;
 
@@ -338,8 +371,7 @@ struct Engine::Impl {
 
   // Decode scratch (device on kCuda, host on kCpu), grown on demand.
   Buffer q32, sizes_batch, scores, sel_ids, sel_rows, num_sel, total_rows, select_ws, attn_ws,
-      params_dev, select_params, segments_dev;
-  std::vector<int32_t> h_ids, h_rows, h_num_sel;
+      params_dev, select_params, segments_dev, chunk_buf, build_misc, policy_dev;
 
   int64_t steps = 0, decode_calls = 0, window_clusterings = 0, rows_attended = 0;
   std::atomic<int64_t> prefill_cluster_us{0};
@@ -380,10 +412,18 @@ struct Engine::Impl {
   void prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream);
   void decode(int32_t layer, const DecodeBatch& b, cudaStream_t stream);
   void start_window_job(Sequence& s, int32_t layer);
-  void finish_window_job(Sequence& s, int32_t layer, bool wait);
+  void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream);
   void run_window_host(Sequence& s, int32_t layer, WindowJob& job);
   void flush_step_rows();
   void wait_sequence(Sequence& s);
+  void refresh_host_directory(Sequence& s, int32_t layer, int32_t first_cluster,
+                              cudaStream_t stream);
+  void decode_recall(int32_t layer, const DecodeBatch& b, const std::vector<Sequence*>& ss,
+                     cudaStream_t stream);
+  void launch_policy_job(cudaStream_t stream);
+  void purge_slot(int32_t slot);
+  void apply_policy(cudaStream_t stream);
+  int64_t table_row_of(SeqId seq, int32_t layer, int32_t h) const;
 };
 
 Engine::Impl::Impl(const EngineConfig& c)
@@ -439,6 +479,16 @@ Engine::Impl::Impl(const EngineConfig& c)
     const size_t rows = static_cast<size_t>(cfg.max_sequences) * num_recall_layers * Hkv;
     centroid_table = alloc(rows * cap_c * D * sizeof(float));
     size_table = alloc(rows * cap_c * sizeof(int32_t));
+    dir_table = alloc(rows * cap_c * sizeof(int32_t));
+    slot_table = alloc(rows * cap_c * sizeof(int32_t));
+    sel_cols = std::min(cap_c, cfg.budget);
+    max_problems = cfg.max_batch * Hkv;
+    const size_t rec_bytes = static_cast<size_t>(max_problems) * (sel_cols + 1 + 4) * 4;
+    for (auto& r : records) {
+      r.resize(num_recall_layers);
+      for (LayerRecord& lr : r) lr.buf = memory::PinnedBuffer::allocate(rec_bytes);
+    }
+    policy.resize(num_recall_layers);
     memory::ClusterCacheConfig cc;
     cc.backend = backend;
     cc.device = device;
@@ -446,14 +496,23 @@ Engine::Impl::Impl(const EngineConfig& c)
     cc.head_dim = D;
     cc.page_size = cfg.page_size;
     cc.retention_steps = cfg.retention_steps;
-    cc.bytes_limit = cfg.cache_bytes;
-    if (cc.bytes_limit == 0) {
-      const int64_t pages_per_head = (cfg.budget + cfg.page_size - 1) / cfg.page_size + 64;
-      cc.num_pages = 4 * pages_per_head * Hkv * num_recall_layers * cfg.max_batch;
+    if (cfg.cache_bytes > 0) {
+      cc.num_pages = std::max<int64_t>(
+          1, static_cast<int64_t>(cfg.cache_bytes / num_recall_layers /
+                                  (2 * static_cast<size_t>(cfg.page_size) * rowb)));
+    } else {
+      // Twice a step's selection of every KV head of max_batch sequences (one page of slack per
+      // selected cluster).
+      const int64_t pages_per_head =
+          (cfg.budget + cfg.page_size - 1) / cfg.page_size + std::min(sel_cols, 256);
+      cc.num_pages = 2 * pages_per_head * Hkv * cfg.max_batch;
     }
-    cache = std::make_unique<memory::ClusterCache>(cc);
-    if (backend == Backend::kCuda) {
-      mem.add(static_cast<size_t>(cache->num_pages()) * cache->page_bytes() * 2, true);
+    for (int32_t i = 0; i < num_recall_layers; ++i) {
+      caches.push_back(std::make_unique<memory::ClusterCache>(cc));
+      page_next.push_back(alloc(static_cast<size_t>(cc.num_pages) * sizeof(int32_t)));
+      if (backend == Backend::kCuda) {
+        mem.add(static_cast<size_t>(cc.num_pages) * caches.back()->page_bytes() * 2, true);
+      }
     }
   }
 }
@@ -463,8 +522,9 @@ Engine::Impl::~Impl() {
     jobs.wait();
   } catch (...) {
   }
-  if (cache && backend == Backend::kCuda) {
-    mem.sub(static_cast<size_t>(cache->num_pages()) * cache->page_bytes() * 2, true);
+  for (const auto& c : caches) {
+    if (backend == Backend::kCuda)
+      mem.sub(static_cast<size_t>(c->num_pages()) * c->page_bytes() * 2, true);
   }
 }
 
@@ -635,6 +695,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
         record(ce);
       }
+      if (recall) refresh_host_directory(s, layer, 0, nullptr);
       job->promise.set_value();
     } catch (...) {
       job->promise.set_exception(std::current_exception());
@@ -697,61 +758,65 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
   inflight_prefills.push_back(job);
   const int64_t table_row = st.table_row;
   LayerState* stp = &st;
-  jobs.run([this, w, job, seq, layer, off_n, c_n, c0, part_bytes, off, table_row, stp] {
-    try {
-      const auto t0 = Clock::now();
-      w->d2h.synchronize();
-      if (off_n > 0) {
-        // Region A then region B: store positions stay in token order.
-        const int64_t b_n = off_n - c_n;
-        const std::byte* hk = w->host.data();
-        const std::byte* hv = w->host.data() + part_bytes;
-        KvRows a{hk, hv, dtype, Hkv, D, c_n, c_n * D, D};
-        if (c_n > 0) store->append(seq, layer, a);
-        KvRows b{hk + static_cast<size_t>(Hkv) * c_n * rowb,
-                 hv + static_cast<size_t>(Hkv) * c_n * rowb,
-                 dtype,
-                 Hkv,
-                 D,
-                 b_n,
-                 b_n * D,
-                 D};
-        if (b_n > 0) store->append(seq, layer, b);
-      }
-      Event e = off;
-      record(e);
-      if (c_n > 0) {
-        std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
-        w->kmeans.synchronize();
-        KVTIER_CUDA_CHECK(
-            cudaMemcpy(labels.data(), w->labels.get(), labels.size() * 4, cudaMemcpyDeviceToHost));
-        for (int32_t h = 0; h < Hkv; ++h) {
-          const int32_t* lab = labels.data() + static_cast<size_t>(h) * c_n;
-          store->cluster(seq, layer, h, 0, c_n, lab, c0);
-          std::vector<int32_t> sz(c0, 0);
-          for (int64_t i = 0; i < c_n; ++i) ++sz[lab[i]];
-          stp->sizes[h] = std::move(sz);
+  Sequence* seqp = &s;
+  jobs.run(
+      [this, w, job, seq, layer, off_n, c_n, c0, part_bytes, off, table_row, stp, seqp, recall] {
+        try {
+          const auto t0 = Clock::now();
+          w->d2h.synchronize();
+          if (off_n > 0) {
+            // Region A then region B: store positions stay in token order.
+            const int64_t b_n = off_n - c_n;
+            const std::byte* hk = w->host.data();
+            const std::byte* hv = w->host.data() + part_bytes;
+            KvRows a{hk, hv, dtype, Hkv, D, c_n, c_n * D, D};
+            if (c_n > 0) store->append(seq, layer, a);
+            KvRows b{hk + static_cast<size_t>(Hkv) * c_n * rowb,
+                     hv + static_cast<size_t>(Hkv) * c_n * rowb,
+                     dtype,
+                     Hkv,
+                     D,
+                     b_n,
+                     b_n * D,
+                     D};
+            if (b_n > 0) store->append(seq, layer, b);
+          }
+          Event e = off;
+          record(e);
+          if (c_n > 0) {
+            std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
+            w->kmeans.synchronize();
+            KVTIER_CUDA_CHECK(cudaMemcpyAsync(labels.data(), w->labels.get(), labels.size() * 4,
+                                              cudaMemcpyDeviceToHost, copy_stream()));
+            KVTIER_CUDA_CHECK(cudaStreamSynchronize(copy_stream()));
+            for (int32_t h = 0; h < Hkv; ++h) {
+              const int32_t* lab = labels.data() + static_cast<size_t>(h) * c_n;
+              store->cluster(seq, layer, h, 0, c_n, lab, c0);
+              std::vector<int32_t> sz(c0, 0);
+              for (int64_t i = 0; i < c_n; ++i) ++sz[lab[i]];
+              stp->sizes[h] = std::move(sz);
+            }
+            stp->num_clusters = c0;
+            stp->clustered = c_n;
+            Event ce;
+            ce.kind = EventKind::kCluster;
+            ce.seq = seq;
+            ce.layer = layer;
+            ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
+            record(ce);
+          }
+          if (recall) refresh_host_directory(*seqp, layer, 0, copy_stream());
+          prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
+          (void)table_row;
+          w->k = Buffer();
+          w->v = Buffer();
+          w->labels = Buffer();
+          w->ws = Buffer();
+          job->promise.set_value();
+        } catch (...) {
+          job->promise.set_exception(std::current_exception());
         }
-        stp->num_clusters = c0;
-        stp->clustered = c_n;
-        Event ce;
-        ce.kind = EventKind::kCluster;
-        ce.seq = seq;
-        ce.layer = layer;
-        ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
-        record(ce);
-      }
-      prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
-      (void)table_row;
-      w->k = Buffer();
-      w->v = Buffer();
-      w->labels = Buffer();
-      w->ws = Buffer();
-      job->promise.set_value();
-    } catch (...) {
-      job->promise.set_exception(std::current_exception());
-    }
-  });
+      });
 #endif
 }
 
@@ -800,6 +865,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
                  cfg.max_batch, " sequences decoded in layer ", layer, " within one step");
   }
   // Everything this layer needs from background work.
+  stream_wait(backend, stream, policy_applied);
   for (int32_t i = 0; i < B; ++i) {
     LayerState& st = ss[i]->layers[layer];
     if (st.prefill) {
@@ -814,11 +880,12 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
         st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
         st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
         st.sizes.assign(Hkv, {});
+        refresh_host_directory(*ss[i], layer, 0, stream);
       }
     }
     if (st.recall && st.recall_end - st.clustered >= st.win_cap) {
       // The ring is full: the window clustering in flight must land first.
-      finish_window_job(*ss[i], layer, /*wait=*/true);
+      finish_window_job(*ss[i], layer, /*wait=*/true, stream);
       KVTIER_ASSERT(st.recall_end - st.clustered < st.win_cap);
     }
     stream_wait(backend, stream, st.centroids_ready);
@@ -909,325 +976,550 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
   }
 
   // ---- what attention reads, per problem p = (sequence i, KV head h).
-  std::vector<kernels::KvChunk> chunks;
-  std::vector<int32_t> indptr(P + 1, 0);
-  std::vector<memory::GatherSegment> gather;  // misses fetched before attention
-  auto chunk = [&](const std::byte* k, const std::byte* v, int64_t rows) {
-    kernels::KvChunk c{};
-    c.k = k;
-    c.v = v;
-    c.num_rows = static_cast<int32_t>(rows);
-    chunks.push_back(c);
-  };
-  if (!recall) {
-    for (int32_t i = 0; i < B; ++i) {
-      const LayerState& st = ss[i]->layers[layer];
-      for (int32_t h = 0; h < Hkv; ++h) {
-        const size_t off = static_cast<size_t>(h) * st.res_cap * rowb;
-        chunk(st.res_k.get() + off, st.res_v.get() + off, st.res_rows);
-        indptr[i * Hkv + h + 1] = static_cast<int32_t>(chunks.size());
-      }
-    }
+  if (recall) {
+    decode_recall(layer, b, ss, stream);
   } else {
-    // Score and select (problems without clusters select nothing).
-    std::vector<int32_t> crow(P), ncl(P), budgets(P, cfg.budget);
-    bool any = false;
+    std::vector<kernels::KvChunk> chunks;
+    std::vector<int32_t> indptr(P + 1, 0);
+    int64_t max_rows = 0;
     for (int32_t i = 0; i < B; ++i) {
       const LayerState& st = ss[i]->layers[layer];
       for (int32_t h = 0; h < Hkv; ++h) {
-        crow[i * Hkv + h] = static_cast<int32_t>(st.table_row + h);
-        ncl[i * Hkv + h] = st.num_clusters;
-        any = any || st.num_clusters > 0;
-      }
-    }
-    kernels::ClusterSelectParams sp;
-    sp.num_problems = P;
-    sp.group_size = G;
-    sp.head_dim = D;
-    sp.max_clusters = cap_c;
-    sp.aggregation = cfg.aggregation;
-    sp.overflow = cfg.overflow;
-    const int32_t ncols = std::min(cap_c, cfg.budget);
-    h_num_sel.assign(P, 0);
-    h_ids.assign(static_cast<size_t>(P) * ncols, -1);
-    h_rows.assign(static_cast<size_t>(P) * ncols, 0);
-    if (any) {
-      const size_t slots = static_cast<size_t>(P) * cap_c;
-      if (!cuda_path) {
-        std::vector<float> q32h(static_cast<size_t>(P) * G * D);
-        const std::byte* q = static_cast<const std::byte*>(b.q);
-        for (size_t e = 0; e < q32h.size(); ++e) q32h[e] = load_as_float(q, dtype, e);
-        std::vector<int32_t> sizes(slots), ids(slots), rows(slots), nsel(P), tot(P);
-        std::vector<float> sc(slots);
-        for (int32_t p = 0; p < P; ++p) {
-          std::memcpy(&sizes[static_cast<size_t>(p) * cap_c], sizes_row(crow[p]), cap_c * 4);
-        }
-        kernels::ClusterSelectTensors t;
-        t.queries = q32h.data();
-        t.centroids = centroid_table.as<float>();
-        t.centroid_rows = crow.data();
-        t.num_clusters = ncl.data();
-        t.cluster_sizes = sizes.data();
-        t.budgets = budgets.data();
-        t.scores = sc.data();
-        t.selected_ids = ids.data();
-        t.selected_rows = rows.data();
-        t.num_selected = nsel.data();
-        t.total_rows = tot.data();
-        kernels::score_and_select_clusters_cpu(sp, t);
-        for (int32_t p = 0; p < P; ++p) {
-          h_num_sel[p] = nsel[p];
-          std::copy_n(&ids[static_cast<size_t>(p) * cap_c], ncols, &h_ids[p * ncols]);
-          std::copy_n(&rows[static_cast<size_t>(p) * cap_c], ncols, &h_rows[p * ncols]);
-        }
-      }
-#if KVTIER_WITH_CUDA
-      else {
-        std::byte* up = staging.acquire(3 * P * 4);
-        std::memcpy(up, crow.data(), P * 4);
-        std::memcpy(up + P * 4, ncl.data(), P * 4);
-        std::memcpy(up + 2 * P * 4, budgets.data(), P * 4);
-        Buffer& sel_params = select_params;
-        grow(sel_params, 3 * P * 4);
-        cuda::memcpy_async(sel_params.get(), up, 3 * P * 4, stream);
-        staging.release(stream);
-        const int32_t* d_crow = sel_params.as<int32_t>();
-        grow(q32, static_cast<size_t>(P) * G * D * 4);
-        grow(sizes_batch, slots * 4);
-        grow(scores, slots * 4);
-        grow(sel_ids, slots * 4);
-        grow(sel_rows, slots * 4);
-        grow(num_sel, P * 4);
-        grow(total_rows, P * 4);
-        scheduler::launch_to_f32(b.q, dtype, static_cast<int64_t>(P) * G * D, q32.as<float>(),
-                                 stream);
-        scheduler::launch_gather_table_rows(size_table.as<int32_t>(), d_crow, P, cap_c,
-                                            sizes_batch.as<int32_t>(), stream);
-        kernels::ClusterSelectTensors t;
-        t.queries = q32.as<float>();
-        t.centroids = centroid_table.as<float>();
-        t.centroid_rows = d_crow;
-        t.num_clusters = d_crow + P;
-        t.cluster_sizes = sizes_batch.as<int32_t>();
-        t.budgets = d_crow + 2 * P;
-        t.scores = scores.as<float>();
-        t.selected_ids = sel_ids.as<int32_t>();
-        t.selected_rows = sel_rows.as<int32_t>();
-        t.num_selected = num_sel.as<int32_t>();
-        t.total_rows = total_rows.as<int32_t>();
-        const size_t ws = kernels::select_clusters_workspace_bytes(sp);
-        grow(select_ws, std::max<size_t>(ws, 16));
-        kernels::launch_score_and_select_clusters(sp, t, select_ws.get(), ws, stream);
-        const size_t down = (2 * static_cast<size_t>(P) * ncols + P) * 4;
-        std::byte* dn = staging.acquire(down);
-        KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(dn, ncols * 4, sel_ids.get(), cap_c * 4, ncols * 4, P,
-                                            cudaMemcpyDeviceToHost, stream));
-        KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(dn + P * ncols * 4, ncols * 4, sel_rows.get(),
-                                            cap_c * 4, ncols * 4, P, cudaMemcpyDeviceToHost,
-                                            stream));
-        cuda::memcpy_async(dn + 2 * P * ncols * 4, num_sel.get(), P * 4, stream);
-        const auto t0 = Clock::now();
-        KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
-        Event e;
-        e.kind = EventKind::kStall;
-        e.layer = layer;
-        e.stall_us = static_cast<uint32_t>(ms_since(t0) * 1000);
-        record(e);
-        std::memcpy(h_ids.data(), dn, P * ncols * 4);
-        std::memcpy(h_rows.data(), dn + P * ncols * 4, P * ncols * 4);
-        std::memcpy(h_num_sel.data(), dn + 2 * P * ncols * 4, P * 4);
-        staging.release(stream);
-      }
-#endif
-    }
-    // Cache lookup: whole clusters.
-    std::vector<memory::CacheRequest> req;
-    std::vector<int32_t> req_rows, req_problem;
-    for (int32_t p = 0; p < P; ++p) {
-      const int32_t i = p / Hkv, h = p % Hkv;
-      const LayerState& st = ss[i]->layers[layer];
-      for (int32_t j = 0; j < h_num_sel[p]; ++j) {
-        const int32_t id = h_ids[static_cast<size_t>(p) * ncols + j];
-        KVTIER_ASSERT(id >= 0 && id < st.num_clusters);
-        memory::CacheRequest r;
-        r.key = memory::ClusterKey{ss[i]->id, layer, h, id};
-        r.num_rows = st.sizes[h][id];
-        req.push_back(r);
-        req_rows.push_back(h_rows[static_cast<size_t>(p) * ncols + j]);
-        req_problem.push_back(p);
-      }
-    }
-    const memory::CacheLookup lk = cache->lookup(req);
-    const bool fused = cfg.fetch == FetchPath::kFused && cuda_path;
-    std::vector<memory::GatherSegment> plan;
-    memory::plan_fetch(*store, req.data(), lk, cfg.page_size,
-                       cuda_path ? memory::HostAddress::kDevice : memory::HostAddress::kHost,
-                       &plan);
-    // Per-problem telemetry: hits, misses and bytes.
-    {
-      std::vector<int32_t> hits(P, 0), misses(P, 0);
-      std::vector<int64_t> bytes(P, 0);
-      for (size_t r = 0; r < req.size(); ++r) {
-        if (lk.hit[r]) {
-          ++hits[req_problem[r]];
-        } else {
-          ++misses[req_problem[r]];
-          bytes[req_problem[r]] += static_cast<int64_t>(2 * req[r].num_rows * rowb);
-        }
-      }
-      for (int32_t p = 0; p < P; ++p) {
-        if (hits[p] + misses[p] == 0) continue;
-        Event e;
-        e.kind = EventKind::kCacheLookup;
-        e.seq = ss[p / Hkv]->id;
-        e.layer = layer;
-        e.kv_head = p % Hkv;
-        e.hits = hits[p];
-        e.misses = misses[p];
-        record(e);
-        if (misses[p] > 0) {
-          e.kind = EventKind::kFetch;
-          e.hits = e.misses = 0;  // counted by the lookup event
-          e.dir = Direction::kHostToDevice;
-          e.bytes = bytes[p];
-          record(e);
-        }
-      }
-      if (!lk.evicted.empty()) {
-        Event e;
-        e.kind = EventKind::kEvict;
-        e.layer = layer;
-        e.misses = static_cast<int32_t>(lk.evicted.size());
-        record(e);
-      }
-    }
-    // Segments by destination page, for the fused path.
-    std::unordered_map<int32_t, std::vector<const memory::GatherSegment*>> by_page;
-    std::vector<uint8_t> fused_req(req.size(), 0);
-    if (fused) {
-      for (size_t r = 0; r < req.size(); ++r) {
-        fused_req[r] = !lk.hit[r] && req_rows[r] == req[r].num_rows;  // truncated: gathered
-      }
-      for (const auto& sgm : plan) by_page[sgm.dst_page].push_back(&sgm);
-      std::unordered_map<int32_t, uint8_t> page_fused;
-      for (size_t r = 0; r < req.size(); ++r) {
-        for (int32_t q = lk.page_indptr[r]; q < lk.page_indptr[r + 1]; ++q) {
-          page_fused[lk.page_ids[q]] = fused_req[r];
-        }
-      }
-      for (const auto& sgm : plan) {
-        if (!page_fused[sgm.dst_page]) gather.push_back(sgm);
-      }
-    } else {
-      gather = plan;
-    }
-    // Chunks: [sink | selected clusters' pages | window].
-    size_t r = 0;
-    for (int32_t p = 0; p < P; ++p) {
-      const int32_t i = p / Hkv, h = p % Hkv;
-      const LayerState& st = ss[i]->layers[layer];
-      if (st.res_rows > 0) {
         const size_t off = static_cast<size_t>(h) * st.res_cap * rowb;
-        chunk(st.res_k.get() + off, st.res_v.get() + off, st.res_rows);
+        chunks.push_back(
+            scheduler::detail::make_chunk(st.res_k.get() + off, st.res_v.get() + off, st.res_rows));
+        indptr[i * Hkv + h + 1] = static_cast<int32_t>(chunks.size());
+        max_rows = std::max(max_rows, st.res_rows);
+        rows_attended += st.res_rows;
       }
-      for (; r < req.size() && req_problem[r] == p; ++r) {
-        int64_t left = req_rows[r];
-        for (int32_t q = lk.page_indptr[r]; q < lk.page_indptr[r + 1] && left > 0; ++q) {
-          const int32_t page = lk.page_ids[q];
-          if (fused_req[r]) {
-            for (const memory::GatherSegment* sgm : by_page[page]) {
-              kernels::KvChunk c{};
-              c.k = sgm->src_k;
-              c.v = sgm->src_v;
-              c.k_copy = cache->k_page(page) + sgm->dst_row * rowb;
-              c.v_copy = cache->v_page(page) + sgm->dst_row * rowb;
-              c.num_rows = sgm->num_rows;
-              chunks.push_back(c);
-              left -= sgm->num_rows;
-            }
-          } else {
-            const int64_t rows = std::min<int64_t>(left, cfg.page_size);
-            chunk(cache->k_page(page), cache->v_page(page), rows);
-            left -= rows;
-          }
-        }
-      }
-      const int64_t wn = st.recall_end - st.clustered;
-      for_ring_runs(st.clustered, wn, st.win_cap, [&](int64_t slot, int64_t run, int64_t) {
-        const size_t off = (static_cast<size_t>(h) * st.win_cap + slot) * rowb;
-        chunk(st.win_k.get() + off, st.win_v.get() + off, run);
-      });
-      indptr[p + 1] = static_cast<int32_t>(chunks.size());
+    }
+    kernels::DecodeAttentionParams ap;
+    ap.num_seqs = B;
+    ap.num_q_heads = Hq;
+    ap.num_kv_heads = Hkv;
+    ap.head_dim = D;
+    ap.dtype = dtype;
+    if (!cuda_path) {
+      kernels::DecodeAttentionTensors t;
+      t.q = b.q;
+      t.chunks = chunks.data();
+      t.chunk_indptr = indptr.data();
+      t.out = b.out;
+      kernels::decode_attention_cpu(ap, t);
+    }
+#if KVTIER_WITH_CUDA
+    else {
+      const size_t ch_bytes = chunks.size() * sizeof(kernels::KvChunk);
+      const size_t total = ch_bytes + indptr.size() * sizeof(int32_t);
+      std::byte* up = staging.acquire(total);
+      std::memcpy(up, chunks.data(), ch_bytes);
+      std::memcpy(up + ch_bytes, indptr.data(), indptr.size() * sizeof(int32_t));
+      grow(segments_dev, total);
+      cuda::memcpy_async(segments_dev.get(), up, total, stream);
+      staging.release(stream);
+      kernels::DecodeAttentionTensors t;
+      t.q = b.q;
+      t.chunks = segments_dev.as<kernels::KvChunk>();
+      t.chunk_indptr = reinterpret_cast<const int32_t*>(segments_dev.get() + ch_bytes);
+      t.out = b.out;
+      const size_t ws = kernels::decode_attention_workspace_bytes(ap, max_rows);
+      grow(attn_ws, std::max<size_t>(ws, 16));
+      kernels::launch_decode_attention(ap, t, max_rows, attn_ws.get(), ws, stream);
+    }
+#endif
+  }
+  for (int32_t i = 0; i < B; ++i) ss[i]->layers[layer].last_decode.record(backend, stream);
+  step_layer_done[layer].record(backend, stream);
+  ++decode_calls;
+}
+
+// A recall layer's decode: score and select on the device, then build the chunk list there
+// from the cache directory (hits read cache pages, misses read the host tier's mapped pages
+// directly), then attend. The selection is read back without waiting, for the cache policy
+// that runs in the background and takes effect at a later end_step.
+void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
+                                 const std::vector<Sequence*>& ss, cudaStream_t stream) {
+  (void)stream;
+  const int32_t B = b.num_seqs, P = B * Hkv, ri = recall_index[layer];
+  const bool cuda_path = backend == Backend::kCuda;
+  std::vector<scheduler::RecallProblem> probs(P);
+  std::vector<int32_t> crow(P), ncl(P), budgets(P, cfg.budget);
+  int64_t max_rows = 0;
+  LayerRecord& rec = records[steps % 2][ri];
+  const int32_t base = rec.problems;
+  KVTIER_CHECK(base + P <= max_problems, "decode_layer: more than max_batch = ", cfg.max_batch,
+               " sequences decoded in layer ", layer, " within one step");
+  for (int32_t i = 0; i < B; ++i) {
+    const LayerState& st = ss[i]->layers[layer];
+    for (int32_t h = 0; h < Hkv; ++h) {
+      const int32_t p = i * Hkv + h;
+      scheduler::RecallProblem& pr = probs[p];
+      pr.res_k = st.res_k.get() + static_cast<size_t>(h) * st.res_cap * rowb;
+      pr.res_v = st.res_v.get() + static_cast<size_t>(h) * st.res_cap * rowb;
+      pr.win_k = st.win_k.get() + static_cast<size_t>(h) * st.win_cap * rowb;
+      pr.win_v = st.win_v.get() + static_cast<size_t>(h) * st.win_cap * rowb;
+      pr.host_pages =
+          st.host_pages.as<const std::byte*>() + static_cast<size_t>(h) * st.host_pages_cap * 2;
+      pr.res_rows = st.res_rows;
+      pr.win_begin = st.clustered;
+      pr.win_rows = st.recall_end - st.clustered;
+      pr.win_cap = st.win_cap;
+      pr.table_row = static_cast<int32_t>(st.table_row + h);
+      crow[p] = pr.table_row;
+      ncl[p] = st.num_clusters;
+      max_rows = std::max(max_rows, pr.res_rows + cfg.budget + pr.win_rows);
+      rec.seq.push_back(ss[i]->id);
+      rec.row.push_back(pr.table_row);
     }
   }
-  int64_t max_rows = 0;
-  for (int32_t p = 0; p < P; ++p) {
-    int64_t rows = 0;
-    for (int32_t c = indptr[p]; c < indptr[p + 1]; ++c) rows += chunks[c].num_rows;
-    max_rows = std::max(max_rows, rows);
-    rows_attended += rows;
-  }
+  rec.problems += P;
+  kernels::ClusterSelectParams sp;
+  sp.num_problems = P;
+  sp.group_size = G;
+  sp.head_dim = D;
+  sp.max_clusters = cap_c;
+  sp.aggregation = cfg.aggregation;
+  sp.overflow = cfg.overflow;
+  // Chunks per problem: sink, window (2), and per selected cluster its pages or host runs.
+  const int64_t per_problem = 4 + 2 * static_cast<int64_t>(sel_cols) +
+                              2 * (cfg.budget / std::min<int64_t>(cfg.page_size, 16) + 1);
+  const size_t slots = static_cast<size_t>(P) * cap_c;
+  int32_t* rec_ids = rec.ids() + static_cast<size_t>(base) * sel_cols;
+  int32_t* rec_num = rec.ids() + static_cast<size_t>(max_problems) * sel_cols + base;
+  int32_t* rec_stats = rec.ids() + static_cast<size_t>(max_problems) * (sel_cols + 1) + 4 * base;
   kernels::DecodeAttentionParams ap;
   ap.num_seqs = B;
   ap.num_q_heads = Hq;
   ap.num_kv_heads = Hkv;
   ap.head_dim = D;
   ap.dtype = dtype;
+  scheduler::ChunkBuildParams bp;
+  bp.num_problems = P;
+  bp.sel_stride = cap_c;
+  bp.dir_stride = cap_c;
+  bp.page_size = cfg.page_size;
+  bp.rows_per_page = static_cast<int32_t>(store->rows_per_page());
+  bp.row_bytes = static_cast<int32_t>(rowb);
+  bp.dir = dir_table.as<int32_t>();
+  bp.page_next = page_next[ri].as<int32_t>();
+  bp.cluster_slot = slot_table.as<int32_t>();
+  bp.k_pool = caches[ri]->k_pool();
+  bp.v_pool = caches[ri]->v_pool();
   if (!cuda_path) {
-    if (!gather.empty()) {
-      kernels::GatherParams gp;
-      gp.segments = gather.data();
-      gp.num_segments = static_cast<int32_t>(gather.size());
-      gp.row_bytes = static_cast<int32_t>(rowb);
-      gp.page_size = cfg.page_size;
-      gp.k_pool = cache->k_pool();
-      gp.v_pool = cache->v_pool();
-      kernels::gather_ref(gp);
+    std::vector<float> q32h(static_cast<size_t>(P) * G * D);
+    const std::byte* q = static_cast<const std::byte*>(b.q);
+    for (size_t e = 0; e < q32h.size(); ++e) q32h[e] = load_as_float(q, dtype, e);
+    std::vector<int32_t> sizes(slots), ids(slots), rows(slots), nsel(P), tot(P), counts(P),
+        stats(4 * static_cast<size_t>(P)), indptr(P + 1);
+    std::vector<float> sc(slots);
+    for (int32_t p = 0; p < P; ++p) {
+      std::memcpy(&sizes[static_cast<size_t>(p) * cap_c], sizes_row(crow[p]), cap_c * 4);
     }
-    kernels::DecodeAttentionTensors t;
-    t.q = b.q;
-    t.chunks = chunks.data();
-    t.chunk_indptr = indptr.data();
-    t.out = b.out;
-    kernels::decode_attention_cpu(ap, t);
+    kernels::ClusterSelectTensors t;
+    t.queries = q32h.data();
+    t.centroids = centroid_table.as<float>();
+    t.centroid_rows = crow.data();
+    t.num_clusters = ncl.data();
+    t.cluster_sizes = sizes.data();
+    t.budgets = budgets.data();
+    t.scores = sc.data();
+    t.selected_ids = ids.data();
+    t.selected_rows = rows.data();
+    t.num_selected = nsel.data();
+    t.total_rows = tot.data();
+    kernels::score_and_select_clusters_cpu(sp, t);
+    std::vector<kernels::KvChunk> chunks(static_cast<size_t>(P) * per_problem);
+    bp.problems = probs.data();
+    bp.num_sel = nsel.data();
+    bp.sel_ids = ids.data();
+    bp.sel_rows = rows.data();
+    bp.counts = counts.data();
+    bp.stats = stats.data();
+    bp.chunks = chunks.data();
+    bp.indptr = indptr.data();
+    scheduler::build_recall_chunks_host(bp);
+    for (int32_t p = 0; p < P; ++p) {
+      std::copy_n(&ids[static_cast<size_t>(p) * cap_c], sel_cols, rec_ids + p * sel_cols);
+    }
+    std::copy_n(nsel.data(), P, rec_num);
+    std::copy_n(stats.data(), 4 * P, rec_stats);
+    kernels::DecodeAttentionTensors at;
+    at.q = b.q;
+    at.chunks = chunks.data();
+    at.chunk_indptr = indptr.data();
+    at.out = b.out;
+    kernels::decode_attention_cpu(ap, at);
+    return;
   }
 #if KVTIER_WITH_CUDA
-  else {
-    // One upload: [segments | chunks | indptr].
-    const size_t seg_bytes = gather.size() * sizeof(memory::GatherSegment);
-    const size_t ch_bytes = chunks.size() * sizeof(kernels::KvChunk);
-    const size_t ip_bytes = indptr.size() * sizeof(int32_t);
-    const size_t total = seg_bytes + ch_bytes + ip_bytes;
-    std::byte* up = staging.acquire(total);
-    std::memcpy(up, gather.data(), seg_bytes);
-    std::memcpy(up + seg_bytes, chunks.data(), ch_bytes);
-    std::memcpy(up + seg_bytes + ch_bytes, indptr.data(), ip_bytes);
-    grow(segments_dev, total);
-    cuda::memcpy_async(segments_dev.get(), up, total, stream);
-    staging.release(stream);
-    if (!gather.empty()) {
+  // One upload: [problems | centroid rows | cluster counts | budgets].
+  const size_t pb = static_cast<size_t>(P) * sizeof(scheduler::RecallProblem);
+  const size_t up_bytes = pb + 3 * static_cast<size_t>(P) * 4;
+  std::byte* up = staging.acquire(up_bytes);
+  std::memcpy(up, probs.data(), pb);
+  std::memcpy(up + pb, crow.data(), P * 4);
+  std::memcpy(up + pb + P * 4, ncl.data(), P * 4);
+  std::memcpy(up + pb + 2 * P * 4, budgets.data(), P * 4);
+  grow(select_params, up_bytes);
+  cuda::memcpy_async(select_params.get(), up, up_bytes, stream);
+  staging.release(stream);
+  const int32_t* d_crow = reinterpret_cast<const int32_t*>(select_params.get() + pb);
+  grow(q32, static_cast<size_t>(P) * G * D * 4);
+  grow(sizes_batch, slots * 4);
+  grow(scores, slots * 4);
+  grow(sel_ids, slots * 4);
+  grow(sel_rows, slots * 4);
+  grow(num_sel, P * 4);
+  grow(total_rows, P * 4);
+  scheduler::launch_to_f32(b.q, dtype, static_cast<int64_t>(P) * G * D, q32.as<float>(), stream);
+  scheduler::launch_gather_table_rows(size_table.as<int32_t>(), d_crow, P, cap_c,
+                                      sizes_batch.as<int32_t>(), stream);
+  kernels::ClusterSelectTensors t;
+  t.queries = q32.as<float>();
+  t.centroids = centroid_table.as<float>();
+  t.centroid_rows = d_crow;
+  t.num_clusters = d_crow + P;
+  t.cluster_sizes = sizes_batch.as<int32_t>();
+  t.budgets = d_crow + 2 * P;
+  t.scores = scores.as<float>();
+  t.selected_ids = sel_ids.as<int32_t>();
+  t.selected_rows = sel_rows.as<int32_t>();
+  t.num_selected = num_sel.as<int32_t>();
+  t.total_rows = total_rows.as<int32_t>();
+  // Scoring split over many blocks per problem (a batch of one sequence has only Hkv problems),
+  // then selection.
+  const size_t lws = kernels::score_clusters_split_workspace_bytes(sp);
+  const size_t ws = kernels::select_clusters_workspace_bytes(sp);
+  grow(select_ws, std::max<size_t>(std::max(ws, lws), 16));
+  kernels::launch_score_clusters_split(sp, t, select_ws.get(), lws, stream);
+  kernels::launch_select_clusters(sp, t, select_ws.get(), ws, stream);
+  // Chunks on the device.
+  grow(chunk_buf, static_cast<size_t>(P) * per_problem * sizeof(kernels::KvChunk));
+  grow(build_misc, (6 * static_cast<size_t>(P) + 1) * 4);
+  bp.problems = reinterpret_cast<const scheduler::RecallProblem*>(select_params.get());
+  bp.num_sel = num_sel.as<int32_t>();
+  bp.sel_ids = sel_ids.as<int32_t>();
+  bp.sel_rows = sel_rows.as<int32_t>();
+  bp.counts = build_misc.as<int32_t>();
+  bp.stats = build_misc.as<int32_t>() + P;
+  bp.indptr = build_misc.as<int32_t>() + 5 * P;
+  bp.chunks = chunk_buf.as<kernels::KvChunk>();
+  scheduler::launch_build_recall_chunks(bp, stream);
+  // The policy's copy of the selection (pinned memory; read after the step's event).
+  KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(rec_ids, sel_cols * 4, sel_ids.get(), cap_c * 4, sel_cols * 4,
+                                      P, cudaMemcpyDeviceToHost, stream));
+  cuda::memcpy_async(rec_num, num_sel.get(), P * 4, stream);
+  cuda::memcpy_async(rec_stats, bp.stats, 4 * P * 4, stream);
+  kernels::DecodeAttentionTensors at;
+  at.q = b.q;
+  at.chunks = bp.chunks;
+  at.chunk_indptr = bp.indptr;
+  at.out = b.out;
+  const size_t aws = kernels::decode_attention_workspace_bytes(ap, max_rows);
+  grow(attn_ws, std::max<size_t>(aws, 16));
+  kernels::launch_decode_attention(ap, at, max_rows, attn_ws.get(), aws, stream);
+#endif
+}
+
+// ---- the host-tier directory and the cache policy ----
+
+int64_t Engine::Impl::table_row_of(SeqId seq, int32_t layer, int32_t h) const {
+  const auto it = seqs.find(seq);
+  if (it == seqs.end()) return -1;
+  return it->second->layers[layer].table_row + h;
+}
+
+// After `layer`'s clusters from first_cluster on joined the store: their first slots (the index
+// is cluster-contiguous in id order, so a cluster starts at the sum of the sizes before it) and
+// the host pages' addresses, uploaded for the chunk builder. Runs in the caller's thread; on
+// kCuda the upload is ordered on `stream` and waited for.
+void Engine::Impl::refresh_host_directory(Sequence& s, int32_t layer, int32_t first_cluster,
+                                          cudaStream_t stream) {
+  (void)stream;
+  LayerState& st = s.layers[layer];
+  const int64_t rpp = store->rows_per_page();
+  const int64_t max_pages = (cfg.max_context + rpp - 1) / rpp + 1;
+  if (st.host_pages_cap < max_pages) {
+    st.host_pages = alloc(static_cast<size_t>(Hkv) * max_pages * 2 * sizeof(void*));
+    st.host_pages_cap = max_pages;
+  }
+  const bool dev = backend == Backend::kCuda;
+  std::vector<const std::byte*> pages(static_cast<size_t>(Hkv) * max_pages * 2, nullptr);
+  const int64_t n = st.clustered;
+  for (int32_t h = 0; h < Hkv; ++h) {
+    if (n == 0) break;
+    store->for_each_run(s.id, layer, h, 0, n, [&](const memory::RowRun& r) {
+      const int64_t pg = r.slot / rpp, off = r.slot % rpp;
+      const std::byte* k = dev ? r.k_device : r.k;
+      const std::byte* v = dev ? r.v_device : r.v;
+      KVTIER_CHECK(k && v, "host tier rows are not mapped for device access (pinning failed)");
+      pages[(static_cast<size_t>(h) * max_pages + pg) * 2] = k - off * rowb;
+      pages[(static_cast<size_t>(h) * max_pages + pg) * 2 + 1] = v - off * rowb;
+    });
+  }
+  const int32_t nc = st.num_clusters - first_cluster;
+  std::vector<int32_t> slots(static_cast<size_t>(Hkv) * std::max(nc, 0));
+  for (int32_t h = 0; h < Hkv; ++h) {
+    int64_t slot = 0;
+    for (int32_t c = 0; c < st.num_clusters; ++c) {
+      if (c >= first_cluster)
+        slots[static_cast<size_t>(h) * nc + c - first_cluster] = static_cast<int32_t>(slot);
+      slot += st.sizes[h][c];
+    }
+    KVTIER_DASSERT(slot == st.clustered);
+  }
+  const size_t pbytes = pages.size() * sizeof(void*);
+  if (!dev) {
+    std::memcpy(st.host_pages.get(), pages.data(), pbytes);
+    for (int32_t h = 0; h < Hkv; ++h) {
+      std::memcpy(slot_table.as<int32_t>() + (st.table_row + h) * cap_c + first_cluster,
+                  slots.data() + static_cast<size_t>(h) * nc, nc * sizeof(int32_t));
+    }
+    return;
+  }
+#if KVTIER_WITH_CUDA
+  memory::PinnedBuffer up = memory::PinnedBuffer::allocate(pbytes + slots.size() * 4 + 16);
+  std::memcpy(up.data(), pages.data(), pbytes);
+  std::memcpy(up.data() + pbytes, slots.data(), slots.size() * 4);
+  cuda::memcpy_async(st.host_pages.get(), up.data(), pbytes, stream);
+  if (nc > 0) {
+    KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(
+        slot_table.as<int32_t>() + st.table_row * cap_c + first_cluster, cap_c * 4,
+        up.data() + pbytes, nc * 4, nc * 4, Hkv, cudaMemcpyHostToDevice, stream));
+  }
+  KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
+}
+
+// Decides, in the background, what the selections of the step that just ended mean for each
+// recall layer's cache: lookups (hits pinned and aged by the retention rule, pages allocated for
+// misses, evictions), the fills for the misses, and the directory updates. apply_policy enqueues
+// the result at the next end_step, so the device directory changes only between steps.
+void Engine::Impl::launch_policy_job(cudaStream_t stream) {
+  (void)stream;
+  const int parity = static_cast<int>(steps % 2);  // records of the step that just ended
+  // Live sequences now (Sequence objects are stable; removal waits for this job).
+  std::unordered_map<SeqId, Sequence*> live;
+  for (const auto& [id, sq] : seqs) live[id] = sq.get();
+  auto job = std::make_shared<Job>();
+  const int64_t step = steps + 1;  // cache steps start at 1
+  auto work = [this, parity, live, job, step]() {
+    try {
+      tbb::parallel_for(0, num_recall_layers, [&](int32_t ri) {
+        LayerRecord& rec = records[parity][ri];
+        LayerPolicy& pol = policy[ri];
+        pol = LayerPolicy();
+        memory::ClusterCache& cache = *caches[ri];
+        cache.begin_step(step);
+        int32_t layer = 0;
+        for (int32_t l = 0; l < L; ++l)
+          if (recall_index[l] == ri) layer = l;
+        const int32_t* ids = rec.ids();
+        const int32_t* num = rec.ids() + static_cast<size_t>(max_problems) * sel_cols;
+        const int32_t* stats = num + max_problems;
+        std::vector<memory::CacheRequest> req;
+        std::vector<int32_t> req_row;
+        for (int32_t p = 0; p < rec.problems; ++p) {
+          const int32_t h = (rec.row[p]) % Hkv;
+          Event e;
+          e.kind = EventKind::kCacheLookup;
+          e.seq = rec.seq[p];
+          e.layer = layer;
+          e.kv_head = h;
+          e.hits = stats[4 * p];
+          e.misses = stats[4 * p + 1];
+          record(e);
+          if (stats[4 * p + 2] > 0) {
+            Event f = e;
+            f.kind = EventKind::kFetch;
+            f.hits = f.misses = 0;
+            f.dir = Direction::kHostToDevice;
+            f.bytes = static_cast<int64_t>(2 * rowb) * stats[4 * p + 2];
+            record(f);
+          }
+          {
+            std::lock_guard<std::mutex> lock(stats_mu);
+            recall_hits += stats[4 * p];
+            recall_misses += stats[4 * p + 1];
+            host_read_bytes += static_cast<int64_t>(2 * rowb) * stats[4 * p + 2];
+            rows_attended += stats[4 * p + 3];
+          }
+          const auto lv = live.find(rec.seq[p]);
+          if (lv == live.end()) continue;  // removed before its policy ran
+          const LayerState& st = lv->second->layers[layer];
+          for (int32_t j = 0; j < num[p]; ++j) {
+            const int32_t id = ids[static_cast<size_t>(p) * sel_cols + j];
+            memory::CacheRequest r;
+            r.key = memory::ClusterKey{rec.seq[p], layer, h, id};
+            r.num_rows = st.sizes[h][id];
+            req.push_back(r);
+            req_row.push_back(rec.row[p]);
+          }
+        }
+        rec.problems = 0;
+        rec.seq.clear();
+        rec.row.clear();
+        if (req.empty()) return;
+        memory::CacheLookup lk;
+        try {
+          lk = cache.lookup(req);
+        } catch (const CapacityError&) {
+          return;  // this step's selection does not fit: nothing is cached for this layer
+        }
+        for (const memory::ClusterKey& k : lk.evicted) {
+          const auto it = live.find(k.seq);
+          if (it == live.end()) continue;
+          const int64_t row =
+              (static_cast<int64_t>(it->second->slot) * num_recall_layers + ri) * Hkv + k.kv_head;
+          pol.inval_idx.push_back(static_cast<int32_t>(row * cap_c + k.cluster));
+        }
+        if (!lk.evicted.empty()) {
+          Event e;
+          e.kind = EventKind::kEvict;
+          e.layer = layer;
+          e.misses = static_cast<int32_t>(lk.evicted.size());
+          record(e);
+        }
+        if (lk.misses.empty()) return;
+        std::vector<memory::CacheRequest> miss_req;
+        for (const int32_t m : lk.misses) {
+          const memory::CacheRequest& r = req[m];
+          const int32_t* pg = lk.page_ids.data() + lk.page_indptr[m];
+          const int32_t np = lk.page_indptr[m + 1] - lk.page_indptr[m];
+          pol.set_idx.push_back(
+              static_cast<int32_t>(static_cast<int64_t>(req_row[m]) * cap_c + r.key.cluster));
+          pol.set_val.push_back(pg[0]);
+          for (int32_t q = 0; q < np; ++q) {
+            pol.next_idx.push_back(pg[q]);
+            pol.next_val.push_back(q + 1 < np ? pg[q + 1] : -1);
+          }
+        }
+        memory::plan_fetch(
+            *store, req.data(), lk, cfg.page_size,
+            backend == Backend::kCuda ? memory::HostAddress::kDevice : memory::HostAddress::kHost,
+            &pol.segments);
+        const int64_t bytes = memory::plan_bytes(pol.segments, rowb);
+        {
+          std::lock_guard<std::mutex> lock(stats_mu);
+          fill_bytes += bytes;
+        }
+        Event e;
+        e.kind = EventKind::kFetch;
+        e.layer = layer;
+        e.dir = Direction::kHostToDevice;
+        e.bytes = bytes;
+        record(e);
+      });
+      job->promise.set_value();
+    } catch (...) {
+      job->promise.set_exception(std::current_exception());
+    }
+  };
+  policy_job = job;
+  if (backend == Backend::kCpu) {
+    work();
+    return;
+  }
+#if KVTIER_WITH_CUDA
+  // The selections were downloaded on `stream` (made to wait for every layer's decode).
+  auto ev = std::make_shared<cuda::Event>();
+  ev->record(stream);
+  jobs.run([ev, work = std::move(work)]() {
+    ev->synchronize();
+    work();
+  });
+#endif
+}
+
+// Enqueues the decisions of the last policy job on `stream`: evicted clusters leave the
+// directory first, then the misses are gathered into their pages, then the pages are chained
+// and the clusters enter the directory. Stream order keeps every decode before this point on
+// the old directory and every decode after it on the new one.
+void Engine::Impl::apply_policy(cudaStream_t stream) {
+  (void)stream;
+  if (!policy_job) return;
+  wait_job(policy_job, -1, -1);
+  policy_job.reset();
+  if (backend == Backend::kCpu) {
+    int32_t* dir = dir_table.as<int32_t>();
+    for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
+      LayerPolicy& pol = policy[ri];
+      int32_t* next = page_next[ri].as<int32_t>();
+      for (const int32_t i : pol.inval_idx) dir[i] = -1;
+      if (!pol.segments.empty()) {
+        kernels::GatherParams gp;
+        gp.segments = pol.segments.data();
+        gp.num_segments = static_cast<int32_t>(pol.segments.size());
+        gp.row_bytes = static_cast<int32_t>(rowb);
+        gp.page_size = cfg.page_size;
+        gp.k_pool = caches[ri]->k_pool();
+        gp.v_pool = caches[ri]->v_pool();
+        kernels::gather_ref(gp);
+      }
+      for (size_t i = 0; i < pol.next_idx.size(); ++i) next[pol.next_idx[i]] = pol.next_val[i];
+      for (size_t i = 0; i < pol.set_idx.size(); ++i) dir[pol.set_idx[i]] = pol.set_val[i];
+      pol = LayerPolicy();
+    }
+    return;
+  }
+#if KVTIER_WITH_CUDA
+  // One upload for all layers: per layer [segments | inval idx | -1s | next idx | next val |
+  // set idx | set val], each part 16-byte aligned.
+  auto al = [](size_t b) { return (b + 15) / 16 * 16; };
+  std::vector<size_t> offs(num_recall_layers + 1, 0);
+  for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
+    const LayerPolicy& pol = policy[ri];
+    offs[ri + 1] = offs[ri] + al(pol.segments.size() * sizeof(memory::GatherSegment)) +
+                   al(2 * pol.inval_idx.size() * 4) + al(2 * pol.next_idx.size() * 4) +
+                   al(2 * pol.set_idx.size() * 4);
+  }
+  if (offs.back() == 0) return;
+  std::byte* up = staging.acquire(offs.back());
+  for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
+    const LayerPolicy& pol = policy[ri];
+    std::byte* w = up + offs[ri];
+    auto put = [&](const void* a, size_t na, const void* b, size_t nb) {
+      std::memcpy(w, a, na);
+      if (nb) std::memcpy(w + na, b, nb);
+      w += al(na + nb);
+    };
+    const std::vector<int32_t> minus(pol.inval_idx.size(), -1);
+    put(pol.segments.data(), pol.segments.size() * sizeof(memory::GatherSegment), nullptr, 0);
+    put(pol.inval_idx.data(), pol.inval_idx.size() * 4, minus.data(), minus.size() * 4);
+    put(pol.next_idx.data(), pol.next_idx.size() * 4, pol.next_val.data(), pol.next_val.size() * 4);
+    put(pol.set_idx.data(), pol.set_idx.size() * 4, pol.set_val.data(), pol.set_val.size() * 4);
+  }
+  grow(policy_dev, offs.back());
+  cuda::memcpy_async(policy_dev.get(), up, offs.back(), stream);
+  staging.release(stream);
+  int32_t* dir = dir_table.as<int32_t>();
+  for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
+    LayerPolicy& pol = policy[ri];
+    const std::byte* r = policy_dev.get() + offs[ri];
+    const size_t seg = pol.segments.size() * sizeof(memory::GatherSegment);
+    const auto ni = static_cast<int32_t>(pol.inval_idx.size());
+    const auto nn = static_cast<int32_t>(pol.next_idx.size());
+    const auto ns = static_cast<int32_t>(pol.set_idx.size());
+    const int32_t* inval = reinterpret_cast<const int32_t*>(r + al(seg));
+    const int32_t* next = reinterpret_cast<const int32_t*>(r + al(seg) + al(2 * ni * 4));
+    const int32_t* set =
+        reinterpret_cast<const int32_t*>(r + al(seg) + al(2 * ni * 4) + al(2 * nn * 4));
+    scheduler::launch_scatter_i32(dir, inval, inval + ni, ni, stream);
+    if (!pol.segments.empty()) {
       kernels::GatherParams gp;
-      gp.segments = segments_dev.as<memory::GatherSegment>();
-      gp.num_segments = static_cast<int32_t>(gather.size());
+      gp.segments = reinterpret_cast<const memory::GatherSegment*>(r);
+      gp.num_segments = static_cast<int32_t>(pol.segments.size());
       gp.row_bytes = static_cast<int32_t>(rowb);
       gp.page_size = cfg.page_size;
-      gp.k_pool = cache->k_pool();
-      gp.v_pool = cache->v_pool();
+      gp.k_pool = caches[ri]->k_pool();
+      gp.v_pool = caches[ri]->v_pool();
       kernels::launch_gather(gp, stream);
     }
-    kernels::DecodeAttentionTensors t;
-    t.q = b.q;
-    t.chunks = reinterpret_cast<const kernels::KvChunk*>(segments_dev.get() + seg_bytes);
-    t.chunk_indptr = reinterpret_cast<const int32_t*>(segments_dev.get() + seg_bytes + ch_bytes);
-    t.out = b.out;
-    const size_t ws = kernels::decode_attention_workspace_bytes(ap, max_rows);
-    grow(attn_ws, std::max<size_t>(ws, 16));
-    kernels::launch_decode_attention(ap, t, max_rows, attn_ws.get(), ws, stream);
+    scheduler::launch_scatter_i32(page_next[ri].as<int32_t>(), next, next + nn, nn, stream);
+    scheduler::launch_scatter_i32(dir, set, set + ns, ns, stream);
+    pol = LayerPolicy();
   }
 #endif
-  for (int32_t i = 0; i < B; ++i) ss[i]->layers[layer].last_decode.record(backend, stream);
-  step_layer_done[layer].record(backend, stream);
-  ++decode_calls;
 }
 
 // ---- window clustering ----
@@ -1253,7 +1545,6 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
   float* cent = centroids_row(st.table_row) + static_cast<size_t>(job->first_cluster) * D;
   int32_t* sizes = sizes_row(st.table_row) + job->first_cluster;
   const size_t bytes = static_cast<size_t>(Hkv) * W * rowb;
-  const SeqId seq = s.id;
   if (backend == Backend::kCpu) {
     std::vector<std::byte> points(bytes);
     for_ring_runs(job->begin, W, st.win_cap, [&](int64_t slot, int64_t run, int64_t i) {
@@ -1265,7 +1556,7 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
     job->host = std::make_shared<Job>();
     run_window_host(s, layer, *job);
     st.window = std::move(job);
-    finish_window_job(s, layer, /*wait=*/true);
+    finish_window_job(s, layer, /*wait=*/true, nullptr);
     return;
   }
 #if KVTIER_WITH_CUDA
@@ -1301,7 +1592,6 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
       j->host->promise.set_exception(std::current_exception());
     }
   });
-  (void)seq;
 #endif
 }
 
@@ -1326,7 +1616,7 @@ void Engine::Impl::run_window_host(Sequence& s, int32_t layer, WindowJob& j) {
 }
 
 // Commits a finished window job: its clusters join the index and its rows leave the window.
-void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait) {
+void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream) {
   LayerState& st = s.layers[layer];
   if (!st.window) return;
   WindowJob& j = *st.window;
@@ -1339,11 +1629,13 @@ void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait) {
     for (int64_t i = 0; i < W; ++i) ++sz[j.labels[static_cast<size_t>(h) * W + i]];
     st.sizes[h].insert(st.sizes[h].end(), sz.begin(), sz.end());
   }
+  const int32_t first = st.num_clusters;
   st.num_clusters += cp;
   st.clustered += W;
   st.centroids_ready = std::move(j.done);
   st.window.reset();
   ++window_clusterings;
+  refresh_host_directory(s, layer, first, stream);
 }
 
 void Engine::Impl::flush_step_rows() {
@@ -1388,6 +1680,22 @@ void Engine::Impl::flush_step_rows() {
 #endif
 }
 
+// Drops pending directory updates of a slot whose sequence is being removed.
+void Engine::Impl::purge_slot(int32_t slot) {
+  const int64_t rows = static_cast<int64_t>(num_recall_layers) * Hkv;
+  auto in_slot = [&](int32_t idx) { return idx / cap_c / rows == slot; };
+  for (LayerPolicy& pol : policy) {
+    std::vector<int32_t> si, sv;
+    for (size_t i = 0; i < pol.set_idx.size(); ++i) {
+      if (!in_slot(pol.set_idx[i])) si.push_back(pol.set_idx[i]), sv.push_back(pol.set_val[i]);
+    }
+    pol.set_idx.swap(si);
+    pol.set_val.swap(sv);
+    pol.inval_idx.erase(std::remove_if(pol.inval_idx.begin(), pol.inval_idx.end(), in_slot),
+                        pol.inval_idx.end());
+  }
+}
+
 // ---- Engine ----
 
 Engine::Engine(const EngineConfig& config) {
@@ -1415,6 +1723,20 @@ void Engine::add_sequence(SeqId seq) {
     }
   }
   m.store->add_sequence(seq);
+  // A reused slot's directory rows start empty.
+  if (m.num_recall_layers > 0) {
+    const size_t rows = static_cast<size_t>(m.num_recall_layers) * m.Hkv;
+    int32_t* dir = m.dir_table.as<int32_t>() + s->slot * rows * m.cap_c;
+    if (m.backend == Backend::kCpu) {
+      std::fill_n(dir, rows * m.cap_c, -1);
+    }
+#if KVTIER_WITH_CUDA
+    else {
+      KVTIER_CUDA_CHECK(cudaMemsetAsync(dir, 0xff, rows * m.cap_c * 4, m.copy_stream()));
+      KVTIER_CUDA_CHECK(cudaStreamSynchronize(m.copy_stream()));
+    }
+#endif
+  }
   m.free_slots.pop_back();
   m.seqs.emplace(seq, std::move(s));
 }
@@ -1423,9 +1745,11 @@ void Engine::remove_sequence(SeqId seq) {
   Impl& m = *impl_;
   Sequence& s = m.find(seq);
   if (m.step_append) m.step_append->future.wait();
+  if (m.policy_job) m.policy_job->future.wait();  // it reads the sequence
   m.wait_sequence(s);
   m.store->remove_sequence(seq);
-  if (m.cache) m.cache->erase_sequence(seq);
+  for (const auto& c : m.caches) c->erase_sequence(seq);
+  m.purge_slot(s.slot);
   m.free_slots.push_back(s.slot);
   m.seqs.erase(seq);
 }
@@ -1462,19 +1786,23 @@ void Engine::decode_layer(int32_t layer, const DecodeBatch& batch, cudaStream_t 
   impl_->decode(layer, batch, stream);
 }
 
-void Engine::end_step() {
+void Engine::end_step(cudaStream_t stream) {
   Impl& m = *impl_;
-  ++m.steps;
-  if (m.cache) m.cache->begin_step(m.steps);
+  // Everything below is ordered after every decode of the step, whatever streams they used.
+  for (int32_t l = 0; l < m.L; ++l) stream_wait(m.backend, stream, m.step_layer_done[l]);
   if (m.backend == Backend::kCuda) m.flush_step_rows();
+  m.apply_policy(stream);  // the previous step's cache decisions
   for (auto& [id, s] : m.seqs) {
     for (int32_t l = 0; l < m.L; ++l) {
       LayerState& st = s->layers[l];
       if (!st.recall || !st.prefilled || st.prefill) continue;
-      m.finish_window_job(*s, l, /*wait=*/false);
+      m.finish_window_job(*s, l, /*wait=*/false, stream);
       if (!st.window && st.recall_end - st.clustered >= m.cfg.window) m.start_window_job(*s, l);
     }
   }
+  if (m.num_recall_layers > 0) m.launch_policy_job(stream);
+  m.policy_applied.record(m.backend, stream);
+  ++m.steps;
   if (!m.cfg.telemetry_path.empty()) {
     m.telemetry.drain_to_file(m.cfg.telemetry_path).throw_if_error();
   } else {
@@ -1487,6 +1815,7 @@ void Engine::synchronize() {
   Impl& m = *impl_;
   m.jobs.wait();
   if (m.step_append) m.step_append->future.get();
+  if (m.policy_job) m.policy_job->future.get();
   for (auto& [id, s] : m.seqs) {
     for (int32_t l = 0; l < m.L; ++l) {
       LayerState& st = s->layers[l];
@@ -1502,7 +1831,25 @@ EngineStats Engine::stats() const {
   s.steps = m.steps;
   s.decode_layer_calls = m.decode_calls;
   s.sequences = static_cast<int64_t>(m.seqs.size());
-  if (m.cache) s.cache = m.cache->stats();
+  for (const auto& c : m.caches) {
+    const memory::CacheStats cs = c->stats();
+    s.cache.lookups += cs.lookups;
+    s.cache.hits += cs.hits;
+    s.cache.misses += cs.misses;
+    s.cache.evictions += cs.evictions;
+    s.cache.pressure_evictions += cs.pressure_evictions;
+    s.cache.bytes_fetched += cs.bytes_fetched;
+    s.cache.num_entries += cs.num_entries;
+    s.cache.pages_used += cs.pages_used;
+    s.cache.num_pages += cs.num_pages;
+  }
+  {
+    std::lock_guard<std::mutex> lock(m.stats_mu);
+    s.recall_hits = m.recall_hits;
+    s.recall_misses = m.recall_misses;
+    s.host_read_bytes = m.host_read_bytes;
+    s.fill_bytes = m.fill_bytes;
+  }
   s.telemetry = m.telemetry.stats();
   s.gpu_bytes = m.mem.now.load();
   s.gpu_kv_bytes = m.mem.kv.load();
@@ -1512,7 +1859,10 @@ EngineStats Engine::stats() const {
   s.host_bytes_peak = hs.bytes_peak;
   s.prefill_cluster_ms = static_cast<double>(m.prefill_cluster_us.load()) / 1000.0;
   s.window_clusterings = m.window_clusterings;
-  s.rows_attended = m.rows_attended;
+  {
+    std::lock_guard<std::mutex> lock(m.stats_mu);
+    s.rows_attended = m.rows_attended;
+  }
   return s;
 }
 
@@ -1523,4 +1873,34 @@ bool Engine::is_recall_layer(int32_t layer) const {
   return impl_->recall_index[layer] >= 0;
 }
 
+namespace scheduler {
+
+void build_recall_chunks_host(const ChunkBuildParams& p) {
+  int32_t at = 0;
+  for (int32_t pi = 0; pi < p.num_problems; ++pi) {
+    const RecallProblem& pr = p.problems[pi];
+    p.indptr[pi] = at;
+    if (pr.res_rows > 0) p.chunks[at++] = detail::make_chunk(pr.res_k, pr.res_v, pr.res_rows);
+    int32_t hits = 0, misses = 0, host_rows = 0, rows_total = 0;
+    for (int32_t j = 0; j < p.num_sel[pi]; ++j) {
+      const size_t si = static_cast<size_t>(pi) * p.sel_stride + j;
+      bool hit = false;
+      at += detail::cluster_chunks(p, pr, p.sel_ids[si], p.sel_rows[si], p.chunks + at, &hit);
+      hits += hit ? 1 : 0;
+      misses += hit ? 0 : 1;
+      host_rows += hit ? 0 : p.sel_rows[si];
+      rows_total += p.sel_rows[si];
+    }
+    at += detail::window_chunks(p, pr, p.chunks + at);
+    p.counts[pi] = at - p.indptr[pi];
+    int32_t* st = p.stats + 4 * pi;
+    st[0] = hits;
+    st[1] = misses;
+    st[2] = host_rows;
+    st[3] = rows_total + static_cast<int32_t>(pr.res_rows + pr.win_rows);
+  }
+  p.indptr[p.num_problems] = at;
+}
+
+}  // namespace scheduler
 }  // namespace kvtier

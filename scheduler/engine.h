@@ -120,6 +120,18 @@ struct EngineStats {
   double prefill_cluster_ms = 0;  ///< clustering time of prefills (wall, in background jobs)
   int64_t window_clusterings = 0;
   int64_t rows_attended = 0;  ///< sum over decode problems of the rows attention read
+  /// Recall layers, as attention saw them: selected clusters found in the GPU cache or not (a
+  /// miss is read from pinned host memory by attention itself), bytes so read, and bytes
+  /// gathered into the cache afterwards for later steps (K and V).
+  int64_t recall_hits = 0;
+  int64_t recall_misses = 0;
+  int64_t host_read_bytes = 0;
+  int64_t fill_bytes = 0;
+  double recall_hit_rate() const {
+    return recall_hits + recall_misses
+               ? static_cast<double>(recall_hits) / static_cast<double>(recall_hits + recall_misses)
+               : 0.0;
+  }
 };
 
 class Engine {
@@ -151,7 +163,9 @@ class Engine {
 
   /// Ends a decode step: the step's rows reach the host tier, finished window clusterings are
   /// committed and new ones started, the cache's step advances, telemetry is drained.
-  void end_step();
+  /// `stream` orders the step's cache-directory updates (kCuda); decode_layer calls of the next
+  /// step wait for them whatever stream they use.
+  void end_step(cudaStream_t stream = nullptr);
 
   /// Waits for all background work (offloads, clusterings) to finish.
   void synchronize();

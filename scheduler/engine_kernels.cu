@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 #include <type_traits>
 
 #include "memory/core/check.h"
@@ -85,6 +87,116 @@ void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, 
                                                         static_cast<const int4*>(v_src), src_rows,
                                                         row_bytes / 16, k_dst, v_dst);
   KVTIER_CUDA_CHECK_LAUNCH("engine append_rows_kernel");
+}
+
+}  // namespace kvtier::scheduler
+
+namespace kvtier::scheduler {
+namespace {
+
+constexpr int kBuildThreads = 256;
+
+// grid: (P), block kBuildThreads: chunk count and stats of problem p.
+__global__ void __launch_bounds__(kBuildThreads) count_chunks_kernel(ChunkBuildParams p) {
+  const int pi = blockIdx.x;
+  const RecallProblem pr = p.problems[pi];
+  const int32_t n = p.num_sel[pi];
+  int32_t chunks = 0, hits = 0, misses = 0, host_rows = 0, rows_total = 0;
+  for (int32_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const size_t si = static_cast<size_t>(pi) * p.sel_stride + j;
+    const int32_t rows = p.sel_rows[si];
+    bool hit = false;
+    chunks += detail::cluster_chunks(p, pr, p.sel_ids[si], rows, nullptr, &hit);
+    hits += hit ? 1 : 0;
+    misses += hit ? 0 : 1;
+    host_rows += hit ? 0 : rows;
+    rows_total += rows;
+  }
+  using Reduce = cub::BlockReduce<int32_t, kBuildThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const int32_t c = Reduce(tmp).Sum(chunks);
+  __syncthreads();
+  const int32_t h = Reduce(tmp).Sum(hits);
+  __syncthreads();
+  const int32_t m = Reduce(tmp).Sum(misses);
+  __syncthreads();
+  const int32_t hr = Reduce(tmp).Sum(host_rows);
+  __syncthreads();
+  const int32_t rt = Reduce(tmp).Sum(rows_total);
+  if (threadIdx.x == 0) {
+    p.counts[pi] = c + (pr.res_rows > 0 ? 1 : 0) + detail::window_chunks(p, pr, nullptr);
+    int32_t* st = p.stats + 4 * pi;
+    st[0] = h;
+    st[1] = m;
+    st[2] = hr;
+    st[3] = rt + static_cast<int32_t>(pr.res_rows + pr.win_rows);
+  }
+}
+
+// grid: (P), block kBuildThreads: writes problem p's chunks after those of problems < p.
+__global__ void __launch_bounds__(kBuildThreads) write_chunks_kernel(ChunkBuildParams p) {
+  const int pi = blockIdx.x;
+  const RecallProblem pr = p.problems[pi];
+  using Reduce = cub::BlockReduce<int32_t, kBuildThreads>;
+  using Scan = cub::BlockScan<int32_t, kBuildThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } tmp;
+  __shared__ int32_t base;
+  int32_t before = 0;
+  for (int q = threadIdx.x; q < pi; q += blockDim.x) before += p.counts[q];
+  const int32_t off = Reduce(tmp.reduce).Sum(before);
+  if (threadIdx.x == 0) {
+    p.indptr[pi] = off;
+    if (pi == p.num_problems - 1) p.indptr[pi + 1] = off + p.counts[pi];
+    base = off;
+    if (pr.res_rows > 0) p.chunks[base++] = detail::make_chunk(pr.res_k, pr.res_v, pr.res_rows);
+  }
+  __syncthreads();
+  const int32_t n = p.num_sel[pi];
+  for (int32_t t0 = 0; t0 < n; t0 += blockDim.x) {
+    const int32_t j = t0 + threadIdx.x;
+    int32_t c = 0, rows = 0, id = 0;
+    bool hit = false;
+    if (j < n) {
+      const size_t si = static_cast<size_t>(pi) * p.sel_stride + j;
+      rows = p.sel_rows[si];
+      id = p.sel_ids[si];
+      c = detail::cluster_chunks(p, pr, id, rows, nullptr, &hit);
+    }
+    int32_t excl, total;
+    __syncthreads();
+    Scan(tmp.scan).ExclusiveSum(c, excl, total);
+    if (j < n) detail::cluster_chunks(p, pr, id, rows, p.chunks + base + excl, &hit);
+    __syncthreads();
+    if (threadIdx.x == 0) base += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) detail::window_chunks(p, pr, p.chunks + base);
+}
+
+__global__ void scatter_i32_kernel(int32_t* dst, const int32_t* idx, const int32_t* val,
+                                   int32_t count) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < count) dst[idx[i]] = val[i];
+}
+
+}  // namespace
+
+void launch_build_recall_chunks(const ChunkBuildParams& p, cudaStream_t stream) {
+  if (p.num_problems == 0) return;
+  count_chunks_kernel<<<p.num_problems, kBuildThreads, 0, stream>>>(p);
+  KVTIER_CUDA_CHECK_LAUNCH("engine count_chunks_kernel");
+  write_chunks_kernel<<<p.num_problems, kBuildThreads, 0, stream>>>(p);
+  KVTIER_CUDA_CHECK_LAUNCH("engine write_chunks_kernel");
+}
+
+void launch_scatter_i32(int32_t* dst, const int32_t* idx, const int32_t* val, int32_t count,
+                        cudaStream_t stream) {
+  if (count == 0) return;
+  scatter_i32_kernel<<<(count + 255) / 256, 256, 0, stream>>>(dst, idx, val, count);
+  KVTIER_CUDA_CHECK_LAUNCH("engine scatter_i32_kernel");
 }
 
 }  // namespace kvtier::scheduler

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/decode_attention.h"
 #include "memory/core/cuda_fwd.h"
 #include "memory/core/dtype.h"
 
@@ -22,6 +23,132 @@ void launch_gather_table_rows(const int32_t* table, const int32_t* rows, int32_t
 /// p < count. The pointer arrays are device-readable.
 void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, int32_t count,
                         int32_t row_bytes, void* const* k_dst, void* const* v_dst,
+                        cudaStream_t stream);
+#endif
+
+}  // namespace kvtier::scheduler
+
+namespace kvtier::scheduler {
+
+/// One (sequence, KV head) of a recall layer, as the chunk builder sees it.
+struct RecallProblem {
+  const std::byte* res_k = nullptr;  ///< resident (sink) rows of this head
+  const std::byte* res_v = nullptr;
+  const std::byte* win_k = nullptr;  ///< window ring of this head: position q at slot q % win_cap
+  const std::byte* win_v = nullptr;
+  const std::byte* const* host_pages = nullptr;  ///< [max_pages][2]: K, V base of host page i
+  int64_t res_rows = 0;
+  int64_t win_begin = 0;  ///< first unclustered position
+  int64_t win_rows = 0;
+  int64_t win_cap = 0;
+  int32_t table_row = 0;  ///< row of this head in the directory tables
+  int32_t reserved = 0;
+};
+
+/// Everything the chunk builder reads: the selection, the GPU cache directory (cluster -> first
+/// cache page, pages chained by page_next), and the host-tier directory (cluster -> first slot;
+/// slots are in host pages of rows_per_page rows).
+struct ChunkBuildParams {
+  int32_t num_problems = 0;
+  int32_t sel_stride = 0;  ///< row stride of sel_ids / sel_rows
+  int32_t dir_stride = 0;  ///< row stride of dir / cluster_slot (clusters per head)
+  int32_t page_size = 0;
+  int32_t rows_per_page = 0;  ///< host page rows
+  int32_t row_bytes = 0;
+  const RecallProblem* problems = nullptr;
+  const int32_t* num_sel = nullptr;
+  const int32_t* sel_ids = nullptr;
+  const int32_t* sel_rows = nullptr;
+  const int32_t* dir = nullptr;           ///< [rows, dir_stride]: first cache page or -1
+  const int32_t* page_next = nullptr;     ///< [cache pages]: next page of the cluster or -1
+  const int32_t* cluster_slot = nullptr;  ///< [rows, dir_stride]: first host slot
+  const std::byte* k_pool = nullptr;
+  const std::byte* v_pool = nullptr;
+  int32_t* counts = nullptr;  ///< [num_problems] chunks (written by the count pass)
+  /// [num_problems, 4]: clusters found in the cache, not found, rows read from the host, rows
+  /// attended.
+  int32_t* stats = nullptr;
+  kernels::KvChunk* chunks = nullptr;  ///< out
+  int32_t* indptr = nullptr;           ///< out [num_problems + 1]
+};
+
+#if defined(__CUDACC__)
+#define KVTIER_HD __host__ __device__ __forceinline__
+#else
+#define KVTIER_HD inline
+#endif
+
+namespace detail {
+
+KVTIER_HD kernels::KvChunk make_chunk(const std::byte* k, const std::byte* v, int64_t rows) {
+  kernels::KvChunk c;
+  c.k = k;
+  c.v = v;
+  c.num_rows = static_cast<int32_t>(rows);
+  return c;
+}
+
+/// Chunks of one selected cluster (its first `rows` rows), written to `out` unless null: cache
+/// pages when the directory has the cluster, else host pages (mapped memory). *hit says which.
+KVTIER_HD int32_t cluster_chunks(const ChunkBuildParams& p, const RecallProblem& pr, int32_t id,
+                                 int32_t rows, kernels::KvChunk* out, bool* hit) {
+  const size_t di = static_cast<size_t>(pr.table_row) * p.dir_stride + id;
+  int32_t page = p.dir[di];
+  int32_t n = 0;
+  if (page >= 0) {
+    *hit = true;
+    if (out == nullptr) return (rows + p.page_size - 1) / p.page_size;
+    const size_t page_bytes = static_cast<size_t>(p.page_size) * p.row_bytes;
+    for (int32_t left = rows; left > 0; left -= p.page_size, page = p.page_next[page]) {
+      out[n++] = make_chunk(p.k_pool + page * page_bytes, p.v_pool + page * page_bytes,
+                            left < p.page_size ? left : p.page_size);
+    }
+    return n;
+  }
+  *hit = false;
+  int64_t slot = p.cluster_slot[di];
+  for (int32_t left = rows; left > 0;) {
+    const int64_t pg = slot / p.rows_per_page, off = slot % p.rows_per_page;
+    const int64_t r = left < p.rows_per_page - off ? left : p.rows_per_page - off;
+    if (out) {
+      out[n] = make_chunk(pr.host_pages[2 * pg] + off * p.row_bytes,
+                          pr.host_pages[2 * pg + 1] + off * p.row_bytes, r);
+    }
+    ++n;
+    left -= static_cast<int32_t>(r);
+    slot += r;
+  }
+  return n;
+}
+
+/// Window ring runs of a problem (0, 1 or 2 chunks), written unless null.
+KVTIER_HD int32_t window_chunks(const ChunkBuildParams& p, const RecallProblem& pr,
+                                kernels::KvChunk* out) {
+  int32_t n = 0;
+  for (int64_t i = 0; i < pr.win_rows;) {
+    const int64_t slot = (pr.win_begin + i) % pr.win_cap;
+    const int64_t run = pr.win_rows - i < pr.win_cap - slot ? pr.win_rows - i : pr.win_cap - slot;
+    if (out) {
+      out[n] = make_chunk(pr.win_k + slot * p.row_bytes, pr.win_v + slot * p.row_bytes, run);
+    }
+    ++n;
+    i += run;
+  }
+  return n;
+}
+
+}  // namespace detail
+
+/// Host version: counts, stats, chunks and indptr in one pass (host pointers).
+void build_recall_chunks_host(const ChunkBuildParams& p);
+
+#if KVTIER_WITH_CUDA
+/// Two kernels on `stream`: per problem, count its chunks; then write them at the offsets the
+/// counts give. `chunks` must hold the total (the caller bounds it).
+void launch_build_recall_chunks(const ChunkBuildParams& p, cudaStream_t stream);
+
+/// dir[idx[i]] = val[i] for i < count (count 0: nothing).
+void launch_scatter_i32(int32_t* dst, const int32_t* idx, const int32_t* val, int32_t count,
                         cudaStream_t stream);
 #endif
 

@@ -274,7 +274,7 @@ cuda::DeviceBuffer<T> upload_at(const std::vector<T>& v, size_t offset, T filler
   return upload(shifted, stream);
 }
 
-enum class GpuStep { kScore, kSelect, kScoreThenSelect, kBoth };
+enum class GpuStep { kScore, kSelect, kScoreThenSelect, kBoth, kScoreSplit };
 
 /// Runs `step` on the device. kSelect reads c.scores; the others score c's queries and
 /// centroids. Outputs are poisoned first, so every slot the kernels should write is checked.
@@ -318,6 +318,13 @@ Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
     case GpuStep::kScore:
       launch_score_clusters(c.p, t, s);
       break;
+    case GpuStep::kScoreSplit: {
+      const size_t bytes = score_clusters_split_workspace_bytes(c.p);
+      cuda::DeviceBuffer<std::byte> logits(std::max<size_t>(bytes, 1), 0);
+      launch_score_clusters_split(c.p, t, logits.get(), bytes, s);
+      stream.synchronize();  // the logits buffer is freed below
+      break;
+    }
     case GpuStep::kSelect:
       launch_select_clusters(c.p, t, workspace.get(), ws_bytes, s);
       break;
@@ -627,6 +634,45 @@ TEST(ClusterSelectGpuScoreEdge, RecomputedLogitsWhenTheCacheDoesNotFit) {
     EXPECT_EQ(got.nonfinite_problem, -1);
     expect_scores_close(c, ref_scores(c).scores, got.scores);
   }
+#endif
+}
+
+TEST_P(ClusterSelectGpuScore, SplitPathMatchesReferenceWithinTolerance) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  const auto [head_dim, G, agg] = GetParam();
+  for (const int32_t k : {1, 37, 1000, 2050}) {
+    Case c = make_case(5, G, head_dim, k, agg, BudgetOverflow::kTruncate,
+                       test::test_seed() + head_dim + G * 1000 + k + 7);
+    const Result got = run_on_gpu(c, GpuStep::kScoreSplit);
+    EXPECT_EQ(got.nonfinite_problem, -1) << c.describe();
+    expect_scores_close(c, ref_scores(c).scores, got.scores);
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuScoreEdge, SplitPathFlagsNonFiniteInputAndReadsIndirectRows) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  Case c = make_case(4, 4, 128, 300, ScoreAggregation::kSoftmaxSum, BudgetOverflow::kTruncate,
+                     test::test_seed() + 11);
+  const Result want = run_on_gpu(c, GpuStep::kScore);
+  Case d = c;
+  const size_t row = static_cast<size_t>(d.p.max_clusters) * d.p.head_dim;
+  std::vector<float> table((d.p.num_problems + 1) * row, std::numeric_limits<float>::quiet_NaN());
+  for (int32_t p = 0; p < d.p.num_problems; ++p) {
+    d.centroid_rows.push_back(d.p.num_problems - p);
+    std::copy_n(c.centroids.begin() + p * row, row, table.begin() + d.centroid_rows[p] * row);
+  }
+  d.centroids = table;
+  const Result split = run_on_gpu(d, GpuStep::kScoreSplit);
+  EXPECT_EQ(split.nonfinite_problem, -1);
+  expect_scores_close(c, want.scores, split.scores);
+  c.queries[2 * 4 * 128 + 5] = std::numeric_limits<float>::infinity();  // problem 2
+  const Result bad = run_on_gpu(c, GpuStep::kScoreSplit);
+  EXPECT_EQ(bad.nonfinite_problem, 2);
+  EXPECT_TRUE(std::isnan(bad.scores[2 * 300]));
+  EXPECT_FALSE(std::isnan(bad.scores[0]));
 #endif
 }
 

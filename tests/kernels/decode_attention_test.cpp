@@ -36,7 +36,8 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 enum class Layout { kRandomChunks, kPages, kOneChunk };
 
 const char* layout_name(Layout l) {
-  return l == Layout::kRandomChunks ? "random_chunks" : (l == Layout::kPages ? "pages" : "one_chunk");
+  return l == Layout::kRandomChunks ? "random_chunks"
+                                    : (l == Layout::kPages ? "pages" : "one_chunk");
 }
 
 /// One batch of problems on the host: q, a pool holding every chunk's rows at scattered places
@@ -98,7 +99,8 @@ std::vector<int32_t> chunk_sizes(int64_t n, Layout layout, std::mt19937_64& rng)
       break;
     case Layout::kPages: {  // sink | pages of 16 | window, and an empty chunk somewhere
       const int64_t sink = std::min<int64_t>(n, 16), rest = n - sink;
-      const int64_t window = std::min<int64_t>(rest, rest % 16 + 16 * static_cast<int64_t>(rng() % 4));
+      const int64_t window =
+          std::min<int64_t>(rest, rest % 16 + 16 * static_cast<int64_t>(rng() % 4));
       if (sink > 0) sizes.push_back(static_cast<int32_t>(sink));
       for (int64_t i = 0; i < (rest - window) / 16; ++i) sizes.push_back(16);
       if (window > 0) sizes.push_back(static_cast<int32_t>(window));
@@ -130,8 +132,8 @@ Case make_case(int32_t seqs, int32_t kv_heads, int32_t group, int32_t head_dim, 
   c.rows.resize(static_cast<size_t>(problems));
   size_t num_chunks = 0;
   for (int32_t i = 0; i < problems; ++i) {
-    const int64_t n = i == 0 ? max_rows
-                             : (i == 1 ? 0 : static_cast<int64_t>(rng() % (max_rows + 1)));
+    const int64_t n =
+        i == 0 ? max_rows : (i == 1 ? 0 : static_cast<int64_t>(rng() % (max_rows + 1)));
     c.rows[static_cast<size_t>(i)] = n;
     sizes[static_cast<size_t>(i)] = chunk_sizes(n, layout, rng);
     num_chunks += sizes[static_cast<size_t>(i)].size();
@@ -409,8 +411,8 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 TEST(DecodeAttentionCpuEdge, HeadDim256AndOddGroup) {
-  const Case c = make_case(2, 3, 3, 256, DType::kBF16, Layout::kRandomChunks, 700,
-                           test::test_seed() + 5);
+  const Case c =
+      make_case(2, 3, 3, 256, DType::kBF16, Layout::kRandomChunks, 700, test::test_seed() + 5);
   expect_close(c, run(&decode_attention_ref, c), run(&decode_attention_cpu, c), "cpu vs ref");
 }
 
@@ -468,7 +470,8 @@ TEST(DecodeAttentionCpuEdge, AllProblemsEmpty) {
   Case c = make_case(2, 2, 2, 64, DType::kBF16, Layout::kRandomChunks, 0, test::test_seed());
   for (const AttentionFn fn : {&decode_attention_ref, &decode_attention_cpu}) {
     const Result r = run(fn, c);
-    for (size_t i = 0; i < c.out_elems(); ++i) EXPECT_EQ(load_as_float(r.out.data(), c.p.dtype, i), 0.f);
+    for (size_t i = 0; i < c.out_elems(); ++i)
+      EXPECT_EQ(load_as_float(r.out.data(), c.p.dtype, i), 0.f);
     for (const float x : r.lse) EXPECT_EQ(x, -kInf);
   }
 }
@@ -549,8 +552,8 @@ TEST(DecodeAttentionDense, EqualsChunkedReferenceWithRaggedLengths) {
     const Result want = run(&decode_attention_ref, c);
     for (const auto fn : {&dense_decode_attention_ref, &dense_decode_attention_cpu}) {
       Result got = poisoned(c);
-      fn(p, {q.data(), k.data(), v.data(), seq_lens.data(), max_len, got.out.data(),
-             got.lse.data()});
+      fn(p,
+         {q.data(), k.data(), v.data(), seq_lens.data(), max_len, got.out.data(), got.lse.data()});
       expect_close(c, want, got, "dense vs chunked reference");
     }
   }
@@ -608,13 +611,16 @@ TEST(DecodeAttentionErrors, BadParamsAreNamed) {
     DecodeAttentionParams p = good;
     b.edit(p);
     EXPECT_TRUE(names(error_of([&] { check_decode_attention_params(p); }), b.needle));
-    EXPECT_TRUE(names(error_of([&] { decode_attention_ref(p, DecodeAttentionTensors{}); }), b.needle));
-    EXPECT_TRUE(names(error_of([&] { decode_attention_cpu(p, DecodeAttentionTensors{}); }), b.needle));
+    EXPECT_TRUE(
+        names(error_of([&] { decode_attention_ref(p, DecodeAttentionTensors{}); }), b.needle));
+    EXPECT_TRUE(
+        names(error_of([&] { decode_attention_cpu(p, DecodeAttentionTensors{}); }), b.needle));
   }
 }
 
 TEST(DecodeAttentionErrors, NullArraysAndBadChunkListsAreNamed) {
-  const Case base = make_case(2, 2, 2, 64, DType::kBF16, Layout::kRandomChunks, 50, test::test_seed());
+  const Case base =
+      make_case(2, 2, 2, 64, DType::kBF16, Layout::kRandomChunks, 50, test::test_seed());
   for (const AttentionFn fn : {&decode_attention_ref, &decode_attention_cpu}) {
     Result r = poisoned(base);
     {

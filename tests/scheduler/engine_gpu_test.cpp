@@ -66,7 +66,7 @@ TEST(EngineGpu, SmallBudgetRecallsWhatMattersAndMatchesTheCpuBackend) {
   EXPECT_LT(g, 0.05);
   EXPECT_LT(c, 0.05);
   EXPECT_LE(gpu.rows_attended, 40 * (4 + 384 + 2 * 32));
-  EXPECT_GT(gpu.cache.hits, 0);
+  EXPECT_GT(gpu.recall_hits, 0);
   EXPECT_GT(gpu.window_clusterings, 0);
   EXPECT_EQ(gpu.window_clusterings, cpu.window_clusterings);
   EXPECT_GT(gpu.gpu_bytes, 0u);
@@ -82,10 +82,11 @@ TEST(EngineGpu, StatsAndTelemetryAddUp) {
   for (int t = 0; t < 40; ++t) d.step({1, 2});
   d.engine().synchronize();
   const EngineStats s = d.engine().stats();
-  EXPECT_EQ(s.telemetry.hits, s.cache.hits);
-  EXPECT_EQ(s.telemetry.misses, s.cache.misses);
+  EXPECT_EQ(s.telemetry.hits, s.recall_hits);
+  EXPECT_EQ(s.telemetry.misses, s.recall_misses);
   EXPECT_EQ(s.telemetry.bytes[static_cast<int>(scheduler::Direction::kHostToDevice)],
-            s.cache.bytes_fetched);
+            s.host_read_bytes + s.fill_bytes);
+  EXPECT_GT(s.recall_hits, 0);
   EXPECT_GT(s.host_bytes_used, 0u);
   EXPECT_EQ(d.engine().sequence_length(1, 0), 190);
 }

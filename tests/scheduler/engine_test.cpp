@@ -48,7 +48,7 @@ TEST(Engine, SmallBudgetRecallsTheClustersThatMatter) {
   EXPECT_LT(run_peaked(make_config(Mode::kClusterKV, Shape{}), test::test_seed() + 4, &st), 0.05);
   // Sink + budget + window (at most 2W) per step and layer, against 2048+ rows.
   EXPECT_LE(st.rows_attended, 40 * (4 + 384 + 2 * 32));
-  EXPECT_GT(st.cache.hits, 0);
+  EXPECT_GT(st.recall_hits, 0);
   EXPECT_GT(st.window_clusterings, 0);
 }
 
@@ -62,11 +62,13 @@ TEST(Engine, StatsAndTelemetryAddUp) {
   const EngineStats s = d.engine().stats();
   EXPECT_EQ(s.steps, 40);
   EXPECT_EQ(s.decode_layer_calls, 40 * 3);
-  EXPECT_EQ(s.telemetry.hits, s.cache.hits);
-  EXPECT_EQ(s.telemetry.misses, s.cache.misses);
+  EXPECT_EQ(s.telemetry.hits, s.recall_hits);
+  EXPECT_EQ(s.telemetry.misses, s.recall_misses);
   EXPECT_EQ(s.telemetry.bytes[static_cast<int>(scheduler::Direction::kHostToDevice)],
-            s.cache.bytes_fetched);
-  EXPECT_GT(s.cache.hits, 0);  // retention keeps recent clusters
+            s.host_read_bytes + s.fill_bytes);
+  EXPECT_EQ(s.fill_bytes, s.cache.bytes_fetched);
+  EXPECT_GT(s.recall_hits, 0);  // retention keeps recent clusters
+  EXPECT_GT(s.recall_misses, 0);
   EXPECT_GT(s.host_bytes_used, 0u);
   EXPECT_EQ(d.engine().sequence_length(1, 0), 190);
   EXPECT_EQ(d.engine().sequence_length(2, 2), 120);

@@ -641,6 +641,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   for (int32_t s = 0; s < total_steps; ++s) {
     if (s == o.warmup) {
       sync(o.backend, stream);
+      e.synchronize();
       before = e.stats();
       timer.start();
     }
@@ -654,7 +655,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
       db.out = out.get();
       e.decode_layer(l, db, stream);
     }
-    e.end_step();
+    e.end_step(stream);
     if (s >= o.warmup) progress((mode + ": step").c_str(), s - o.warmup + 1, o.steps);
   }
   const double ms = timer.stop_ms();
@@ -664,14 +665,16 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   r.gpu_kv_gib = gib(static_cast<double>(after.gpu_kv_bytes));
   r.gpu_total_gib = gib(static_cast<double>(after.gpu_bytes));
   r.host_gib = gib(static_cast<double>(after.host_bytes_used));
-  const double fetched =
-      static_cast<double>(after.cache.bytes_fetched - before.cache.bytes_fetched);
+  e.synchronize();  // the last policy job's counters
+  const EngineStats fin = e.stats();
+  const double fetched = static_cast<double>(fin.host_read_bytes + fin.fill_bytes -
+                                             before.host_read_bytes - before.fill_bytes);
   r.pcie_gbps = fetched / (ms * 1e6);
-  const int64_t hits = after.cache.hits - before.cache.hits,
-                misses = after.cache.misses - before.cache.misses;
+  const int64_t hits = fin.recall_hits - before.recall_hits,
+                misses = fin.recall_misses - before.recall_misses;
   if (hits + misses > 0)
     r.hit_rate = static_cast<double>(hits) / static_cast<double>(hits + misses);
-  r.rows_per_problem = static_cast<double>(after.rows_attended - before.rows_attended) /
+  r.rows_per_problem = static_cast<double>(fin.rows_attended - before.rows_attended) /
                        (static_cast<double>(o.steps) * L * B * Hkv);
   return r;
 }
@@ -686,11 +689,15 @@ double measure_link_gbps(Backend b) {
   cuda::Stream s(0);
   cuda::Event a(cuda::EventTiming::kEnabled), c(cuda::EventTiming::kEnabled);
   cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());  // warm-up
-  a.record(s.get());
-  for (int i = 0; i < 4; ++i) cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());
-  c.record(s.get());
-  c.synchronize();
-  return 4.0 * bytes / (cuda::elapsed_ms(a, c) * 1e6);
+  double best = 0;
+  for (int round = 0; round < 3; ++round) {  // the best of 3 rounds of 4 copies
+    a.record(s.get());
+    for (int i = 0; i < 4; ++i) cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());
+    c.record(s.get());
+    c.synchronize();
+    best = std::max(best, 4.0 * bytes / (cuda::elapsed_ms(a, c) * 1e6));
+  }
+  return best;
 #else
   (void)b;
   return 0;
