@@ -194,6 +194,18 @@ size_t ClusterCache::erase_sequence(SeqId seq) {
   return n;
 }
 
+size_t ClusterCache::erase(const ClusterKey* keys, size_t count) {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (size_t i = 0; i < count; ++i) {
+    auto it = entries_.find(keys[i]);
+    if (it == entries_.end()) continue;
+    free_entry_locked(it);
+    ++n;
+  }
+  return n;
+}
+
 size_t ClusterCache::release_expired() {
   std::lock_guard<std::mutex> lock(mu_);
   size_t n = 0;

@@ -113,6 +113,9 @@ class ClusterCache {
 
   /// Drops every cluster of `seq` (e.g. when the sequence is removed). Returns how many.
   size_t erase_sequence(SeqId seq);
+  /// Drops the given clusters (those not cached are ignored): a caller that decided not to fill
+  /// pages it was just given returns them. Returns how many were dropped.
+  size_t erase(const ClusterKey* keys, size_t count);
   /// Frees every cluster past retention now. Returns how many.
   size_t release_expired();
   bool contains(const ClusterKey& key) const;

@@ -16,6 +16,7 @@
 #include <future>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "kernels/decode_attention.h"
 #include "kernels/kmeans.h"
@@ -339,6 +340,10 @@ struct Engine::Impl {
     std::vector<int32_t> inval_idx, set_idx, set_val, next_idx, next_val;
   };
   std::vector<LayerPolicy> policy;
+  // Per recall layer: the clusters selected in the previous step. When most of a step's
+  // selection is new (no temporal locality), misses are not filled into the cache: the fill
+  // would only double their PCIe bytes.
+  std::vector<std::unordered_set<memory::ClusterKey, memory::ClusterKeyHash>> prev_selected;
   std::shared_ptr<Job> policy_job;  // decides `policy` for the previous step
   mutable std::mutex stats_mu;      // the counters below, written by policy jobs
   int64_t recall_hits = 0, recall_misses = 0, host_read_bytes = 0, fill_bytes = 0;
@@ -489,6 +494,7 @@ Engine::Impl::Impl(const EngineConfig& c)
       for (LayerRecord& lr : r) lr.buf = memory::PinnedBuffer::allocate(rec_bytes);
     }
     policy.resize(num_recall_layers);
+    prev_selected.resize(num_recall_layers);
     memory::ClusterCacheConfig cc;
     cc.backend = backend;
     cc.device = device;
@@ -501,10 +507,10 @@ Engine::Impl::Impl(const EngineConfig& c)
           1, static_cast<int64_t>(cfg.cache_bytes / num_recall_layers /
                                   (2 * static_cast<size_t>(cfg.page_size) * rowb)));
     } else {
-      // Twice a step's selection of every KV head of max_batch sequences (one page of slack per
-      // selected cluster).
+      // Twice a step's selection of every KV head of max_batch sequences: the budget's pages
+      // plus a partly filled page per selected cluster (about one per 64 rows).
       const int64_t pages_per_head =
-          (cfg.budget + cfg.page_size - 1) / cfg.page_size + std::min(sel_cols, 256);
+          (cfg.budget + cfg.page_size - 1) / cfg.page_size + (cfg.budget + 63) / 64;
       cc.num_pages = 2 * pages_per_head * Hkv * cfg.max_batch;
     }
     for (int32_t i = 0; i < num_recall_layers; ++i) {
@@ -1359,6 +1365,15 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         rec.problems = 0;
         rec.seq.clear();
         rec.row.clear();
+        int64_t repeated = 0;
+        std::unordered_set<memory::ClusterKey, memory::ClusterKeyHash> now;
+        now.reserve(req.size());
+        for (const memory::CacheRequest& r : req) {
+          repeated += prev_selected[ri].count(r.key);
+          now.insert(r.key);
+        }
+        prev_selected[ri].swap(now);
+        const bool fill = 2 * repeated >= static_cast<int64_t>(req.size());
         if (req.empty()) return;
         memory::CacheLookup lk;
         try {
@@ -1381,7 +1396,12 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
           record(e);
         }
         if (lk.misses.empty()) return;
-        std::vector<memory::CacheRequest> miss_req;
+        if (!fill) {
+          std::vector<memory::ClusterKey> drop;
+          for (const int32_t m : lk.misses) drop.push_back(req[m].key);
+          cache.erase(drop.data(), drop.size());
+          return;
+        }
         for (const int32_t m : lk.misses) {
           const memory::CacheRequest& r = req[m];
           const int32_t* pg = lk.page_ids.data() + lk.page_indptr[m];

@@ -82,9 +82,10 @@ struct EngineConfig {
   FetchPath fetch = FetchPath::kGather;
 
   // ---- capacity ----
-  size_t host_bytes_limit = 0;   ///< host tier (pinned arena) cap; required
-  size_t cache_bytes = 0;        ///< GPU cluster cache, K and V; 0: 4 x budget rows per KV head
-                                 ///< of every recall layer for max_batch sequences
+  size_t host_bytes_limit = 0;  ///< host tier (pinned arena) cap; required
+  /// GPU cluster cache, K and V, split evenly over the recall layers; 0: twice one step's
+  /// selection (budget rows plus a partial page per cluster) per KV head of max_batch sequences.
+  size_t cache_bytes = 0;
   int32_t max_sequences = 8;     ///< live sequences at once (sizes the centroid tables)
   int32_t max_batch = 8;         ///< sequences per decode_layer call
   int64_t max_context = 135168;  ///< rows per sequence and layer (prompt + generated)

@@ -253,6 +253,11 @@ TEST(ClusterCache, RepeatsEraseAndErrors) {
   EXPECT_EQ(cache.erase_sequence(1), 1u);
   EXPECT_EQ(cache.stats().pages_used, 1);
   EXPECT_FALSE(cache.contains(a.key));
+  // erase() returns pages: b's page is free again, and unknown keys are ignored.
+  const ClusterKey gone[] = {b.key, a.key};
+  EXPECT_EQ(cache.erase(gone, 2), 1u);
+  EXPECT_EQ(cache.stats().pages_used, 0);
+  EXPECT_FALSE(cache.contains(b.key));
   ClusterCacheConfig bad = cache_config(0);
   EXPECT_THROW(ClusterCache{bad}, InvalidArgumentError);
   bad = cache_config(4);

@@ -66,8 +66,8 @@ TEST(Engine, StatsAndTelemetryAddUp) {
   EXPECT_EQ(s.telemetry.misses, s.recall_misses);
   EXPECT_EQ(s.telemetry.bytes[static_cast<int>(scheduler::Direction::kHostToDevice)],
             s.host_read_bytes + s.fill_bytes);
-  EXPECT_EQ(s.fill_bytes, s.cache.bytes_fetched);
-  EXPECT_GT(s.recall_hits, 0);  // retention keeps recent clusters
+  EXPECT_LE(s.fill_bytes, s.cache.bytes_fetched);  // misses of non-repeating steps are not filled
+  EXPECT_GT(s.recall_hits, 0);                     // retention keeps recent clusters
   EXPECT_GT(s.recall_misses, 0);
   EXPECT_GT(s.host_bytes_used, 0u);
   EXPECT_EQ(d.engine().sequence_length(1, 0), 190);
