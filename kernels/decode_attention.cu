@@ -194,9 +194,17 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
         KVTIER_CUDA_CHECK_LAUNCH("decode_attention_kernel");
       });
       if (plan.num_splits > 1) {
-        merge_splits_kernel<T, kDim>
-            <<<static_cast<unsigned>(plan.out_rows), kMergeWarps * 32, 0, stream>>>(
-                kp.part_out, kp.part_lse, plan.num_splits, static_cast<T*>(out), lse);
+        // Enough warps per row for about 4 splits each (one batch of loads in flight).
+        const int32_t warps_per_row = plan.num_splits <= 4    ? 1
+                                      : plan.num_splits <= 8  ? 2
+                                      : plan.num_splits <= 16 ? 4
+                                                              : kMergeWarps;
+        const int64_t rows_per_block = kMergeWarps / warps_per_row;
+        const auto grid =
+            static_cast<unsigned>((plan.out_rows + rows_per_block - 1) / rows_per_block);
+        merge_splits_kernel<T, kDim><<<grid, kMergeWarps * 32, 0, stream>>>(
+            kp.part_out, kp.part_lse, static_cast<int32_t>(plan.out_rows), plan.num_splits,
+            warps_per_row, static_cast<T*>(out), lse);
         KVTIER_CUDA_CHECK_LAUNCH("merge_splits_kernel");
       }
     });

@@ -453,11 +453,13 @@ union BlockSmem {
 /// l / (kHeadDim / 8) of the step, for K and V. Loads run kStages - 1 steps ahead of the math
 /// (cp.async into a per-warp ring in shared memory; each lane reads back only its own bytes, so
 /// a warp needs no block barrier, only __syncwarp for the step records). Per step: G dot products
-/// reduced over the row's lanes by shuffles, an fp32 online softmax whose running max is
-/// warp-uniform (the rescale is a warp-uniform branch, rarely taken once the max settles), and the
-/// V update. Each KV row is loaded once for all heads of the tile. Warps are merged in shared
-/// memory at the end; out/lse are written directly with one split, else a partial (normalized out,
-/// lse) per split.
+/// over the lane's 8 columns, reduced over the row's lanes by a transposing shuffle reduction that
+/// leaves each lane with the logit of one head (its "own" head); one exp per lane; an fp32 online
+/// softmax whose running max is the same in every row slot (the rescale is a warp-uniform branch,
+/// rarely taken once the maxima settle); the G weights broadcast back by shuffles; and the V
+/// update. Each KV row is loaded once for all heads of the tile. Warps are merged in shared memory
+/// at the end; out/lse are written directly with one split, else a partial (normalized out, lse)
+/// per split.
 template <typename T, int kHeadDim, int kG, typename Rows>
 __global__ void __launch_bounds__(decode_attention_device::kThreads,
                                   decode_attention_device::min_blocks_for<kG>())
@@ -667,19 +669,20 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
   }
 }
 
-/// Warps of the split merge: each takes every kMergeWarps-th split of a row.
+/// Warps of a merge block.
 constexpr int kMergeWarps = 8;
 
-/// Merges the splits of every output row by log-sum-exp. Grid: one block per (sequence, query
-/// head) row; warp w folds splits w, w + 8, ... into an online (max, sum, acc) in 4-split batches
-/// whose loads are issued together, lane l holding float4 columns l, l + 32; the 8 warps are then
-/// combined in shared memory. The partials are in L2, so the time is latency: 8 warps x 4 loads
-/// in flight per row keep a 66-split row to two or three round trips.
+/// Merges the splits of every output row by log-sum-exp. Grid: a block of 8 warps merges
+/// 8 / warps_per_row rows (warps_per_row in {1, 2, 4, 8}, more for more splits); warp j of a
+/// row folds splits j, j + warps_per_row, ... into an online (max, sum, acc) in batches of 4
+/// splits whose loads are issued together, lane l holding float4 columns l, l + 32. The row's
+/// warps are then combined in shared memory. The partials are in L2, so the time is latency:
+/// a 66-split row takes two or three round trips.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kMergeWarps * 32)
     merge_splits_kernel(const float* __restrict__ part_out,  // [rows, splits, kHeadDim]
                         const float* __restrict__ part_lse,  // [rows, splits]
-                        int32_t num_splits,
+                        int32_t num_rows, int32_t num_splits, int32_t warps_per_row,
                         T* __restrict__ out,     // [rows, kHeadDim]
                         float* __restrict__ lse  // [rows] or null
     ) {
@@ -690,51 +693,56 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   __shared__ float4 sm_acc[kMergeWarps][kVecs];
   __shared__ float sm_m[kMergeWarps], sm_sum[kMergeWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const size_t row = blockIdx.x;
-  const float* pl = part_lse + row * num_splits;
-  const float4* po = reinterpret_cast<const float4*>(part_out + row * num_splits * kHeadDim);
+  const int first_warp = warp - warp % warps_per_row;  // of this warp's row
+  const int64_t row =
+      static_cast<int64_t>(blockIdx.x) * (kMergeWarps / warps_per_row) + warp / warps_per_row;
+  const bool active = row < num_rows;
 
   float m = -INFINITY, sum = 0.f;
   float4 acc[kPerLane];
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int base = warp; base < num_splits; base += kMergeWarps * kBatch) {
-    float ls[kBatch];
-    float4 x[kBatch][kPerLane];
+  if (active) {
+    const float* pl = part_lse + row * num_splits;
+    const float4* po = reinterpret_cast<const float4*>(part_out + row * num_splits * kHeadDim);
+    for (int base = warp % warps_per_row; base < num_splits; base += warps_per_row * kBatch) {
+      float ls[kBatch];
+      float4 x[kBatch][kPerLane];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int s = base + u * kMergeWarps;
-      ls[u] = s < num_splits ? pl[s] : -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const int c = lane + 32 * j;
-        x[u][j] = s < num_splits && c < kVecs ? po[static_cast<size_t>(s) * kVecs + c]
-                                              : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      if (ls[u] == -INFINITY) continue;  // an empty split (or past the end)
-      if (ls[u] > m) {
-        const float corr = expf(m - ls[u]);
-        sum *= corr;
+      for (int u = 0; u < kBatch; ++u) {
+        const int s = base + u * warps_per_row;
+        ls[u] = s < num_splits ? pl[s] : -INFINITY;
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          acc[j].x *= corr;
-          acc[j].y *= corr;
-          acc[j].z *= corr;
-          acc[j].w *= corr;
+          const int c = lane + 32 * j;
+          x[u][j] = s < num_splits && c < kVecs ? po[static_cast<size_t>(s) * kVecs + c]
+                                                : make_float4(0.f, 0.f, 0.f, 0.f);
         }
-        m = ls[u];
       }
-      const float w = expf(ls[u] - m);
-      sum += w;
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        acc[j].x = fmaf(w, x[u][j].x, acc[j].x);
-        acc[j].y = fmaf(w, x[u][j].y, acc[j].y);
-        acc[j].z = fmaf(w, x[u][j].z, acc[j].z);
-        acc[j].w = fmaf(w, x[u][j].w, acc[j].w);
+      for (int u = 0; u < kBatch; ++u) {
+        if (ls[u] == -INFINITY) continue;  // an empty split (or past the end)
+        if (ls[u] > m) {
+          const float corr = expf(m - ls[u]);
+          sum *= corr;
+#pragma unroll
+          for (int j = 0; j < kPerLane; ++j) {
+            acc[j].x *= corr;
+            acc[j].y *= corr;
+            acc[j].z *= corr;
+            acc[j].w *= corr;
+          }
+          m = ls[u];
+        }
+        const float w = expf(ls[u] - m);
+        sum += w;
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          acc[j].x = fmaf(w, x[u][j].x, acc[j].x);
+          acc[j].y = fmaf(w, x[u][j].y, acc[j].y);
+          acc[j].z = fmaf(w, x[u][j].z, acc[j].z);
+          acc[j].w = fmaf(w, x[u][j].w, acc[j].w);
+        }
       }
     }
   }
@@ -748,34 +756,34 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     sm_sum[warp] = sum;
   }
   __syncthreads();
+  if (!active) return;
   float mx = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kMergeWarps; ++w) mx = fmaxf(mx, sm_m[w]);
+  for (int w = first_warp; w < first_warp + warps_per_row; ++w) mx = fmaxf(mx, sm_m[w]);
   float total = 0.f;
-  float f[kMergeWarps];
-#pragma unroll
-  for (int w = 0; w < kMergeWarps; ++w) {
-    f[w] = sm_m[w] == -INFINITY ? 0.f : expf(sm_m[w] - mx);
-    total += sm_sum[w] * f[w];
+  for (int w = first_warp; w < first_warp + warps_per_row; ++w) {
+    if (sm_m[w] != -INFINITY) total += sm_sum[w] * expf(sm_m[w] - mx);
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;  // no rows in any split: zeros
   T* dst = out + row * kHeadDim;
-  for (int c = threadIdx.x; c < kVecs; c += kMergeWarps * 32) {
+  for (int c = (warp - first_warp) * 32 + lane; c < kVecs; c += warps_per_row * 32) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int w = 0; w < kMergeWarps; ++w) {
+    for (int w = first_warp; w < first_warp + warps_per_row; ++w) {
+      if (sm_m[w] == -INFINITY) continue;
+      const float f = expf(sm_m[w] - mx);
       const float4 a = sm_acc[w][c];
-      o.x = fmaf(f[w], a.x, o.x);
-      o.y = fmaf(f[w], a.y, o.y);
-      o.z = fmaf(f[w], a.z, o.z);
-      o.w = fmaf(f[w], a.w, o.w);
+      o.x = fmaf(f, a.x, o.x);
+      o.y = fmaf(f, a.y, o.y);
+      o.z = fmaf(f, a.z, o.z);
+      o.w = fmaf(f, a.w, o.w);
     }
     store_elem(dst + c * 4 + 0, o.x * inv);
     store_elem(dst + c * 4 + 1, o.y * inv);
     store_elem(dst + c * 4 + 2, o.z * inv);
     store_elem(dst + c * 4 + 3, o.w * inv);
   }
-  if (threadIdx.x == 0 && lse != nullptr) lse[row] = total > 0.f ? mx + logf(total) : -INFINITY;
+  if (warp == first_warp && lane == 0 && lse != nullptr) {
+    lse[row] = total > 0.f ? mx + logf(total) : -INFINITY;
+  }
 }
 
 }  // namespace kvtier::kernels

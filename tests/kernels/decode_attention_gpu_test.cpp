@@ -75,6 +75,8 @@ struct Case {
   }
 };
 
+#if KVTIER_WITH_CUDA  // the helpers below serve the GPU tests only
+
 std::vector<std::byte> random_values(size_t n, DType dtype, float sigma, std::mt19937_64& rng) {
   std::normal_distribution<float> normal(0.f, sigma);
   std::vector<std::byte> b(n * dtype_size(dtype));
@@ -214,8 +216,6 @@ void expect_close(const Case& c, const Result& want, const Result& got, const st
                                << (first_bad_lse >= 0 ? want.lse[first_bad_lse] : 0.f)
                                << "), max lse error " << max_lse_err << "; " << c.describe();
 }
-
-#if KVTIER_WITH_CUDA
 
 template <typename T>
 cuda::DeviceBuffer<T> upload(const std::vector<T>& v, cudaStream_t stream) {

@@ -40,6 +40,9 @@ const char* layout_name(Layout l) {
                                     : (l == Layout::kPages ? "pages" : "one_chunk");
 }
 
+/// For gtest's parameter printing.
+void PrintTo(Layout l, std::ostream* os) { *os << layout_name(l); }
+
 /// One batch of problems on the host: q, a pool holding every chunk's rows at scattered places
 /// (with unused rows between chunks), the chunk list and indptr.
 struct Case {

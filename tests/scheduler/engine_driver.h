@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -275,8 +276,8 @@ class Driver {
       Dev dk(k16), dv(v16);
       rows.k = dk.get();
       rows.v = dv.get();
-      e_.prefill_layer(id, l, rows, stream_.get());
-      stream_.synchronize();
+      e_.prefill_layer(id, l, rows, stream());
+      KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream()));
       return;
     }
 #endif
@@ -303,8 +304,8 @@ class Driver {
       b.k_new = dk.get();
       b.v_new = dv.get();
       b.out = dout.get();
-      e_.decode_layer(l, b, stream_.get());
-      stream_.synchronize();
+      e_.decode_layer(l, b, stream());
+      KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream()));
       dout.download(o16);
     } else {
       e_.decode_layer(l, b);
@@ -330,7 +331,11 @@ class Driver {
     void* get() const { return buf.get(); }
     cuda::DeviceBuffer<uint16_t> buf;
   };
-  cuda::Stream stream_{0};
+  std::unique_ptr<cuda::Stream> stream_;  // CUDA backend only: a CPU run needs no driver
+  cudaStream_t stream() {
+    if (!stream_) stream_ = std::make_unique<cuda::Stream>(0);
+    return stream_->get();
+  }
 #endif
   EngineConfig cfg_;
   Shape s_;
