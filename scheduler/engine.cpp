@@ -315,7 +315,10 @@ struct Engine::Impl {
   // One cluster cache per recall layer (each with its own page pool), so the per-step policy
   // work runs for all layers in parallel.
   std::vector<std::unique_ptr<memory::ClusterCache>> caches;
-  std::vector<Buffer> page_next;  // per recall layer: [pages] next page of the cluster or -1
+  // [sum of the layers' pages]: next page of the same cluster or -1; layer ri's pages start at
+  // page_next_off[ri] (one array, so the policy updates of all layers are one launch).
+  Buffer page_next;
+  std::vector<int64_t> page_next_off;
   scheduler::Telemetry telemetry{16384};
   Buffer centroid_table;  // float [max_sequences * R * Hkv, cap_c, D]
   Buffer size_table;      // int32 [max_sequences * R * Hkv, cap_c]
@@ -515,11 +518,12 @@ Engine::Impl::Impl(const EngineConfig& c)
     }
     for (int32_t i = 0; i < num_recall_layers; ++i) {
       caches.push_back(std::make_unique<memory::ClusterCache>(cc));
-      page_next.push_back(alloc(static_cast<size_t>(cc.num_pages) * sizeof(int32_t)));
+      page_next_off.push_back(static_cast<int64_t>(i) * cc.num_pages);
       if (backend == Backend::kCuda) {
         mem.add(static_cast<size_t>(cc.num_pages) * caches.back()->page_bytes() * 2, true);
       }
     }
+    page_next = alloc(static_cast<size_t>(num_recall_layers) * cc.num_pages * sizeof(int32_t));
   }
 }
 
@@ -1107,7 +1111,7 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
   bp.rows_per_page = static_cast<int32_t>(store->rows_per_page());
   bp.row_bytes = static_cast<int32_t>(rowb);
   bp.dir = dir_table.as<int32_t>();
-  bp.page_next = page_next[ri].as<int32_t>();
+  bp.page_next = page_next.as<int32_t>() + page_next_off[ri];
   bp.cluster_slot = slot_table.as<int32_t>();
   bp.k_pool = caches[ri]->k_pool();
   bp.v_pool = caches[ri]->v_pool();
@@ -1464,7 +1468,7 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
     int32_t* dir = dir_table.as<int32_t>();
     for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
       LayerPolicy& pol = policy[ri];
-      int32_t* next = page_next[ri].as<int32_t>();
+      int32_t* next = page_next.as<int32_t>() + page_next_off[ri];
       for (const int32_t i : pol.inval_idx) dir[i] = -1;
       if (!pol.segments.empty()) {
         kernels::GatherParams gp;
@@ -1483,62 +1487,60 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
     return;
   }
 #if KVTIER_WITH_CUDA
-  // One upload for all layers: per layer [segments | inval idx | -1s | next idx | next val |
-  // set idx | set val], each part 16-byte aligned.
-  auto al = [](size_t b) { return (b + 15) / 16 * 16; };
-  std::vector<size_t> offs(num_recall_layers + 1, 0);
-  for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
-    const LayerPolicy& pol = policy[ri];
-    offs[ri + 1] = offs[ri] + al(pol.segments.size() * sizeof(memory::GatherSegment)) +
-                   al(2 * pol.inval_idx.size() * 4) + al(2 * pol.next_idx.size() * 4) +
-                   al(2 * pol.set_idx.size() * 4);
-  }
-  if (offs.back() == 0) return;
-  std::byte* up = staging.acquire(offs.back());
-  for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
-    const LayerPolicy& pol = policy[ri];
-    std::byte* w = up + offs[ri];
-    auto put = [&](const void* a, size_t na, const void* b, size_t nb) {
-      std::memcpy(w, a, na);
-      if (nb) std::memcpy(w + na, b, nb);
-      w += al(na + nb);
-    };
-    const std::vector<int32_t> minus(pol.inval_idx.size(), -1);
-    put(pol.segments.data(), pol.segments.size() * sizeof(memory::GatherSegment), nullptr, 0);
-    put(pol.inval_idx.data(), pol.inval_idx.size() * 4, minus.data(), minus.size() * 4);
-    put(pol.next_idx.data(), pol.next_idx.size() * 4, pol.next_val.data(), pol.next_val.size() * 4);
-    put(pol.set_idx.data(), pol.set_idx.size() * 4, pol.set_val.data(), pol.set_val.size() * 4);
-  }
-  grow(policy_dev, offs.back());
-  cuda::memcpy_async(policy_dev.get(), up, offs.back(), stream);
-  staging.release(stream);
-  int32_t* dir = dir_table.as<int32_t>();
+  // All layers at once, five launches: [fills | invalidations | -1s | next idx | next val |
+  // set idx | set val] uploaded together; fills are row copies host -> cache page.
+  std::vector<kernels::KvChunk> fills;
+  std::vector<int32_t> inval, next_idx, next_val, set_idx, set_val;
   for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
     LayerPolicy& pol = policy[ri];
-    const std::byte* r = policy_dev.get() + offs[ri];
-    const size_t seg = pol.segments.size() * sizeof(memory::GatherSegment);
-    const auto ni = static_cast<int32_t>(pol.inval_idx.size());
-    const auto nn = static_cast<int32_t>(pol.next_idx.size());
-    const auto ns = static_cast<int32_t>(pol.set_idx.size());
-    const int32_t* inval = reinterpret_cast<const int32_t*>(r + al(seg));
-    const int32_t* next = reinterpret_cast<const int32_t*>(r + al(seg) + al(2 * ni * 4));
-    const int32_t* set =
-        reinterpret_cast<const int32_t*>(r + al(seg) + al(2 * ni * 4) + al(2 * nn * 4));
-    scheduler::launch_scatter_i32(dir, inval, inval + ni, ni, stream);
-    if (!pol.segments.empty()) {
-      kernels::GatherParams gp;
-      gp.segments = reinterpret_cast<const memory::GatherSegment*>(r);
-      gp.num_segments = static_cast<int32_t>(pol.segments.size());
-      gp.row_bytes = static_cast<int32_t>(rowb);
-      gp.page_size = cfg.page_size;
-      gp.k_pool = caches[ri]->k_pool();
-      gp.v_pool = caches[ri]->v_pool();
-      kernels::launch_gather(gp, stream);
+    for (const memory::GatherSegment& g : pol.segments) {
+      kernels::KvChunk c;
+      c.k = g.src_k;
+      c.v = g.src_v;
+      c.k_copy = caches[ri]->k_page(g.dst_page) + static_cast<size_t>(g.dst_row) * rowb;
+      c.v_copy = caches[ri]->v_page(g.dst_page) + static_cast<size_t>(g.dst_row) * rowb;
+      c.num_rows = g.num_rows;
+      fills.push_back(c);
     }
-    scheduler::launch_scatter_i32(page_next[ri].as<int32_t>(), next, next + nn, nn, stream);
-    scheduler::launch_scatter_i32(dir, set, set + ns, ns, stream);
+    inval.insert(inval.end(), pol.inval_idx.begin(), pol.inval_idx.end());
+    for (size_t i = 0; i < pol.next_idx.size(); ++i) {
+      next_idx.push_back(static_cast<int32_t>(page_next_off[ri] + pol.next_idx[i]));
+      next_val.push_back(pol.next_val[i]);
+    }
+    set_idx.insert(set_idx.end(), pol.set_idx.begin(), pol.set_idx.end());
+    set_val.insert(set_val.end(), pol.set_val.begin(), pol.set_val.end());
     pol = LayerPolicy();
   }
+  if (fills.empty() && inval.empty() && set_idx.empty()) return;
+  const auto ni = static_cast<int32_t>(inval.size()), nn = static_cast<int32_t>(next_idx.size()),
+             ns = static_cast<int32_t>(set_idx.size());
+  const size_t fb = fills.size() * sizeof(kernels::KvChunk);
+  const size_t total = fb + (2 * static_cast<size_t>(ni) + 2 * nn + 2 * ns) * 4;
+  std::byte* up = staging.acquire(total);
+  std::byte* w = up;
+  auto put = [&](const void* src, size_t bytes) {
+    if (bytes) std::memcpy(w, src, bytes);
+    w += bytes;
+  };
+  const std::vector<int32_t> minus(ni, -1);
+  put(fills.data(), fb);
+  put(inval.data(), ni * 4);
+  put(minus.data(), ni * 4);
+  put(next_idx.data(), nn * 4);
+  put(next_val.data(), nn * 4);
+  put(set_idx.data(), ns * 4);
+  put(set_val.data(), ns * 4);
+  grow(policy_dev, total);
+  cuda::memcpy_async(policy_dev.get(), up, total, stream);
+  staging.release(stream);
+  const int32_t* d = reinterpret_cast<const int32_t*>(policy_dev.get() + fb);
+  int32_t* dir = dir_table.as<int32_t>();
+  scheduler::launch_scatter_i32(dir, d, d + ni, ni, stream);
+  scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(),
+                              static_cast<int32_t>(fills.size()), static_cast<int32_t>(rowb),
+                              stream);
+  scheduler::launch_scatter_i32(page_next.as<int32_t>(), d + 2 * ni, d + 2 * ni + nn, nn, stream);
+  scheduler::launch_scatter_i32(dir, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns, stream);
 #endif
 }
 

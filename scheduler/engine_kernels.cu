@@ -176,6 +176,23 @@ __global__ void __launch_bounds__(kBuildThreads) write_chunks_kernel(ChunkBuildP
   if (threadIdx.x == 0) detail::window_chunks(p, pr, p.chunks + base);
 }
 
+// grid: (min(count, 4096)), block 128: items strided over blocks; 16-byte pieces over threads.
+__global__ void copy_rows_kernel(const kernels::KvChunk* items, int32_t count, int32_t vec_per_row) {
+  for (int32_t i = blockIdx.x; i < count; i += gridDim.x) {
+    const kernels::KvChunk c = items[i];
+    const int64_t n = static_cast<int64_t>(c.num_rows) * vec_per_row;
+    const int4* ks = static_cast<const int4*>(c.k);
+    const int4* vs = static_cast<const int4*>(c.v);
+    int4* kd = static_cast<int4*>(c.k_copy);
+    int4* vd = static_cast<int4*>(c.v_copy);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const int4 a = ks[j], b = vs[j];
+      kd[j] = a;
+      vd[j] = b;
+    }
+  }
+}
+
 __global__ void scatter_i32_kernel(int32_t* dst, const int32_t* idx, const int32_t* val,
                                    int32_t count) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -190,6 +207,14 @@ void launch_build_recall_chunks(const ChunkBuildParams& p, cudaStream_t stream) 
   KVTIER_CUDA_CHECK_LAUNCH("engine count_chunks_kernel");
   write_chunks_kernel<<<p.num_problems, kBuildThreads, 0, stream>>>(p);
   KVTIER_CUDA_CHECK_LAUNCH("engine write_chunks_kernel");
+}
+
+void launch_copy_rows(const kernels::KvChunk* items, int32_t count, int32_t row_bytes,
+                      cudaStream_t stream) {
+  if (count == 0) return;
+  KVTIER_CHECK(row_bytes % 16 == 0, "copy_rows: row_bytes ", row_bytes, " not a multiple of 16");
+  copy_rows_kernel<<<std::min(count, 4096), 128, 0, stream>>>(items, count, row_bytes / 16);
+  KVTIER_CUDA_CHECK_LAUNCH("engine copy_rows_kernel");
 }
 
 void launch_scatter_i32(int32_t* dst, const int32_t* idx, const int32_t* val, int32_t count,

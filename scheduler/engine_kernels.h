@@ -147,6 +147,11 @@ void build_recall_chunks_host(const ChunkBuildParams& p);
 /// counts give. `chunks` must hold the total (the caller bounds it).
 void launch_build_recall_chunks(const ChunkBuildParams& p, cudaStream_t stream);
 
+/// For each item: copy num_rows rows (row_bytes each, a multiple of 16) from k to k_copy and
+/// from v to v_copy (sources may be mapped host memory). One launch for any number of items.
+void launch_copy_rows(const kernels::KvChunk* items, int32_t count, int32_t row_bytes,
+                      cudaStream_t stream);
+
 /// dir[idx[i]] = val[i] for i < count (count 0: nothing).
 void launch_scatter_i32(int32_t* dst, const int32_t* idx, const int32_t* val, int32_t count,
                         cudaStream_t stream);
