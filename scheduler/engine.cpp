@@ -1281,7 +1281,7 @@ void Engine::Impl::refresh_host_directory(Sequence& s, int32_t layer, int32_t fi
   const size_t pbytes = pages.size() * sizeof(void*);
   if (!dev) {
     std::memcpy(st.host_pages.get(), pages.data(), pbytes);
-    for (int32_t h = 0; h < Hkv; ++h) {
+    for (int32_t h = 0; h < Hkv && nc > 0; ++h) {
       std::memcpy(slot_table.as<int32_t>() + (st.table_row + h) * cap_c + first_cluster,
                   slots.data() + static_cast<size_t>(h) * nc, nc * sizeof(int32_t));
     }
@@ -1290,7 +1290,7 @@ void Engine::Impl::refresh_host_directory(Sequence& s, int32_t layer, int32_t fi
 #if KVTIER_WITH_CUDA
   memory::PinnedBuffer up = memory::PinnedBuffer::allocate(pbytes + slots.size() * 4 + 16);
   std::memcpy(up.data(), pages.data(), pbytes);
-  std::memcpy(up.data() + pbytes, slots.data(), slots.size() * 4);
+  if (!slots.empty()) std::memcpy(up.data() + pbytes, slots.data(), slots.size() * 4);
   cuda::memcpy_async(st.host_pages.get(), up.data(), pbytes, stream);
   if (nc > 0) {
     KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(
