@@ -74,8 +74,13 @@ void validate(const EngineConfig& c) {
                m.head_dim);
   KVTIER_CHECK(m.dtype == DType::kF16 || m.dtype == DType::kBF16, "model.dtype ",
                dtype_name(m.dtype), " is not supported (fp16 or bf16)");
-  KVTIER_CHECK(c.mode == Mode::kFull || c.mode == Mode::kClusterKV, "mode ", mode_name(c.mode),
-               " is not available in this version of the engine (full and clusterkv are)");
+  KVTIER_CHECK(c.mode != Mode::kHybrid,
+               "mode hybrid is not available in this version of the engine (full, clusterkv and, "
+               "on the CPU backend, clusterattn are)");
+  KVTIER_CHECK(c.mode != Mode::kClusterAttn || c.backend == Backend::kCpu,
+               "mode clusterattn runs on the CPU backend only in this version");
+  KVTIER_CHECK(c.observation_window > 0, "observation_window must be > 0, got ",
+               c.observation_window);
   KVTIER_CHECK(c.budget > 0, "budget must be > 0, got ", c.budget);
   KVTIER_CHECK(c.sink >= 0, "sink must be >= 0, got ", c.sink);
   KVTIER_CHECK(c.window > 0, "window must be > 0, got ", c.window);
@@ -270,6 +275,8 @@ struct WindowJob {
 
 struct LayerState {
   bool recall = false;
+  bool compressed = false;  ///< clusterattn: per-head resident rows (head_rows), no host tier
+  std::vector<int64_t> head_rows;  ///< compressed layers: resident rows of each KV head
   bool prefilled = false;
   int64_t rows = 0;  ///< rows of this layer (prompt + decoded)
   // Resident rows: [Hkv, res_cap, D] K and V, res_rows per head (the same for every head).
@@ -418,6 +425,8 @@ struct Engine::Impl {
   void wait_job(const std::shared_ptr<Job>& job, SeqId seq, int32_t layer);
   void ensure_resident(LayerState& st, int64_t rows, cudaStream_t stream);
   void prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream);
+  void prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
+                          const ObservationWindow& window);
   void decode(int32_t layer, const DecodeBatch& b, cudaStream_t stream);
   void start_window_job(Sequence& s, int32_t layer);
   void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream);
@@ -570,11 +579,13 @@ void Engine::Impl::ensure_resident(LayerState& st, int64_t rows, cudaStream_t st
   const int64_t cap = std::max<int64_t>({rows, st.res_cap + st.res_cap / 4, 64});
   Buffer k = alloc(static_cast<size_t>(Hkv) * cap * rowb, true);
   Buffer v = alloc(static_cast<size_t>(Hkv) * cap * rowb, true);
-  if (st.res_rows > 0) {
-    copy_2d(backend, k.get(), cap * rowb, st.res_k.get(), st.res_cap * rowb, st.res_rows * rowb,
-            Hkv, stream);
-    copy_2d(backend, v.get(), cap * rowb, st.res_v.get(), st.res_cap * rowb, st.res_rows * rowb,
-            Hkv, stream);
+  int64_t used = st.res_rows;
+  for (const int64_t r : st.head_rows) used = std::max(used, r);
+  if (used > 0) {
+    copy_2d(backend, k.get(), cap * rowb, st.res_k.get(), st.res_cap * rowb, used * rowb, Hkv,
+            stream);
+    copy_2d(backend, v.get(), cap * rowb, st.res_v.get(), st.res_cap * rowb, used * rowb, Hkv,
+            stream);
   }
 #if KVTIER_WITH_CUDA
   // The old buffers may still be read by work on `stream`; freeing them synchronizes.
@@ -830,6 +841,99 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
 #endif
 }
 
+// clusterattn: the observation window votes on the prompt's rows, DBAC picks ranges per KV head
+// within the per-head budgets, and each head keeps the sink, its picked rows and the window, in
+// position order. The rest of the prompt is dropped. CPU backend (validated).
+void Engine::Impl::prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
+                                      const ObservationWindow& window) {
+  LayerState& st = s.layers[layer];
+  const int64_t n = kv.num_rows;
+  KVTIER_CHECK(window.q != nullptr && window.num_queries > 0, "prefill_layer: mode clusterattn ",
+               "needs the observation window's queries for layer ", layer,
+               " (ObservationWindow with num_queries > 0)");
+  const int32_t w = static_cast<int32_t>(std::min<int64_t>(window.num_queries, n));
+  // Head-major keys for the votes.
+  std::vector<std::byte> keys(static_cast<size_t>(Hkv) * n * rowb);
+  copy_kv_rows(backend, kv, false, 0, n, keys.data(), n * rowb, 0, rowb, nullptr);
+  std::vector<std::vector<int64_t>> keep(Hkv);
+  const int64_t prefix = n - w;
+  if (prefix > 0) {
+    // The window's queries are the last w of the num_queries given.
+    std::vector<std::byte> q(static_cast<size_t>(Hq) * w * rowb);
+    for (int32_t h = 0; h < Hq; ++h) {
+      std::memcpy(
+          q.data() + static_cast<size_t>(h) * w * rowb,
+          static_cast<const std::byte*>(window.q) +
+              (static_cast<size_t>(h) * window.num_queries + (window.num_queries - w)) * rowb,
+          static_cast<size_t>(w) * rowb);
+    }
+    kernels::ObservationVotesParams vp;
+    vp.dtype = dtype;
+    vp.num_q_heads = Hq;
+    vp.num_kv_heads = Hkv;
+    vp.head_dim = D;
+    vp.num_tokens = n;
+    vp.window = w;
+    std::vector<float> votes(static_cast<size_t>(Hkv) * prefix);
+    kernels::observation_votes_cpu(vp, q.data(), keys.data(), votes.data());
+    kernels::DbacParams dp;
+    dp.num_kv_heads = Hkv;
+    dp.num_tokens = n;
+    dp.window = w;
+    dp.eps = cfg.dbac_eps;
+    dp.min_density_ratio = cfg.dbac_min_density_ratio;
+    dp.total_budget = static_cast<int64_t>(cfg.budget) * Hkv;
+    dp.coverage = cfg.dbac_coverage;
+    dp.floor_fraction = cfg.dbac_floor_fraction;
+    const int64_t rcap = kernels::dbac_range_capacity(dp), kcap = kernels::dbac_kept_capacity(dp);
+    std::vector<kernels::TokenRange> ranges(static_cast<size_t>(Hkv) * std::max<int64_t>(rcap, 1));
+    std::vector<int32_t> nr(Hkv), nt(Hkv), hb(Hkv), kept(static_cast<size_t>(Hkv) * kcap), nk(Hkv);
+    kernels::DbacOutput out;
+    out.ranges = ranges.data();
+    out.num_ranges = nr.data();
+    out.num_tokens = nt.data();
+    out.head_budget = hb.data();
+    out.kept_positions = kept.data();
+    out.num_kept = nk.data();
+    kernels::dbac_cpu(dp, votes.data(), out);
+    for (int32_t h = 0; h < Hkv; ++h) {
+      // Sink, then the kept positions (ranges and window, ascending), without repeats.
+      for (int64_t r = 0; r < std::min<int64_t>(cfg.sink, prefix); ++r) keep[h].push_back(r);
+      for (int32_t i = 0; i < nk[h]; ++i) {
+        const int64_t pos = kept[static_cast<size_t>(h) * kcap + i];
+        if (pos >= std::min<int64_t>(cfg.sink, prefix)) keep[h].push_back(pos);
+      }
+    }
+  } else {
+    for (int32_t h = 0; h < Hkv; ++h)
+      for (int64_t r = 0; r < n; ++r) keep[h].push_back(r);
+  }
+  int64_t most = 0;
+  for (const auto& k : keep) most = std::max<int64_t>(most, static_cast<int64_t>(k.size()));
+  ensure_resident(st, most + 256, nullptr);
+  st.head_rows.assign(Hkv, 0);
+  const size_t es = dtype_size(kv.dtype);
+  const int64_t hs = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
+  const int64_t rs = kv.row_stride >= 0 ? kv.row_stride : kv.head_dim;
+  for (int32_t h = 0; h < Hkv; ++h) {
+    for (const int64_t pos : keep[h]) {
+      const size_t src = (static_cast<size_t>(h) * hs + static_cast<size_t>(pos) * rs) * es;
+      const size_t dst = (static_cast<size_t>(h) * st.res_cap + st.head_rows[h]) * rowb;
+      std::memcpy(st.res_k.get() + dst, static_cast<const std::byte*>(kv.k) + src, rowb);
+      std::memcpy(st.res_v.get() + dst, static_cast<const std::byte*>(kv.v) + src, rowb);
+      ++st.head_rows[h];
+    }
+  }
+  st.rows = n;
+  st.prefilled = true;
+  Event e;
+  e.kind = EventKind::kCluster;
+  e.seq = s.id;
+  e.layer = layer;
+  e.bytes = static_cast<int64_t>(prefix * Hkv * rowb);
+  record(e);
+}
+
 // ---- decode ----
 
 namespace {
@@ -885,6 +989,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
     }
     if (!st.prefilled) {  // no prompt: start empty
       st.prefilled = true;
+      if (st.compressed) st.head_rows.assign(Hkv, 0);
       if (st.recall) {
         st.win_cap = 2 * static_cast<int64_t>(cfg.window);
         st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
@@ -909,13 +1014,18 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
   for (int32_t i = 0; i < B; ++i) {
     LayerState& st = ss[i]->layers[layer];
     const bool to_resident = !st.recall || st.res_rows < cfg.sink;
-    stored[i] = !st.recall || !to_resident;
-    if (to_resident) ensure_resident(st, st.res_rows + 1, stream);
+    stored[i] = !st.compressed && (!st.recall || !to_resident);  // what the host tier keeps
+    if (to_resident) {
+      int64_t need = st.res_rows + 1;
+      for (const int64_t r : st.head_rows) need = std::max(need, r + 1);
+      ensure_resident(st, need, stream);
+    }
     for (int32_t h = 0; h < Hkv; ++h) {
       const size_t p = static_cast<size_t>(i) * Hkv + h;
       if (to_resident) {
-        dst[p] = st.res_k.get() + (h * st.res_cap + st.res_rows) * rowb;
-        dst[P + p] = st.res_v.get() + (h * st.res_cap + st.res_rows) * rowb;
+        const int64_t at = st.compressed ? st.head_rows[h] : st.res_rows;
+        dst[p] = st.res_k.get() + (h * st.res_cap + at) * rowb;
+        dst[P + p] = st.res_v.get() + (h * st.res_cap + at) * rowb;
       } else {
         const int64_t slot = st.recall_end % st.win_cap;
         dst[p] = st.win_k.get() + (h * st.win_cap + slot) * rowb;
@@ -977,7 +1087,9 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
 #endif
   for (int32_t i = 0; i < B; ++i) {
     LayerState& st = ss[i]->layers[layer];
-    if (!st.recall || st.res_rows < cfg.sink) {
+    if (st.compressed) {
+      for (int64_t& r : st.head_rows) ++r;
+    } else if (!st.recall || st.res_rows < cfg.sink) {
       ++st.res_rows;
     } else {
       ++st.recall_end;
@@ -996,11 +1108,12 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
       const LayerState& st = ss[i]->layers[layer];
       for (int32_t h = 0; h < Hkv; ++h) {
         const size_t off = static_cast<size_t>(h) * st.res_cap * rowb;
+        const int64_t rows = st.compressed ? st.head_rows[h] : st.res_rows;
         chunks.push_back(
-            scheduler::detail::make_chunk(st.res_k.get() + off, st.res_v.get() + off, st.res_rows));
+            scheduler::detail::make_chunk(st.res_k.get() + off, st.res_v.get() + off, rows));
         indptr[i * Hkv + h + 1] = static_cast<int32_t>(chunks.size());
-        max_rows = std::max(max_rows, st.res_rows);
-        rows_attended += st.res_rows;
+        max_rows = std::max(max_rows, rows);
+        rows_attended += rows;
       }
     }
     kernels::DecodeAttentionParams ap;
@@ -1536,9 +1649,8 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
   const int32_t* d = reinterpret_cast<const int32_t*>(policy_dev.get() + fb);
   int32_t* dir = dir_table.as<int32_t>();
   scheduler::launch_scatter_i32(dir, d, d + ni, ni, stream);
-  scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(),
-                              static_cast<int32_t>(fills.size()), static_cast<int32_t>(rowb),
-                              stream);
+  scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(), static_cast<int32_t>(fills.size()),
+                              static_cast<int32_t>(rowb), stream);
   scheduler::launch_scatter_i32(page_next.as<int32_t>(), d + 2 * ni, d + 2 * ni + nn, nn, stream);
   scheduler::launch_scatter_i32(dir, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns, stream);
 #endif
@@ -1739,6 +1851,7 @@ void Engine::add_sequence(SeqId seq) {
   for (int32_t l = 0; l < m.L; ++l) {
     LayerState& st = s->layers[l];
     st.recall = m.recall_index[l] >= 0;
+    st.compressed = m.cfg.mode == Mode::kClusterAttn && l >= m.cfg.num_dense_layers;
     if (st.recall) {
       st.table_row =
           (static_cast<int64_t>(s->slot) * m.num_recall_layers + m.recall_index[l]) * m.Hkv;
@@ -1785,6 +1898,11 @@ int64_t Engine::sequence_length(SeqId seq, int32_t layer) const {
 }
 
 void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv, cudaStream_t stream) {
+  prefill_layer(seq, layer, kv, ObservationWindow{}, stream);
+}
+
+void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv,
+                           const ObservationWindow& window, cudaStream_t stream) {
   Impl& m = *impl_;
   Sequence& s = m.find(seq);
   KVTIER_CHECK(layer >= 0 && layer < m.L, "prefill_layer: layer ", layer, " out of [0, ", m.L, ")");
@@ -1801,6 +1919,10 @@ void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv, cudaStrea
   KVTIER_CHECK_CODE(kCapacity, kv.num_rows <= m.cfg.max_context, "prompt of ", kv.num_rows,
                     " rows exceeds max_context = ", m.cfg.max_context);
   if (kv.num_rows == 0) return;
+  if (s.layers[layer].compressed) {
+    m.prefill_compressed(s, layer, kv, window);
+    return;
+  }
   m.prefill(s, layer, kv, stream);
 }
 

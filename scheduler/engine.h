@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "kernels/cluster_select.h"
+#include "kernels/density_cluster.h"
 #include "memory/cluster_cache.h"
 #include "memory/core/backend.h"
 #include "memory/core/cuda_fwd.h"
@@ -41,7 +42,7 @@ using memory::SeqId;
 enum class Mode : uint8_t {
   kFull,         ///< every row kept on the GPU and attended; rows are offloaded to the host tier
   kClusterKV,    ///< recall per step: sink + selected clusters + local window
-  kClusterAttn,  ///< prefill-time selection by DBAC (not available yet: rejected by validation)
+  kClusterAttn,  ///< prefill-time selection by DBAC (CPU backend only in this version)
   kHybrid,       ///< DBAC's set resident + ClusterKV recall (not available yet)
 };
 const char* mode_name(Mode mode);
@@ -81,6 +82,16 @@ struct EngineConfig {
   int32_t kmeans_iters = 10;
   FetchPath fetch = FetchPath::kGather;
 
+  // ---- prefill compression (clusterattn) ----
+  /// Rows kept per KV head on average by DBAC (the total, budget x KV heads, is split across
+  /// heads by how concentrated their votes are); the sink and the observation window are kept on
+  /// top. `budget` above is used for it.
+  int32_t observation_window = 32;  ///< Wobs: window queries the caller passes at prefill
+  int32_t dbac_eps = 4;             ///< docs/dbac.md
+  float dbac_min_density_ratio = 1.f;
+  float dbac_coverage = 0.9f;
+  float dbac_floor_fraction = 0.2f;
+
   // ---- capacity ----
   size_t host_bytes_limit = 0;  ///< host tier (pinned arena) cap; required
   /// GPU cluster cache, K and V, split evenly over the recall layers; 0: twice one step's
@@ -95,6 +106,13 @@ struct EngineConfig {
 
 /// Throws InvalidArgumentError naming the first bad field.
 void validate(const EngineConfig& config);
+
+/// The last prompt queries of one layer, for the observation-window votes of clusterattn:
+/// q [num_q_heads, num_queries, head_dim] contiguous in model.dtype (device pointer on kCuda).
+struct ObservationWindow {
+  const void* q = nullptr;
+  int32_t num_queries = 0;
+};
 
 /// One decode step of one layer for a batch of sequences. Pointers are device pointers on kCuda,
 /// host pointers on kCpu; all tensors contiguous in model.dtype.
@@ -157,6 +175,12 @@ class Engine {
   /// it first needs the layer.
   void prefill_layer(SeqId seq, int32_t layer, const memory::KvRows& kv,
                      cudaStream_t stream = nullptr);
+  /// The same with the observation window's queries, which clusterattn needs for its layers
+  /// past num_dense_layers (other modes ignore them). A clusterattn layer keeps per KV head the
+  /// sink, the rows DBAC picks from the window's votes and the window itself; the other prompt
+  /// rows are dropped. Decoded rows are all kept.
+  void prefill_layer(SeqId seq, int32_t layer, const memory::KvRows& kv,
+                     const ObservationWindow& window, cudaStream_t stream = nullptr);
 
   /// Appends each sequence's new K/V row to `layer` and writes attention over all its rows (the
   /// new one included) to batch.out, ordered on `stream`.

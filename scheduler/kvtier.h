@@ -48,10 +48,11 @@ typedef struct kvtier_config {
   int32_t budget, sink, window, tokens_per_cluster, initial_clusters, window_clusters;
   int32_t retention_steps, page_size, num_dense_layers, kmeans_iters;
   int32_t fetch; /* kvtier_fetch */
+  int32_t observation_window;
   int32_t max_sequences, max_batch;
   int64_t max_context;
-  uint64_t host_bytes_limit; /* required */
-  uint64_t cache_bytes;      /* 0: the engine's default */
+  uint64_t host_bytes_limit;  /* required */
+  uint64_t cache_bytes;       /* 0: the engine's default */
   const char* telemetry_path; /* NULL or "": no file */
 } kvtier_config;
 
@@ -79,6 +80,14 @@ kvtier_status kvtier_prefill_layer(kvtier_engine* engine, kvtier_seq_id seq, int
                                    const void* k, const void* v, int64_t num_rows,
                                    int64_t head_stride, int64_t row_stride, void* stream);
 
+/* The same with the observation window's queries q_window [num_q_heads, num_window_queries,
+ * head_dim], which mode clusterattn needs for its compressed layers. */
+kvtier_status kvtier_prefill_layer_window(kvtier_engine* engine, kvtier_seq_id seq, int32_t layer,
+                                          const void* k, const void* v, int64_t num_rows,
+                                          int64_t head_stride, int64_t row_stride,
+                                          const void* q_window, int32_t num_window_queries,
+                                          void* stream);
+
 /* q [num_seqs, num_q_heads, head_dim], k_new / v_new [num_seqs, num_kv_heads, head_dim],
  * out [num_seqs, num_q_heads, head_dim], all contiguous in the model dtype. */
 kvtier_status kvtier_decode_layer(kvtier_engine* engine, int32_t layer, const kvtier_seq_id* seqs,
@@ -88,8 +97,8 @@ kvtier_status kvtier_decode_layer(kvtier_engine* engine, int32_t layer, const kv
 kvtier_status kvtier_end_step(kvtier_engine* engine, void* stream);
 kvtier_status kvtier_synchronize(kvtier_engine* engine);
 kvtier_status kvtier_get_stats(const kvtier_engine* engine, kvtier_stats* out);
-kvtier_status kvtier_sequence_length(const kvtier_engine* engine, kvtier_seq_id seq,
-                                     int32_t layer, int64_t* out);
+kvtier_status kvtier_sequence_length(const kvtier_engine* engine, kvtier_seq_id seq, int32_t layer,
+                                     int64_t* out);
 
 #ifdef __cplusplus
 }

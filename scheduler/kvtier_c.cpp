@@ -83,6 +83,7 @@ kvtier::EngineConfig to_config(const kvtier_config& c) {
   KVTIER_CHECK(c.fetch == KVTIER_FETCH_GATHER || c.fetch == KVTIER_FETCH_FUSED, "fetch ", c.fetch,
                " is not a kvtier_fetch");
   e.fetch = c.fetch == KVTIER_FETCH_FUSED ? kvtier::FetchPath::kFused : kvtier::FetchPath::kGather;
+  e.observation_window = c.observation_window;
   e.max_sequences = c.max_sequences;
   e.max_batch = c.max_batch;
   e.max_context = c.max_context;
@@ -115,6 +116,7 @@ void kvtier_config_default(kvtier_config* c) {
   c->num_dense_layers = d.num_dense_layers;
   c->kmeans_iters = d.kmeans_iters;
   c->fetch = KVTIER_FETCH_GATHER;
+  c->observation_window = d.observation_window;
   c->max_sequences = d.max_sequences;
   c->max_batch = d.max_batch;
   c->max_context = d.max_context;
@@ -153,6 +155,22 @@ kvtier_status kvtier_prefill_layer(kvtier_engine* e, kvtier_seq_id seq, int32_t 
     kvtier::memory::KvRows rows{k,          v,        m.dtype,     m.num_kv_heads,
                                 m.head_dim, num_rows, head_stride, row_stride};
     e->engine.prefill_layer(seq, layer, rows, static_cast<cudaStream_t>(stream));
+  });
+}
+
+kvtier_status kvtier_prefill_layer_window(kvtier_engine* e, kvtier_seq_id seq, int32_t layer,
+                                          const void* k, const void* v, int64_t num_rows,
+                                          int64_t head_stride, int64_t row_stride,
+                                          const void* q_window, int32_t num_window_queries,
+                                          void* stream) {
+  if (!e) return null_arg("engine");
+  return guarded([&] {
+    const kvtier::ModelShape& m = e->engine.config().model;
+    kvtier::memory::KvRows rows{k,          v,        m.dtype,     m.num_kv_heads,
+                                m.head_dim, num_rows, head_stride, row_stride};
+    e->engine.prefill_layer(seq, layer, rows,
+                            kvtier::ObservationWindow{q_window, num_window_queries},
+                            static_cast<cudaStream_t>(stream));
   });
 }
 
