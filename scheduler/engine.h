@@ -57,10 +57,6 @@ struct ModelShape {
   DType dtype = DType::kBF16;
 };
 
-/// How misses reach the cache: a gather kernel before attention, or attention itself reading
-/// the missed rows from mapped host memory and writing them into their pages (fused).
-enum class FetchPath : uint8_t { kGather, kFused };
-
 struct EngineConfig {
   ModelShape model;
   Mode mode = Mode::kClusterKV;
@@ -80,7 +76,6 @@ struct EngineConfig {
   kernels::ScoreAggregation aggregation = kernels::ScoreAggregation::kSoftmaxSum;
   kernels::BudgetOverflow overflow = kernels::BudgetOverflow::kTruncate;
   int32_t kmeans_iters = 10;
-  FetchPath fetch = FetchPath::kGather;
 
   // ---- prefill compression (clusterattn) ----
   /// Rows kept per KV head on average by DBAC (the total, budget x KV heads, is split across

@@ -36,7 +36,6 @@ typedef enum {
   KVTIER_MODE_HYBRID = 3
 } kvtier_mode;
 typedef enum { KVTIER_BACKEND_CPU = 0, KVTIER_BACKEND_CUDA = 1 } kvtier_backend;
-typedef enum { KVTIER_FETCH_GATHER = 0, KVTIER_FETCH_FUSED = 1 } kvtier_fetch;
 
 /* Mirrors kvtier::EngineConfig; kvtier_config_default() fills the same defaults. */
 typedef struct kvtier_config {
@@ -47,7 +46,6 @@ typedef struct kvtier_config {
   int32_t device;
   int32_t budget, sink, window, tokens_per_cluster, initial_clusters, window_clusters;
   int32_t retention_steps, page_size, num_dense_layers, kmeans_iters;
-  int32_t fetch; /* kvtier_fetch */
   int32_t observation_window;
   int32_t max_sequences, max_batch;
   int64_t max_context;

@@ -80,9 +80,6 @@ kvtier::EngineConfig to_config(const kvtier_config& c) {
   e.page_size = c.page_size;
   e.num_dense_layers = c.num_dense_layers;
   e.kmeans_iters = c.kmeans_iters;
-  KVTIER_CHECK(c.fetch == KVTIER_FETCH_GATHER || c.fetch == KVTIER_FETCH_FUSED, "fetch ", c.fetch,
-               " is not a kvtier_fetch");
-  e.fetch = c.fetch == KVTIER_FETCH_FUSED ? kvtier::FetchPath::kFused : kvtier::FetchPath::kGather;
   e.observation_window = c.observation_window;
   e.max_sequences = c.max_sequences;
   e.max_batch = c.max_batch;
@@ -115,7 +112,6 @@ void kvtier_config_default(kvtier_config* c) {
   c->page_size = d.page_size;
   c->num_dense_layers = d.num_dense_layers;
   c->kmeans_iters = d.kmeans_iters;
-  c->fetch = KVTIER_FETCH_GATHER;
   c->observation_window = d.observation_window;
   c->max_sequences = d.max_sequences;
   c->max_batch = d.max_batch;

@@ -56,7 +56,6 @@ struct Options {
   int32_t kmeans_iters = 10;
   float drift = 0.05f;
   int32_t topics = 64;
-  FetchPath fetch = FetchPath::kGather;
   Backend backend = Backend::kCuda;
   double host_gib = 0;  // host tier cap; 0: what the sequences need + 10%
   std::string json;
@@ -72,7 +71,7 @@ struct Options {
       "  [--offload-steps N] [--modes dense,offload,full,clusterkv,clusterkv-cold]\n"
       "  [--budget N] [--sink N] [--window N] [--retention N] [--page-size N]\n"
       "  [--dense-layers N] [--kmeans-iters N] [--drift X] [--topics N]\n"
-      "  [--fetch gather|fused] [--backend cuda|cpu] [--host-gib X] [--json FILE]\n"
+      "  [--backend cuda|cpu] [--host-gib X] [--json FILE]\n"
       "  [--torch-script bench/sdpa_baseline.py] [--seed N]\n",
       msg);
   std::exit(2);
@@ -135,15 +134,7 @@ Options parse(int argc, char** argv) {
       o.drift = std::stof(next());
     else if (a == "--topics")
       o.topics = std::stoi(next());
-    else if (a == "--fetch") {
-      const std::string f = next();
-      if (f == "gather")
-        o.fetch = FetchPath::kGather;
-      else if (f == "fused")
-        o.fetch = FetchPath::kFused;
-      else
-        usage("--fetch must be gather or fused");
-    } else if (a == "--backend") {
+    else if (a == "--backend") {
       const std::string b = next();
       if (b == "cuda")
         o.backend = Backend::kCuda;
@@ -586,7 +577,6 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   c.page_size = o.page_size;
   c.num_dense_layers = o.num_dense_layers;
   c.kmeans_iters = o.kmeans_iters;
-  c.fetch = o.fetch;
   c.max_sequences = B;
   c.max_batch = B;
   c.max_context = o.context + o.warmup + o.steps + 1;
@@ -808,9 +798,8 @@ int run(int argc, char** argv) {
       << ",\"dtype\":\"" << dtype_name(o.model.dtype) << "\"},\"context\":" << o.context
       << ",\"batch\":" << o.batch << ",\"steps\":" << o.steps << ",\"budget\":" << o.budget
       << ",\"sink\":" << o.sink << ",\"window\":" << o.window << ",\"retention\":" << o.retention
-      << ",\"drift\":" << o.drift << ",\"fetch\":\""
-      << (o.fetch == FetchPath::kFused ? "fused" : "gather") << "\",\"backend\":\""
-      << backend_name(o.backend) << "\",\"link_h2d_gbps\":" << link << ",\"results\":[";
+      << ",\"drift\":" << o.drift << ",\"backend\":\"" << backend_name(o.backend)
+      << "\",\"link_h2d_gbps\":" << link << ",\"results\":[";
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       f << (i ? "," : "") << "{\"mode\":\"" << r.mode << "\",\"ms_per_step\":" << r.ms_per_step
