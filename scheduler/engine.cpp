@@ -74,11 +74,9 @@ void validate(const EngineConfig& c) {
                m.head_dim);
   KVTIER_CHECK(m.dtype == DType::kF16 || m.dtype == DType::kBF16, "model.dtype ",
                dtype_name(m.dtype), " is not supported (fp16 or bf16)");
-  KVTIER_CHECK(c.mode != Mode::kHybrid,
-               "mode hybrid is not available in this version of the engine (full, clusterkv and, "
-               "on the CPU backend, clusterattn are)");
-  KVTIER_CHECK(c.mode != Mode::kClusterAttn || c.backend == Backend::kCpu,
-               "mode clusterattn runs on the CPU backend only in this version");
+  KVTIER_CHECK(
+      (c.mode != Mode::kClusterAttn && c.mode != Mode::kHybrid) || c.backend == Backend::kCpu,
+      "mode ", mode_name(c.mode), " runs on the CPU backend only in this version");
   KVTIER_CHECK(c.observation_window > 0, "observation_window must be > 0, got ",
                c.observation_window);
   KVTIER_CHECK(c.budget > 0, "budget must be > 0, got ", c.budget);
@@ -427,6 +425,12 @@ struct Engine::Impl {
   void prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream);
   void prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
                           const ObservationWindow& window);
+  void prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
+                      const ObservationWindow& window);
+  std::vector<std::vector<int64_t>> dbac_keep(int32_t layer, const KvRows& kv,
+                                              const ObservationWindow& window);
+  void keep_resident(LayerState& st, const KvRows& kv,
+                     const std::vector<std::vector<int64_t>>& keep, int64_t spare);
   void decode(int32_t layer, const DecodeBatch& b, cudaStream_t stream);
   void start_window_job(Sequence& s, int32_t layer);
   void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream);
@@ -459,7 +463,7 @@ Engine::Impl::Impl(const EngineConfig& c)
     KVTIER_CHECK(cuda::device_available(), "backend cuda: no CUDA device is available");
   }
   recall_index.assign(L, -1);
-  if (cfg.mode == Mode::kClusterKV) {
+  if (cfg.mode == Mode::kClusterKV || cfg.mode == Mode::kHybrid) {
     for (int32_t l = std::min(cfg.num_dense_layers, L); l < L; ++l) {
       recall_index[l] = num_recall_layers++;
     }
@@ -844,12 +848,11 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
 // clusterattn: the observation window votes on the prompt's rows, DBAC picks ranges per KV head
 // within the per-head budgets, and each head keeps the sink, its picked rows and the window, in
 // position order. The rest of the prompt is dropped. CPU backend (validated).
-void Engine::Impl::prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
-                                      const ObservationWindow& window) {
-  LayerState& st = s.layers[layer];
+std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const KvRows& kv,
+                                                          const ObservationWindow& window) {
   const int64_t n = kv.num_rows;
-  KVTIER_CHECK(window.q != nullptr && window.num_queries > 0, "prefill_layer: mode clusterattn ",
-               "needs the observation window's queries for layer ", layer,
+  KVTIER_CHECK(window.q != nullptr && window.num_queries > 0, "prefill_layer: mode ",
+               mode_name(cfg.mode), " needs the observation window's queries for layer ", layer,
                " (ObservationWindow with num_queries > 0)");
   const int32_t w = static_cast<int32_t>(std::min<int64_t>(window.num_queries, n));
   // Head-major keys for the votes.
@@ -908,9 +911,20 @@ void Engine::Impl::prefill_compressed(Sequence& s, int32_t layer, const KvRows& 
     for (int32_t h = 0; h < Hkv; ++h)
       for (int64_t r = 0; r < n; ++r) keep[h].push_back(r);
   }
+  Event e;
+  e.kind = EventKind::kCluster;
+  e.layer = layer;
+  e.bytes = static_cast<int64_t>(prefix * Hkv * rowb);
+  record(e);
+  return keep;
+}
+
+// Copies each head's kept positions of `kv`, in order, into the resident rows (head_rows).
+void Engine::Impl::keep_resident(LayerState& st, const KvRows& kv,
+                                 const std::vector<std::vector<int64_t>>& keep, int64_t spare) {
   int64_t most = 0;
   for (const auto& k : keep) most = std::max<int64_t>(most, static_cast<int64_t>(k.size()));
-  ensure_resident(st, most + 256, nullptr);
+  ensure_resident(st, most + spare, nullptr);
   st.head_rows.assign(Hkv, 0);
   const size_t es = dtype_size(kv.dtype);
   const int64_t hs = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
@@ -924,14 +938,111 @@ void Engine::Impl::prefill_compressed(Sequence& s, int32_t layer, const KvRows& 
       ++st.head_rows[h];
     }
   }
+}
+
+// clusterattn: the observation window votes on the prompt's rows, DBAC picks ranges per KV head
+// within the per-head budgets, and each head keeps the sink, its picked rows and the window, in
+// position order. The rest of the prompt is dropped. CPU backend (validated).
+void Engine::Impl::prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
+                                      const ObservationWindow& window) {
+  LayerState& st = s.layers[layer];
+  keep_resident(st, kv, dbac_keep(layer, kv, window), 256);
+  st.rows = kv.num_rows;
+  st.prefilled = true;
+}
+
+// hybrid: DBAC's rows (with the sink and the window) stay resident as in clusterattn, and every
+// other prompt row is recallable as in clusterkv. All rows go to the host tier and are clustered
+// by k-means per KV head; each head's resident rows are then moved to cluster 0, which the
+// selection never takes (its size in the selection's table is 0), and the other clusters'
+// centroids are recomputed from their recallable rows alone. No row is attended twice. CPU
+// backend (validated).
+void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
+                                  const ObservationWindow& window) {
+  LayerState& st = s.layers[layer];
+  const SeqId seq = s.id;
+  const int64_t n = kv.num_rows;
+  const std::vector<std::vector<int64_t>> keep = dbac_keep(layer, kv, window);
+  keep_resident(st, kv, keep, 0);
+  const auto t0 = Clock::now();
+  KvRows all = kv;
+  all.head_stride = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
+  all.row_stride = kv.row_stride >= 0 ? kv.row_stride : kv.head_dim;
+  store->append(seq, layer, all);
+  const int32_t c0 =
+      cfg.initial_clusters > 0
+          ? static_cast<int32_t>(std::min<int64_t>(cfg.initial_clusters, n))
+          : static_cast<int32_t>((n + cfg.tokens_per_cluster - 1) / cfg.tokens_per_cluster);
+  KVTIER_CHECK_CODE(kCapacity, c0 + 1 <= cap_c, "prompt of ", n, " rows needs ", c0 + 1,
+                    " clusters per head; the table holds ", cap_c,
+                    " (raise max_context or tokens_per_cluster)");
+  std::vector<std::byte> points(static_cast<size_t>(Hkv) * n * rowb);
+  copy_kv_rows(backend, kv, false, 0, n, points.data(), n * rowb, 0, rowb, nullptr);
+  kernels::KmeansParams kp;
+  kp.num_problems = Hkv;
+  kp.num_points = n;
+  kp.dim = D;
+  kp.num_clusters = c0;
+  kp.max_iters = cfg.kmeans_iters;
+  kp.dtype = dtype;
+  kp.centroid_stride = cap_c;
+  kp.seed = static_cast<uint64_t>(seq) * 1000003ull + layer;
+  std::vector<int32_t> labels(static_cast<size_t>(Hkv) * n);
+  std::vector<float> cent(static_cast<size_t>(Hkv) * cap_c * D);
+  std::vector<int32_t> ksizes(static_cast<size_t>(Hkv) * cap_c);
+  kernels::kmeans_cpu(kp, points.data(), cent.data(), labels.data(), ksizes.data());
+  st.sizes.assign(Hkv, {});
+  for (int32_t h = 0; h < Hkv; ++h) {
+    int32_t* lab = labels.data() + static_cast<size_t>(h) * n;
+    std::vector<uint8_t> resident(n, 0);
+    for (const int64_t pos : keep[h]) resident[pos] = 1;
+    for (int64_t i = 0; i < n; ++i) lab[i] = resident[i] ? 0 : lab[i] + 1;
+    store->cluster(seq, layer, h, 0, n, lab, c0 + 1);
+    // Sizes (the host directory needs the true ones) and centroids of the recallable rows.
+    std::vector<int32_t> sz(c0 + 1, 0);
+    std::vector<double> sum(static_cast<size_t>(c0 + 1) * D, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      ++sz[lab[i]];
+      if (lab[i] == 0) continue;
+      double sq = 0;
+      for (int32_t d = 0; d < D; ++d) {
+        const double x =
+            load_as_float(points.data() + (static_cast<size_t>(h) * n + i) * rowb, dtype, d);
+        sq += x * x;
+      }
+      const double inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
+      for (int32_t d = 0; d < D; ++d) {
+        sum[static_cast<size_t>(lab[i]) * D + d] +=
+            inv * load_as_float(points.data() + (static_cast<size_t>(h) * n + i) * rowb, dtype, d);
+      }
+    }
+    float* c = centroids_row(st.table_row + h);
+    int32_t* table_sizes = sizes_row(st.table_row + h);
+    for (int32_t j = 0; j <= c0; ++j) {
+      double sq = 0;
+      for (int32_t d = 0; d < D; ++d)
+        sq += sum[static_cast<size_t>(j) * D + d] * sum[static_cast<size_t>(j) * D + d];
+      const double inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
+      for (int32_t d = 0; d < D; ++d)
+        c[static_cast<size_t>(j) * D + d] =
+            static_cast<float>(sum[static_cast<size_t>(j) * D + d] * inv);
+      table_sizes[j] = j == 0 ? 0 : sz[j];  // cluster 0 (resident rows) is never selected
+    }
+    st.sizes[h] = std::move(sz);
+  }
+  st.num_clusters = c0 + 1;
+  st.clustered = n;
+  st.recall_end = n;
+  st.win_cap = 2 * static_cast<int64_t>(cfg.window);
+  st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+  st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
   st.rows = n;
   st.prefilled = true;
-  Event e;
-  e.kind = EventKind::kCluster;
-  e.seq = s.id;
-  e.layer = layer;
-  e.bytes = static_cast<int64_t>(prefix * Hkv * rowb);
-  record(e);
+  prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
+  refresh_host_directory(s, layer, 0, nullptr);
+  auto job = std::make_shared<Job>();
+  job->promise.set_value();
+  st.prefill = job;
 }
 
 // ---- decode ----
@@ -1013,7 +1124,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
   const int32_t step_base = cuda_path ? step_rows_per_layer[layer] : 0;
   for (int32_t i = 0; i < B; ++i) {
     LayerState& st = ss[i]->layers[layer];
-    const bool to_resident = !st.recall || st.res_rows < cfg.sink;
+    const bool to_resident = !st.recall || (st.head_rows.empty() && st.res_rows < cfg.sink);
     stored[i] = !st.compressed && (!st.recall || !to_resident);  // what the host tier keeps
     if (to_resident) {
       int64_t need = st.res_rows + 1;
@@ -1089,7 +1200,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
     LayerState& st = ss[i]->layers[layer];
     if (st.compressed) {
       for (int64_t& r : st.head_rows) ++r;
-    } else if (!st.recall || st.res_rows < cfg.sink) {
+    } else if (!st.recall || (st.head_rows.empty() && st.res_rows < cfg.sink)) {
       ++st.res_rows;
     } else {
       ++st.recall_end;
@@ -1183,7 +1294,7 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
       pr.win_v = st.win_v.get() + static_cast<size_t>(h) * st.win_cap * rowb;
       pr.host_pages =
           st.host_pages.as<const std::byte*>() + static_cast<size_t>(h) * st.host_pages_cap * 2;
-      pr.res_rows = st.res_rows;
+      pr.res_rows = st.head_rows.empty() ? st.res_rows : st.head_rows[h];
       pr.win_begin = st.clustered;
       pr.win_rows = st.recall_end - st.clustered;
       pr.win_cap = st.win_cap;
@@ -1921,6 +2032,10 @@ void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv,
   if (kv.num_rows == 0) return;
   if (s.layers[layer].compressed) {
     m.prefill_compressed(s, layer, kv, window);
+    return;
+  }
+  if (s.layers[layer].recall && m.cfg.mode == Mode::kHybrid) {
+    m.prefill_hybrid(s, layer, kv, window);
     return;
   }
   m.prefill(s, layer, kv, stream);

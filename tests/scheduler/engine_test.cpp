@@ -173,6 +173,27 @@ TEST(Engine, ClusterAttnKeepsWhatTheWindowAttends) {
   EXPECT_GT(st.rows_attended, 2 * 12 * (4 + 100 + 16));
 }
 
+TEST(Engine, HybridWithARecallBudgetCoveringTheContextEqualsDense) {
+  // DBAC's rows stay resident and every other row is recalled: each row is attended once.
+  EngineConfig c = make_config(Mode::kHybrid, Shape{});
+  c.budget = 4096;
+  c.window = 8;  // decoded rows are clustered and recalled too
+  c.window_clusters = 2;
+  EngineStats st;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 22, &st), kTol);
+  EXPECT_GT(st.window_clusterings, 0);
+}
+
+TEST(Engine, HybridKeepsDbacRowsAndRecallsTheRest) {
+  EngineConfig c = make_config(Mode::kHybrid, Shape{});
+  c.budget = 160;
+  EngineStats st;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &st), 0.05);
+  EXPECT_GT(st.recall_hits + st.recall_misses, 0);
+  // Resident DBAC rows + at most the budget recalled + the window, against 2048+ rows.
+  EXPECT_LE(st.rows_attended, 2 * 12 * (4 + 176 + 160 + 2 * 16 + 12));
+}
+
 TEST(EngineErrors, ClusterAttnNeedsTheWindowAndTheCpuBackend) {
   EngineConfig c = make_config(Mode::kClusterAttn, Shape{});
   Engine e(c);
@@ -183,9 +204,10 @@ TEST(EngineErrors, ClusterAttnNeedsTheWindowAndTheCpuBackend) {
   EXPECT_THROW(e.prefill_layer(1, 1, rows), InvalidArgumentError);
   c.backend = Backend::kCuda;
   EXPECT_THROW(validate(c), InvalidArgumentError);
-  c.backend = Backend::kCpu;
-  c.mode = Mode::kHybrid;
+  c.mode = Mode::kHybrid;  // also CPU only for now
   EXPECT_THROW(validate(c), InvalidArgumentError);
+  c.backend = Backend::kCpu;
+  EXPECT_NO_THROW(validate(c));
 }
 
 TEST(EngineErrors, BadConfigNamesTheField) {
