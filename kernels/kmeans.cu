@@ -10,12 +10,11 @@
 // objective and accumulates the next update's sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <cub/block/block_scan.cuh>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cub/block/block_scan.cuh>
 #include <type_traits>
 #include <vector>
 
@@ -371,11 +370,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cos_accumulate_kernel(const T* __restrict__ x, int64_t n, int d, int k, int stride,
                           int max_iters, int it, int32_t* labels, const int32_t* runner_up,
-                          const float* second_score, const uint8_t* active,
-                          const float* centroids, const float* inv_norm, const int32_t* done,
-                          float* best, float* theta2, double* objective, float* sums,
-                          int32_t* counts, int32_t* prev_labels, const int32_t* rebuild,
-                          int32_t* moved) {
+                          const float* second_score, const uint8_t* active, const float* centroids,
+                          const float* inv_norm, const int32_t* done, float* best, float* theta2,
+                          double* objective, float* sums, int32_t* counts, int32_t* prev_labels,
+                          const int32_t* rebuild, int32_t* moved) {
   const int p = blockIdx.y;
   if (done[p]) return;
   const bool rebuilding = it == 0 || rebuild[p] != 0;
@@ -782,9 +780,8 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
     rebuild_scatter_kernel<<<filter_grid, 256, 0, stream>>>(n, k, it, w.done, w.rebuild, labels,
                                                             w.cursor, w.order);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans rebuild_scatter_kernel");
-    rebuild_sums_kernel<T>
-        <<<dim3(static_cast<unsigned>((k + 7) / 8), P), kThreads, 0, stream>>>(
-            x, n, d, k, it, w.done, w.rebuild, w.counts, w.cursor, w.order, w.inv_norm, w.sums);
+    rebuild_sums_kernel<T><<<dim3(static_cast<unsigned>((k + 7) / 8), P), kThreads, 0, stream>>>(
+        x, n, d, k, it, w.done, w.rebuild, w.counts, w.cursor, w.order, w.inv_norm, w.sums);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans rebuild_sums_kernel");
   };
   assign(0);
@@ -798,9 +795,8 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
                                                  w.best, centroids, w.drift, w.drift_max);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans reseed_kernel");
     assign(it);
-    converge_kernel<<<(P + 127) / 128, 128, 0, stream>>>(P, n, it, p.max_iters, p.rel_tol,
-                                                         w.objective, w.done, w.iters, w.moved,
-                                                         w.rebuild);
+    converge_kernel<<<(P + 127) / 128, 128, 0, stream>>>(
+        P, n, it, p.max_iters, p.rel_tol, w.objective, w.done, w.iters, w.moved, w.rebuild);
     KVTIER_CUDA_CHECK_LAUNCH("kmeans converge_kernel");
   }
   finish_kernel<<<P, kThreads, 0, stream>>>(n, d, k, p.num_clusters, stride, p.max_iters, labels,

@@ -386,7 +386,8 @@ struct Engine::Impl {
   Buffer q32, sizes_batch, scores, sel_ids, sel_rows, num_sel, total_rows, select_ws, attn_ws,
       params_dev, select_params, segments_dev, chunk_buf, build_misc, policy_dev;
 
-  int64_t steps = 0, decode_calls = 0, window_clusterings = 0, rows_attended = 0;
+  int64_t steps = 0, decode_calls = 0, window_clusterings = 0;
+  std::atomic<int64_t> rows_attended{0};  // decode (dense layers) and policy jobs (recall layers)
   std::atomic<int64_t> prefill_cluster_us{0};
 
   explicit Impl(const EngineConfig& c);
@@ -421,6 +422,31 @@ struct Engine::Impl {
   int32_t* sizes_row(int64_t row) const { return size_table.as<int32_t>() + row * cap_c; }
   void record(Event e) { telemetry.record(e); }
   void wait_job(const std::shared_ptr<Job>& job, SeqId seq, int32_t layer);
+  /// k-means of `rows` rows per KV head into `k` clusters, written into the centroid table.
+  kernels::KmeansParams kmeans_params(int64_t rows, int32_t k, uint64_t seed) const {
+    kernels::KmeansParams kp;
+    kp.num_problems = Hkv;
+    kp.num_points = rows;
+    kp.dim = D;
+    kp.num_clusters = k;
+    kp.max_iters = cfg.kmeans_iters;
+    kp.dtype = dtype;
+    kp.centroid_stride = cap_c;
+    kp.seed = seed;
+    return kp;
+  }
+  /// C0 for `rows` prompt rows: initial_clusters, or one per tokens_per_cluster rows.
+  int32_t initial_cluster_count(int64_t rows) const {
+    return cfg.initial_clusters > 0
+               ? static_cast<int32_t>(std::min<int64_t>(cfg.initial_clusters, rows))
+               : static_cast<int32_t>((rows + cfg.tokens_per_cluster - 1) / cfg.tokens_per_cluster);
+  }
+  /// The window ring of a recall layer: 2W rows per KV head.
+  void alloc_window(LayerState& st) {
+    st.win_cap = 2 * static_cast<int64_t>(cfg.window);
+    st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+    st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+  }
   void ensure_resident(LayerState& st, int64_t rows, cudaStream_t stream);
   void prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream);
   void prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
@@ -629,9 +655,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
   const int64_t c_n = recall ? r_n - rem : 0;
   int32_t c0 = 0;
   if (c_n > 0) {
-    c0 = cfg.initial_clusters > 0
-             ? static_cast<int32_t>(std::min<int64_t>(cfg.initial_clusters, c_n))
-             : static_cast<int32_t>((c_n + cfg.tokens_per_cluster - 1) / cfg.tokens_per_cluster);
+    c0 = initial_cluster_count(c_n);
     KVTIER_CHECK_CODE(kCapacity, c0 <= cap_c, "prompt of ", n, " rows needs ", c0,
                       " clusters per head; the table holds ", cap_c,
                       " (raise max_context or tokens_per_cluster)");
@@ -647,9 +671,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
   copy_kv_rows(backend, kv, true, 0, res_n, st.res_v.get(), st.res_cap * rowb, 0, rowb, side_s);
   st.res_rows = res_n;
   if (recall) {
-    st.win_cap = 2 * static_cast<int64_t>(cfg.window);
-    st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
-    st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+    alloc_window(st);
     for (int64_t i = 0; i < rem;) {  // positions c_n + i -> ring slot (c_n + i) % win_cap
       const int64_t slot = (c_n + i) % st.win_cap;
       const int64_t run = std::min(rem - i, st.win_cap - slot);
@@ -694,15 +716,8 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         const auto t0 = Clock::now();
         std::vector<std::byte> points(static_cast<size_t>(Hkv) * c_n * rowb);
         copy_kv_rows(backend, kv, false, res_n, c_n, points.data(), c_n * rowb, 0, rowb, nullptr);
-        kernels::KmeansParams kp;
-        kp.num_problems = Hkv;
-        kp.num_points = c_n;
-        kp.dim = D;
-        kp.num_clusters = c0;
-        kp.max_iters = cfg.kmeans_iters;
-        kp.dtype = dtype;
-        kp.centroid_stride = cap_c;
-        kp.seed = static_cast<uint64_t>(seq) * 1000003ull + layer;
+        const kernels::KmeansParams kp =
+            kmeans_params(c_n, c0, static_cast<uint64_t>(seq) * 1000003ull + layer);
         std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
         kernels::kmeans_cpu(kp, points.data(), centroids_row(st.table_row), labels.data(),
                             sizes_row(st.table_row));
@@ -764,15 +779,8 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
     w->d2h.record(backend, copy_stream());
   }
   if (c_n > 0) {
-    kernels::KmeansParams kp;
-    kp.num_problems = Hkv;
-    kp.num_points = c_n;
-    kp.dim = D;
-    kp.num_clusters = c0;
-    kp.max_iters = cfg.kmeans_iters;
-    kp.dtype = dtype;
-    kp.centroid_stride = cap_c;
-    kp.seed = static_cast<uint64_t>(seq) * 1000003ull + layer;
+    const kernels::KmeansParams kp =
+        kmeans_params(c_n, c0, static_cast<uint64_t>(seq) * 1000003ull + layer);
     w->labels = alloc(static_cast<size_t>(Hkv) * c_n * sizeof(int32_t));
     w->ws = alloc(kernels::kmeans_workspace_bytes(kp));
     kernels::launch_kmeans(kp, w->k.get(), centroids_row(st.table_row), w->labels.as<int32_t>(),
@@ -781,67 +789,64 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
   }
   st.prefill_device.record(backend, side_s);
   inflight_prefills.push_back(job);
-  const int64_t table_row = st.table_row;
   LayerState* stp = &st;
   Sequence* seqp = &s;
-  jobs.run(
-      [this, w, job, seq, layer, off_n, c_n, c0, part_bytes, off, table_row, stp, seqp, recall] {
-        try {
-          const auto t0 = Clock::now();
-          w->d2h.synchronize();
-          if (off_n > 0) {
-            // Region A then region B: store positions stay in token order.
-            const int64_t b_n = off_n - c_n;
-            const std::byte* hk = w->host.data();
-            const std::byte* hv = w->host.data() + part_bytes;
-            KvRows a{hk, hv, dtype, Hkv, D, c_n, c_n * D, D};
-            if (c_n > 0) store->append(seq, layer, a);
-            KvRows b{hk + static_cast<size_t>(Hkv) * c_n * rowb,
-                     hv + static_cast<size_t>(Hkv) * c_n * rowb,
-                     dtype,
-                     Hkv,
-                     D,
-                     b_n,
-                     b_n * D,
-                     D};
-            if (b_n > 0) store->append(seq, layer, b);
-          }
-          Event e = off;
-          record(e);
-          if (c_n > 0) {
-            std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
-            w->kmeans.synchronize();
-            KVTIER_CUDA_CHECK(cudaMemcpyAsync(labels.data(), w->labels.get(), labels.size() * 4,
-                                              cudaMemcpyDeviceToHost, copy_stream()));
-            KVTIER_CUDA_CHECK(cudaStreamSynchronize(copy_stream()));
-            for (int32_t h = 0; h < Hkv; ++h) {
-              const int32_t* lab = labels.data() + static_cast<size_t>(h) * c_n;
-              store->cluster(seq, layer, h, 0, c_n, lab, c0);
-              std::vector<int32_t> sz(c0, 0);
-              for (int64_t i = 0; i < c_n; ++i) ++sz[lab[i]];
-              stp->sizes[h] = std::move(sz);
-            }
-            stp->num_clusters = c0;
-            stp->clustered = c_n;
-            Event ce;
-            ce.kind = EventKind::kCluster;
-            ce.seq = seq;
-            ce.layer = layer;
-            ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
-            record(ce);
-          }
-          if (recall) refresh_host_directory(*seqp, layer, 0, copy_stream());
-          prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
-          (void)table_row;
-          w->k = Buffer();
-          w->v = Buffer();
-          w->labels = Buffer();
-          w->ws = Buffer();
-          job->promise.set_value();
-        } catch (...) {
-          job->promise.set_exception(std::current_exception());
+  jobs.run([this, w, job, seq, layer, off_n, c_n, c0, part_bytes, off, stp, seqp, recall] {
+    try {
+      const auto t0 = Clock::now();
+      w->d2h.synchronize();
+      if (off_n > 0) {
+        // Region A then region B: store positions stay in token order.
+        const int64_t b_n = off_n - c_n;
+        const std::byte* hk = w->host.data();
+        const std::byte* hv = w->host.data() + part_bytes;
+        KvRows a{hk, hv, dtype, Hkv, D, c_n, c_n * D, D};
+        if (c_n > 0) store->append(seq, layer, a);
+        KvRows b{hk + static_cast<size_t>(Hkv) * c_n * rowb,
+                 hv + static_cast<size_t>(Hkv) * c_n * rowb,
+                 dtype,
+                 Hkv,
+                 D,
+                 b_n,
+                 b_n * D,
+                 D};
+        if (b_n > 0) store->append(seq, layer, b);
+      }
+      Event e = off;
+      record(e);
+      if (c_n > 0) {
+        std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
+        w->kmeans.synchronize();
+        KVTIER_CUDA_CHECK(cudaMemcpyAsync(labels.data(), w->labels.get(), labels.size() * 4,
+                                          cudaMemcpyDeviceToHost, copy_stream()));
+        KVTIER_CUDA_CHECK(cudaStreamSynchronize(copy_stream()));
+        for (int32_t h = 0; h < Hkv; ++h) {
+          const int32_t* lab = labels.data() + static_cast<size_t>(h) * c_n;
+          store->cluster(seq, layer, h, 0, c_n, lab, c0);
+          std::vector<int32_t> sz(c0, 0);
+          for (int64_t i = 0; i < c_n; ++i) ++sz[lab[i]];
+          stp->sizes[h] = std::move(sz);
         }
-      });
+        stp->num_clusters = c0;
+        stp->clustered = c_n;
+        Event ce;
+        ce.kind = EventKind::kCluster;
+        ce.seq = seq;
+        ce.layer = layer;
+        ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
+        record(ce);
+      }
+      if (recall) refresh_host_directory(*seqp, layer, 0, copy_stream());
+      prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
+      w->k = Buffer();
+      w->v = Buffer();
+      w->labels = Buffer();
+      w->ws = Buffer();
+      job->promise.set_value();
+    } catch (...) {
+      job->promise.set_exception(std::current_exception());
+    }
+  });
 #endif
 }
 
@@ -969,24 +974,14 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
   all.head_stride = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
   all.row_stride = kv.row_stride >= 0 ? kv.row_stride : kv.head_dim;
   store->append(seq, layer, all);
-  const int32_t c0 =
-      cfg.initial_clusters > 0
-          ? static_cast<int32_t>(std::min<int64_t>(cfg.initial_clusters, n))
-          : static_cast<int32_t>((n + cfg.tokens_per_cluster - 1) / cfg.tokens_per_cluster);
+  const int32_t c0 = initial_cluster_count(n);
   KVTIER_CHECK_CODE(kCapacity, c0 + 1 <= cap_c, "prompt of ", n, " rows needs ", c0 + 1,
                     " clusters per head; the table holds ", cap_c,
                     " (raise max_context or tokens_per_cluster)");
   std::vector<std::byte> points(static_cast<size_t>(Hkv) * n * rowb);
   copy_kv_rows(backend, kv, false, 0, n, points.data(), n * rowb, 0, rowb, nullptr);
-  kernels::KmeansParams kp;
-  kp.num_problems = Hkv;
-  kp.num_points = n;
-  kp.dim = D;
-  kp.num_clusters = c0;
-  kp.max_iters = cfg.kmeans_iters;
-  kp.dtype = dtype;
-  kp.centroid_stride = cap_c;
-  kp.seed = static_cast<uint64_t>(seq) * 1000003ull + layer;
+  const kernels::KmeansParams kp =
+      kmeans_params(n, c0, static_cast<uint64_t>(seq) * 1000003ull + layer);
   std::vector<int32_t> labels(static_cast<size_t>(Hkv) * n);
   std::vector<float> cent(static_cast<size_t>(Hkv) * cap_c * D);
   std::vector<int32_t> ksizes(static_cast<size_t>(Hkv) * cap_c);
@@ -1033,9 +1028,7 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
   st.num_clusters = c0 + 1;
   st.clustered = n;
   st.recall_end = n;
-  st.win_cap = 2 * static_cast<int64_t>(cfg.window);
-  st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
-  st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+  alloc_window(st);
   st.rows = n;
   st.prefilled = true;
   prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
@@ -1102,9 +1095,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
       st.prefilled = true;
       if (st.compressed) st.head_rows.assign(Hkv, 0);
       if (st.recall) {
-        st.win_cap = 2 * static_cast<int64_t>(cfg.window);
-        st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
-        st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+        alloc_window(st);
         st.sizes.assign(Hkv, {});
         refresh_host_directory(*ss[i], layer, 0, stream);
       }
@@ -1576,8 +1567,8 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
             recall_hits += stats[4 * p];
             recall_misses += stats[4 * p + 1];
             host_read_bytes += static_cast<int64_t>(2 * rowb) * stats[4 * p + 2];
-            rows_attended += stats[4 * p + 3];
           }
+          rows_attended += stats[4 * p + 3];
           const auto lv = live.find(rec.seq[p]);
           if (lv == live.end()) continue;  // removed before its policy ran
           const LayerState& st = lv->second->layers[layer];
@@ -1778,15 +1769,8 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
   auto job = std::make_unique<WindowJob>();
   job->begin = st.clustered;
   job->first_cluster = st.num_clusters;
-  kernels::KmeansParams kp;
-  kp.num_problems = Hkv;
-  kp.num_points = W;
-  kp.dim = D;
-  kp.num_clusters = cp;
-  kp.max_iters = cfg.kmeans_iters;
-  kp.dtype = dtype;
-  kp.centroid_stride = cap_c;
-  kp.seed = static_cast<uint64_t>(s.id) * 1000003ull + layer * 7919ull + job->begin;
+  const kernels::KmeansParams kp =
+      kmeans_params(W, cp, static_cast<uint64_t>(s.id) * 1000003ull + layer * 7919ull + job->begin);
   float* cent = centroids_row(st.table_row) + static_cast<size_t>(job->first_cluster) * D;
   int32_t* sizes = sizes_row(st.table_row) + job->first_cluster;
   const size_t bytes = static_cast<size_t>(Hkv) * W * rowb;
@@ -2118,10 +2102,7 @@ EngineStats Engine::stats() const {
   s.host_bytes_peak = hs.bytes_peak;
   s.prefill_cluster_ms = static_cast<double>(m.prefill_cluster_us.load()) / 1000.0;
   s.window_clusterings = m.window_clusterings;
-  {
-    std::lock_guard<std::mutex> lock(m.stats_mu);
-    s.rows_attended = m.rows_attended;
-  }
+  s.rows_attended = m.rows_attended.load();
   return s;
 }
 

@@ -177,7 +177,8 @@ __global__ void __launch_bounds__(kBuildThreads) write_chunks_kernel(ChunkBuildP
 }
 
 // grid: (min(count, 4096)), block 128: items strided over blocks; 16-byte pieces over threads.
-__global__ void copy_rows_kernel(const kernels::KvChunk* items, int32_t count, int32_t vec_per_row) {
+__global__ void copy_rows_kernel(const kernels::KvChunk* items, int32_t count,
+                                 int32_t vec_per_row) {
   for (int32_t i = blockIdx.x; i < count; i += gridDim.x) {
     const kernels::KvChunk c = items[i];
     const int64_t n = static_cast<int64_t>(c.num_rows) * vec_per_row;
