@@ -231,7 +231,11 @@ class StagingRing {
   /// A slot with at least `bytes`; waits for its previous use.
   std::byte* acquire(size_t bytes) {
     Slot& s = slots_[next_];
-    s.done.synchronize();
+    if (!s.done.done()) {
+      const auto t0 = Clock::now();
+      s.done.synchronize();
+      blocked_ms_ += ms_since(t0);
+    }
     if (s.buf.size_bytes() < bytes) {
       s.buf = memory::PinnedBuffer::allocate(std::max<size_t>(bytes, 64 << 10) * 2);
     }
@@ -241,6 +245,8 @@ class StagingRing {
   }
   /// Marks the last acquired slot busy until the work enqueued on `stream` so far completes.
   void release(cudaStream_t stream) { slots_[current_].done.record(backend_, stream); }
+  /// Wall time acquire() spent waiting for the device.
+  double blocked_ms() const { return blocked_ms_; }
 
  private:
   struct Slot {
@@ -250,6 +256,7 @@ class StagingRing {
   Backend backend_;
   std::vector<Slot> slots_;
   size_t next_ = 0, current_ = 0;
+  double blocked_ms_ = 0;
 };
 
 /// Background job result: waited on (and its error rethrown) where the engine first needs it.
@@ -387,6 +394,7 @@ struct Engine::Impl {
       params_dev, select_params, segments_dev, chunk_buf, build_misc, policy_dev;
 
   int64_t steps = 0, decode_calls = 0, window_clusterings = 0;
+  double decode_host_ms = 0;  // wall time in decode_layer and end_step (caller's thread)
   std::atomic<int64_t> rows_attended{0};  // decode (dense layers) and policy jobs (recall layers)
   std::atomic<int64_t> prefill_cluster_us{0};
 
@@ -2026,11 +2034,14 @@ void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv,
 }
 
 void Engine::decode_layer(int32_t layer, const DecodeBatch& batch, cudaStream_t stream) {
+  const auto t0 = Clock::now();
   impl_->decode(layer, batch, stream);
+  impl_->decode_host_ms += ms_since(t0);
 }
 
 void Engine::end_step(cudaStream_t stream) {
   Impl& m = *impl_;
+  const auto t0 = Clock::now();
   // Everything below is ordered after every decode of the step, whatever streams they used.
   for (int32_t l = 0; l < m.L; ++l) stream_wait(m.backend, stream, m.step_layer_done[l]);
   if (m.backend == Backend::kCuda) m.flush_step_rows();
@@ -2052,6 +2063,7 @@ void Engine::end_step(cudaStream_t stream) {
     std::vector<Event> sink;
     m.telemetry.drain(&sink);
   }
+  m.decode_host_ms += ms_since(t0);
 }
 
 void Engine::synchronize() {
@@ -2103,6 +2115,8 @@ EngineStats Engine::stats() const {
   s.prefill_cluster_ms = static_cast<double>(m.prefill_cluster_us.load()) / 1000.0;
   s.window_clusterings = m.window_clusterings;
   s.rows_attended = m.rows_attended.load();
+  s.decode_host_ms = m.decode_host_ms;
+  s.decode_blocked_ms = m.staging.blocked_ms();
   return s;
 }
 

@@ -134,6 +134,12 @@ struct EngineStats {
   double prefill_cluster_ms = 0;  ///< clustering time of prefills (wall, in background jobs)
   int64_t window_clusterings = 0;
   int64_t rows_attended = 0;  ///< sum over decode problems of the rows attention read
+  /// Wall time of the caller's thread inside decode_layer and end_step, and of that the time
+  /// spent blocked on the device (reusing a staging slot whose copies are still in flight).
+  /// Busy host time per step near the device's step time means the caller's thread, not the
+  /// GPU, sets the pace.
+  double decode_host_ms = 0;
+  double decode_blocked_ms = 0;
   /// Recall layers, as attention saw them: selected clusters found in the GPU cache or not (a
   /// miss is read from pinned host memory by attention itself), bytes so read, and bytes
   /// gathered into the cache afterwards for later steps (K and V).
