@@ -11,10 +11,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <exception>
 #include <future>
+#include <map>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -102,6 +105,13 @@ void validate(const EngineConfig& c) {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+/// CPU time of the calling thread (it does not advance while the thread sleeps in a wait).
+double thread_cpu_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) * 1e-6;
+}
 
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -200,6 +210,12 @@ void copy_2d(Backend backend, void* dst, size_t dpitch, const void* src, size_t 
 }
 
 /// A CUDA event, or nothing on kCpu.
+/// Waits for `ev` by polling with short sleeps (background threads; see MaybeEvent).
+void poll_event(const cuda::Event* ev) {
+  if (ev == nullptr) return;
+  while (!ev->query()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+}
+
 struct MaybeEvent {
   std::unique_ptr<cuda::Event> ev;
   void record(Backend b, cudaStream_t s) {
@@ -211,6 +227,9 @@ struct MaybeEvent {
     if (ev) ev->synchronize();
   }
   bool done() const { return !ev || ev->query(); }
+  /// For background threads: polls instead of blocking in the driver, which would serialize
+  /// the decode thread's CUDA calls behind this wait.
+  void wait_polling() const { poll_event(ev.get()); }
 };
 
 void stream_wait(Backend b, cudaStream_t s, const MaybeEvent& e) {
@@ -296,11 +315,14 @@ struct LayerState {
   int64_t table_row = 0;  ///< centroid-table row of KV head 0
   Buffer host_pages;      ///< [Hkv][host_pages_cap][2] K, V base of each host-tier page
   int64_t host_pages_cap = 0;
-  std::shared_ptr<Job> prefill;       ///< offload + clustering of the prompt
-  MaybeEvent prefill_device;          ///< centroids and sizes written
-  std::unique_ptr<WindowJob> window;  ///< window clustering in flight
-  MaybeEvent centroids_ready;         ///< committed window clusters' centroids written
-  MaybeEvent last_decode;             ///< the last decode_layer's work on this layer
+  memory::PinnedBuffer dir_up;  ///< kCuda: staging of refresh_host_directory's uploads
+  MaybeEvent dir_up_done;
+  std::unique_ptr<WindowJob> spare_window;  ///< a finished window job, its buffers reused
+  std::shared_ptr<Job> prefill;             ///< offload + clustering of the prompt
+  MaybeEvent prefill_device;                ///< centroids and sizes written
+  std::unique_ptr<WindowJob> window;        ///< window clustering in flight
+  MaybeEvent centroids_ready;               ///< committed window clusters' centroids written
+  MaybeEvent last_decode;                   ///< the last decode_layer's work on this layer
 };
 
 struct Sequence {
@@ -340,15 +362,19 @@ struct Engine::Impl {
 
   // What each recall layer selected in a step, for the cache policy (read back without waiting;
   // double-buffered by step parity). buf: ids [Pmax][sel_cols] | num_sel [Pmax] | stats [Pmax][4].
+  // A recall layer's step record: per problem, a row of rec_cols ints [selected count, clusters
+  // found in the cache, not found, rows read from the host, rows attended, selected ids...],
+  // written by the chunk builder (on kCuda into rec_dev, downloaded once per step at end_step).
   struct LayerRecord {
-    memory::PinnedBuffer buf;
+    int32_t* rows = nullptr;   // [max_problems, rec_cols] in record_buf
     std::vector<SeqId> seq;    // per problem
     std::vector<int32_t> row;  // per problem: directory row
     int32_t problems = 0;
-    int32_t* ids() const { return reinterpret_cast<int32_t*>(buf.data()); }
   };
   std::vector<LayerRecord> records[2];
-  int32_t max_problems = 0;
+  memory::PinnedBuffer record_buf[2];  // [recall layers, max_problems, rec_cols]
+  Buffer rec_dev;                      // kCuda: the same layout, written by the decode kernels
+  int32_t max_problems = 0, rec_cols = 0;
   // The policy's decisions for one recall layer, applied on the stream at the next end_step.
   struct LayerPolicy {
     std::vector<memory::GatherSegment> segments;
@@ -391,10 +417,31 @@ struct Engine::Impl {
 
   // Decode scratch (device on kCuda, host on kCpu), grown on demand.
   Buffer q32, sizes_batch, scores, sel_ids, sel_rows, num_sel, total_rows, select_ws, attn_ws,
-      params_dev, select_params, segments_dev, chunk_buf, build_misc, policy_dev;
+      params_dev, segments_dev, chunk_buf, build_misc, policy_dev;
+  // kCuda recall decode (fixed once allocated): the call upload, the queries and output in
+  // engine memory, the attention workspace, and one graph per (layer, batch problems).
+  Buffer call_params, q_own, out_own, rattn_ws;
+#if KVTIER_WITH_CUDA
+  struct RecallGraph {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    cudaGraphNode_t prologue = nullptr;  // its call block changes every launch
+    int32_t uses = 0;
+    RecallGraph() = default;
+    RecallGraph(const RecallGraph&) = delete;
+    RecallGraph& operator=(const RecallGraph&) = delete;
+    ~RecallGraph() {
+      if (exec) cudaGraphExecDestroy(exec);
+      if (graph) cudaGraphDestroy(graph);
+    }
+  };
+  std::map<std::pair<int32_t, int32_t>, RecallGraph> recall_graphs;
+  std::unique_ptr<cuda::Stream> capture;
+  bool graphs_ok = true;
+#endif
 
   int64_t steps = 0, decode_calls = 0, window_clusterings = 0;
-  double decode_host_ms = 0;  // wall time in decode_layer and end_step (caller's thread)
+  double decode_host_ms = 0;  // CPU time of the caller's thread in decode_layer and end_step
   std::atomic<int64_t> rows_attended{0};  // decode (dense layers) and policy jobs (recall layers)
   std::atomic<int64_t> prefill_cluster_us{0};
 
@@ -454,6 +501,19 @@ struct Engine::Impl {
     st.win_cap = 2 * static_cast<int64_t>(cfg.window);
     st.win_k = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
     st.win_v = alloc(static_cast<size_t>(Hkv) * st.win_cap * rowb, true);
+#if KVTIER_WITH_CUDA
+    if (backend == Backend::kCuda && !st.spare_window) {
+      // The window job's buffers, made now rather than on the decode path.
+      auto j = std::make_unique<WindowJob>();
+      const size_t W = static_cast<size_t>(cfg.window);
+      j->points = alloc(Hkv * W * rowb);
+      j->labels_dev = alloc(Hkv * W * 4);
+      j->workspace =
+          alloc(kernels::kmeans_workspace_bytes(kmeans_params(cfg.window, cfg.window_clusters, 0)));
+      j->labels_host = memory::PinnedBuffer::allocate(Hkv * W * 4);
+      st.spare_window = std::move(j);
+    }
+#endif
   }
   void ensure_resident(LayerState& st, int64_t rows, cudaStream_t stream);
   void prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream);
@@ -471,11 +531,54 @@ struct Engine::Impl {
   void run_window_host(Sequence& s, int32_t layer, WindowJob& job);
   void flush_step_rows();
   void wait_sequence(Sequence& s);
-  void refresh_host_directory(Sequence& s, int32_t layer, int32_t first_cluster,
-                              cudaStream_t stream);
+  /// The device's view of the host tier for rows [first_row, clustered) and clusters from
+  /// first_cluster on: host page bases and each cluster's first slot. `sync`: wait for the
+  /// upload (callers off the decode stream's order).
+  void refresh_host_directory(Sequence& s, int32_t layer, int32_t first_cluster, int64_t first_row,
+                              cudaStream_t stream, bool sync);
   void decode_recall(int32_t layer, const DecodeBatch& b, const std::vector<Sequence*>& ss,
-                     cudaStream_t stream);
+                     const std::vector<void*>& dst, cudaStream_t stream);
+  // kCuda recall decode: fixed scratch (allocated once for max_batch, so captured graphs stay
+  // valid), the launches, and the graphs that replay them.
+  void ensure_recall_scratch();
+  struct RecallLaunch {
+    int32_t layer = 0, P = 0;
+    kernels::ClusterSelectParams sp;
+    scheduler::ChunkBuildParams bp;
+    kernels::DecodeAttentionParams ap;
+    const scheduler::RecallCall* call = nullptr;
+    const scheduler::RecallProblem* problems = nullptr;
+    const int32_t *crow = nullptr, *ncl = nullptr, *budgets = nullptr;
+    const void* blob = nullptr;  // the call block by value, or null (uploaded to call_params)
+    int32_t call_bytes = 0, off_rows = 0, off_dst = 0;
+  };
+#if KVTIER_WITH_CUDA
+  scheduler::RecallPrologueParams prologue_params(const RecallLaunch& r) const;
+#endif
+  struct alignas(16) Block16 {
+    unsigned char b[16];
+  };
+  std::vector<Block16> call_blob;
+  void launch_recall_kernels(const RecallLaunch& r, cudaStream_t stream);
+  // Chunks per problem: sink, window (2), and per selected cluster its pages or host runs.
+  int64_t chunks_per_problem() const {
+    return 4 + 2 * static_cast<int64_t>(sel_cols) +
+           2 * (cfg.budget / std::min<int64_t>(cfg.page_size, 16) + 1);
+  }
+  static size_t align16(size_t x) { return (x + 15) & ~size_t{15}; }
+  int64_t recall_max_rows() const {
+    return cfg.sink + cfg.budget + 2 * static_cast<int64_t>(cfg.window);
+  }
   void launch_policy_job(cudaStream_t stream);
+  void pack_policy();
+  // The policy job's decisions for all layers, packed for one upload (kCuda).
+  struct PolicyPack {
+    memory::PinnedBuffer buf;
+    size_t total = 0;  // bytes to upload; 0: nothing to apply
+    int32_t fills = 0, ni = 0, nn = 0, ns = 0;
+    MaybeEvent uploaded;
+  };
+  PolicyPack policy_pack;
   void purge_slot(int32_t slot);
   void apply_policy(cudaStream_t stream);
   int64_t table_row_of(SeqId seq, int32_t layer, int32_t h) const;
@@ -538,11 +641,17 @@ Engine::Impl::Impl(const EngineConfig& c)
     slot_table = alloc(rows * cap_c * sizeof(int32_t));
     sel_cols = std::min(cap_c, cfg.budget);
     max_problems = cfg.max_batch * Hkv;
-    const size_t rec_bytes = static_cast<size_t>(max_problems) * (sel_cols + 1 + 4) * 4;
-    for (auto& r : records) {
-      r.resize(num_recall_layers);
-      for (LayerRecord& lr : r) lr.buf = memory::PinnedBuffer::allocate(rec_bytes);
+    rec_cols = 5 + sel_cols;
+    const size_t layer_ints = static_cast<size_t>(max_problems) * rec_cols;
+    for (int parity = 0; parity < 2; ++parity) {
+      record_buf[parity] = memory::PinnedBuffer::allocate(num_recall_layers * layer_ints * 4);
+      records[parity].resize(num_recall_layers);
+      for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
+        records[parity][ri].rows =
+            reinterpret_cast<int32_t*>(record_buf[parity].data()) + ri * layer_ints;
+      }
     }
+    if (backend == Backend::kCuda) rec_dev = alloc(num_recall_layers * layer_ints * 4);
     policy.resize(num_recall_layers);
     prev_selected.resize(num_recall_layers);
     memory::ClusterCacheConfig cc;
@@ -743,7 +852,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
         record(ce);
       }
-      if (recall) refresh_host_directory(s, layer, 0, nullptr);
+      if (recall) refresh_host_directory(s, layer, 0, 0, nullptr, true);
       job->promise.set_value();
     } catch (...) {
       job->promise.set_exception(std::current_exception());
@@ -802,7 +911,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
   jobs.run([this, w, job, seq, layer, off_n, c_n, c0, part_bytes, off, stp, seqp, recall] {
     try {
       const auto t0 = Clock::now();
-      w->d2h.synchronize();
+      w->d2h.wait_polling();
       if (off_n > 0) {
         // Region A then region B: store positions stay in token order.
         const int64_t b_n = off_n - c_n;
@@ -824,7 +933,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       record(e);
       if (c_n > 0) {
         std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
-        w->kmeans.synchronize();
+        w->kmeans.wait_polling();
         KVTIER_CUDA_CHECK(cudaMemcpyAsync(labels.data(), w->labels.get(), labels.size() * 4,
                                           cudaMemcpyDeviceToHost, copy_stream()));
         KVTIER_CUDA_CHECK(cudaStreamSynchronize(copy_stream()));
@@ -844,7 +953,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
         record(ce);
       }
-      if (recall) refresh_host_directory(*seqp, layer, 0, copy_stream());
+      if (recall) refresh_host_directory(*seqp, layer, 0, 0, copy_stream(), true);
       prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
       w->k = Buffer();
       w->v = Buffer();
@@ -1040,7 +1149,7 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
   st.rows = n;
   st.prefilled = true;
   prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
-  refresh_host_directory(s, layer, 0, nullptr);
+  refresh_host_directory(s, layer, 0, 0, nullptr, true);
   auto job = std::make_shared<Job>();
   job->promise.set_value();
   st.prefill = job;
@@ -1105,7 +1214,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
       if (st.recall) {
         alloc_window(st);
         st.sizes.assign(Hkv, {});
-        refresh_host_directory(*ss[i], layer, 0, stream);
+        refresh_host_directory(*ss[i], layer, 0, 0, stream, false);
       }
     }
     if (st.recall && st.recall_end - st.clustered >= st.win_cap) {
@@ -1178,17 +1287,20 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
   }
 #if KVTIER_WITH_CUDA
   else {
-    const size_t bytes = dst.size() * sizeof(void*);
-    std::byte* up = staging.acquire(bytes);
-    std::memcpy(up, dst.data(), bytes);
-    grow(params_dev, bytes);
-    cuda::memcpy_async(params_dev.get(), up, bytes, stream);
-    staging.release(stream);
-    void** d = params_dev.as<void*>();
-    // Resident/ring rows (the first 2P pointers) and step rows (the next 2P): src row p % P.
-    scheduler::launch_append_rows(k_new, v_new, P, P, static_cast<int32_t>(rowb), d, d + P, stream);
-    scheduler::launch_append_rows(k_new, v_new, P, P, static_cast<int32_t>(rowb), d + 2 * P,
-                                  d + 3 * P, stream);
+    if (!recall) {  // a recall layer's prologue kernel appends (decode_recall)
+      const size_t bytes = dst.size() * sizeof(void*);
+      std::byte* up = staging.acquire(bytes);
+      std::memcpy(up, dst.data(), bytes);
+      grow(params_dev, bytes);
+      cuda::memcpy_async(params_dev.get(), up, bytes, stream);
+      staging.release(stream);
+      void** d = params_dev.as<void*>();
+      // Resident/ring rows (the first 2P pointers) and step rows (the next 2P): src row p % P.
+      scheduler::launch_append_rows(k_new, v_new, P, P, static_cast<int32_t>(rowb), d, d + P,
+                                    stream);
+      scheduler::launch_append_rows(k_new, v_new, P, P, static_cast<int32_t>(rowb), d + 2 * P,
+                                    d + 3 * P, stream);
+    }
     for (int32_t i = 0; i < B; ++i) {
       if (stored[i]) step_rows.push_back(StepRow{ss[i]->id, layer, step_base + i});
     }
@@ -1209,7 +1321,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
 
   // ---- what attention reads, per problem p = (sequence i, KV head h).
   if (recall) {
-    decode_recall(layer, b, ss, stream);
+    decode_recall(layer, b, ss, dst, stream);
   } else {
     std::vector<kernels::KvChunk> chunks;
     std::vector<int32_t> indptr(P + 1, 0);
@@ -1271,7 +1383,8 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
 // directly), then attend. The selection is read back without waiting, for the cache policy
 // that runs in the background and takes effect at a later end_step.
 void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
-                                 const std::vector<Sequence*>& ss, cudaStream_t stream) {
+                                 const std::vector<Sequence*>& ss, const std::vector<void*>& dst,
+                                 cudaStream_t stream) {
   (void)stream;
   const int32_t B = b.num_seqs, P = B * Hkv, ri = recall_index[layer];
   const bool cuda_path = backend == Backend::kCuda;
@@ -1313,13 +1426,8 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
   sp.max_clusters = cap_c;
   sp.aggregation = cfg.aggregation;
   sp.overflow = cfg.overflow;
-  // Chunks per problem: sink, window (2), and per selected cluster its pages or host runs.
-  const int64_t per_problem = 4 + 2 * static_cast<int64_t>(sel_cols) +
-                              2 * (cfg.budget / std::min<int64_t>(cfg.page_size, 16) + 1);
+  const int64_t per_problem = chunks_per_problem();
   const size_t slots = static_cast<size_t>(P) * cap_c;
-  int32_t* rec_ids = rec.ids() + static_cast<size_t>(base) * sel_cols;
-  int32_t* rec_num = rec.ids() + static_cast<size_t>(max_problems) * sel_cols + base;
-  int32_t* rec_stats = rec.ids() + static_cast<size_t>(max_problems) * (sel_cols + 1) + 4 * base;
   kernels::DecodeAttentionParams ap;
   ap.num_seqs = B;
   ap.num_q_heads = Hq;
@@ -1372,48 +1480,167 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
     bp.indptr = indptr.data();
     scheduler::build_recall_chunks_host(bp);
     for (int32_t p = 0; p < P; ++p) {
-      std::copy_n(&ids[static_cast<size_t>(p) * cap_c], sel_cols, rec_ids + p * sel_cols);
+      int32_t* rr = rec.rows + static_cast<size_t>(base + p) * rec_cols;
+      rr[0] = nsel[p];
+      std::copy_n(&stats[4 * static_cast<size_t>(p)], 4, rr + 1);
+      std::copy_n(&ids[static_cast<size_t>(p) * cap_c], std::min(nsel[p], rec_cols - 5), rr + 5);
     }
-    std::copy_n(nsel.data(), P, rec_num);
-    std::copy_n(stats.data(), 4 * P, rec_stats);
     kernels::DecodeAttentionTensors at;
     at.q = b.q;
     at.chunks = chunks.data();
     at.chunk_indptr = indptr.data();
     at.out = b.out;
     kernels::decode_attention_cpu(ap, at);
+    (void)dst;  // the CPU backend appended in decode()
     return;
   }
 #if KVTIER_WITH_CUDA
-  // One upload: [problems | centroid rows | cluster counts | budgets].
-  const size_t pb = static_cast<size_t>(P) * sizeof(scheduler::RecallProblem);
-  const size_t up_bytes = pb + 3 * static_cast<size_t>(P) * 4;
-  std::byte* up = staging.acquire(up_bytes);
-  std::memcpy(up, probs.data(), pb);
-  std::memcpy(up + pb, crow.data(), P * 4);
-  std::memcpy(up + pb + P * 4, ncl.data(), P * 4);
-  std::memcpy(up + pb + 2 * P * 4, budgets.data(), P * 4);
-  grow(select_params, up_bytes);
-  cuda::memcpy_async(select_params.get(), up, up_bytes, stream);
-  staging.release(stream);
-  const int32_t* d_crow = reinterpret_cast<const int32_t*>(select_params.get() + pb);
-  grow(q32, static_cast<size_t>(P) * G * D * 4);
-  grow(sizes_batch, slots * 4);
-  grow(scores, slots * 4);
-  grow(sel_ids, slots * 4);
-  grow(sel_rows, slots * 4);
-  grow(num_sel, P * 4);
-  grow(total_rows, P * 4);
-  scheduler::launch_to_f32(b.q, dtype, static_cast<int64_t>(P) * G * D, q32.as<float>(), stream);
-  scheduler::launch_gather_table_rows(size_table.as<int32_t>(), d_crow, P, cap_c,
-                                      sizes_batch.as<int32_t>(), stream);
+  KVTIER_ASSERT(max_rows <= recall_max_rows());
+  ensure_recall_scratch();
+  // The call block: [call | problems | centroid rows | cluster counts | budgets | row targets],
+  // passed to the prologue kernel by value (uploaded instead when too large).
+  RecallLaunch r;
+  r.layer = layer;
+  r.P = P;
+  r.sp = sp;
+  r.bp = bp;
+  r.ap = ap;
+  const size_t off_prob = align16(sizeof(scheduler::RecallCall));
+  const size_t off_crow = off_prob + align16(P * sizeof(scheduler::RecallProblem));
+  const size_t off_ncl = off_crow + align16(P * 4), off_bud = off_ncl + align16(P * 4);
+  const size_t off_dst = off_bud + align16(P * 4);
+  const size_t call_bytes = align16(off_dst + dst.size() * sizeof(void*));
+  KVTIER_ASSERT(call_bytes <= call_params.size());
+  call_blob.assign(call_bytes / 16, {});
+  std::byte* up = reinterpret_cast<std::byte*>(call_blob.data());
+  scheduler::RecallCall call;
+  call.q = b.q;
+  call.k_new = b.k_new;
+  call.v_new = b.v_new;
+  call.out = b.out;
+  call.record_base = base;
+  std::memcpy(up, &call, sizeof call);
+  std::memcpy(up + off_prob, probs.data(), P * sizeof(scheduler::RecallProblem));
+  std::memcpy(up + off_crow, crow.data(), P * 4);
+  std::memcpy(up + off_ncl, ncl.data(), P * 4);
+  std::memcpy(up + off_bud, budgets.data(), P * 4);
+  std::memcpy(up + off_dst, dst.data(), dst.size() * sizeof(void*));
+  r.call_bytes = static_cast<int32_t>(call_bytes);
+  r.off_rows = static_cast<int32_t>(off_crow);
+  r.off_dst = static_cast<int32_t>(off_dst);
+  r.blob = up;
+  if (call_bytes > scheduler::kRecallBlobMax) {
+    std::byte* st = staging.acquire(call_bytes);
+    std::memcpy(st, up, call_bytes);
+    cuda::memcpy_async(call_params.get(), st, call_bytes, stream);
+    staging.release(stream);
+    r.blob = nullptr;
+  }
+  r.call = call_params.as<scheduler::RecallCall>();
+  r.problems = reinterpret_cast<const scheduler::RecallProblem*>(call_params.get() + off_prob);
+  r.crow = reinterpret_cast<const int32_t*>(call_params.get() + off_crow);
+  r.ncl = reinterpret_cast<const int32_t*>(call_params.get() + off_ncl);
+  r.budgets = reinterpret_cast<const int32_t*>(call_params.get() + off_bud);
+  bool launched = false;
+#if !KVTIER_SYNC_CHECKS
+  if (cfg.cuda_graphs && graphs_ok && r.blob != nullptr) {
+    RecallGraph& g = recall_graphs[{layer, P}];
+    if (!g.exec && g.uses++ > 0) {
+      // Captured at its second use: the first, launched directly, has set up every kernel's
+      // lazily initialized state (attributes, occupancy) outside capture.
+      cudaStream_t cs = capture->get();
+      KVTIER_CUDA_CHECK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+      try {
+        launch_recall_kernels(r, cs);
+      } catch (...) {
+        cudaGraph_t partial = nullptr;
+        cudaStreamEndCapture(cs, &partial);
+        if (partial) cudaGraphDestroy(partial);
+        throw;
+      }
+      KVTIER_CUDA_CHECK(cudaStreamEndCapture(cs, &g.graph));
+      size_t n = 0;
+      KVTIER_CUDA_CHECK(cudaGraphGetNodes(g.graph, nullptr, &n));
+      std::vector<cudaGraphNode_t> nodes(n);
+      KVTIER_CUDA_CHECK(cudaGraphGetNodes(g.graph, nodes.data(), &n));
+      for (cudaGraphNode_t node : nodes)
+        if (scheduler::is_recall_prologue_node(node)) g.prologue = node;
+      if (g.prologue == nullptr || cudaGraphInstantiate(&g.exec, g.graph, 0) != cudaSuccess) {
+        (void)cudaGetLastError();
+        g.exec = nullptr;
+        graphs_ok = false;  // launch one by one from now on
+      }
+    } else if (g.exec) {
+      scheduler::update_recall_prologue_node(g.exec, g.prologue, prologue_params(r), r.blob);
+    }
+    if (g.exec) {
+      KVTIER_CUDA_CHECK(cudaGraphLaunch(g.exec, stream));
+      launched = true;
+    }
+  }
+#endif
+  if (!launched) launch_recall_kernels(r, stream);
+#endif
+}
+
+#if KVTIER_WITH_CUDA
+// Allocated once for max_batch sequences: graphs captured from these launches hold the
+// addresses, so nothing here is ever reallocated.
+void Engine::Impl::ensure_recall_scratch() {
+  if (call_params.size() > 0) return;
+  const size_t mp = static_cast<size_t>(max_problems);
+  call_params = alloc(align16(sizeof(scheduler::RecallCall)) +
+                      align16(mp * sizeof(scheduler::RecallProblem)) + 3 * align16(mp * 4) +
+                      align16(4 * mp * sizeof(void*)));
+  const size_t qn = mp * G * D;
+  q_own = alloc(qn * dtype_size(dtype));
+  out_own = alloc(qn * dtype_size(dtype));
+  q32 = alloc(qn * 4);
+  const size_t slots = mp * cap_c;
+  sizes_batch = alloc(slots * 4);
+  scores = alloc(slots * 4);
+  sel_ids = alloc(slots * 4);
+  sel_rows = alloc(slots * 4);
+  num_sel = alloc(mp * 4);
+  total_rows = alloc(mp * 4);
+  size_t sws = 16, aws = 16;
+  for (int32_t B = 1; B <= cfg.max_batch; ++B) {
+    kernels::ClusterSelectParams sp;
+    sp.num_problems = B * Hkv;
+    sp.group_size = G;
+    sp.head_dim = D;
+    sp.max_clusters = cap_c;
+    sp.aggregation = cfg.aggregation;
+    sp.overflow = cfg.overflow;
+    sws = std::max({sws, kernels::score_clusters_split_workspace_bytes(sp),
+                    kernels::select_clusters_workspace_bytes(sp)});
+    kernels::DecodeAttentionParams ap;
+    ap.num_seqs = B;
+    ap.num_q_heads = Hq;
+    ap.num_kv_heads = Hkv;
+    ap.head_dim = D;
+    ap.dtype = dtype;
+    aws = std::max(aws, kernels::decode_attention_workspace_bytes(ap, recall_max_rows()));
+  }
+  select_ws = alloc(sws);
+  rattn_ws = alloc(aws);
+  chunk_buf = alloc(mp * chunks_per_problem() * sizeof(kernels::KvChunk));
+  build_misc = alloc((6 * mp + 1) * 4);
+  capture = std::make_unique<cuda::Stream>(device);
+}
+
+// Everything a recall layer's decode runs on the device, in order; reads only device memory
+// (the call's upload and the engine's tables), so it can be captured once and replayed.
+void Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t stream) {
+  const int32_t P = r.P;
+  scheduler::launch_recall_prologue(prologue_params(r), r.blob, stream);
   kernels::ClusterSelectTensors t;
   t.queries = q32.as<float>();
   t.centroids = centroid_table.as<float>();
-  t.centroid_rows = d_crow;
-  t.num_clusters = d_crow + P;
+  t.centroid_rows = r.crow;
+  t.num_clusters = r.ncl;
   t.cluster_sizes = sizes_batch.as<int32_t>();
-  t.budgets = d_crow + 2 * P;
+  t.budgets = r.budgets;
   t.scores = scores.as<float>();
   t.selected_ids = sel_ids.as<int32_t>();
   t.selected_rows = sel_rows.as<int32_t>();
@@ -1421,15 +1648,11 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
   t.total_rows = total_rows.as<int32_t>();
   // Scoring split over many blocks per problem (a batch of one sequence has only Hkv problems),
   // then selection.
-  const size_t lws = kernels::score_clusters_split_workspace_bytes(sp);
-  const size_t ws = kernels::select_clusters_workspace_bytes(sp);
-  grow(select_ws, std::max<size_t>(std::max(ws, lws), 16));
-  kernels::launch_score_clusters_split(sp, t, select_ws.get(), lws, stream);
-  kernels::launch_select_clusters(sp, t, select_ws.get(), ws, stream);
-  // Chunks on the device.
-  grow(chunk_buf, static_cast<size_t>(P) * per_problem * sizeof(kernels::KvChunk));
-  grow(build_misc, (6 * static_cast<size_t>(P) + 1) * 4);
-  bp.problems = reinterpret_cast<const scheduler::RecallProblem*>(select_params.get());
+  kernels::launch_score_clusters_split(r.sp, t, select_ws.get(), select_ws.size(), stream);
+  kernels::launch_select_clusters(r.sp, t, select_ws.get(), select_ws.size(), stream);
+  // Chunks on the device; the step record for the cache policy.
+  scheduler::ChunkBuildParams bp = r.bp;
+  bp.problems = r.problems;
   bp.num_sel = num_sel.as<int32_t>();
   bp.sel_ids = sel_ids.as<int32_t>();
   bp.sel_rows = sel_rows.as<int32_t>();
@@ -1437,22 +1660,40 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
   bp.stats = build_misc.as<int32_t>() + P;
   bp.indptr = build_misc.as<int32_t>() + 5 * P;
   bp.chunks = chunk_buf.as<kernels::KvChunk>();
+  bp.record =
+      rec_dev.as<int32_t>() + static_cast<size_t>(recall_index[r.layer]) * max_problems * rec_cols;
+  bp.record_base = &r.call->record_base;
+  bp.record_cols = rec_cols;
   scheduler::launch_build_recall_chunks(bp, stream);
-  // The policy's copy of the selection (pinned memory; read after the step's event).
-  KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(rec_ids, sel_cols * 4, sel_ids.get(), cap_c * 4, sel_cols * 4,
-                                      P, cudaMemcpyDeviceToHost, stream));
-  cuda::memcpy_async(rec_num, num_sel.get(), P * 4, stream);
-  cuda::memcpy_async(rec_stats, bp.stats, 4 * P * 4, stream);
   kernels::DecodeAttentionTensors at;
-  at.q = b.q;
+  at.q = q_own.get();
   at.chunks = bp.chunks;
   at.chunk_indptr = bp.indptr;
-  at.out = b.out;
-  const size_t aws = kernels::decode_attention_workspace_bytes(ap, max_rows);
-  grow(attn_ws, std::max<size_t>(aws, 16));
-  kernels::launch_decode_attention(ap, at, max_rows, attn_ws.get(), aws, stream);
-#endif
+  at.out = out_own.get();
+  kernels::launch_decode_attention(r.ap, at, recall_max_rows(), rattn_ws.get(), rattn_ws.size(),
+                                   stream);
+  scheduler::launch_recall_epilogue(r.call, out_own.get(),
+                                    static_cast<size_t>(P) * G * D * dtype_size(dtype), stream);
 }
+
+scheduler::RecallPrologueParams Engine::Impl::prologue_params(const RecallLaunch& r) const {
+  scheduler::RecallPrologueParams pp;
+  pp.num_problems = r.P;
+  pp.q_per_problem = G * D;
+  pp.row_bytes = static_cast<int32_t>(rowb);
+  pp.cols = cap_c;
+  pp.dtype = dtype;
+  pp.call_bytes = r.call_bytes;
+  pp.off_rows = r.off_rows;
+  pp.off_dst = r.off_dst;
+  pp.call_block = call_params.get();
+  pp.size_table = size_table.as<int32_t>();
+  pp.sizes_out = sizes_batch.as<int32_t>();
+  pp.q_copy = q_own.get();
+  pp.q32 = q32.as<float>();
+  return pp;
+}
+#endif
 
 // ---- the host-tier directory and the cache policy ----
 
@@ -1467,27 +1708,31 @@ int64_t Engine::Impl::table_row_of(SeqId seq, int32_t layer, int32_t h) const {
 // the host pages' addresses, uploaded for the chunk builder. Runs in the caller's thread; on
 // kCuda the upload is ordered on `stream` and waited for.
 void Engine::Impl::refresh_host_directory(Sequence& s, int32_t layer, int32_t first_cluster,
-                                          cudaStream_t stream) {
+                                          int64_t first_row, cudaStream_t stream, bool sync) {
   (void)stream;
+  (void)sync;
   LayerState& st = s.layers[layer];
   const int64_t rpp = store->rows_per_page();
   const int64_t max_pages = (cfg.max_context + rpp - 1) / rpp + 1;
   if (st.host_pages_cap < max_pages) {
     st.host_pages = alloc(static_cast<size_t>(Hkv) * max_pages * 2 * sizeof(void*));
     st.host_pages_cap = max_pages;
+    first_row = 0;
   }
   const bool dev = backend == Backend::kCuda;
-  std::vector<const std::byte*> pages(static_cast<size_t>(Hkv) * max_pages * 2, nullptr);
+  // Host pages of rows [first_row, clustered): clusters fill slots in order, so those are the
+  // only entries that changed.
   const int64_t n = st.clustered;
-  for (int32_t h = 0; h < Hkv; ++h) {
-    if (n == 0) break;
-    store->for_each_run(s.id, layer, h, 0, n, [&](const memory::RowRun& r) {
+  const int64_t pg0 = first_row / rpp, npg = n > first_row ? (n - 1) / rpp - pg0 + 1 : 0;
+  std::vector<const std::byte*> pages(static_cast<size_t>(Hkv) * npg * 2, nullptr);
+  for (int32_t h = 0; h < Hkv && npg > 0; ++h) {
+    store->for_each_run(s.id, layer, h, first_row, n - first_row, [&](const memory::RowRun& r) {
       const int64_t pg = r.slot / rpp, off = r.slot % rpp;
       const std::byte* k = dev ? r.k_device : r.k;
       const std::byte* v = dev ? r.v_device : r.v;
       KVTIER_CHECK(k && v, "host tier rows are not mapped for device access (pinning failed)");
-      pages[(static_cast<size_t>(h) * max_pages + pg) * 2] = k - off * rowb;
-      pages[(static_cast<size_t>(h) * max_pages + pg) * 2 + 1] = v - off * rowb;
+      pages[(static_cast<size_t>(h) * npg + pg - pg0) * 2] = k - off * rowb;
+      pages[(static_cast<size_t>(h) * npg + pg - pg0) * 2 + 1] = v - off * rowb;
     });
   }
   const int32_t nc = st.num_clusters - first_cluster;
@@ -1501,9 +1746,13 @@ void Engine::Impl::refresh_host_directory(Sequence& s, int32_t layer, int32_t fi
     }
     KVTIER_DASSERT(slot == st.clustered);
   }
-  const size_t pbytes = pages.size() * sizeof(void*);
+  const size_t run_bytes = static_cast<size_t>(npg) * 2 * sizeof(void*);
+  const size_t pitch = static_cast<size_t>(max_pages) * 2 * sizeof(void*);
+  std::byte* table = st.host_pages.get() + static_cast<size_t>(pg0) * 2 * sizeof(void*);
   if (!dev) {
-    std::memcpy(st.host_pages.get(), pages.data(), pbytes);
+    for (int32_t h = 0; h < Hkv && npg > 0; ++h) {
+      std::memcpy(table + h * pitch, pages.data() + static_cast<size_t>(h) * npg * 2, run_bytes);
+    }
     for (int32_t h = 0; h < Hkv && nc > 0; ++h) {
       std::memcpy(slot_table.as<int32_t>() + (st.table_row + h) * cap_c + first_cluster,
                   slots.data() + static_cast<size_t>(h) * nc, nc * sizeof(int32_t));
@@ -1511,16 +1760,29 @@ void Engine::Impl::refresh_host_directory(Sequence& s, int32_t layer, int32_t fi
     return;
   }
 #if KVTIER_WITH_CUDA
-  memory::PinnedBuffer up = memory::PinnedBuffer::allocate(pbytes + slots.size() * 4 + 16);
-  std::memcpy(up.data(), pages.data(), pbytes);
-  if (!slots.empty()) std::memcpy(up.data() + pbytes, slots.data(), slots.size() * 4);
-  cuda::memcpy_async(st.host_pages.get(), up.data(), pbytes, stream);
+  // A per-layer pinned upload buffer, reused once its last upload has completed (a window's
+  // refresh comes W steps after the previous one, so that wait is normally free).
+  const size_t pbytes = pages.size() * sizeof(void*), need = pbytes + slots.size() * 4 + 16;
+  if (st.dir_up.size_bytes() < need) {
+    st.dir_up_done.synchronize();
+    st.dir_up = memory::PinnedBuffer::allocate(std::max(need, st.dir_up.size_bytes() * 2));
+  } else {
+    st.dir_up_done.synchronize();
+  }
+  std::byte* up = st.dir_up.data();
+  std::memcpy(up, pages.data(), pbytes);
+  if (!slots.empty()) std::memcpy(up + pbytes, slots.data(), slots.size() * 4);
+  if (npg > 0) {
+    KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(table, pitch, up, run_bytes, run_bytes, Hkv,
+                                        cudaMemcpyHostToDevice, stream));
+  }
   if (nc > 0) {
     KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(
-        slot_table.as<int32_t>() + st.table_row * cap_c + first_cluster, cap_c * 4,
-        up.data() + pbytes, nc * 4, nc * 4, Hkv, cudaMemcpyHostToDevice, stream));
+        slot_table.as<int32_t>() + st.table_row * cap_c + first_cluster, cap_c * 4, up + pbytes,
+        nc * 4, nc * 4, Hkv, cudaMemcpyHostToDevice, stream));
   }
-  KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
+  st.dir_up_done.record(backend, stream);
+  if (sync) st.dir_up_done.synchronize();
 #endif
 }
 
@@ -1547,41 +1809,40 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         int32_t layer = 0;
         for (int32_t l = 0; l < L; ++l)
           if (recall_index[l] == ri) layer = l;
-        const int32_t* ids = rec.ids();
-        const int32_t* num = rec.ids() + static_cast<size_t>(max_problems) * sel_cols;
-        const int32_t* stats = num + max_problems;
         std::vector<memory::CacheRequest> req;
         std::vector<int32_t> req_row;
         for (int32_t p = 0; p < rec.problems; ++p) {
           const int32_t h = (rec.row[p]) % Hkv;
+          const int32_t* rr = rec.rows + static_cast<size_t>(p) * rec_cols;
+          const int32_t num = rr[0], *stats = rr + 1, *ids = rr + 5;
           Event e;
           e.kind = EventKind::kCacheLookup;
           e.seq = rec.seq[p];
           e.layer = layer;
           e.kv_head = h;
-          e.hits = stats[4 * p];
-          e.misses = stats[4 * p + 1];
+          e.hits = stats[0];
+          e.misses = stats[1];
           record(e);
-          if (stats[4 * p + 2] > 0) {
+          if (stats[2] > 0) {
             Event f = e;
             f.kind = EventKind::kFetch;
             f.hits = f.misses = 0;
             f.dir = Direction::kHostToDevice;
-            f.bytes = static_cast<int64_t>(2 * rowb) * stats[4 * p + 2];
+            f.bytes = static_cast<int64_t>(2 * rowb) * stats[2];
             record(f);
           }
           {
             std::lock_guard<std::mutex> lock(stats_mu);
-            recall_hits += stats[4 * p];
-            recall_misses += stats[4 * p + 1];
-            host_read_bytes += static_cast<int64_t>(2 * rowb) * stats[4 * p + 2];
+            recall_hits += stats[0];
+            recall_misses += stats[1];
+            host_read_bytes += static_cast<int64_t>(2 * rowb) * stats[2];
           }
-          rows_attended += stats[4 * p + 3];
+          rows_attended += stats[3];
           const auto lv = live.find(rec.seq[p]);
           if (lv == live.end()) continue;  // removed before its policy ran
           const LayerState& st = lv->second->layers[layer];
-          for (int32_t j = 0; j < num[p]; ++j) {
-            const int32_t id = ids[static_cast<size_t>(p) * sel_cols + j];
+          for (int32_t j = 0; j < num; ++j) {
+            const int32_t id = ids[j];
             memory::CacheRequest r;
             r.key = memory::ClusterKey{rec.seq[p], layer, h, id};
             r.num_rows = st.sizes[h][id];
@@ -1657,23 +1918,30 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         e.bytes = bytes;
         record(e);
       });
-      job->promise.set_value();
     } catch (...) {
-      job->promise.set_exception(std::current_exception());
+      job->promise.set_exception(std::current_exception());  // the promise is set once
     }
   };
   policy_job = job;
   if (backend == Backend::kCpu) {
     work();
+    if (!job->ready()) job->promise.set_value();
     return;
   }
 #if KVTIER_WITH_CUDA
   // The selections were downloaded on `stream` (made to wait for every layer's decode).
   auto ev = std::make_shared<cuda::Event>();
   ev->record(stream);
-  jobs.run([ev, work = std::move(work)]() {
-    ev->synchronize();
+  jobs.run([this, ev, job, work = std::move(work)]() {
+    poll_event(ev.get());
     work();
+    if (job->ready()) return;  // work failed and said so
+    try {
+      pack_policy();
+      job->promise.set_value();
+    } catch (...) {
+      job->promise.set_exception(std::current_exception());
+    }
   });
 #endif
 }
@@ -1682,6 +1950,61 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
 // directory first, then the misses are gathered into their pages, then the pages are chained
 // and the clusters enter the directory. Stream order keeps every decode before this point on
 // the old directory and every decode after it on the new one.
+#if KVTIER_WITH_CUDA
+// The policy job's last part (background): every layer's decisions packed for one upload,
+// [fills | invalidations | -1s | next idx | next val | set idx | set val]; fills are row copies
+// host -> cache page.
+void Engine::Impl::pack_policy() {
+  std::vector<kernels::KvChunk> fills;
+  std::vector<int32_t> inval, next_idx, next_val, set_idx, set_val;
+  for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
+    LayerPolicy& pol = policy[ri];
+    for (const memory::GatherSegment& g : pol.segments) {
+      kernels::KvChunk c;
+      c.k = g.src_k;
+      c.v = g.src_v;
+      c.k_copy = caches[ri]->k_page(g.dst_page) + static_cast<size_t>(g.dst_row) * rowb;
+      c.v_copy = caches[ri]->v_page(g.dst_page) + static_cast<size_t>(g.dst_row) * rowb;
+      c.num_rows = g.num_rows;
+      fills.push_back(c);
+    }
+    inval.insert(inval.end(), pol.inval_idx.begin(), pol.inval_idx.end());
+    for (size_t i = 0; i < pol.next_idx.size(); ++i) {
+      next_idx.push_back(static_cast<int32_t>(page_next_off[ri] + pol.next_idx[i]));
+      next_val.push_back(pol.next_val[i]);
+    }
+    set_idx.insert(set_idx.end(), pol.set_idx.begin(), pol.set_idx.end());
+    set_val.insert(set_val.end(), pol.set_val.begin(), pol.set_val.end());
+    pol = LayerPolicy();
+  }
+  PolicyPack& pk = policy_pack;
+  pk.total = 0;
+  if (fills.empty() && inval.empty() && set_idx.empty()) return;
+  pk.fills = static_cast<int32_t>(fills.size());
+  pk.ni = static_cast<int32_t>(inval.size());
+  pk.nn = static_cast<int32_t>(next_idx.size());
+  pk.ns = static_cast<int32_t>(set_idx.size());
+  const size_t fb = fills.size() * sizeof(kernels::KvChunk);
+  const size_t total = fb + (2 * static_cast<size_t>(pk.ni) + 2 * pk.nn + 2 * pk.ns) * 4;
+  pk.uploaded.wait_polling();  // the previous pack's upload has read the buffer
+  if (pk.buf.size_bytes() < total) pk.buf = memory::PinnedBuffer::allocate(total * 2);
+  std::byte* w = pk.buf.data();
+  auto put = [&](const void* src, size_t bytes) {
+    if (bytes) std::memcpy(w, src, bytes);
+    w += bytes;
+  };
+  const std::vector<int32_t> minus(pk.ni, -1);
+  put(fills.data(), fb);
+  put(inval.data(), pk.ni * 4);
+  put(minus.data(), pk.ni * 4);
+  put(next_idx.data(), pk.nn * 4);
+  put(next_val.data(), pk.nn * 4);
+  put(set_idx.data(), pk.ns * 4);
+  put(set_val.data(), pk.ns * 4);
+  pk.total = total;
+}
+#endif
+
 void Engine::Impl::apply_policy(cudaStream_t stream) {
   (void)stream;
   if (!policy_job) return;
@@ -1710,56 +2033,19 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
     return;
   }
 #if KVTIER_WITH_CUDA
-  // All layers at once, five launches: [fills | invalidations | -1s | next idx | next val |
-  // set idx | set val] uploaded together; fills are row copies host -> cache page.
-  std::vector<kernels::KvChunk> fills;
-  std::vector<int32_t> inval, next_idx, next_val, set_idx, set_val;
-  for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
-    LayerPolicy& pol = policy[ri];
-    for (const memory::GatherSegment& g : pol.segments) {
-      kernels::KvChunk c;
-      c.k = g.src_k;
-      c.v = g.src_v;
-      c.k_copy = caches[ri]->k_page(g.dst_page) + static_cast<size_t>(g.dst_row) * rowb;
-      c.v_copy = caches[ri]->v_page(g.dst_page) + static_cast<size_t>(g.dst_row) * rowb;
-      c.num_rows = g.num_rows;
-      fills.push_back(c);
-    }
-    inval.insert(inval.end(), pol.inval_idx.begin(), pol.inval_idx.end());
-    for (size_t i = 0; i < pol.next_idx.size(); ++i) {
-      next_idx.push_back(static_cast<int32_t>(page_next_off[ri] + pol.next_idx[i]));
-      next_val.push_back(pol.next_val[i]);
-    }
-    set_idx.insert(set_idx.end(), pol.set_idx.begin(), pol.set_idx.end());
-    set_val.insert(set_val.end(), pol.set_val.begin(), pol.set_val.end());
-    pol = LayerPolicy();
-  }
-  if (fills.empty() && inval.empty() && set_idx.empty()) return;
-  const auto ni = static_cast<int32_t>(inval.size()), nn = static_cast<int32_t>(next_idx.size()),
-             ns = static_cast<int32_t>(set_idx.size());
-  const size_t fb = fills.size() * sizeof(kernels::KvChunk);
-  const size_t total = fb + (2 * static_cast<size_t>(ni) + 2 * nn + 2 * ns) * 4;
-  std::byte* up = staging.acquire(total);
-  std::byte* w = up;
-  auto put = [&](const void* src, size_t bytes) {
-    if (bytes) std::memcpy(w, src, bytes);
-    w += bytes;
-  };
-  const std::vector<int32_t> minus(ni, -1);
-  put(fills.data(), fb);
-  put(inval.data(), ni * 4);
-  put(minus.data(), ni * 4);
-  put(next_idx.data(), nn * 4);
-  put(next_val.data(), nn * 4);
-  put(set_idx.data(), ns * 4);
-  put(set_val.data(), ns * 4);
-  grow(policy_dev, total);
-  cuda::memcpy_async(policy_dev.get(), up, total, stream);
-  staging.release(stream);
+  // Packed by the job (pack_policy); here one upload and four launches.
+  PolicyPack& pk = policy_pack;
+  if (pk.total == 0) return;
+  const size_t fb = pk.fills * sizeof(kernels::KvChunk);
+  const int32_t ni = pk.ni, nn = pk.nn, ns = pk.ns;
+  grow(policy_dev, pk.total);
+  cuda::memcpy_async(policy_dev.get(), pk.buf.data(), pk.total, stream);
+  pk.uploaded.record(backend, stream);
+  pk.total = 0;
   const int32_t* d = reinterpret_cast<const int32_t*>(policy_dev.get() + fb);
   int32_t* dir = dir_table.as<int32_t>();
   scheduler::launch_scatter_i32(dir, d, d + ni, ni, stream);
-  scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(), static_cast<int32_t>(fills.size()),
+  scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(), pk.fills,
                               static_cast<int32_t>(rowb), stream);
   scheduler::launch_scatter_i32(page_next.as<int32_t>(), d + 2 * ni, d + 2 * ni + nn, nn, stream);
   scheduler::launch_scatter_i32(dir, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns, stream);
@@ -1774,7 +2060,9 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
   const int32_t cp = cfg.window_clusters;
   KVTIER_CHECK_CODE(kCapacity, st.num_clusters + cp <= cap_c, "sequence ", s.id, " layer ", layer,
                     ": the centroid table (", cap_c, " per head) is full; raise max_context");
-  auto job = std::make_unique<WindowJob>();
+  std::unique_ptr<WindowJob> job =
+      st.spare_window ? std::move(st.spare_window) : std::make_unique<WindowJob>();
+  job->labels.clear();
   job->begin = st.clustered;
   job->first_cluster = st.num_clusters;
   const kernels::KmeansParams kp =
@@ -1798,29 +2086,41 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
   }
 #if KVTIER_WITH_CUDA
   const cudaStream_t side_s = side_stream();
-  stream_wait(backend, side_s, st.last_decode);
-  job->points = alloc(bytes);
-  for_ring_runs(job->begin, W, st.win_cap, [&](int64_t slot, int64_t run, int64_t i) {
-    copy_2d(backend, job->points.get() + i * rowb, W * rowb, st.win_k.get() + slot * rowb,
-            st.win_cap * rowb, run * rowb, Hkv, side_s);
-  });
-  job->labels_dev = alloc(static_cast<size_t>(Hkv) * W * 4);
-  job->workspace = alloc(kernels::kmeans_workspace_bytes(kp));
-  kernels::launch_kmeans(kp, job->points.get(), cent, job->labels_dev.as<int32_t>(), sizes,
-                         job->workspace.get(), nullptr, nullptr, nullptr, side_s);
-  job->labels_host = memory::PinnedBuffer::allocate(static_cast<size_t>(Hkv) * W * 4);
-  cuda::memcpy_async(job->labels_host.data(), job->labels_dev.get(),
-                     static_cast<size_t>(Hkv) * W * 4, side_s);
-  job->done.record(backend, side_s);
+  if (job->points.size() < bytes) job->points = alloc(bytes);
+  if (job->labels_dev.size() < static_cast<size_t>(Hkv) * W * 4) {
+    job->labels_dev = alloc(static_cast<size_t>(Hkv) * W * 4);
+  }
+  if (job->workspace.size() < kernels::kmeans_workspace_bytes(kp)) {
+    job->workspace = alloc(kernels::kmeans_workspace_bytes(kp));
+  }
+  if (job->labels_host.size_bytes() < static_cast<size_t>(Hkv) * W * 4) {
+    job->labels_host = memory::PinnedBuffer::allocate(static_cast<size_t>(Hkv) * W * 4);
+  }
+  // The window's rows stay in the ring until this job has finished (decode waits for it before
+  // the ring wraps onto them), so its launches (a k-means is many) go out from the background
+  // thread, off the decode thread's critical path.
+  stream_wait(backend, side_s, st.last_decode);  // the window's last rows are in the ring
   job->host = std::make_shared<Job>();
   const std::shared_ptr<Job> appended = step_append;  // the rows are in the store after it
   WindowJob* j = job.get();
   Sequence* sp = &s;
+  const std::byte* ring = st.win_k.get();
+  const int64_t win_cap = st.win_cap;
   st.window = std::move(job);
-  jobs.run([this, j, sp, layer, appended] {
+  jobs.run([this, j, sp, layer, appended, kp, cent, sizes, side_s, ring, win_cap, W] {
     try {
+      cuda::DeviceGuard guard(device);
+      for_ring_runs(j->begin, W, win_cap, [&](int64_t slot, int64_t run, int64_t i) {
+        copy_2d(backend, j->points.get() + i * rowb, W * rowb, ring + slot * rowb, win_cap * rowb,
+                run * rowb, Hkv, side_s);
+      });
+      kernels::launch_kmeans(kp, j->points.get(), cent, j->labels_dev.as<int32_t>(), sizes,
+                             j->workspace.get(), nullptr, nullptr, nullptr, side_s);
+      cuda::memcpy_async(j->labels_host.data(), j->labels_dev.get(),
+                         static_cast<size_t>(Hkv) * W * 4, side_s);
+      j->done.record(backend, side_s);
       if (appended) appended->future.get();
-      j->done.synchronize();
+      j->done.wait_polling();
       j->labels.assign(reinterpret_cast<const int32_t*>(j->labels_host.data()),
                        reinterpret_cast<const int32_t*>(j->labels_host.data()) +
                            static_cast<size_t>(Hkv) * cfg.window);
@@ -1870,9 +2170,9 @@ void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait, cuda
   st.num_clusters += cp;
   st.clustered += W;
   st.centroids_ready = std::move(j.done);
-  st.window.reset();
+  st.spare_window = std::move(st.window);  // its buffers serve the next window
   ++window_clusterings;
-  refresh_host_directory(s, layer, first, stream);
+  refresh_host_directory(s, layer, first, st.clustered - W, stream, false);
 }
 
 void Engine::Impl::flush_step_rows() {
@@ -1893,7 +2193,7 @@ void Engine::Impl::flush_step_rows() {
   jobs.run([this, done, job, rows, previous] {
     try {
       if (previous) previous->future.get();
-      done->synchronize();
+      done->wait_polling();
       for (const StepRow& r : *rows) {
         const std::byte* base =
             step_host.data() +
@@ -2034,14 +2334,14 @@ void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv,
 }
 
 void Engine::decode_layer(int32_t layer, const DecodeBatch& batch, cudaStream_t stream) {
-  const auto t0 = Clock::now();
+  const double t0 = thread_cpu_ms();
   impl_->decode(layer, batch, stream);
-  impl_->decode_host_ms += ms_since(t0);
+  impl_->decode_host_ms += thread_cpu_ms() - t0;
 }
 
 void Engine::end_step(cudaStream_t stream) {
   Impl& m = *impl_;
-  const auto t0 = Clock::now();
+  const double t0 = thread_cpu_ms();
   // Everything below is ordered after every decode of the step, whatever streams they used.
   for (int32_t l = 0; l < m.L; ++l) stream_wait(m.backend, stream, m.step_layer_done[l]);
   if (m.backend == Backend::kCuda) m.flush_step_rows();
@@ -2054,6 +2354,20 @@ void Engine::end_step(cudaStream_t stream) {
       if (!st.window && st.recall_end - st.clustered >= m.cfg.window) m.start_window_job(*s, l);
     }
   }
+#if KVTIER_WITH_CUDA
+  if (m.backend == Backend::kCuda && m.num_recall_layers > 0) {
+    // The step's records (selections and stats), all recall layers in one copy.
+    int32_t used = 0;
+    for (const auto& rec : m.records[m.steps % 2]) used = std::max(used, rec.problems);
+    if (used > 0) {
+      const size_t layer_bytes = static_cast<size_t>(m.max_problems) * m.rec_cols * 4;
+      KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(m.record_buf[m.steps % 2].data(), layer_bytes,
+                                          m.rec_dev.get(), layer_bytes,
+                                          static_cast<size_t>(used) * m.rec_cols * 4,
+                                          m.num_recall_layers, cudaMemcpyDeviceToHost, stream));
+    }
+  }
+#endif
   if (m.num_recall_layers > 0) m.launch_policy_job(stream);
   m.policy_applied.record(m.backend, stream);
   ++m.steps;
@@ -2063,7 +2377,7 @@ void Engine::end_step(cudaStream_t stream) {
     std::vector<Event> sink;
     m.telemetry.drain(&sink);
   }
-  m.decode_host_ms += ms_since(t0);
+  m.decode_host_ms += thread_cpu_ms() - t0;
 }
 
 void Engine::synchronize() {

@@ -97,6 +97,12 @@ struct EngineConfig {
   int64_t max_context = 135168;  ///< rows per sequence and layer (prompt + generated)
 
   std::string telemetry_path;  ///< if set, events are appended there as JSON Lines at end_step
+
+  /// kCuda: replay a recall layer's decode kernels (prologue, scoring, selection, chunk build,
+  /// attention) as one CUDA graph per (layer, batch size), captured at its second use. The host
+  /// then issues four calls per recall layer instead of about twenty. Off: the same kernels
+  /// are launched one by one (identical results).
+  bool cuda_graphs = true;
 };
 
 /// Throws InvalidArgumentError naming the first bad field.
@@ -134,8 +140,8 @@ struct EngineStats {
   double prefill_cluster_ms = 0;  ///< clustering time of prefills (wall, in background jobs)
   int64_t window_clusterings = 0;
   int64_t rows_attended = 0;  ///< sum over decode problems of the rows attention read
-  /// Wall time of the caller's thread inside decode_layer and end_step, and of that the time
-  /// spent blocked on the device (reusing a staging slot whose copies are still in flight).
+  /// CPU time of the caller's thread inside decode_layer and end_step, and of that the time
+  /// spent spinning on the device (reusing a staging slot whose copies are still in flight).
   /// Busy host time per step near the device's step time means the caller's thread, not the
   /// GPU, sets the pace.
   double decode_host_ms = 0;

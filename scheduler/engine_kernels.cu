@@ -3,9 +3,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <type_traits>
+#include <vector>
 
 #include "memory/core/check.h"
 #include "scheduler/engine_kernels.h"
@@ -51,7 +53,180 @@ __global__ void append_rows_kernel(const int4* __restrict__ k_src, const int4* _
   for (int i = threadIdx.x; i < vec_per_row; i += blockDim.x) dst[i] = src[i];
 }
 
+template <int kBytes>
+struct RecallBlob {
+  alignas(16) unsigned char bytes[kBytes];
+};
+
+// grid: (P), block 256. kBytes 0: the call block is read from p.call_block.
+template <typename T, int kBytes>
+__global__ void __launch_bounds__(256)
+    recall_prologue_kernel(const RecallPrologueParams p,
+                           const __grid_constant__ RecallBlob<kBytes == 0 ? 16 : kBytes> blob) {
+  const int pi = blockIdx.x;
+  const unsigned char* src = static_cast<const unsigned char*>(p.call_block);
+  if constexpr (kBytes > 0) {
+    src = blob.bytes;
+    if (pi == 0) {
+      const int4* from = reinterpret_cast<const int4*>(blob.bytes);
+      int4* to = static_cast<int4*>(p.call_block);
+      for (int i = threadIdx.x; i < p.call_bytes / 16; i += blockDim.x) to[i] = from[i];
+    }
+  }
+  const RecallCall& c = *reinterpret_cast<const RecallCall*>(src);
+  void* const* dst = reinterpret_cast<void* const*>(src + p.off_dst);
+  const int32_t row = reinterpret_cast<const int32_t*>(src + p.off_rows)[pi];
+  const size_t q0 = static_cast<size_t>(pi) * p.q_per_problem;
+  const T* q = static_cast<const T*>(c.q) + q0;
+  T* qc = static_cast<T*>(p.q_copy) + q0;
+  for (int i = threadIdx.x; i < p.q_per_problem; i += blockDim.x) {
+    const T v = q[i];
+    qc[i] = v;
+    p.q32[q0 + i] = as_float(v);
+  }
+  const int vec = p.row_bytes / 16, P = p.num_problems;
+  const int4* ks = static_cast<const int4*>(c.k_new) + static_cast<size_t>(pi) * vec;
+  const int4* vs = static_cast<const int4*>(c.v_new) + static_cast<size_t>(pi) * vec;
+  int4* kd = static_cast<int4*>(dst[pi]);
+  int4* vd = static_cast<int4*>(dst[P + pi]);
+  int4* ksd = static_cast<int4*>(dst[2 * P + pi]);
+  int4* vsd = static_cast<int4*>(dst[3 * P + pi]);
+  for (int i = threadIdx.x; i < vec; i += blockDim.x) {
+    const int4 a = ks[i], b = vs[i];
+    kd[i] = a;
+    vd[i] = b;
+    ksd[i] = a;
+    vsd[i] = b;
+  }
+  const int32_t* sizes = p.size_table + static_cast<size_t>(row) * p.cols;
+  int32_t* out = p.sizes_out + static_cast<size_t>(pi) * p.cols;
+  for (int j = threadIdx.x; j < p.cols; j += blockDim.x) out[j] = sizes[j];
+}
+
+// grid: enough blocks of 256 for out_bytes / 16.
+__global__ void recall_epilogue_kernel(const RecallCall* call, const int4* src, int64_t vecs) {
+  int4* out = static_cast<int4*>(call->out);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vecs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = src[i];
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The blob buckets: the call block is passed in the smallest that holds it.
+template <typename F>
+void dispatch_prologue(DType dtype, size_t bytes, F&& f) {
+  auto by_size = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (bytes == 0) {
+      f(recall_prologue_kernel<T, 0>, std::integral_constant<int, 0>{});
+    } else if (bytes <= 2048) {
+      f(recall_prologue_kernel<T, 2048>, std::integral_constant<int, 2048>{});
+    } else if (bytes <= 8192) {
+      f(recall_prologue_kernel<T, 8192>, std::integral_constant<int, 8192>{});
+    } else {
+      f(recall_prologue_kernel<T, static_cast<int>(kRecallBlobMax)>,
+        std::integral_constant<int, static_cast<int>(kRecallBlobMax)>{});
+    }
+  };
+  switch (dtype) {
+    case DType::kF32:
+      by_size(TypeTag<float>{});
+      break;
+    case DType::kF16:
+      by_size(TypeTag<__half>{});
+      break;
+    case DType::kBF16:
+      by_size(TypeTag<__nv_bfloat16>{});
+      break;
+  }
+}
+
+void check_prologue(const RecallPrologueParams& p, const void* blob) {
+  KVTIER_CHECK(p.row_bytes % 16 == 0, "recall_prologue: row_bytes ", p.row_bytes,
+               " not a multiple of 16");
+  KVTIER_CHECK(p.call_bytes % 16 == 0 && p.call_bytes > 0, "recall_prologue: call_bytes ",
+               p.call_bytes, " not a positive multiple of 16");
+  KVTIER_CHECK(blob == nullptr || static_cast<size_t>(p.call_bytes) <= kRecallBlobMax,
+               "recall_prologue: a call block of ", p.call_bytes, " bytes exceeds ",
+               kRecallBlobMax);
+}
+
+// Kernel-node arguments with the blob padded to its bucket (the argument's full size is read).
+template <int kBytes>
+struct PaddedBlob {
+  RecallBlob<kBytes == 0 ? 16 : kBytes> b;
+  PaddedBlob(const void* blob, size_t bytes) {
+    if (blob != nullptr) std::memcpy(b.bytes, blob, bytes);
+  }
+};
+
+bool is_prologue_function(const void* fn) {
+  bool found = false;
+  for (const DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (const size_t bytes : {size_t{2048}, size_t{8192}, kRecallBlobMax}) {
+      dispatch_prologue(t, bytes, [&](auto kernel, auto) {
+        found = found || reinterpret_cast<const void*>(kernel) == fn;
+      });
+    }
+  }
+  return found;
+}
+
 }  // namespace
+
+void launch_recall_prologue(const RecallPrologueParams& p, const void* blob, cudaStream_t stream) {
+  if (p.num_problems == 0) return;
+  check_prologue(p, blob);
+  const size_t bytes = blob ? static_cast<size_t>(p.call_bytes) : 0;
+  dispatch_prologue(p.dtype, bytes, [&](auto kernel, auto size) {
+    constexpr int kBytes = decltype(size)::value;
+    const PaddedBlob<kBytes> arg(blob, bytes);
+    kernel<<<p.num_problems, 256, 0, stream>>>(p, arg.b);
+  });
+  KVTIER_CUDA_CHECK_LAUNCH("engine recall_prologue_kernel");
+}
+
+bool is_recall_prologue_node(cudaGraphNode_t node) {
+  cudaGraphNodeType type;
+  KVTIER_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+  if (type != cudaGraphNodeTypeKernel) return false;
+  cudaKernelNodeParams kp{};
+  KVTIER_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &kp));
+  return is_prologue_function(kp.func);
+}
+
+void update_recall_prologue_node(cudaGraphExec_t exec, cudaGraphNode_t node,
+                                 const RecallPrologueParams& p, const void* blob) {
+  check_prologue(p, blob);
+  KVTIER_CHECK(blob != nullptr, "update_recall_prologue_node: blob is null");
+  dispatch_prologue(p.dtype, static_cast<size_t>(p.call_bytes), [&](auto kernel, auto size) {
+    constexpr int kBytes = decltype(size)::value;
+    PaddedBlob<kBytes> arg(blob, static_cast<size_t>(p.call_bytes));
+    RecallPrologueParams pc = p;
+    void* args[] = {&pc, &arg.b};
+    cudaKernelNodeParams kp{};
+    kp.func = reinterpret_cast<void*>(kernel);
+    kp.gridDim = dim3(static_cast<unsigned>(p.num_problems));
+    kp.blockDim = dim3(256);
+    kp.sharedMemBytes = 0;
+    kp.kernelParams = args;
+    KVTIER_CUDA_CHECK(cudaGraphExecKernelNodeSetParams(exec, node, &kp));
+  });
+}
+
+void launch_recall_epilogue(const RecallCall* call, const void* src, size_t out_bytes,
+                            cudaStream_t stream) {
+  if (out_bytes == 0) return;
+  KVTIER_CHECK(out_bytes % 16 == 0, "recall_epilogue: ", out_bytes, " bytes, not a multiple of 16");
+  const int64_t vecs = static_cast<int64_t>(out_bytes / 16);
+  const int blocks = static_cast<int>(std::min<int64_t>((vecs + 255) / 256, 256));
+  recall_epilogue_kernel<<<blocks, 256, 0, stream>>>(call, static_cast<const int4*>(src), vecs);
+  KVTIER_CUDA_CHECK_LAUNCH("engine recall_epilogue_kernel");
+}
 
 void launch_to_f32(const void* q, DType dtype, int64_t count, float* out, cudaStream_t stream) {
   if (count == 0) return;
@@ -174,6 +349,14 @@ __global__ void __launch_bounds__(kBuildThreads) write_chunks_kernel(ChunkBuildP
     __syncthreads();
   }
   if (threadIdx.x == 0) detail::window_chunks(p, pr, p.chunks + base);
+  if (p.record != nullptr) {
+    int32_t* rec = p.record + static_cast<size_t>(*p.record_base + pi) * p.record_cols;
+    if (threadIdx.x == 0) rec[0] = n;
+    if (threadIdx.x < 4) rec[1 + threadIdx.x] = p.stats[4 * pi + threadIdx.x];
+    const int32_t ids = n < p.record_cols - 5 ? n : p.record_cols - 5;
+    for (int32_t j = threadIdx.x; j < ids; j += blockDim.x)
+      rec[5 + j] = p.sel_ids[static_cast<size_t>(pi) * p.sel_stride + j];
+  }
 }
 
 // grid: (min(count, 4096)), block 128: items strided over blocks; 16-byte pieces over threads.

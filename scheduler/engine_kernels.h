@@ -1,5 +1,6 @@
 // Small device kernels of the engine's decode path (CUDA builds only): query conversion for
-// scoring, a batch's rows of the cluster-size table, and appending the step's K/V rows.
+// scoring, a batch's rows of the cluster-size table, appending the step's K/V rows, the fused
+// prologue of a recall layer, and the chunk builder.
 #pragma once
 
 #include <cstddef>
@@ -10,6 +11,8 @@
 #include "memory/core/dtype.h"
 
 namespace kvtier::scheduler {
+
+struct RecallCall;
 
 #if KVTIER_WITH_CUDA
 /// out[i] = float(q[i]) for i < count; q of `dtype`.
@@ -24,11 +27,61 @@ void launch_gather_table_rows(const int32_t* table, const int32_t* rows, int32_t
 void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, int32_t count,
                         int32_t row_bytes, void* const* k_dst, void* const* v_dst,
                         cudaStream_t stream);
+
+/// One kernel for everything a recall layer's decode needs before scoring: the queries copied
+/// (for attention) and widened to fp32 (for scoring), the new K/V rows appended to their ring or
+/// resident rows and to the step rows bound for the host tier, and the batch's rows of the
+/// cluster-size table. One block per problem p = (sequence, KV head).
+///
+/// Its inputs are the call block [RecallCall | ... | table rows at off_rows | 4P row targets at
+/// off_dst], passed by value as a kernel argument (up to kRecallBlobMax bytes; block 0 also
+/// stores it at `call_block` for the kernels that follow), or, with no blob, read from
+/// `call_block` (uploaded by the caller). By value, a call costs no copy-engine operation, and a
+/// captured graph takes a new call through cudaGraphExecKernelNodeSetParams.
+struct RecallPrologueParams {
+  int32_t num_problems = 0;
+  int32_t q_per_problem = 0;  ///< G * head_dim elements
+  int32_t row_bytes = 0;      ///< a multiple of 16
+  int32_t cols = 0;           ///< size-table columns
+  DType dtype = DType::kBF16;
+  int32_t call_bytes = 0;  ///< size of the call block (a multiple of 16)
+  int32_t off_rows = 0;    ///< byte offset of the table rows [P] in the block
+  int32_t off_dst = 0;     ///< byte offset of the row targets [4P]: K, V ring/resident, K, V step
+  void* call_block = nullptr;  ///< device copy of the block
+  const int32_t* size_table = nullptr;
+  int32_t* sizes_out = nullptr;  ///< [P, cols]
+  void* q_copy = nullptr;        ///< [P, G, head_dim], model dtype
+  float* q32 = nullptr;          ///< [P, G, head_dim]
+};
+inline constexpr size_t kRecallBlobMax = 32 * 1024 - 1024;
+/// `blob` of p.call_bytes bytes (<= kRecallBlobMax), or null to read p.call_block.
+void launch_recall_prologue(const RecallPrologueParams& p, const void* blob, cudaStream_t stream);
+/// CUDA graphs: whether `node` is a prologue launched with a blob, and pointing such a node of
+/// an instantiated graph at a new blob of the same size.
+bool is_recall_prologue_node(cudaGraphNode_t node);
+void update_recall_prologue_node(cudaGraphExec_t exec, cudaGraphNode_t node,
+                                 const RecallPrologueParams& p, const void* blob);
+
+/// out_bytes bytes from `src` to the `out` of the RecallCall at `call` (device memory): the
+/// attention output delivered to the caller's buffer from inside the graph.
+void launch_recall_epilogue(const RecallCall* call, const void* src, size_t out_bytes,
+                            cudaStream_t stream);
 #endif
 
 }  // namespace kvtier::scheduler
 
 namespace kvtier::scheduler {
+
+/// The per-call inputs of a recall layer's decode that its kernels read from device memory, so
+/// the layer's launches can be replayed as one CUDA graph while these change every call.
+struct RecallCall {
+  const void* q = nullptr;      ///< [P, G, head_dim] the caller's queries (model dtype)
+  const void* k_new = nullptr;  ///< [P, head_dim] the step's new rows
+  const void* v_new = nullptr;
+  void* out = nullptr;      ///< [P, G, head_dim] the caller's output
+  int32_t record_base = 0;  ///< record row of this call's first problem (the layer's step record)
+  int32_t reserved = 0;
+};
 
 /// One (sequence, KV head) of a recall layer, as the chunk builder sees it.
 struct RecallProblem {
@@ -70,6 +123,12 @@ struct ChunkBuildParams {
   int32_t* stats = nullptr;
   kernels::KvChunk* chunks = nullptr;  ///< out
   int32_t* indptr = nullptr;           ///< out [num_problems + 1]
+  /// Optional (device builder only): the layer's step record, rows of record_cols ints, one per
+  /// problem from row *record_base on: [selected count, the 4 stats, selected ids...]. The
+  /// record is what the background cache policy reads after the step.
+  int32_t* record = nullptr;
+  const int32_t* record_base = nullptr;
+  int32_t record_cols = 0;
 };
 
 #if defined(__CUDACC__)

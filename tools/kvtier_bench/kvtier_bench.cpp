@@ -61,6 +61,7 @@ struct Options {
   std::string json;
   std::string torch_script;  // companion: torch SDPA at the same shape, run in the same call
   uint64_t seed = 1;
+  bool cuda_graphs = true;
 };
 
 [[noreturn]] void usage(const char* msg) {
@@ -72,7 +73,7 @@ struct Options {
       "  [--budget N] [--sink N] [--window N] [--retention N] [--page-size N]\n"
       "  [--dense-layers N] [--kmeans-iters N] [--drift X] [--topics N]\n"
       "  [--backend cuda|cpu] [--host-gib X] [--json FILE]\n"
-      "  [--torch-script bench/sdpa_baseline.py] [--seed N]\n",
+      "  [--torch-script bench/sdpa_baseline.py] [--seed N] [--cuda-graphs 0|1]\n",
       msg);
   std::exit(2);
 }
@@ -150,6 +151,8 @@ Options parse(int argc, char** argv) {
       o.torch_script = next();
     else if (a == "--seed")
       o.seed = std::stoull(next());
+    else if (a == "--cuda-graphs")
+      o.cuda_graphs = std::stoi(next()) != 0;
     else if (a == "--help" || a == "-h")
       usage("");
     else
@@ -569,6 +572,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   c.window = o.window;
   c.window_clusters = std::max(1, o.window / 64);
   c.retention_steps = cold ? 0 : o.retention;
+  c.cuda_graphs = o.cuda_graphs;
   if (cold) {
     // A cache that holds about one step's selections: nothing survives to be hit by chance.
     const int64_t recall_layers = std::max(0, L - o.num_dense_layers);
@@ -797,7 +801,7 @@ int run(int argc, char** argv) {
   std::printf(
       "(ms/step: the attention path of one decode step for every sequence of the batch, "
       "all layers; vs dense: speed-up over kvtier's dense kernel; host ms: the caller's thread "
-      "inside the engine per step, not counting waits on the GPU; PCIe: H2D fetch rate "
+      "CPU time inside the engine per step, not counting spins on the GPU; PCIe: H2D fetch rate "
       "over the timed steps, link %.1f GB/s; offload+kmeans: the engine's background prefill "
       "work, summed over layers)\n",
       link);
