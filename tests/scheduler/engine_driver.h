@@ -252,6 +252,7 @@ class Driver {
             1);
       }
       const std::vector<float> out = decode(l, batch, q, k, v);
+      outputs_.insert(outputs_.end(), out.begin(), out.end());
       for (int32_t i = 0; i < B; ++i) {
         const std::vector<float> want = oracle_.attend(batch[i], l, &q[i * s_.Hq * s_.D]);
         for (size_t j = 0; j < want.size(); ++j) {
@@ -263,6 +264,8 @@ class Driver {
     e_.end_step();
     return worst;
   }
+  /// Every decode output so far, in call order.
+  const std::vector<float>& outputs() const { return outputs_; }
 
  private:
   void prefill(SeqId id, int32_t l, const std::vector<float>& k, const std::vector<float>& v,
@@ -338,6 +341,7 @@ class Driver {
   }
 #endif
   EngineConfig cfg_;
+  std::vector<float> outputs_;
   Shape s_;
   Engine e_;
   Gen gen_;
@@ -346,7 +350,8 @@ class Driver {
 
 /// Sequences join (prompts of 0 to 150 rows, both layouts) and leave; ragged batches; many
 /// steps, so windows are clustered and appended several times.
-inline double run_churn(const EngineConfig& c, uint64_t seed, int steps) {
+inline double run_churn(const EngineConfig& c, uint64_t seed, int steps,
+                        std::vector<float>* outputs = nullptr) {
   Driver d(c, seed);
   std::mt19937_64 rng(seed);
   std::vector<SeqId> live;
@@ -373,6 +378,7 @@ inline double run_churn(const EngineConfig& c, uint64_t seed, int steps) {
     }
     worst = std::max(worst, d.step(batch));
   }
+  if (outputs) *outputs = d.outputs();
   return worst;
 }
 

@@ -3,6 +3,10 @@
 // context, bf16, and recall with a small budget.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "scheduler/engine.h"
 #include "tests/scheduler/engine_driver.h"
 
@@ -56,6 +60,26 @@ TEST(EngineGpu, SmallBudgetRecallsWhatMattersAndMatchesTheCpuBackend) {
   EXPECT_GT(gpu.window_clusterings, 0);
   EXPECT_EQ(gpu.window_clusterings, cpu.window_clusterings);
   EXPECT_GT(gpu.gpu_bytes, 0u);
+}
+
+// The graph path (a recall layer's kernels replayed with a new call block per launch) against
+// the same kernels launched one by one, over sequences joining and leaving (several graphs per
+// layer, one per batch size). With the budget covering the context both attend every row; only
+// the order of clusters may differ (k-means ties), hence a tolerance of a few fp16 ulps.
+TEST(EngineGpu, CudaGraphsGiveTheOutputsOfLaunchesOneByOne) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});
+  c.budget = 4096;
+  std::vector<float> graphs, eager;
+  EXPECT_LT(run_churn(c, test::test_seed() + 7, 60, &graphs), kTol);
+  c.cuda_graphs = false;
+  EXPECT_LT(run_churn(c, test::test_seed() + 7, 60, &eager), kTol);
+  ASSERT_EQ(graphs.size(), eager.size());
+  double worst = 0;
+  for (size_t i = 0; i < graphs.size(); ++i) {
+    worst = std::max(worst, static_cast<double>(std::fabs(graphs[i] - eager[i])));
+  }
+  EXPECT_LT(worst, 2e-3);
 }
 
 TEST(EngineGpu, StatsAndTelemetryAddUp) {
