@@ -125,7 +125,7 @@ void dense_decode_attention_cpu(const DecodeAttentionParams& p, const DenseDecod
 #if KVTIER_WITH_CUDA
 /// Splits per problem that a launch with these params will use: p.num_splits if set, else a
 /// number that fills the device (resident blocks of the current device, several waves avoided)
-/// with at least 256 rows per split of a max_rows_per_problem-row problem. Queries the current
+/// with at least 64 rows per split of a max_rows_per_problem-row problem. Queries the current
 /// device once per process and kernel variant; launches nothing.
 int32_t decode_attention_num_splits(const DecodeAttentionParams& p, int64_t max_rows_per_problem);
 
