@@ -77,9 +77,8 @@ void validate(const EngineConfig& c) {
                m.head_dim);
   KVTIER_CHECK(m.dtype == DType::kF16 || m.dtype == DType::kBF16, "model.dtype ",
                dtype_name(m.dtype), " is not supported (fp16 or bf16)");
-  KVTIER_CHECK(
-      (c.mode != Mode::kClusterAttn && c.mode != Mode::kHybrid) || c.backend == Backend::kCpu,
-      "mode ", mode_name(c.mode), " runs on the CPU backend only in this version");
+  KVTIER_CHECK(c.mode != Mode::kHybrid || c.backend == Backend::kCpu, "mode ", mode_name(c.mode),
+               " runs on the CPU backend only in this version");
   KVTIER_CHECK(c.observation_window > 0, "observation_window must be > 0, got ",
                c.observation_window);
   KVTIER_CHECK(c.budget > 0, "budget must be > 0, got ", c.budget);
@@ -518,13 +517,15 @@ struct Engine::Impl {
   void ensure_resident(LayerState& st, int64_t rows, cudaStream_t stream);
   void prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream);
   void prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
-                          const ObservationWindow& window);
+                          const ObservationWindow& window, cudaStream_t stream);
   void prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
                       const ObservationWindow& window);
   std::vector<std::vector<int64_t>> dbac_keep(int32_t layer, const KvRows& kv,
-                                              const ObservationWindow& window);
+                                              const ObservationWindow& window,
+                                              cudaStream_t stream = nullptr);
   void keep_resident(LayerState& st, const KvRows& kv,
-                     const std::vector<std::vector<int64_t>>& keep, int64_t spare);
+                     const std::vector<std::vector<int64_t>>& keep, int64_t spare,
+                     cudaStream_t stream = nullptr);
   void decode(int32_t layer, const DecodeBatch& b, cudaStream_t stream);
   void start_window_job(Sequence& s, int32_t layer);
   void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream);
@@ -736,8 +737,7 @@ void Engine::Impl::ensure_resident(LayerState& st, int64_t rows, cudaStream_t st
   }
 #if KVTIER_WITH_CUDA
   // The old buffers may still be read by work on `stream`; freeing them synchronizes.
-  if (backend == Backend::kCuda && st.res_rows > 0)
-    KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (backend == Backend::kCuda && used > 0) KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
 #endif
   st.res_k = std::move(k);
   st.res_v = std::move(v);
@@ -969,29 +969,22 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
 
 // clusterattn: the observation window votes on the prompt's rows, DBAC picks ranges per KV head
 // within the per-head budgets, and each head keeps the sink, its picked rows and the window, in
-// position order. The rest of the prompt is dropped. CPU backend (validated).
+// position order. The rest of the prompt is dropped. On kCuda the votes and DBAC run on the device
+// and prefill waits for them (the kept positions decide the copies).
 std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const KvRows& kv,
-                                                          const ObservationWindow& window) {
+                                                          const ObservationWindow& window,
+                                                          cudaStream_t stream) {
+  (void)stream;
   const int64_t n = kv.num_rows;
   KVTIER_CHECK(window.q != nullptr && window.num_queries > 0, "prefill_layer: mode ",
                mode_name(cfg.mode), " needs the observation window's queries for layer ", layer,
                " (ObservationWindow with num_queries > 0)");
   const int32_t w = static_cast<int32_t>(std::min<int64_t>(window.num_queries, n));
-  // Head-major keys for the votes.
-  std::vector<std::byte> keys(static_cast<size_t>(Hkv) * n * rowb);
-  copy_kv_rows(backend, kv, false, 0, n, keys.data(), n * rowb, 0, rowb, nullptr);
   std::vector<std::vector<int64_t>> keep(Hkv);
   const int64_t prefix = n - w;
   if (prefix > 0) {
-    // The window's queries are the last w of the num_queries given.
-    std::vector<std::byte> q(static_cast<size_t>(Hq) * w * rowb);
-    for (int32_t h = 0; h < Hq; ++h) {
-      std::memcpy(
-          q.data() + static_cast<size_t>(h) * w * rowb,
-          static_cast<const std::byte*>(window.q) +
-              (static_cast<size_t>(h) * window.num_queries + (window.num_queries - w)) * rowb,
-          static_cast<size_t>(w) * rowb);
-    }
+    // Head-major keys and the window's queries (the last w of the num_queries given) for the
+    // votes.
     kernels::ObservationVotesParams vp;
     vp.dtype = dtype;
     vp.num_q_heads = Hq;
@@ -999,8 +992,6 @@ std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const K
     vp.head_dim = D;
     vp.num_tokens = n;
     vp.window = w;
-    std::vector<float> votes(static_cast<size_t>(Hkv) * prefix);
-    kernels::observation_votes_cpu(vp, q.data(), keys.data(), votes.data());
     kernels::DbacParams dp;
     dp.num_kv_heads = Hkv;
     dp.num_tokens = n;
@@ -1011,16 +1002,71 @@ std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const K
     dp.coverage = cfg.dbac_coverage;
     dp.floor_fraction = cfg.dbac_floor_fraction;
     const int64_t rcap = kernels::dbac_range_capacity(dp), kcap = kernels::dbac_kept_capacity(dp);
-    std::vector<kernels::TokenRange> ranges(static_cast<size_t>(Hkv) * std::max<int64_t>(rcap, 1));
-    std::vector<int32_t> nr(Hkv), nt(Hkv), hb(Hkv), kept(static_cast<size_t>(Hkv) * kcap), nk(Hkv);
-    kernels::DbacOutput out;
-    out.ranges = ranges.data();
-    out.num_ranges = nr.data();
-    out.num_tokens = nt.data();
-    out.head_budget = hb.data();
-    out.kept_positions = kept.data();
-    out.num_kept = nk.data();
-    kernels::dbac_cpu(dp, votes.data(), out);
+    std::vector<int32_t> kept(static_cast<size_t>(Hkv) * kcap), nk(Hkv);
+    if (backend == Backend::kCpu) {
+      std::vector<std::byte> q(static_cast<size_t>(Hq) * w * rowb);
+      for (int32_t h = 0; h < Hq; ++h) {
+        std::memcpy(
+            q.data() + static_cast<size_t>(h) * w * rowb,
+            static_cast<const std::byte*>(window.q) +
+                (static_cast<size_t>(h) * window.num_queries + (window.num_queries - w)) * rowb,
+            static_cast<size_t>(w) * rowb);
+      }
+      std::vector<std::byte> keys(static_cast<size_t>(Hkv) * n * rowb);
+      copy_kv_rows(backend, kv, false, 0, n, keys.data(), n * rowb, 0, rowb, nullptr);
+      std::vector<float> votes(static_cast<size_t>(Hkv) * prefix);
+      kernels::observation_votes_cpu(vp, q.data(), keys.data(), votes.data());
+      std::vector<kernels::TokenRange> ranges(static_cast<size_t>(Hkv) *
+                                              std::max<int64_t>(rcap, 1));
+      std::vector<int32_t> nr(Hkv), nt(Hkv), hb(Hkv);
+      kernels::DbacOutput out;
+      out.ranges = ranges.data();
+      out.num_ranges = nr.data();
+      out.num_tokens = nt.data();
+      out.head_budget = hb.data();
+      out.kept_positions = kept.data();
+      out.num_kept = nk.data();
+      kernels::dbac_cpu(dp, votes.data(), out);
+    }
+#if KVTIER_WITH_CUDA
+    else {
+      // Votes and DBAC on the device; only the kept positions come back (they decide which
+      // rows are copied), so this waits for `stream`.
+      Buffer keys = alloc(static_cast<size_t>(Hkv) * n * rowb);
+      copy_kv_rows(backend, kv, false, 0, n, keys.get(), n * rowb, 0, rowb, stream);
+      Buffer q = alloc(static_cast<size_t>(Hq) * w * rowb);
+      copy_2d(backend, q.get(), w * rowb,
+              static_cast<const std::byte*>(window.q) + (window.num_queries - w) * rowb,
+              window.num_queries * rowb, w * rowb, Hq, stream);
+      Buffer votes = alloc(static_cast<size_t>(Hkv) * prefix * sizeof(float));
+      Buffer vws = alloc(std::max<size_t>(kernels::observation_votes_workspace_bytes(vp), 16));
+      kernels::launch_observation_votes(vp, q.get(), keys.get(), votes.as<float>(), vws.get(),
+                                        nullptr, stream);
+      const size_t rb =
+          static_cast<size_t>(Hkv) * std::max<int64_t>(rcap, 1) * sizeof(kernels::TokenRange);
+      const size_t kb = static_cast<size_t>(Hkv) * kcap * 4;
+      Buffer outs = alloc(rb + kb + 4 * static_cast<size_t>(Hkv) * 4 + 8);
+      kernels::DbacOutput out;
+      out.ranges = reinterpret_cast<kernels::TokenRange*>(outs.get());
+      out.kept_positions = reinterpret_cast<int32_t*>(outs.get() + rb);
+      int32_t* small = reinterpret_cast<int32_t*>(outs.get() + rb + kb);
+      out.num_ranges = small;
+      out.num_tokens = small + Hkv;
+      out.head_budget = small + 2 * Hkv;
+      out.num_kept = small + 3 * Hkv;
+      auto* invalid = reinterpret_cast<int64_t*>(small + 4 * Hkv);
+      Buffer dws = alloc(std::max<size_t>(kernels::dbac_workspace_bytes(dp), 16));
+      kernels::launch_dbac(dp, votes.as<float>(), out, dws.get(), invalid, stream);
+      int64_t bad = -1;
+      KVTIER_CUDA_CHECK(
+          cudaMemcpyAsync(kept.data(), out.kept_positions, kb, cudaMemcpyDeviceToHost, stream));
+      KVTIER_CUDA_CHECK(
+          cudaMemcpyAsync(nk.data(), out.num_kept, Hkv * 4, cudaMemcpyDeviceToHost, stream));
+      KVTIER_CUDA_CHECK(cudaMemcpyAsync(&bad, invalid, sizeof bad, cudaMemcpyDeviceToHost, stream));
+      KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
+      kernels::throw_if_invalid_vote(dp, bad);
+    }
+#endif
     for (int32_t h = 0; h < Hkv; ++h) {
       // Sink, then the kept positions (ranges and window, ascending), without repeats.
       for (int64_t r = 0; r < std::min<int64_t>(cfg.sink, prefix); ++r) keep[h].push_back(r);
@@ -1043,32 +1089,61 @@ std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const K
 
 // Copies each head's kept positions of `kv`, in order, into the resident rows (head_rows).
 void Engine::Impl::keep_resident(LayerState& st, const KvRows& kv,
-                                 const std::vector<std::vector<int64_t>>& keep, int64_t spare) {
+                                 const std::vector<std::vector<int64_t>>& keep, int64_t spare,
+                                 cudaStream_t stream) {
   int64_t most = 0;
   for (const auto& k : keep) most = std::max<int64_t>(most, static_cast<int64_t>(k.size()));
-  ensure_resident(st, most + spare, nullptr);
+  ensure_resident(st, most + spare, stream);
   st.head_rows.assign(Hkv, 0);
   const size_t es = dtype_size(kv.dtype);
   const int64_t hs = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
   const int64_t rs = kv.row_stride >= 0 ? kv.row_stride : kv.head_dim;
+  // Runs of consecutive kept positions (a run's rows are adjacent when a row stride is one row).
+  std::vector<kernels::KvChunk> runs;
   for (int32_t h = 0; h < Hkv; ++h) {
-    for (const int64_t pos : keep[h]) {
-      const size_t src = (static_cast<size_t>(h) * hs + static_cast<size_t>(pos) * rs) * es;
+    const std::vector<int64_t>& kh = keep[h];
+    for (size_t i = 0; i < kh.size();) {
+      size_t j = i + 1;
+      while (j < kh.size() && kh[j] == kh[j - 1] + 1 && static_cast<size_t>(rs) * es == rowb) ++j;
+      const size_t src = (static_cast<size_t>(h) * hs + static_cast<size_t>(kh[i]) * rs) * es;
       const size_t dst = (static_cast<size_t>(h) * st.res_cap + st.head_rows[h]) * rowb;
-      std::memcpy(st.res_k.get() + dst, static_cast<const std::byte*>(kv.k) + src, rowb);
-      std::memcpy(st.res_v.get() + dst, static_cast<const std::byte*>(kv.v) + src, rowb);
-      ++st.head_rows[h];
+      kernels::KvChunk c;
+      c.k = static_cast<const std::byte*>(kv.k) + src;
+      c.v = static_cast<const std::byte*>(kv.v) + src;
+      c.k_copy = st.res_k.get() + dst;
+      c.v_copy = st.res_v.get() + dst;
+      c.num_rows = static_cast<int32_t>(j - i);
+      runs.push_back(c);
+      st.head_rows[h] += static_cast<int64_t>(j - i);
+      i = j;
     }
   }
+  if (backend == Backend::kCpu) {
+    for (const kernels::KvChunk& c : runs) {
+      std::memcpy(c.k_copy, c.k, static_cast<size_t>(c.num_rows) * rowb);
+      std::memcpy(c.v_copy, c.v, static_cast<size_t>(c.num_rows) * rowb);
+    }
+    return;
+  }
+#if KVTIER_WITH_CUDA
+  // One row-copy kernel; waits for it (the list and the caller's rows must live until it ran).
+  if (runs.empty()) return;
+  Buffer items = alloc(runs.size() * sizeof(kernels::KvChunk));
+  cuda::memcpy_async(items.get(), runs.data(), runs.size() * sizeof(kernels::KvChunk), stream);
+  scheduler::launch_copy_rows(items.as<kernels::KvChunk>(), static_cast<int32_t>(runs.size()),
+                              static_cast<int32_t>(rowb), stream);
+  KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
 }
 
 // clusterattn: the observation window votes on the prompt's rows, DBAC picks ranges per KV head
 // within the per-head budgets, and each head keeps the sink, its picked rows and the window, in
-// position order. The rest of the prompt is dropped. CPU backend (validated).
+// position order. The rest of the prompt is dropped. On kCuda the votes and DBAC run on the device
+// and prefill waits for them (the kept positions decide the copies).
 void Engine::Impl::prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
-                                      const ObservationWindow& window) {
+                                      const ObservationWindow& window, cudaStream_t stream) {
   LayerState& st = s.layers[layer];
-  keep_resident(st, kv, dbac_keep(layer, kv, window), 256);
+  keep_resident(st, kv, dbac_keep(layer, kv, window, stream), 256, stream);
   st.rows = kv.num_rows;
   st.prefilled = true;
 }
@@ -2323,7 +2398,7 @@ void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv,
                     " rows exceeds max_context = ", m.cfg.max_context);
   if (kv.num_rows == 0) return;
   if (s.layers[layer].compressed) {
-    m.prefill_compressed(s, layer, kv, window);
+    m.prefill_compressed(s, layer, kv, window, stream);
     return;
   }
   if (s.layers[layer].recall && m.cfg.mode == Mode::kHybrid) {

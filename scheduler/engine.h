@@ -42,7 +42,7 @@ using memory::SeqId;
 enum class Mode : uint8_t {
   kFull,         ///< every row kept on the GPU and attended; rows are offloaded to the host tier
   kClusterKV,    ///< recall per step: sink + selected clusters + local window
-  kClusterAttn,  ///< prefill-time selection by DBAC (CPU backend only in this version)
+  kClusterAttn,  ///< prefill-time selection by DBAC (on kCuda prefill waits for the votes and DBAC)
   kHybrid,       ///< DBAC's set resident + ClusterKV recall (CPU backend only in this version)
 };
 const char* mode_name(Mode mode);

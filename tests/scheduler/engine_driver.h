@@ -402,4 +402,130 @@ inline double run_peaked(EngineConfig c, uint64_t seed, EngineStats* stats) {
   return worst;
 }
 
+/// What the engine reads or writes: the host vector itself (kCpu) or a device copy (kCuda).
+class EngineBuf {
+ public:
+  EngineBuf(Backend backend, std::vector<uint16_t>& host) : host_(&host) {
+#if KVTIER_WITH_CUDA
+    if (backend == Backend::kCuda) {
+      dev_ = std::make_unique<cuda::DeviceBuffer<uint16_t>>(std::max<size_t>(host.size(), 1), 0);
+      KVTIER_CUDA_CHECK(
+          cudaMemcpy(dev_->get(), host.data(), host.size() * 2, cudaMemcpyHostToDevice));
+    }
+#else
+    (void)backend;
+#endif
+  }
+  void* get() const {
+#if KVTIER_WITH_CUDA
+    if (dev_) return dev_->get();
+#endif
+    return host_->data();
+  }
+  /// Waits for the device (kCuda): the engine's work on this buffer has finished.
+  void sync() const {
+#if KVTIER_WITH_CUDA
+    if (dev_) KVTIER_CUDA_CHECK(cudaDeviceSynchronize());
+#endif
+  }
+  /// The device copy back into the host vector (after sync).
+  void download() const {
+    sync();
+#if KVTIER_WITH_CUDA
+    if (dev_) {
+      KVTIER_CUDA_CHECK(
+          cudaMemcpy(host_->data(), dev_->get(), host_->size() * 2, cudaMemcpyDeviceToHost));
+    }
+#endif
+  }
+
+ private:
+  std::vector<uint16_t>* host_;
+#if KVTIER_WITH_CUDA
+  std::unique_ptr<cuda::DeviceBuffer<uint16_t>> dev_;
+#endif
+};
+
+/// Keys in 32 segments of 64 positions, each segment around its own direction (norm 10); the
+/// observation window's queries and every decode query aim at segments 5 and 20.
+struct SegmentPrompt {
+  static constexpr int32_t D = 64, n = 2048, groups = 32, W = 16, Hq = 4;
+  std::vector<std::vector<float>> dirs;
+  std::mt19937_64 rng;
+  std::normal_distribution<float> g{0.f, 1.f};
+  explicit SegmentPrompt(uint64_t seed) : dirs(groups, std::vector<float>(D)), rng(seed) {
+    for (auto& d : dirs) {
+      float sq = 0;
+      for (float& x : d) x = g(rng), sq += x * x;
+      for (float& x : d) x *= 10.f / std::sqrt(sq);
+    }
+  }
+  std::vector<float> queries(int32_t count) {  // [Hq, count, D]; head h aims at target h % 2
+    std::vector<float> q(static_cast<size_t>(Hq) * count * D);
+    for (int32_t h = 0; h < Hq; ++h)
+      for (int32_t i = 0; i < count; ++i)
+        for (int32_t t = 0; t < D; ++t)
+          q[(static_cast<size_t>(h) * count + i) * D + t] =
+              dirs[h % 2 == 0 ? 5 : 20][t] + 0.05f * g(rng);
+    return round_trip(q, DType::kF16);
+  }
+};
+
+/// Two layers of one sequence in mode clusterattn or hybrid over a SegmentPrompt, 12 decode
+/// steps; returns the largest |engine - dense| (either backend).
+inline double run_clusterattn(EngineConfig c, uint64_t seed, EngineStats* stats) {
+  using SP = SegmentPrompt;
+  c.model = ModelShape{2, SP::Hq, 1, SP::D, DType::kF16};
+  c.num_dense_layers = 0;
+  c.observation_window = SP::W;
+  Engine e(c);
+  SP sp(seed);
+  Oracle o;
+  o.s = Shape{2, SP::Hq, 1, SP::D};
+  o.add(1);
+  e.add_sequence(1);
+  for (int32_t l = 0; l < 2; ++l) {
+    std::vector<float> k(static_cast<size_t>(SP::n) * SP::D), v(k.size());
+    for (int32_t r = 0; r < SP::n; ++r)
+      for (int32_t t = 0; t < SP::D; ++t) {
+        k[r * SP::D + t] = sp.dirs[r / 64][t] + 0.05f * sp.g(sp.rng);
+        v[r * SP::D + t] = sp.g(sp.rng);
+      }
+    k = round_trip(k, DType::kF16);
+    v = round_trip(v, DType::kF16);
+    o.append(1, l, k, v, SP::n);
+    auto k16 = to_dtype16(k, DType::kF16), v16 = to_dtype16(v, DType::kF16);
+    auto q16 = to_dtype16(sp.queries(SP::W), DType::kF16);
+    EngineBuf dk(c.backend, k16), dv(c.backend, v16), dq(c.backend, q16);
+    e.prefill_layer(1, l, memory::KvRows{dk.get(), dv.get(), DType::kF16, 1, SP::D, SP::n, -1, -1},
+                    ObservationWindow{dq.get(), SP::W});
+    dk.sync();
+  }
+  double worst = 0;
+  for (int step = 0; step < 12; ++step) {
+    for (int32_t l = 0; l < 2; ++l) {
+      const std::vector<float> q = sp.queries(1);  // [Hq, 1, D] == [1, Hq, D]
+      std::vector<float> kn(SP::D), vn(SP::D);
+      for (int32_t t = 0; t < SP::D; ++t) kn[t] = sp.dirs[step % 32][t], vn[t] = sp.g(sp.rng);
+      kn = round_trip(kn, DType::kF16);
+      vn = round_trip(vn, DType::kF16);
+      o.append(1, l, kn, vn, 1);
+      auto q16 = to_dtype16(q, DType::kF16), k16 = to_dtype16(kn, DType::kF16),
+           v16 = to_dtype16(vn, DType::kF16);
+      std::vector<uint16_t> o16(q.size());
+      EngineBuf dq(c.backend, q16), dk(c.backend, k16), dv(c.backend, v16), dout(c.backend, o16);
+      const SeqId id = 1;
+      e.decode_layer(l, DecodeBatch{&id, 1, dq.get(), dk.get(), dv.get(), dout.get()});
+      dout.download();
+      const std::vector<float> want = o.attend(1, l, q.data());
+      for (size_t j = 0; j < want.size(); ++j) {
+        worst = std::max(worst, static_cast<double>(std::fabs(want[j] - fp16_to_float(o16[j]))));
+      }
+    }
+    e.end_step();
+  }
+  if (stats) *stats = e.stats();
+  return worst;
+}
+
 }  // namespace kvtier::test_engine

@@ -82,6 +82,33 @@ TEST(EngineGpu, CudaGraphsGiveTheOutputsOfLaunchesOneByOne) {
   EXPECT_LT(worst, 2e-3);
 }
 
+TEST(EngineGpu, ClusterAttnKeepingEveryRowEqualsDense) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kClusterAttn, Shape{});
+  c.budget = 4096;
+  c.dbac_min_density_ratio = 0.f;  // every position a core point: nothing is dropped
+  EngineStats st;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 20, &st), kTol);
+  EXPECT_EQ(st.rows_attended, 2 * 12 * (2048 + 6) + 2 * 12 * 13 / 2 - 2 * 12 * 6);
+}
+
+// Votes and DBAC on the device keep what the window attends, as on the CPU backend.
+TEST(EngineGpu, ClusterAttnKeepsWhatTheWindowAttends) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kClusterAttn, Shape{});
+  c.budget = 160;  // the two attended segments (2 x 64) with DBAC's border points
+  EngineStats gpu, cpu;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 21, &gpu), 0.05);
+  c.backend = Backend::kCpu;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 21, &cpu), 0.05);
+  for (const EngineStats* st : {&gpu, &cpu}) {
+    EXPECT_LE(st->rows_attended, 2 * 12 * (4 + 160 + 16) + 2 * 12 * 13 / 2);
+    EXPECT_GT(st->rows_attended, 2 * 12 * (4 + 100 + 16));
+  }
+  EXPECT_GT(gpu.gpu_kv_bytes, 0u);
+  EXPECT_EQ(gpu.host_bytes_used, 0u);  // clusterattn drops what it does not keep
+}
+
 TEST(EngineGpu, StatsAndTelemetryAddUp) {
   KVTIER_REQUIRE_GPU();
   EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});
