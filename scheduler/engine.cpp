@@ -1042,24 +1042,25 @@ std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const K
       Buffer vws = alloc(std::max<size_t>(kernels::observation_votes_workspace_bytes(vp), 16));
       kernels::launch_observation_votes(vp, q.get(), keys.get(), votes.as<float>(), vws.get(),
                                         nullptr, stream);
-      const size_t rb =
-          static_cast<size_t>(Hkv) * std::max<int64_t>(rcap, 1) * sizeof(kernels::TokenRange);
-      const size_t kb = static_cast<size_t>(Hkv) * kcap * 4;
-      Buffer outs = alloc(rb + kb + 4 * static_cast<size_t>(Hkv) * 4 + 8);
+      // [invalid vote (int64) | ranges | kept positions | 4 x Hkv counts], each part aligned.
+      const size_t rb = align16(static_cast<size_t>(Hkv) * std::max<int64_t>(rcap, 1) *
+                                sizeof(kernels::TokenRange));
+      const size_t kb = align16(static_cast<size_t>(Hkv) * kcap * 4);
+      Buffer outs = alloc(16 + rb + kb + 4 * static_cast<size_t>(Hkv) * 4);
+      auto* invalid = reinterpret_cast<int64_t*>(outs.get());
       kernels::DbacOutput out;
-      out.ranges = reinterpret_cast<kernels::TokenRange*>(outs.get());
-      out.kept_positions = reinterpret_cast<int32_t*>(outs.get() + rb);
-      int32_t* small = reinterpret_cast<int32_t*>(outs.get() + rb + kb);
+      out.ranges = reinterpret_cast<kernels::TokenRange*>(outs.get() + 16);
+      out.kept_positions = reinterpret_cast<int32_t*>(outs.get() + 16 + rb);
+      int32_t* small = reinterpret_cast<int32_t*>(outs.get() + 16 + rb + kb);
       out.num_ranges = small;
       out.num_tokens = small + Hkv;
       out.head_budget = small + 2 * Hkv;
       out.num_kept = small + 3 * Hkv;
-      auto* invalid = reinterpret_cast<int64_t*>(small + 4 * Hkv);
       Buffer dws = alloc(std::max<size_t>(kernels::dbac_workspace_bytes(dp), 16));
       kernels::launch_dbac(dp, votes.as<float>(), out, dws.get(), invalid, stream);
       int64_t bad = -1;
-      KVTIER_CUDA_CHECK(
-          cudaMemcpyAsync(kept.data(), out.kept_positions, kb, cudaMemcpyDeviceToHost, stream));
+      KVTIER_CUDA_CHECK(cudaMemcpyAsync(kept.data(), out.kept_positions, kept.size() * 4,
+                                        cudaMemcpyDeviceToHost, stream));
       KVTIER_CUDA_CHECK(
           cudaMemcpyAsync(nk.data(), out.num_kept, Hkv * 4, cudaMemcpyDeviceToHost, stream));
       KVTIER_CUDA_CHECK(cudaMemcpyAsync(&bad, invalid, sizeof bad, cudaMemcpyDeviceToHost, stream));
