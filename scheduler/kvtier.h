@@ -52,6 +52,7 @@ typedef struct kvtier_config {
   uint64_t host_bytes_limit;  /* required */
   uint64_t cache_bytes;       /* 0: the engine's default */
   const char* telemetry_path; /* NULL or "": no file */
+  int32_t cuda_graphs;        /* CUDA: replay each recall layer's kernels as a graph (default 1) */
 } kvtier_config;
 
 typedef struct kvtier_stats {
@@ -61,6 +62,8 @@ typedef struct kvtier_stats {
   uint64_t gpu_bytes, gpu_kv_bytes, gpu_peak_bytes, host_bytes_used, host_bytes_peak;
   int64_t telemetry_events, telemetry_dropped;
   double prefill_cluster_ms;
+  double decode_host_ms;    /* calling thread's CPU time in decode_layer and end_step */
+  double decode_blocked_ms; /* of that, spent spinning on the device */
 } kvtier_stats;
 
 void kvtier_config_default(kvtier_config* config);

@@ -87,6 +87,7 @@ kvtier::EngineConfig to_config(const kvtier_config& c) {
   e.host_bytes_limit = static_cast<size_t>(c.host_bytes_limit);
   e.cache_bytes = static_cast<size_t>(c.cache_bytes);
   if (c.telemetry_path) e.telemetry_path = c.telemetry_path;
+  e.cuda_graphs = c.cuda_graphs != 0;
   return e;
 }
 
@@ -119,6 +120,7 @@ void kvtier_config_default(kvtier_config* c) {
   c->host_bytes_limit = 0;
   c->cache_bytes = 0;
   c->telemetry_path = nullptr;
+  c->cuda_graphs = d.cuda_graphs ? 1 : 0;
 }
 
 const char* kvtier_last_error(void) { return g_last_error.c_str(); }
@@ -214,6 +216,8 @@ kvtier_status kvtier_get_stats(const kvtier_engine* e, kvtier_stats* out) {
     out->telemetry_events = s.telemetry.total_events();
     out->telemetry_dropped = s.telemetry.dropped;
     out->prefill_cluster_ms = s.prefill_cluster_ms;
+    out->decode_host_ms = s.decode_host_ms;
+    out->decode_blocked_ms = s.decode_blocked_ms;
   });
 }
 

@@ -7,6 +7,7 @@
 int main(void) {
   kvtier_config c;
   kvtier_config_default(&c);
+  if (c.cuda_graphs != 1) return 1; /* on by default */
   c.num_layers = 2;
   c.num_q_heads = 4;
   c.num_kv_heads = 2;

@@ -108,6 +108,8 @@ TEST(CApi, SameOutputsAsTheCppEngine) {
   EXPECT_EQ(s.recall_misses, want.recall_misses);
   EXPECT_EQ(s.host_bytes_used, want.host_bytes_used);
   EXPECT_GT(s.window_clusterings, 0);
+  EXPECT_GT(s.decode_host_ms, 0.0);  // the calling thread's time inside the engine
+  EXPECT_GE(s.decode_host_ms, s.decode_blocked_ms);
   int64_t len = 0;
   ASSERT_EQ(kvtier_sequence_length(ce, 3, 2, &len), KVTIER_OK);
   EXPECT_EQ(len, n + 40);
