@@ -208,12 +208,13 @@ void copy_2d(Backend backend, void* dst, size_t dpitch, const void* src, size_t 
   }
 }
 
-/// A CUDA event, or nothing on kCpu.
 /// Waits for `ev` by polling with short sleeps (background threads; see MaybeEvent).
 void poll_event(const cuda::Event* ev) {
   if (ev == nullptr) return;
   while (!ev->query()) std::this_thread::sleep_for(std::chrono::microseconds(50));
 }
+
+/// A CUDA event, or nothing on kCpu.
 
 struct MaybeEvent {
   std::unique_ptr<cuda::Event> ev;
@@ -441,6 +442,7 @@ struct Engine::Impl {
 
   int64_t steps = 0, decode_calls = 0, window_clusterings = 0;
   double decode_host_ms = 0;  // CPU time of the caller's thread in decode_layer and end_step
+  int64_t graph_launches = 0;
   std::atomic<int64_t> rows_attended{0};  // decode (dense layers) and policy jobs (recall layers)
   std::atomic<int64_t> prefill_cluster_us{0};
 
@@ -530,7 +532,7 @@ struct Engine::Impl {
   void start_window_job(Sequence& s, int32_t layer);
   void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream);
   void run_window_host(Sequence& s, int32_t layer, WindowJob& job);
-  void flush_step_rows();
+  void flush_step_rows(cudaStream_t stream);
   void wait_sequence(Sequence& s);
   /// The device's view of the host tier for rows [first_row, clustered) and clusters from
   /// first_cluster on: host page bases and each cluster's first slot. `sync`: wait for the
@@ -575,7 +577,8 @@ struct Engine::Impl {
   // The policy job's decisions for all layers, packed for one upload (kCuda).
   struct PolicyPack {
     memory::PinnedBuffer buf;
-    size_t total = 0;  // bytes to upload; 0: nothing to apply
+    bool valid = false;  // packed from `policy` as it is now (purge_slot invalidates)
+    size_t total = 0;    // bytes to upload; 0: nothing to apply
     int32_t fills = 0, ni = 0, nn = 0, ns = 0;
     MaybeEvent uploaded;
   };
@@ -718,6 +721,7 @@ void Engine::Impl::wait_sequence(Sequence& s) {
     st.window.reset();
     st.prefill_device.synchronize();
     st.last_decode.synchronize();
+    st.dir_up_done.synchronize();  // dir_up is read by a copy until then
   }
 }
 
@@ -910,6 +914,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
   Sequence* seqp = &s;
   jobs.run([this, w, job, seq, layer, off_n, c_n, c0, part_bytes, off, stp, seqp, recall] {
     try {
+      cuda::DeviceGuard guard(device);  // this job creates events and pinned buffers
       const auto t0 = Clock::now();
       w->d2h.wait_polling();
       if (off_n > 0) {
@@ -1129,6 +1134,17 @@ void Engine::Impl::keep_resident(LayerState& st, const KvRows& kv,
 #if KVTIER_WITH_CUDA
   // One row-copy kernel; waits for it (the list and the caller's rows must live until it ran).
   if (runs.empty()) return;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(kv.k) | reinterpret_cast<uintptr_t>(kv.v) |
+                         static_cast<uintptr_t>(rs * es) | static_cast<uintptr_t>(hs * es)) %
+                        16) == 0;
+  if (!aligned) {  // the row-copy kernel moves 16-byte vectors; copy run by run instead
+    for (const kernels::KvChunk& c : runs) {
+      cuda::memcpy_async(c.k_copy, c.k, static_cast<size_t>(c.num_rows) * rowb, stream);
+      cuda::memcpy_async(c.v_copy, c.v, static_cast<size_t>(c.num_rows) * rowb, stream);
+    }
+    KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return;
+  }
   Buffer items = alloc(runs.size() * sizeof(kernels::KvChunk));
   cuda::memcpy_async(items.get(), runs.data(), runs.size() * sizeof(kernels::KvChunk), stream);
   scheduler::launch_copy_rows(items.as<kernels::KvChunk>(), static_cast<int32_t>(runs.size()),
@@ -1255,6 +1271,12 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
                " out of [1, max_batch = ", cfg.max_batch, "]");
   KVTIER_CHECK(b.seqs && b.q && b.k_new && b.v_new && b.out,
                "decode_layer: seqs, q, k_new, v_new and out must not be null");
+  KVTIER_CHECK(backend == Backend::kCpu ||
+                   ((reinterpret_cast<uintptr_t>(b.q) | reinterpret_cast<uintptr_t>(b.k_new) |
+                     reinterpret_cast<uintptr_t>(b.v_new) | reinterpret_cast<uintptr_t>(b.out)) %
+                    16) == 0,
+               "decode_layer: q, k_new, v_new and out must be 16-byte aligned (device copies "
+               "move 16-byte vectors)");
   const int32_t P = B * Hkv;
   const bool recall = recall_index[layer] >= 0;
   const bool cuda_path = backend == Backend::kCuda;
@@ -1634,14 +1656,18 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
         if (partial) cudaGraphDestroy(partial);
         throw;
       }
-      KVTIER_CUDA_CHECK(cudaStreamEndCapture(cs, &g.graph));
-      size_t n = 0;
-      KVTIER_CUDA_CHECK(cudaGraphGetNodes(g.graph, nullptr, &n));
-      std::vector<cudaGraphNode_t> nodes(n);
-      KVTIER_CUDA_CHECK(cudaGraphGetNodes(g.graph, nodes.data(), &n));
-      for (cudaGraphNode_t node : nodes)
-        if (scheduler::is_recall_prologue_node(node)) g.prologue = node;
-      if (g.prologue == nullptr || cudaGraphInstantiate(&g.exec, g.graph, 0) != cudaSuccess) {
+      if (cudaStreamEndCapture(cs, &g.graph) != cudaSuccess || g.graph == nullptr) {
+        (void)cudaGetLastError();  // nothing was launched: fall back to launching one by one
+      } else {
+        size_t n = 0;
+        KVTIER_CUDA_CHECK(cudaGraphGetNodes(g.graph, nullptr, &n));
+        std::vector<cudaGraphNode_t> nodes(n);
+        KVTIER_CUDA_CHECK(cudaGraphGetNodes(g.graph, nodes.data(), &n));
+        for (cudaGraphNode_t node : nodes)
+          if (scheduler::is_recall_prologue_node(node)) g.prologue = node;
+      }
+      if (g.graph == nullptr || g.prologue == nullptr ||
+          cudaGraphInstantiate(&g.exec, g.graph, 0) != cudaSuccess) {
         (void)cudaGetLastError();
         g.exec = nullptr;
         graphs_ok = false;  // launch one by one from now on
@@ -1652,6 +1678,7 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
     if (g.exec) {
       KVTIER_CUDA_CHECK(cudaGraphLaunch(g.exec, stream));
       launched = true;
+      ++graph_launches;
     }
   }
 #endif
@@ -2009,10 +2036,17 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
   auto ev = std::make_shared<cuda::Event>();
   ev->record(stream);
   jobs.run([this, ev, job, work = std::move(work)]() {
-    poll_event(ev.get());
+    try {
+      cuda::DeviceGuard guard(device);
+      poll_event(ev.get());
+    } catch (...) {
+      job->promise.set_exception(std::current_exception());
+      return;
+    }
     work();
     if (job->ready()) return;  // work failed and said so
     try {
+      cuda::DeviceGuard guard(device);  // packing may allocate pinned memory
       pack_policy();
       job->promise.set_value();
     } catch (...) {
@@ -2051,9 +2085,9 @@ void Engine::Impl::pack_policy() {
     }
     set_idx.insert(set_idx.end(), pol.set_idx.begin(), pol.set_idx.end());
     set_val.insert(set_val.end(), pol.set_val.begin(), pol.set_val.end());
-    pol = LayerPolicy();
   }
   PolicyPack& pk = policy_pack;
+  pk.valid = true;
   pk.total = 0;
   if (fills.empty() && inval.empty() && set_idx.empty()) return;
   pk.fills = static_cast<int32_t>(fills.size());
@@ -2109,8 +2143,12 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
     return;
   }
 #if KVTIER_WITH_CUDA
-  // Packed by the job (pack_policy); here one upload and four launches.
+  // Packed by the job (pack_policy; again here when a removed sequence's entries were purged
+  // since); one upload and four launches.
   PolicyPack& pk = policy_pack;
+  if (!pk.valid) pack_policy();
+  pk.valid = false;
+  for (LayerPolicy& pol : policy) pol = LayerPolicy();
   if (pk.total == 0) return;
   const size_t fb = pk.fills * sizeof(kernels::KvChunk);
   const int32_t ni = pk.ni, nn = pk.nn, ns = pk.ns;
@@ -2251,16 +2289,25 @@ void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait, cuda
   refresh_host_directory(s, layer, first, st.clustered - W, stream, false);
 }
 
-void Engine::Impl::flush_step_rows() {
+void Engine::Impl::flush_step_rows(cudaStream_t stream) {
+  (void)stream;
 #if KVTIER_WITH_CUDA
   if (step_rows.empty()) return;
   if (step_append) step_append->future.wait();  // step_host is free again
   for (int32_t l = 0; l < L; ++l) {
     if (step_rows_per_layer[l] > 0) stream_wait(backend, copy_stream(), step_layer_done[l]);
   }
-  cuda::memcpy_async(step_host.data(), step_dev.get(), step_dev.size(), copy_stream());
+  // Layer l's rows are at [l][0, step_rows_per_layer[l]) of [L][max_batch][2][Hkv][D]: download
+  // the used prefix of every layer's slice in one 2D copy.
+  const int32_t used = *std::max_element(step_rows_per_layer.begin(), step_rows_per_layer.end());
+  const size_t seq_bytes = 2 * static_cast<size_t>(Hkv) * rowb;
+  KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(step_host.data(), cfg.max_batch * seq_bytes, step_dev.get(),
+                                      cfg.max_batch * seq_bytes, used * seq_bytes, L,
+                                      cudaMemcpyDeviceToHost, copy_stream()));
   auto done = std::make_shared<MaybeEvent>();
   done->record(backend, copy_stream());
+  // The next step's decodes write step_dev again: after this download (via policy_applied).
+  stream_wait(backend, stream, *done);
   auto job = std::make_shared<Job>();
   auto rows = std::make_shared<std::vector<StepRow>>(std::move(step_rows));
   step_rows.clear();
@@ -2268,6 +2315,7 @@ void Engine::Impl::flush_step_rows() {
   const std::shared_ptr<Job> previous = step_append;
   jobs.run([this, done, job, rows, previous] {
     try {
+      cuda::DeviceGuard guard(device);
       if (previous) previous->future.get();
       done->wait_polling();
       for (const StepRow& r : *rows) {
@@ -2307,6 +2355,7 @@ void Engine::Impl::purge_slot(int32_t slot) {
     pol.inval_idx.erase(std::remove_if(pol.inval_idx.begin(), pol.inval_idx.end(), in_slot),
                         pol.inval_idx.end());
   }
+  policy_pack.valid = false;  // apply_policy packs the purged lists again
 }
 
 // ---- Engine ----
@@ -2420,7 +2469,7 @@ void Engine::end_step(cudaStream_t stream) {
   const double t0 = thread_cpu_ms();
   // Everything below is ordered after every decode of the step, whatever streams they used.
   for (int32_t l = 0; l < m.L; ++l) stream_wait(m.backend, stream, m.step_layer_done[l]);
-  if (m.backend == Backend::kCuda) m.flush_step_rows();
+  if (m.backend == Backend::kCuda) m.flush_step_rows(stream);
   m.apply_policy(stream);  // the previous step's cache decisions
   for (auto& [id, s] : m.seqs) {
     for (int32_t l = 0; l < m.L; ++l) {
@@ -2506,6 +2555,7 @@ EngineStats Engine::stats() const {
   s.window_clusterings = m.window_clusterings;
   s.rows_attended = m.rows_attended.load();
   s.decode_host_ms = m.decode_host_ms;
+  s.graph_launches = m.graph_launches;
   s.decode_blocked_ms = m.staging.blocked_ms();
   return s;
 }

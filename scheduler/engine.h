@@ -146,6 +146,7 @@ struct EngineStats {
   /// GPU, sets the pace.
   double decode_host_ms = 0;
   double decode_blocked_ms = 0;
+  int64_t graph_launches = 0;  ///< recall-layer decodes replayed as a CUDA graph
   /// Recall layers, as attention saw them: selected clusters found in the GPU cache or not (a
   /// miss is read from pinned host memory by attention itself), bytes so read, and bytes
   /// gathered into the cache afterwards for later steps (K and V).

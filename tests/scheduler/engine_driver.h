@@ -351,7 +351,7 @@ class Driver {
 /// Sequences join (prompts of 0 to 150 rows, both layouts) and leave; ragged batches; many
 /// steps, so windows are clustered and appended several times.
 inline double run_churn(const EngineConfig& c, uint64_t seed, int steps,
-                        std::vector<float>* outputs = nullptr) {
+                        std::vector<float>* outputs = nullptr, EngineStats* stats = nullptr) {
   Driver d(c, seed);
   std::mt19937_64 rng(seed);
   std::vector<SeqId> live;
@@ -379,6 +379,7 @@ inline double run_churn(const EngineConfig& c, uint64_t seed, int steps,
     worst = std::max(worst, d.step(batch));
   }
   if (outputs) *outputs = d.outputs();
+  if (stats) *stats = d.engine().stats();
   return worst;
 }
 

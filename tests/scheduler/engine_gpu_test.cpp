@@ -71,9 +71,12 @@ TEST(EngineGpu, CudaGraphsGiveTheOutputsOfLaunchesOneByOne) {
   EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});
   c.budget = 4096;
   std::vector<float> graphs, eager;
-  EXPECT_LT(run_churn(c, test::test_seed() + 7, 60, &graphs), kTol);
+  EngineStats with, without;
+  EXPECT_LT(run_churn(c, test::test_seed() + 7, 60, &graphs, &with), kTol);
   c.cuda_graphs = false;
-  EXPECT_LT(run_churn(c, test::test_seed() + 7, 60, &eager), kTol);
+  EXPECT_LT(run_churn(c, test::test_seed() + 7, 60, &eager, &without), kTol);
+  EXPECT_GT(with.graph_launches, 0);  // the graphs did run
+  EXPECT_EQ(without.graph_launches, 0);
   ASSERT_EQ(graphs.size(), eager.size());
   double worst = 0;
   for (size_t i = 0; i < graphs.size(); ++i) {
