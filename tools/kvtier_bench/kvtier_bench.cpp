@@ -48,7 +48,7 @@ struct Options {
   int64_t context = 131072;
   int32_t batch = 1;
   int32_t steps = 32;
-  int32_t warmup = 4;
+  int32_t warmup = 16;  // the first steps after a prompt carry one-time work
   int32_t offload_steps = 3;
   std::vector<std::string> modes{"dense", "offload", "full", "clusterkv", "clusterkv-cold"};
   int32_t budget = 2048, sink = 16, window = 256, retention = 8, page_size = 16;
