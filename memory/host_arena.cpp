@@ -37,8 +37,7 @@ HostArena::~HostArena() {
 }
 
 bool HostArena::add_slab_locked() {
-  const size_t index = owned_slabs_.size();
-  if (index >= max_slabs_) return false;
+  if (owned_slabs_.size() >= max_slabs_) return false;
   const size_t pages = std::min(pages_per_slab_, num_pages_limit_ - pages_carved_);
   auto slab = std::make_unique<Slab>();
   try {
@@ -46,6 +45,12 @@ bool HostArena::add_slab_locked() {
   } catch (const CapacityError&) {
     return false;
   }
+  return install_slab_locked(std::move(slab), pages);
+}
+
+bool HostArena::install_slab_locked(std::unique_ptr<Slab> slab, size_t pages) {
+  const size_t index = owned_slabs_.size();
+  if (index >= max_slabs_ || pages == 0 || pages > num_pages_limit_ - pages_carved_) return false;
   slab->num_pages = static_cast<uint32_t>(pages);
   if (!slab->buffer.note().empty() && pin_note_.empty()) pin_note_ = slab->buffer.note();
   // Push in reverse so the LIFO free list hands out low addresses first.
@@ -83,6 +88,37 @@ Status HostArena::allocate(size_t count, std::vector<HostPageId>* out) {
   pages_used_.store(used + count, std::memory_order_relaxed);
   pages_peak_ = std::max(pages_peak_, used + count);
   return Status::ok();
+}
+
+size_t HostArena::reserve(size_t min_free) {
+  for (;;) {
+    size_t pages = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (free_list_.size() >= min_free || owned_slabs_.size() >= max_slabs_) {
+        return free_list_.size();
+      }
+      pages = std::min(pages_per_slab_, num_pages_limit_ - pages_carved_);
+    }
+    auto slab = std::make_unique<Slab>();
+    try {
+      slab->buffer = PinnedBuffer::allocate(pages * page_bytes_, numa_node_, pin_);
+    } catch (const CapacityError&) {
+      return free_pages();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    // Another thread may have added slabs meanwhile: this one then goes back if it no longer
+    // fits the limit (its memory is freed outside the lock, by the unique_ptr).
+    const size_t left = num_pages_limit_ - pages_carved_;
+    if (owned_slabs_.size() >= max_slabs_ || left == 0) return free_list_.size();
+    if (pages > left) return free_list_.size();
+    install_slab_locked(std::move(slab), pages);
+  }
+}
+
+size_t HostArena::free_pages() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return free_list_.size();
 }
 
 void HostArena::release(const HostPageId* pages, size_t count) {

@@ -56,6 +56,14 @@ class HostArena {
   Status allocate(size_t count, std::vector<HostPageId>* out);
   /// Returns pages to the free list. Each page must have come from allocate() and not be freed yet.
   void release(const HostPageId* pages, size_t count);
+  /// Obtains slabs until at least `min_free` pages are free (or the limit is reached). A slab is
+  /// allocated and pinned (tens of milliseconds for 256 MiB) outside the arena's lock, so
+  /// allocate() and release() on other threads go on meanwhile: call it from a background thread
+  /// ahead of need, so that allocate() finds pages instead of pinning a slab itself. Returns the
+  /// pages free afterwards.
+  size_t reserve(size_t min_free);
+  /// Pages on the free list now.
+  size_t free_pages() const;
 
   /// Host address of a page; valid until the arena is destroyed.
   std::byte* host_ptr(HostPageId page) const {
@@ -86,6 +94,9 @@ class HostArena {
     uint32_t num_pages = 0;
   };
   bool add_slab_locked();  // false when the limit or the allocator says no
+  // Installs an allocated slab of `pages` pages as the next one; false (nothing changed) when the
+  // limit no longer leaves room for it.
+  bool install_slab_locked(std::unique_ptr<Slab> slab, size_t pages);
 
   const size_t page_bytes_;
   size_t pages_per_slab_ = 0;

@@ -137,6 +137,7 @@ class TieredStore {
   size_t row_bytes() const { return row_bytes_; }
   int64_t rows_per_page() const { return rows_per_page_; }
   const HostArena& arena() const { return arena_; }
+  HostArena& arena() { return arena_; }  ///< e.g. to reserve() pages ahead of appends
   /// Host bytes held by one sequence (whole pages, K and V).
   size_t sequence_bytes(SeqId seq) const;
 

@@ -533,6 +533,23 @@ struct Engine::Impl {
   void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream);
   void run_window_host(Sequence& s, int32_t layer, WindowJob& job);
   void flush_step_rows(cudaStream_t stream);
+  // Keeps free host-tier pages for about 512 more steps of appends, pinning new slabs on a
+  // oneTBB task ahead of need: an append that found the arena empty would pin a 256 MiB slab
+  // itself (tens of milliseconds) on the step's critical path.
+  std::atomic<bool> reserving{false};
+  void reserve_host_pages() {
+    const int64_t rpp = store->rows_per_page();
+    const size_t per_step_pages = std::max<size_t>(seqs.size(), 1) * L * 2 * Hkv;
+    const size_t low = per_step_pages * static_cast<size_t>((512 + rpp - 1) / rpp);
+    if (store->arena().free_pages() >= low || reserving.exchange(true)) return;
+    jobs.run([this, low] {
+      try {
+        store->arena().reserve(2 * low);
+      } catch (...) {  // a later append reports a full arena with its own error
+      }
+      reserving = false;
+    });
+  }
   void wait_sequence(Sequence& s);
   /// The device's view of the host tier for rows [first_row, clustered) and clusters from
   /// first_cluster on: host page bases and each cluster's first slot. `sync`: wait for the
@@ -2494,6 +2511,7 @@ void Engine::end_step(cudaStream_t stream) {
   }
 #endif
   if (m.num_recall_layers > 0) m.launch_policy_job(stream);
+  m.reserve_host_pages();
   m.policy_applied.record(m.backend, stream);
   ++m.steps;
   if (!m.cfg.telemetry_path.empty()) {

@@ -3,10 +3,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <mutex>
+#include <random>
 #include <set>
 #include <thread>
+#include <vector>
 
 #include "memory/core/log.h"
 #include "memory/pinned_buffer.h"
@@ -174,6 +178,74 @@ TEST(HostArena, ConcurrentAllocateRelease) {
   for (auto& th : threads) th.join();
   EXPECT_EQ(failures.load(), 0);  // 8 threads x 8 pages <= 256: never full, never shared
   EXPECT_EQ(a.bytes_used(), 0u);
+}
+
+TEST(HostArena, ReserveObtainsSlabsAheadUpToTheLimit) {
+  HostArena a(small_arena(10));  // slabs of 4 pages
+  EXPECT_EQ(a.free_pages(), 0u);
+  EXPECT_GE(a.reserve(5), 5u);
+  EXPECT_EQ(a.stats().num_slabs, 2u);  // 8 pages
+  EXPECT_EQ(a.free_pages(), 8u);
+  EXPECT_EQ(a.bytes_used(), 0u);  // reserved pages are free, not used
+  std::vector<HostPageId> p;
+  ASSERT_TRUE(a.allocate(8, &p).is_ok());
+  EXPECT_EQ(a.stats().num_slabs, 2u);  // allocate found them: no new slab
+  EXPECT_EQ(a.reserve(100), 2u);       // up to the limit: the last slab holds the 2 pages left
+  EXPECT_EQ(a.stats().num_slabs, 3u);
+  EXPECT_EQ(a.stats().bytes_reserved, 10u * 4096);
+  std::vector<HostPageId> q;
+  ASSERT_TRUE(a.allocate(2, &q).is_ok());
+  EXPECT_FALSE(a.allocate(1, &q).is_ok());
+  p.insert(p.end(), q.begin(), q.end());
+  std::sort(p.begin(), p.end());
+  EXPECT_EQ(std::adjacent_find(p.begin(), p.end()), p.end());  // all distinct
+  a.release(p.data(), p.size());
+  EXPECT_EQ(a.free_pages(), 10u);
+}
+
+TEST(HostArena, ReserveWhileOthersAllocate) {
+  // One thread keeps reserving ahead while others allocate and write: every page handed out is
+  // distinct, nothing exceeds the limit, and the accounting adds up.
+  HostArena a(small_arena(512, 4096, 16));
+  std::atomic<bool> stop{false};
+  std::thread grower([&] {
+    while (!stop) a.reserve(64);
+  });
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  std::mutex mu;
+  std::vector<HostPageId> held;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(test::test_seed() + 100 + t);
+      for (int it = 0; it < 300; ++it) {
+        std::vector<HostPageId> p;
+        if (!a.allocate(1 + rng() % 4, &p).is_ok()) {
+          ++failures;
+          continue;
+        }
+        for (HostPageId id : p) std::memset(a.host_ptr(id), t + 1, 64);
+        for (HostPageId id : p)
+          if (static_cast<int>(a.host_ptr(id)[0]) != t + 1) ++failures;
+        if (it % 10 == 0) {
+          std::lock_guard<std::mutex> lock(mu);
+          held.insert(held.end(), p.begin(), p.end());  // kept: the arena must grow
+        } else {
+          a.release(p.data(), p.size());
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  stop = true;
+  grower.join();
+  EXPECT_EQ(failures.load(), 0);  // at most 4 x (30 x 4 held + 4 in hand) = 496 pages <= 512
+  std::sort(held.begin(), held.end());
+  EXPECT_EQ(std::adjacent_find(held.begin(), held.end()), held.end());
+  EXPECT_EQ(a.bytes_used(), held.size() * 4096);
+  EXPECT_LE(a.stats().bytes_reserved, 512u * 4096);
+  EXPECT_EQ(a.free_pages() + held.size(), a.stats().bytes_reserved / 4096);
+  a.release(held.data(), held.size());
 }
 
 }  // namespace
