@@ -330,9 +330,33 @@ struct Timer {
       b = std::make_unique<cuda::Event>(cuda::EventTiming::kEnabled);
     }
   }
+  // Per-step marks (an event, or the wall clock on the CPU backend) for the step-time spread.
+  std::vector<std::unique_ptr<cuda::Event>> marks;
+  std::vector<std::chrono::steady_clock::time_point> wall;
   void start() {
     if (a) a->record(stream);
     t0 = std::chrono::steady_clock::now();
+    marks.clear();
+    wall.clear();
+  }
+  /// The end of one timed step.
+  void mark() {
+    if (backend == Backend::kCuda) {
+      marks.push_back(std::make_unique<cuda::Event>(cuda::EventTiming::kEnabled));
+      marks.back()->record(stream);
+    } else {
+      wall.push_back(std::chrono::steady_clock::now());
+    }
+  }
+  /// Each marked step's time, after stop_ms().
+  std::vector<double> step_ms() const {
+    std::vector<double> out;
+    for (size_t i = 0; i < marks.size(); ++i)
+      out.push_back(cuda::elapsed_ms(i == 0 ? *a : *marks[i - 1], *marks[i]));
+    for (size_t i = 0; i < wall.size(); ++i)
+      out.push_back(
+          std::chrono::duration<double, std::milli>(wall[i] - (i == 0 ? t0 : wall[i - 1])).count());
+    return out;
   }
   double stop_ms() {
     if (b) {
@@ -344,6 +368,20 @@ struct Timer {
   }
 };
 
+/// p50, p99 and max of per-step times (nearest rank).
+void set_spread(const std::vector<double>& steps, double* p50, double* p99, double* mx) {
+  if (steps.empty()) return;
+  std::vector<double> v = steps;
+  std::sort(v.begin(), v.end());
+  auto rank = [&](double q) {
+    const size_t i = static_cast<size_t>(std::ceil(q * static_cast<double>(v.size())));
+    return v[std::min(v.size() - 1, i == 0 ? 0 : i - 1)];
+  };
+  *p50 = rank(0.50);
+  *p99 = rank(0.99);
+  *mx = v.back();
+}
+
 struct Result {
   std::string mode;
   double ms_per_step = 0;  // one token for every sequence of the batch, all layers
@@ -353,6 +391,7 @@ struct Result {
   double hit_rate = -1;
   double prefill_s = 0, prefill_cluster_s = 0;
   double host_ms = -1;  // caller-thread time per step inside the engine, not blocked on the GPU
+  double p50_ms = 0, p99_ms = 0, max_ms = 0;  // spread of the timed steps
   double rows_per_problem = 0;  // rows attended per (sequence, layer, KV head) and step
   std::string note;
 };
@@ -541,9 +580,13 @@ Result run_dense(const Options& o, const Generator& g, const std::vector<uint16_
         kernels::dense_decode_attention_cpu(ap, t);
       }
     }
-    if (s >= o.warmup) progress(offload ? "offload: step" : "dense: step", s - o.warmup + 1, steps);
+    if (s >= o.warmup) {
+      timer.mark();
+      progress(offload ? "offload: step" : "dense: step", s - o.warmup + 1, steps);
+    }
   }
   timed = timer.stop_ms();
+  set_spread(timer.step_ms(), &r.p50_ms, &r.p99_ms, &r.max_ms);
   r.ms_per_step = timed / steps;
   r.tokens_per_s = 1000.0 * B / r.ms_per_step;
   const double kv = 2.0 * L * layer_bytes;
@@ -651,9 +694,13 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
       e.decode_layer(l, db, stream);
     }
     e.end_step(stream);
-    if (s >= o.warmup) progress((mode + ": step").c_str(), s - o.warmup + 1, o.steps);
+    if (s >= o.warmup) {
+      timer.mark();
+      progress((mode + ": step").c_str(), s - o.warmup + 1, o.steps);
+    }
   }
   const double ms = timer.stop_ms();
+  set_spread(timer.step_ms(), &r.p50_ms, &r.p99_ms, &r.max_ms);
   const EngineStats after = e.stats();
   r.ms_per_step = ms / o.steps;
   r.tokens_per_s = 1000.0 * B / r.ms_per_step;
@@ -781,9 +828,9 @@ int run(int argc, char** argv) {
   double dense_ms = 0;
   for (const Result& r : results)
     if (r.mode == "dense") dense_ms = r.ms_per_step;
-  std::printf("\n%-15s %10s %9s %8s %9s %10s %9s %9s %8s %9s %10s %10s\n", "mode", "ms/step",
-              "vs dense", "host ms", "tok/s", "GPU KV GiB", "host GiB", "PCIe GB/s", "hit %",
-              "rows/head", "prefill s", "offload+kmeans s");
+  std::printf("\n%-15s %10s %8s %9s %8s %9s %10s %9s %9s %8s %9s %10s %10s\n", "mode", "ms/step",
+              "p99 ms", "vs dense", "host ms", "tok/s", "GPU KV GiB", "host GiB", "PCIe GB/s",
+              "hit %", "rows/head", "prefill s", "offload+kmeans s");
   for (const Result& r : results) {
     if (!r.note.empty()) {
       std::printf("%-15s failed: %s\n", r.mode.c_str(), r.note.c_str());
@@ -793,14 +840,17 @@ int run(int argc, char** argv) {
     if (r.hit_rate >= 0) std::snprintf(hit, sizeof hit, "%.1f", 100 * r.hit_rate);
     char host[16] = "-";
     if (r.host_ms >= 0) std::snprintf(host, sizeof host, "%.3f", r.host_ms);
-    std::printf("%-15s %10.3f %8.2fx %8s %9.1f %10.2f %9.2f %9.1f %8s %9.0f %10.1f %10.1f\n",
-                r.mode.c_str(), r.ms_per_step, dense_ms > 0 ? dense_ms / r.ms_per_step : 0.0, host,
-                r.tokens_per_s, r.gpu_kv_gib, r.host_gib, r.pcie_gbps, hit, r.rows_per_problem,
-                r.prefill_s, r.prefill_cluster_s);
+    char p99[16] = "-";
+    if (r.p99_ms > 0) std::snprintf(p99, sizeof p99, "%.3f", r.p99_ms);
+    std::printf("%-15s %10.3f %8s %8.2fx %8s %9.1f %10.2f %9.2f %9.1f %8s %9.0f %10.1f %10.1f\n",
+                r.mode.c_str(), r.ms_per_step, p99, dense_ms > 0 ? dense_ms / r.ms_per_step : 0.0,
+                host, r.tokens_per_s, r.gpu_kv_gib, r.host_gib, r.pcie_gbps, hit,
+                r.rows_per_problem, r.prefill_s, r.prefill_cluster_s);
   }
   std::printf(
       "(ms/step: the attention path of one decode step for every sequence of the batch, "
-      "all layers; vs dense: speed-up over kvtier's dense kernel; host ms: the caller's thread "
+      "all layers; p99 ms: the 99th percentile of single steps; vs dense: speed-up over kvtier's "
+      "dense kernel; host ms: the caller's thread "
       "CPU time inside the engine per step, not counting spins on the GPU; PCIe: H2D fetch rate "
       "over the timed steps, link %.1f GB/s; offload+kmeans: the engine's background prefill "
       "work, summed over layers)\n",
@@ -817,12 +867,14 @@ int run(int argc, char** argv) {
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       f << (i ? "," : "") << "{\"mode\":\"" << r.mode << "\",\"ms_per_step\":" << r.ms_per_step
-        << ",\"tokens_per_s\":" << r.tokens_per_s << ",\"host_ms_per_step\":" << r.host_ms
-        << ",\"gpu_kv_gib\":" << r.gpu_kv_gib << ",\"gpu_total_gib\":" << r.gpu_total_gib
-        << ",\"host_gib\":" << r.host_gib << ",\"pcie_gbps\":" << r.pcie_gbps
-        << ",\"hit_rate\":" << r.hit_rate << ",\"rows_per_head\":" << r.rows_per_problem
-        << ",\"prefill_s\":" << r.prefill_s << ",\"prefill_cluster_s\":" << r.prefill_cluster_s
-        << ",\"error\":\"" << json_escape(r.note) << "\"}";
+        << ",\"step_ms_p50\":" << r.p50_ms << ",\"step_ms_p99\":" << r.p99_ms
+        << ",\"step_ms_max\":" << r.max_ms << ",\"tokens_per_s\":" << r.tokens_per_s
+        << ",\"host_ms_per_step\":" << r.host_ms << ",\"gpu_kv_gib\":" << r.gpu_kv_gib
+        << ",\"gpu_total_gib\":" << r.gpu_total_gib << ",\"host_gib\":" << r.host_gib
+        << ",\"pcie_gbps\":" << r.pcie_gbps << ",\"hit_rate\":" << r.hit_rate
+        << ",\"rows_per_head\":" << r.rows_per_problem << ",\"prefill_s\":" << r.prefill_s
+        << ",\"prefill_cluster_s\":" << r.prefill_cluster_s << ",\"error\":\""
+        << json_escape(r.note) << "\"}";
     }
     f << "]}\n";
   }
