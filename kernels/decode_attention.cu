@@ -82,8 +82,8 @@ int64_t resident_blocks() {
 int32_t choose_splits(int64_t max_rows, int64_t problem_blocks, int64_t capacity) {
   if (max_rows <= 0 || problem_blocks <= 0) return 1;
   const int64_t by_grid = std::numeric_limits<int32_t>::max() / problem_blocks;
-  const int64_t limit = std::max<int64_t>(
-      1, std::min({kMaxAutoSplits, max_rows / kMinRowsPerSplit, by_grid}));
+  const int64_t limit =
+      std::max<int64_t>(1, std::min({kMaxAutoSplits, max_rows / kMinRowsPerSplit, by_grid}));
   int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
   for (int64_t s = 1; s <= limit; ++s) {
     const int64_t waves = (problem_blocks * s + capacity - 1) / capacity;

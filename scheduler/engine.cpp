@@ -478,6 +478,27 @@ struct Engine::Impl {
   int32_t* sizes_row(int64_t row) const { return size_table.as<int32_t>() + row * cap_c; }
   void record(Event e) { telemetry.record(e); }
   void wait_job(const std::shared_ptr<Job>& job, SeqId seq, int32_t layer);
+  /// Decode attention of a batch of B sequences.
+  kernels::DecodeAttentionParams attention_params(int32_t B) const {
+    kernels::DecodeAttentionParams ap;
+    ap.num_seqs = B;
+    ap.num_q_heads = Hq;
+    ap.num_kv_heads = Hkv;
+    ap.head_dim = D;
+    ap.dtype = dtype;
+    return ap;
+  }
+  /// Scoring and selection over `problems` (sequence, KV head) pairs of the centroid table.
+  kernels::ClusterSelectParams select_params(int32_t problems) const {
+    kernels::ClusterSelectParams sp;
+    sp.num_problems = problems;
+    sp.group_size = G;
+    sp.head_dim = D;
+    sp.max_clusters = cap_c;
+    sp.aggregation = cfg.aggregation;
+    sp.overflow = cfg.overflow;
+    return sp;
+  }
   /// k-means of `rows` rows per KV head into `k` clusters, written into the centroid table.
   kernels::KmeansParams kmeans_params(int64_t rows, int32_t k, uint64_t seed) const {
     kernels::KmeansParams kp;
@@ -1453,12 +1474,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
         rows_attended += rows;
       }
     }
-    kernels::DecodeAttentionParams ap;
-    ap.num_seqs = B;
-    ap.num_q_heads = Hq;
-    ap.num_kv_heads = Hkv;
-    ap.head_dim = D;
-    ap.dtype = dtype;
+    const kernels::DecodeAttentionParams ap = attention_params(B);
     if (!cuda_path) {
       kernels::DecodeAttentionTensors t;
       t.q = b.q;
@@ -1534,21 +1550,10 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
     }
   }
   rec.problems += P;
-  kernels::ClusterSelectParams sp;
-  sp.num_problems = P;
-  sp.group_size = G;
-  sp.head_dim = D;
-  sp.max_clusters = cap_c;
-  sp.aggregation = cfg.aggregation;
-  sp.overflow = cfg.overflow;
+  const kernels::ClusterSelectParams sp = select_params(P);
   const int64_t per_problem = chunks_per_problem();
   const size_t slots = static_cast<size_t>(P) * cap_c;
-  kernels::DecodeAttentionParams ap;
-  ap.num_seqs = B;
-  ap.num_q_heads = Hq;
-  ap.num_kv_heads = Hkv;
-  ap.head_dim = D;
-  ap.dtype = dtype;
+  const kernels::DecodeAttentionParams ap = attention_params(B);
   scheduler::ChunkBuildParams bp;
   bp.num_problems = P;
   bp.sel_stride = cap_c;
@@ -1725,21 +1730,10 @@ void Engine::Impl::ensure_recall_scratch() {
   total_rows = alloc(mp * 4);
   size_t sws = 16, aws = 16;
   for (int32_t B = 1; B <= cfg.max_batch; ++B) {
-    kernels::ClusterSelectParams sp;
-    sp.num_problems = B * Hkv;
-    sp.group_size = G;
-    sp.head_dim = D;
-    sp.max_clusters = cap_c;
-    sp.aggregation = cfg.aggregation;
-    sp.overflow = cfg.overflow;
+    const kernels::ClusterSelectParams sp = select_params(B * Hkv);
     sws = std::max({sws, kernels::score_clusters_split_workspace_bytes(sp),
                     kernels::select_clusters_workspace_bytes(sp)});
-    kernels::DecodeAttentionParams ap;
-    ap.num_seqs = B;
-    ap.num_q_heads = Hq;
-    ap.num_kv_heads = Hkv;
-    ap.head_dim = D;
-    ap.dtype = dtype;
+    const kernels::DecodeAttentionParams ap = attention_params(B);
     aws = std::max(aws, kernels::decode_attention_workspace_bytes(ap, recall_max_rows()));
   }
   select_ws = alloc(sws);
