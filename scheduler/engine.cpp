@@ -2303,7 +2303,10 @@ void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait, cuda
 void Engine::Impl::flush_step_rows(cudaStream_t stream) {
   (void)stream;
 #if KVTIER_WITH_CUDA
-  if (step_rows.empty()) return;
+  if (step_rows.empty()) {  // nothing this step goes to the host tier (e.g. clusterattn)
+    std::fill(step_rows_per_layer.begin(), step_rows_per_layer.end(), 0);
+    return;
+  }
   if (step_append) step_append->future.wait();  // step_host is free again
   for (int32_t l = 0; l < L; ++l) {
     if (step_rows_per_layer[l] > 0) stream_wait(backend, copy_stream(), step_layer_done[l]);
