@@ -77,8 +77,6 @@ void validate(const EngineConfig& c) {
                m.head_dim);
   KVTIER_CHECK(m.dtype == DType::kF16 || m.dtype == DType::kBF16, "model.dtype ",
                dtype_name(m.dtype), " is not supported (fp16 or bf16)");
-  KVTIER_CHECK(c.mode != Mode::kHybrid || c.backend == Backend::kCpu, "mode ", mode_name(c.mode),
-               " runs on the CPU backend only in this version");
   KVTIER_CHECK(c.observation_window > 0, "observation_window must be > 0, got ",
                c.observation_window);
   KVTIER_CHECK(c.budget > 0, "budget must be > 0, got ", c.budget);
@@ -541,8 +539,8 @@ struct Engine::Impl {
   void prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStream_t stream);
   void prefill_compressed(Sequence& s, int32_t layer, const KvRows& kv,
                           const ObservationWindow& window, cudaStream_t stream);
-  void prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
-                      const ObservationWindow& window);
+  void prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv, const ObservationWindow& window,
+                      cudaStream_t stream);
   std::vector<std::vector<int64_t>> dbac_keep(int32_t layer, const KvRows& kv,
                                               const ObservationWindow& window,
                                               cudaStream_t stream = nullptr);
@@ -1207,32 +1205,55 @@ void Engine::Impl::prefill_compressed(Sequence& s, int32_t layer, const KvRows& 
 // other prompt row is recallable as in clusterkv. All rows go to the host tier and are clustered
 // by k-means per KV head; each head's resident rows are then moved to cluster 0, which the
 // selection never takes (its size in the selection's table is 0), and the other clusters'
-// centroids are recomputed from their recallable rows alone. No row is attended twice. CPU
-// backend (validated).
+// centroids are recomputed from their recallable rows alone. No row is attended twice. On kCuda
+// the votes, DBAC and k-means run on the device; the relabelling and the centroids of the
+// recallable rows are computed on the host, and prefill waits for all of it (as clusterattn's
+// prefill does: the kept positions decide the copies).
 void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
-                                  const ObservationWindow& window) {
+                                  const ObservationWindow& window, cudaStream_t stream) {
   LayerState& st = s.layers[layer];
   const SeqId seq = s.id;
   const int64_t n = kv.num_rows;
-  const std::vector<std::vector<int64_t>> keep = dbac_keep(layer, kv, window);
-  keep_resident(st, kv, keep, 0);
+  const std::vector<std::vector<int64_t>> keep = dbac_keep(layer, kv, window, stream);
+  keep_resident(st, kv, keep, 0, stream);
   const auto t0 = Clock::now();
-  KvRows all = kv;
-  all.head_stride = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
-  all.row_stride = kv.row_stride >= 0 ? kv.row_stride : kv.head_dim;
-  store->append(seq, layer, all);
   const int32_t c0 = initial_cluster_count(n);
   KVTIER_CHECK_CODE(kCapacity, c0 + 1 <= cap_c, "prompt of ", n, " rows needs ", c0 + 1,
                     " clusters per head; the table holds ", cap_c,
                     " (raise max_context or tokens_per_cluster)");
-  std::vector<std::byte> points(static_cast<size_t>(Hkv) * n * rowb);
-  copy_kv_rows(backend, kv, false, 0, n, points.data(), n * rowb, 0, rowb, nullptr);
+  // Head-major host copies [Hkv, n] of K and V: the host tier's rows, and the points the
+  // centroids are recomputed from.
+  const size_t part = static_cast<size_t>(Hkv) * n * rowb;
+  std::vector<std::byte> hk(part), hv(part);
+  copy_kv_rows(backend, kv, false, 0, n, hk.data(), n * rowb, 0, rowb, stream);
+  copy_kv_rows(backend, kv, true, 0, n, hv.data(), n * rowb, 0, rowb, stream);
   const kernels::KmeansParams kp =
       kmeans_params(n, c0, static_cast<uint64_t>(seq) * 1000003ull + layer);
   std::vector<int32_t> labels(static_cast<size_t>(Hkv) * n);
-  std::vector<float> cent(static_cast<size_t>(Hkv) * cap_c * D);
-  std::vector<int32_t> ksizes(static_cast<size_t>(Hkv) * cap_c);
-  kernels::kmeans_cpu(kp, points.data(), cent.data(), labels.data(), ksizes.data());
+  if (backend == Backend::kCpu) {
+    std::vector<float> cent(static_cast<size_t>(Hkv) * cap_c * D);
+    std::vector<int32_t> ksizes(static_cast<size_t>(Hkv) * cap_c);
+    kernels::kmeans_cpu(kp, hk.data(), cent.data(), labels.data(), ksizes.data());
+  }
+#if KVTIER_WITH_CUDA
+  else {
+    Buffer dk = alloc(part), dcent = alloc(static_cast<size_t>(Hkv) * cap_c * D * sizeof(float)),
+           dlab = alloc(labels.size() * sizeof(int32_t)),
+           dsz = alloc(static_cast<size_t>(Hkv) * cap_c * sizeof(int32_t)),
+           ws = alloc(std::max<size_t>(kernels::kmeans_workspace_bytes(kp), 16));
+    copy_kv_rows(backend, kv, false, 0, n, dk.get(), n * rowb, 0, rowb, stream);
+    kernels::launch_kmeans(kp, dk.get(), dcent.as<float>(), dlab.as<int32_t>(), dsz.as<int32_t>(),
+                           ws.get(), nullptr, nullptr, nullptr, stream);
+    KVTIER_CUDA_CHECK(cudaMemcpyAsync(labels.data(), dlab.get(), labels.size() * sizeof(int32_t),
+                                      cudaMemcpyDeviceToHost, stream));
+    KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));  // labels, hk and hv are complete
+  }
+#endif
+  KvRows all{hk.data(), hv.data(), dtype, Hkv, D, n, n * D, D};
+  store->append(seq, layer, all);
+  // The selection's table rows [Hkv][c0 + 1] (centroids, sizes), built here and copied in.
+  std::vector<float> tc(static_cast<size_t>(Hkv) * (c0 + 1) * D);
+  std::vector<int32_t> ts(static_cast<size_t>(Hkv) * (c0 + 1));
   st.sizes.assign(Hkv, {});
   for (int32_t h = 0; h < Hkv; ++h) {
     int32_t* lab = labels.data() + static_cast<size_t>(h) * n;
@@ -1240,38 +1261,41 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
     for (const int64_t pos : keep[h]) resident[pos] = 1;
     for (int64_t i = 0; i < n; ++i) lab[i] = resident[i] ? 0 : lab[i] + 1;
     store->cluster(seq, layer, h, 0, n, lab, c0 + 1);
-    // Sizes (the host directory needs the true ones) and centroids of the recallable rows.
+  }
+  // Sizes (the host directory needs the true ones) and centroids of the recallable rows.
+  tbb::parallel_for(0, Hkv, [&](int32_t h) {
+    const int32_t* lab = labels.data() + static_cast<size_t>(h) * n;
     std::vector<int32_t> sz(c0 + 1, 0);
     std::vector<double> sum(static_cast<size_t>(c0 + 1) * D, 0.0);
     for (int64_t i = 0; i < n; ++i) {
       ++sz[lab[i]];
       if (lab[i] == 0) continue;
+      const std::byte* row = hk.data() + (static_cast<size_t>(h) * n + i) * rowb;
       double sq = 0;
       for (int32_t d = 0; d < D; ++d) {
-        const double x =
-            load_as_float(points.data() + (static_cast<size_t>(h) * n + i) * rowb, dtype, d);
+        const double x = load_as_float(row, dtype, d);
         sq += x * x;
       }
       const double inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
-      for (int32_t d = 0; d < D; ++d) {
-        sum[static_cast<size_t>(lab[i]) * D + d] +=
-            inv * load_as_float(points.data() + (static_cast<size_t>(h) * n + i) * rowb, dtype, d);
-      }
-    }
-    float* c = centroids_row(st.table_row + h);
-    int32_t* table_sizes = sizes_row(st.table_row + h);
-    for (int32_t j = 0; j <= c0; ++j) {
-      double sq = 0;
       for (int32_t d = 0; d < D; ++d)
-        sq += sum[static_cast<size_t>(j) * D + d] * sum[static_cast<size_t>(j) * D + d];
+        sum[static_cast<size_t>(lab[i]) * D + d] += inv * load_as_float(row, dtype, d);
+    }
+    for (int32_t j = 0; j <= c0; ++j) {
+      const double* c = &sum[static_cast<size_t>(j) * D];
+      double sq = 0;
+      for (int32_t d = 0; d < D; ++d) sq += c[d] * c[d];
       const double inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
       for (int32_t d = 0; d < D; ++d)
-        c[static_cast<size_t>(j) * D + d] =
-            static_cast<float>(sum[static_cast<size_t>(j) * D + d] * inv);
-      table_sizes[j] = j == 0 ? 0 : sz[j];  // cluster 0 (resident rows) is never selected
+        tc[(static_cast<size_t>(h) * (c0 + 1) + j) * D + d] = static_cast<float>(c[d] * inv);
+      ts[static_cast<size_t>(h) * (c0 + 1) + j] = j == 0 ? 0 : sz[j];  // never select cluster 0
     }
     st.sizes[h] = std::move(sz);
-  }
+  });
+  const size_t crow = static_cast<size_t>(c0 + 1) * D * sizeof(float);
+  copy_2d(backend, centroids_row(st.table_row), cap_c * D * sizeof(float), tc.data(), crow, crow,
+          Hkv, stream);
+  copy_2d(backend, sizes_row(st.table_row), cap_c * sizeof(int32_t), ts.data(),
+          (c0 + 1) * sizeof(int32_t), (c0 + 1) * sizeof(int32_t), Hkv, stream);
   st.num_clusters = c0 + 1;
   st.clustered = n;
   st.recall_end = n;
@@ -1279,7 +1303,10 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
   st.rows = n;
   st.prefilled = true;
   prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
-  refresh_host_directory(s, layer, 0, 0, nullptr, true);
+  refresh_host_directory(s, layer, 0, 0, stream, true);
+#if KVTIER_WITH_CUDA
+  if (backend == Backend::kCuda) KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream));  // tc, ts
+#endif
   auto job = std::make_shared<Job>();
   job->promise.set_value();
   st.prefill = job;
@@ -2466,7 +2493,7 @@ void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv,
     return;
   }
   if (s.layers[layer].recall && m.cfg.mode == Mode::kHybrid) {
-    m.prefill_hybrid(s, layer, kv, window);
+    m.prefill_hybrid(s, layer, kv, window, stream);
     return;
   }
   m.prefill(s, layer, kv, stream);

@@ -43,7 +43,7 @@ enum class Mode : uint8_t {
   kFull,         ///< every row kept on the GPU and attended; rows are offloaded to the host tier
   kClusterKV,    ///< recall per step: sink + selected clusters + local window
   kClusterAttn,  ///< prefill-time selection by DBAC (on kCuda prefill waits for the votes and DBAC)
-  kHybrid,       ///< DBAC's set resident + ClusterKV recall (CPU backend only in this version)
+  kHybrid,       ///< DBAC's set resident + ClusterKV recall of the other rows
 };
 const char* mode_name(Mode mode);
 /// "full", "clusterkv", "clusterattn", "hybrid". Throws InvalidArgumentError otherwise.

@@ -112,6 +112,34 @@ TEST(EngineGpu, ClusterAttnKeepsWhatTheWindowAttends) {
   EXPECT_EQ(gpu.host_bytes_used, 0u);  // clusterattn drops what it does not keep
 }
 
+// hybrid on the device: DBAC's rows resident, the rest clustered by the GPU k-means and recalled.
+TEST(EngineGpu, HybridWithARecallBudgetCoveringTheContextEqualsDense) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kHybrid, Shape{});
+  c.budget = 4096;
+  c.window = 8;  // decoded rows are clustered and recalled too
+  c.window_clusters = 2;
+  EngineStats st;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 22, &st), kTol);
+  EXPECT_GT(st.window_clusterings, 0);
+}
+
+TEST(EngineGpu, HybridKeepsDbacRowsAndRecallsTheRestAsTheCpuBackendDoes) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kHybrid, Shape{});
+  c.budget = 160;
+  EngineStats gpu, cpu;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &gpu), 0.05);
+  c.backend = Backend::kCpu;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &cpu), 0.05);
+  for (const EngineStats* st : {&gpu, &cpu}) {
+    EXPECT_GT(st->recall_hits + st->recall_misses, 0);
+    // Resident DBAC rows + at most the budget recalled + the window, against 2048+ rows.
+    EXPECT_LE(st->rows_attended, 2 * 12 * (4 + 176 + 160 + 2 * 16 + 12));
+  }
+  EXPECT_GT(gpu.host_bytes_used, 0u);  // unlike clusterattn, every row stays recallable
+}
+
 TEST(EngineGpu, StatsAndTelemetryAddUp) {
   KVTIER_REQUIRE_GPU();
   EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});

@@ -117,7 +117,7 @@ TEST(Engine, HybridKeepsDbacRowsAndRecallsTheRest) {
   EXPECT_LE(st.rows_attended, 2 * 12 * (4 + 176 + 160 + 2 * 16 + 12));
 }
 
-TEST(EngineErrors, ClusterAttnNeedsTheWindowAndHybridTheCpuBackend) {
+TEST(EngineErrors, ClusterAttnAndHybridNeedTheWindow) {
   EngineConfig c = make_config(Mode::kClusterAttn, Shape{});
   Engine e(c);
   e.add_sequence(1);
@@ -125,14 +125,18 @@ TEST(EngineErrors, ClusterAttnNeedsTheWindowAndHybridTheCpuBackend) {
   const memory::KvRows rows{k.data(), k.data(), DType::kF16, 2, 64, 40, -1, -1};
   e.prefill_layer(1, 0, rows);  // a dense layer needs no window
   EXPECT_THROW(e.prefill_layer(1, 1, rows), InvalidArgumentError);
-  c.backend = Backend::kCuda;
-  if (cuda::built_with_cuda()) {
-    EXPECT_NO_THROW(validate(c));
+  c.mode = Mode::kHybrid;
+  Engine h(c);
+  h.add_sequence(1);
+  h.prefill_layer(1, 0, rows);
+  EXPECT_THROW(h.prefill_layer(1, 1, rows), InvalidArgumentError);
+  if (cuda::built_with_cuda()) {  // both modes run on either backend
+    for (const Mode m : {Mode::kClusterAttn, Mode::kHybrid}) {
+      c.mode = m;
+      c.backend = Backend::kCuda;
+      EXPECT_NO_THROW(validate(c));
+    }
   }
-  c.mode = Mode::kHybrid;  // CPU only for now
-  EXPECT_THROW(validate(c), InvalidArgumentError);
-  c.backend = Backend::kCpu;
-  EXPECT_NO_THROW(validate(c));
 }
 
 TEST(EngineErrors, BadConfigNamesTheField) {

@@ -11,6 +11,9 @@
 //   full       the engine in mode full (all rows resident, offloaded to the host tier)
 //   clusterkv  the engine in mode clusterkv (recall with budget B)
 //   clusterkv-cold  clusterkv with fresh random queries every step and R = 0: ~0% cache hits
+//   clusterattn  the engine in mode clusterattn (DBAC keeps prompt ranges that the observation
+//              window votes for; the rest of the prompt is dropped)
+//   hybrid     the engine in mode hybrid (DBAC's ranges resident, the other rows recalled)
 // It prints a table and writes JSON. The data generator is described in docs/kvtier_bench.md.
 #include <tbb/parallel_for.h>
 
@@ -69,7 +72,8 @@ struct Options {
       stderr,
       "%s\nusage: kvtier-bench [--layers N] [--q-heads N] [--kv-heads N] [--head-dim 64|128]\n"
       "  [--dtype bf16|fp16] [--context N] [--batch N] [--steps N] [--warmup N]\n"
-      "  [--offload-steps N] [--modes dense,offload,full,clusterkv,clusterkv-cold]\n"
+      "  [--offload-steps N]\n"
+      "  [--modes dense,offload,full,clusterkv,clusterkv-cold,clusterattn,hybrid]\n"
       "  [--budget N] [--sink N] [--window N] [--retention N] [--page-size N]\n"
       "  [--dense-layers N] [--kmeans-iters N] [--drift X] [--topics N]\n"
       "  [--backend cuda|cpu] [--host-gib X] [--json FILE]\n"
@@ -160,7 +164,8 @@ Options parse(int argc, char** argv) {
   }
   if (o.context <= 0 || o.batch <= 0 || o.steps <= 0 || o.warmup < 0) usage("bad sizes");
   for (const std::string& m : o.modes) {
-    if (m != "dense" && m != "offload" && m != "full" && m != "clusterkv" && m != "clusterkv-cold")
+    if (m != "dense" && m != "offload" && m != "full" && m != "clusterkv" &&
+        m != "clusterkv-cold" && m != "clusterattn" && m != "hybrid")
       usage(("unknown mode " + m).c_str());
   }
   return o;
@@ -225,6 +230,20 @@ class Generator {
         k[i * D_ + d] = store(kx);
         v[i * D_ + d] = store(vx);
       }
+    });
+  }
+  /// The observation window of one (sequence, layer): the queries of the last n prompt
+  /// positions, [Hq, n, D]; each head's query is its group's topic at that position plus noise,
+  /// like the decode queries (make_queries).
+  void window_queries(uint64_t seq, int32_t layer, int64_t n, uint16_t* q) const {
+    const int32_t Hq = o_.model.num_q_heads, G = Hq / o_.model.num_kv_heads;
+    tbb::parallel_for(int64_t{0}, static_cast<int64_t>(Hq) * n, [&](int64_t i) {
+      const int32_t qh = static_cast<int32_t>(i / n);
+      const int64_t pos = o_.context - n + i % n;
+      const float* t = topic(layer, qh / G, topic_of(seq, layer, qh / G, pos));
+      const uint64_t base = mix(seq * 0xC0FFEEull + layer * 0x9Bull + qh * 0x3Dull) ^
+                            static_cast<uint64_t>(pos) * 0x9E3779B97F4A7C15ull;
+      for (int d = 0; d < D_; ++d) q[i * D_ + d] = store(t[d] + 0.5f * gauss(mix(base + d)));
     });
   }
   uint16_t store(float x) const {
@@ -608,7 +627,11 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   const bool cold = mode == "clusterkv-cold";
   EngineConfig c;
   c.model = o.model;
-  c.mode = mode == "full" ? Mode::kFull : Mode::kClusterKV;
+  c.mode = mode == "full"          ? Mode::kFull
+           : mode == "clusterattn" ? Mode::kClusterAttn
+           : mode == "hybrid"      ? Mode::kHybrid
+                                   : Mode::kClusterKV;
+  const bool windowed = c.mode == Mode::kClusterAttn || c.mode == Mode::kHybrid;
   c.backend = o.backend;
   c.budget = o.budget;
   c.sink = o.sink;
@@ -638,6 +661,9 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   std::vector<uint16_t> k(static_cast<size_t>(Hkv) * o.context * D),
       v(static_cast<size_t>(Hkv) * o.context * D);
   Mem dk(o.backend, k.size() * 2), dv(o.backend, v.size() * 2);
+  const int32_t wobs = c.observation_window;
+  std::vector<uint16_t> wq(windowed ? static_cast<size_t>(Hq) * wobs * D : 0);
+  Mem dq(o.backend, wq.size() * 2);
   const auto t0 = std::chrono::steady_clock::now();
   for (int32_t b = 0; b < B; ++b) {
     e.add_sequence(b);
@@ -647,7 +673,13 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
       dk.upload(0, k.data(), k.size() * 2, stream);
       dv.upload(0, v.data(), v.size() * 2, stream);
       memory::KvRows rows{dk.get(), dv.get(), o.model.dtype, Hkv, D, o.context, -1, -1};
-      e.prefill_layer(b, l, rows, stream);
+      if (windowed) {
+        g.window_queries(static_cast<uint64_t>(b), l, wobs, wq.data());
+        dq.upload(0, wq.data(), wq.size() * 2, stream);
+        e.prefill_layer(b, l, rows, ObservationWindow{dq.get(), wobs}, stream);
+      } else {
+        e.prefill_layer(b, l, rows, stream);
+      }
       sync(o.backend, stream);
     }
   }
