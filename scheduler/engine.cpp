@@ -75,8 +75,10 @@ void validate(const EngineConfig& c) {
                m.num_q_heads, " must be a positive multiple of num_kv_heads ", m.num_kv_heads);
   KVTIER_CHECK(m.head_dim == 64 || m.head_dim == 128, "model.head_dim must be 64 or 128, got ",
                m.head_dim);
-  KVTIER_CHECK(m.dtype == DType::kF16 || m.dtype == DType::kBF16, "model.dtype ",
-               dtype_name(m.dtype), " is not supported (fp16 or bf16)");
+  KVTIER_CHECK(m.dtype == DType::kF16 || m.dtype == DType::kBF16 ||
+                   (m.dtype == DType::kF32 && c.backend == Backend::kCpu),
+               "model.dtype ", dtype_name(m.dtype),
+               " is not supported on this backend (fp16 or bf16; fp32 on the CPU backend)");
   KVTIER_CHECK(c.observation_window > 0, "observation_window must be > 0, got ",
                c.observation_window);
   KVTIER_CHECK(c.budget > 0, "budget must be > 0, got ", c.budget);

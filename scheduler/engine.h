@@ -52,9 +52,9 @@ Mode parse_mode(std::string_view name);
 struct ModelShape {
   int32_t num_layers = 0;
   int32_t num_q_heads = 0;
-  int32_t num_kv_heads = 0;  ///< num_q_heads is a multiple of it (GQA)
-  int32_t head_dim = 0;      ///< 64 or 128
-  DType dtype = DType::kBF16;
+  int32_t num_kv_heads = 0;    ///< num_q_heads is a multiple of it (GQA)
+  int32_t head_dim = 0;        ///< 64 or 128
+  DType dtype = DType::kBF16;  ///< of K, V, queries and outputs; kF32 on the CPU backend only
 };
 
 struct EngineConfig {

@@ -28,7 +28,8 @@ typedef enum {
   KVTIER_ERR_INTERNAL = 6
 } kvtier_status;
 
-typedef enum { KVTIER_DTYPE_F16 = 1, KVTIER_DTYPE_BF16 = 2 } kvtier_dtype;
+/* fp32: the CPU backend only. */
+typedef enum { KVTIER_DTYPE_F16 = 1, KVTIER_DTYPE_BF16 = 2, KVTIER_DTYPE_F32 = 3 } kvtier_dtype;
 typedef enum {
   KVTIER_MODE_FULL = 0,
   KVTIER_MODE_CLUSTERKV = 1,

@@ -54,9 +54,12 @@ kvtier_status null_arg(const char* what) {
 }
 
 kvtier::DType to_dtype(int32_t d) {
-  KVTIER_CHECK(d == KVTIER_DTYPE_F16 || d == KVTIER_DTYPE_BF16, "dtype ", d,
-               " is not a kvtier_dtype (KVTIER_DTYPE_F16 or KVTIER_DTYPE_BF16)");
-  return d == KVTIER_DTYPE_F16 ? kvtier::DType::kF16 : kvtier::DType::kBF16;
+  KVTIER_CHECK(d == KVTIER_DTYPE_F16 || d == KVTIER_DTYPE_BF16 || d == KVTIER_DTYPE_F32, "dtype ",
+               d,
+               " is not a kvtier_dtype (KVTIER_DTYPE_F16, KVTIER_DTYPE_BF16 or KVTIER_DTYPE_F32)");
+  return d == KVTIER_DTYPE_F16    ? kvtier::DType::kF16
+         : d == KVTIER_DTYPE_BF16 ? kvtier::DType::kBF16
+                                  : kvtier::DType::kF32;
 }
 
 kvtier::EngineConfig to_config(const kvtier_config& c) {

@@ -24,7 +24,8 @@ DType parse_dtype(const std::string& name);
 /// head_dim values the KV tiers and kernels support.
 constexpr int kSupportedHeadDims[] = {64, 128, 256};
 
-/// Throws InvalidArgumentError unless dtype is fp16/bf16 and head_dim one of 64, 128, 256.
+/// Throws InvalidArgumentError unless dtype is fp16, bf16 or fp32 and head_dim one of 64, 128,
+/// 256. (The tiers move rows as bytes; which dtypes attention takes is the engine's business.)
 void check_kv_row_shape(DType dtype, int head_dim);
 
 /// Bytes of one K (or V) row.

@@ -162,8 +162,8 @@ DType parse_dtype(const std::string& name) {
 }
 
 void check_kv_row_shape(DType dtype, int head_dim) {
-  KVTIER_CHECK(dtype == DType::kF16 || dtype == DType::kBF16, "KV dtype ", dtype_name(dtype),
-               " is not supported (supported: fp16, bf16)");
+  KVTIER_CHECK(dtype == DType::kF16 || dtype == DType::kBF16 || dtype == DType::kF32, "KV dtype ",
+               dtype_name(dtype), " is not supported (supported: fp16, bf16, fp32)");
   bool ok = false;
   for (int d : kSupportedHeadDims) ok = ok || d == head_dim;
   KVTIER_CHECK(ok, "head_dim ", head_dim, " is not supported (supported: 64, 128, 256)");

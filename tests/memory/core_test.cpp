@@ -52,7 +52,9 @@ TEST(DType, ParseAndValidate) {
   for (int d : {64, 128, 256}) {
     EXPECT_NO_THROW(check_kv_row_shape(DType::kF16, d));
     EXPECT_NO_THROW(check_kv_row_shape(DType::kBF16, d));
+    EXPECT_NO_THROW(check_kv_row_shape(DType::kF32, d));
   }
+  EXPECT_EQ(kv_row_bytes(DType::kF32, 64), 256u);
   try {
     check_kv_row_shape(DType::kBF16, 96);
     FAIL();
@@ -60,10 +62,10 @@ TEST(DType, ParseAndValidate) {
     EXPECT_NE(std::string(e.what()).find("head_dim 96"), std::string::npos) << e.what();
   }
   try {
-    check_kv_row_shape(DType::kF32, 128);
+    check_kv_row_shape(static_cast<DType>(7), 128);  // e.g. a value from a bad FFI cast
     FAIL();
   } catch (const InvalidArgumentError& e) {
-    EXPECT_NE(std::string(e.what()).find("fp32"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("not supported"), std::string::npos) << e.what();
   }
 }
 

@@ -177,6 +177,12 @@ inline std::vector<uint16_t> to_dtype16(const std::vector<float>& x, DType t) {
   }
   return out;
 }
+/// x in dtype t, as the engine reads it.
+inline std::vector<std::byte> encode(const std::vector<float>& x, DType t) {
+  std::vector<std::byte> out(x.size() * dtype_size(t));
+  for (size_t i = 0; i < x.size(); ++i) store_from_float(out.data(), t, i, x[i]);
+  return out;
+}
 inline std::vector<float> round_trip(const std::vector<float>& x, DType t) {
   if (t == DType::kF32) return x;
   std::vector<float> out(x.size());
@@ -270,8 +276,8 @@ class Driver {
  private:
   void prefill(SeqId id, int32_t l, const std::vector<float>& k, const std::vector<float>& v,
                memory::KvRows rows) {
-    const std::vector<uint16_t> k16 = to_dtype16(k, cfg_.model.dtype);
-    const std::vector<uint16_t> v16 = to_dtype16(v, cfg_.model.dtype);
+    const std::vector<std::byte> k16 = encode(k, cfg_.model.dtype);
+    const std::vector<std::byte> v16 = encode(v, cfg_.model.dtype);
     rows.k = k16.data();
     rows.v = v16.data();
 #if KVTIER_WITH_CUDA
@@ -292,10 +298,10 @@ class Driver {
     b.seqs = batch.data();
     b.num_seqs = static_cast<int32_t>(batch.size());
     std::vector<float> out(q.size());
-    const std::vector<uint16_t> q16 = to_dtype16(q, cfg_.model.dtype);
-    const std::vector<uint16_t> k16 = to_dtype16(k, cfg_.model.dtype);
-    const std::vector<uint16_t> v16 = to_dtype16(v, cfg_.model.dtype);
-    std::vector<uint16_t> o16(q.size());
+    const std::vector<std::byte> q16 = encode(q, cfg_.model.dtype);
+    const std::vector<std::byte> k16 = encode(k, cfg_.model.dtype);
+    const std::vector<std::byte> v16 = encode(v, cfg_.model.dtype);
+    std::vector<std::byte> o16(q16.size());
     b.q = q16.data();
     b.k_new = k16.data();
     b.v_new = v16.data();
@@ -316,23 +322,21 @@ class Driver {
 #else
     e_.decode_layer(l, b);
 #endif
-    for (size_t i = 0; i < out.size(); ++i) {
-      out[i] = cfg_.model.dtype == DType::kBF16 ? bf16_to_float(o16[i]) : fp16_to_float(o16[i]);
-    }
+    for (size_t i = 0; i < out.size(); ++i) out[i] = load_as_float(o16.data(), cfg_.model.dtype, i);
     return out;
   }
 
 #if KVTIER_WITH_CUDA
   /// A device copy of a host vector.
   struct Dev {
-    explicit Dev(const std::vector<uint16_t>& h) : buf(std::max<size_t>(h.size(), 1), 0) {
-      KVTIER_CUDA_CHECK(cudaMemcpy(buf.get(), h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+    explicit Dev(const std::vector<std::byte>& h) : buf(std::max<size_t>(h.size(), 16), 0) {
+      KVTIER_CUDA_CHECK(cudaMemcpy(buf.get(), h.data(), h.size(), cudaMemcpyHostToDevice));
     }
-    void download(std::vector<uint16_t>& h) const {
-      KVTIER_CUDA_CHECK(cudaMemcpy(h.data(), buf.get(), h.size() * 2, cudaMemcpyDeviceToHost));
+    void download(std::vector<std::byte>& h) const {
+      KVTIER_CUDA_CHECK(cudaMemcpy(h.data(), buf.get(), h.size(), cudaMemcpyDeviceToHost));
     }
     void* get() const { return buf.get(); }
-    cuda::DeviceBuffer<uint16_t> buf;
+    cuda::DeviceBuffer<std::byte> buf;
   };
   std::unique_ptr<cuda::Stream> stream_;  // CUDA backend only: a CPU run needs no driver
   cudaStream_t stream() {

@@ -43,6 +43,22 @@ TEST(Engine, HalfPrecisionDtypesEqualDenseWithinTolerance) {
   }
 }
 
+// fp32 K/V (CPU backend: models run in fp32 on the CPU): full and clusterkv with a budget
+// covering the context equal dense attention to fp32 rounding, and a small budget still recalls
+// what matters.
+TEST(Engine, Fp32OnTheCpuBackend) {
+  for (const Mode m : {Mode::kFull, Mode::kClusterKV}) {
+    EngineConfig c = make_config(m, Shape{2, 4, 2, 64}, DType::kF32);
+    c.budget = 4096;
+    EXPECT_LT(run_churn(c, test::test_seed() + 30, 30), 1e-5) << mode_name(m);
+  }
+  EngineStats st;
+  EXPECT_LT(
+      run_peaked(make_config(Mode::kClusterKV, Shape{}, DType::kF32), test::test_seed() + 31, &st),
+      0.05);
+  EXPECT_GT(st.recall_hits, 0);
+}
+
 TEST(Engine, SmallBudgetRecallsTheClustersThatMatter) {
   EngineStats st;
   EXPECT_LT(run_peaked(make_config(Mode::kClusterKV, Shape{}), test::test_seed() + 4, &st), 0.05);
@@ -136,6 +152,18 @@ TEST(EngineErrors, ClusterAttnAndHybridNeedTheWindow) {
       c.backend = Backend::kCuda;
       EXPECT_NO_THROW(validate(c));
     }
+  }
+}
+
+TEST(EngineErrors, Fp32NeedsTheCpuBackend) {
+  EngineConfig c = make_config(Mode::kClusterKV, Shape{}, DType::kF32);
+  EXPECT_NO_THROW(validate(c));
+  c.backend = Backend::kCuda;
+  try {
+    validate(c);
+    FAIL();
+  } catch (const InvalidArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("fp32 on the CPU backend"), std::string::npos) << e.what();
   }
 }
 
