@@ -607,8 +607,17 @@ struct Engine::Impl {
            2 * (cfg.budget / std::min<int64_t>(cfg.page_size, 16) + 1);
   }
   static size_t align16(size_t x) { return (x + 15) & ~size_t{15}; }
+  /// Rows a recall problem attends at most: its resident rows (the sink; in hybrid the sink and
+  /// DBAC's kept rows, at most min(total budget, prompt) + the observation window per head), the
+  /// budget, and the window (up to 2W while the previous W are being clustered).
   int64_t recall_max_rows() const {
-    return cfg.sink + cfg.budget + 2 * static_cast<int64_t>(cfg.window);
+    int64_t resident = cfg.sink;
+    if (cfg.mode == Mode::kHybrid) {
+      resident =
+          std::min<int64_t>(cfg.max_context, cfg.sink + static_cast<int64_t>(cfg.budget) * Hkv +
+                                                 cfg.observation_window);
+    }
+    return resident + cfg.budget + 2 * static_cast<int64_t>(cfg.window);
   }
   void launch_policy_job(cudaStream_t stream);
   void pack_policy();
