@@ -287,25 +287,45 @@ __global__ void __launch_bounds__(256)
         }
       }
     }
-    // Fold: thread holds columns 2*t4 + {0, 1} of every n-tile for rows g and g + 8.
-    // Most scores lose to the running second best once it has risen, so a single compare
-    // screens them; only the rest go through the full insert. Columns past k exist only in the
-    // last chunk.
+    // Fold: thread holds columns 2*t4 + {0, 1} of every n-tile for rows g and g + 8, 16 scores
+    // per row. The fold used to cost ten instructions per score (a divergent compare-and-insert
+    // for each), several times the mma work; now a row's 16 scores are screened by their maximum
+    // against the running second best, and only a row whose maximum beats it (common in the
+    // first chunks, rare later) inserts them, without branches. A thread sees its columns in
+    // increasing id order, so strict compares keep the lower id on ties, as top2_insert does.
+    // Columns past k exist only in the last chunk; they score -inf and never enter.
     const int col0 = static_cast<int>(c0) + wc * 64 + 2 * t4;
-    const bool full_chunk = c0 + kAssignCentroids <= k;
+    if (c0 + kAssignCentroids > k) {
 #pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
         for (int b = 0; b < 8; ++b)
 #pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const float v = acc[a][b][h * 2 + q];
-            const int id = col0 + b * 8 + q;
-            if (v >= b2[a][h] && (full_chunk || id < k))
-              top2_insert(v, id, b1[a][h], i1[a][h], b2[a][h], i2[a][h]);
-          }
+          for (int e = 0; e < 4; ++e)
+            if (col0 + b * 8 + (e & 1) >= k) acc[a][b][e] = -INFINITY;
+    }
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float m = acc[a][0][h * 2];
+#pragma unroll
+        for (int b = 0; b < 8; ++b) m = fmaxf(m, fmaxf(acc[a][b][h * 2], acc[a][b][h * 2 + 1]));
+        if (m > b2[a][h]) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              const float v = acc[a][b][h * 2 + q];
+              const int id = col0 + b * 8 + q;
+              const bool g1 = v > b1[a][h], g2 = v > b2[a][h];
+              b2[a][h] = g1 ? b1[a][h] : (g2 ? v : b2[a][h]);
+              i2[a][h] = g1 ? i1[a][h] : (g2 ? id : i2[a][h]);
+              b1[a][h] = g1 ? v : b1[a][h];
+              i1[a][h] = g1 ? id : i1[a][h];
+            }
+        }
+      }
   }
   // Merge the quad's four partial top-twos (threads t4 = 0..3 of a row), then the column halves.
 #pragma unroll
