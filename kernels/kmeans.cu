@@ -206,7 +206,7 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // merged across the 4 threads of a quad by shuffles; the two column halves are merged at the end.
 template <typename T, int kDim>
 __global__ void __launch_bounds__(256)
-    assign_mma_kernel(const T* __restrict__ x, int64_t n, int k, int64_t k_pad,
+    assign_mma_kernel(const T* __restrict__ x, bool vec16, int64_t n, int k, int64_t k_pad,
                       const __half* __restrict__ cb, const float* __restrict__ inv_norm,
                       const int32_t* done, const int32_t* active_rows, const int32_t* active_count,
                       int32_t* labels, int32_t* runner_up, float* second_score) {
@@ -235,14 +235,39 @@ __global__ void __launch_bounds__(256)
     cp_async_commit();
   };
   load_chunk(0, cs);
-  for (int i = threadIdx.x; i < kAssignPoints * kDim; i += blockDim.x) {
-    const int r = i / kDim, c = i % kDim;
-    const int64_t e = entry0 + r;
-    const int64_t row = e < count ? rows[e] : -1;
-    const float v = row >= 0 ? to_float(x[(static_cast<size_t>(p) * n + row) * kDim + c]) *
-                                   inv_norm[static_cast<size_t>(p) * n + row]
-                             : 0.f;
-    xs[r * kLd + c] = __float2half(v);
+  if (vec16) {  // 16-byte loads of the rows (each row is a multiple of 16 bytes)
+    constexpr int kPer = 16 / sizeof(T), kVecs = kDim / kPer;
+    for (int i = threadIdx.x; i < kAssignPoints * kVecs; i += blockDim.x) {
+      const int r = i / kVecs, c = (i % kVecs) * kPer;
+      const int64_t e = entry0 + r;
+      __align__(16) __half h[kPer];
+      if (e < count) {
+        const size_t row = static_cast<size_t>(p) * n + rows[e];
+        const float s = inv_norm[row];
+        const int4 raw = *reinterpret_cast<const int4*>(x + row * kDim + c);
+        const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) h[j] = __float2half(to_float(t[j]) * s);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) h[j] = __float2half(0.f);
+      }
+      if constexpr (kPer == 8) {
+        *reinterpret_cast<int4*>(xs + r * kLd + c) = *reinterpret_cast<const int4*>(h);
+      } else {
+        *reinterpret_cast<uint2*>(xs + r * kLd + c) = *reinterpret_cast<const uint2*>(h);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < kAssignPoints * kDim; i += blockDim.x) {
+      const int r = i / kDim, c = i % kDim;
+      const int64_t e = entry0 + r;
+      const int64_t row = e < count ? rows[e] : -1;
+      const float v = row >= 0 ? to_float(x[(static_cast<size_t>(p) * n + row) * kDim + c]) *
+                                     inv_norm[static_cast<size_t>(p) * n + row]
+                               : 0.f;
+      xs[r * kLd + c] = __float2half(v);
+    }
   }
   // Running top two for the 4 rows this thread sees: [m-tile a][half h] -> row wr*32 + a*16 + h*8 +
   // g.
@@ -782,8 +807,8 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
       assign_mma_kernel<T, kDim><<<tile_grid, 256, smem, stream>>>(
-          x, n, k, k_pad, w.cb, w.inv_norm, w.done, w.active_rows, w.active_count, labels,
-          w.runner_up, w.second_score);
+          x, reinterpret_cast<uintptr_t>(x) % 16 == 0, n, k, k_pad, w.cb, w.inv_norm, w.done,
+          w.active_rows, w.active_count, labels, w.runner_up, w.second_score);
     });
     KVTIER_CUDA_CHECK_LAUNCH("kmeans assign_mma_kernel");
     rebuild_prepare_kernel<<<dim3(static_cast<unsigned>((k + 255) / 256), P), 256, 0, stream>>>(
