@@ -417,7 +417,7 @@ struct Engine::Impl {
 
   // Decode scratch (device on kCuda, host on kCpu), grown on demand.
   Buffer q32, sizes_batch, scores, sel_ids, sel_rows, num_sel, total_rows, select_ws, attn_ws,
-      params_dev, segments_dev, chunk_buf, build_misc, policy_dev;
+      segments_dev, chunk_buf, build_misc, policy_dev;
   // kCuda recall decode (fixed once allocated): the call upload, the queries and output in
   // engine memory, the attention workspace, and one graph per (layer, batch problems).
   Buffer call_params, q_own, out_own, rattn_ws;
@@ -1461,20 +1461,8 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
   }
 #if KVTIER_WITH_CUDA
   else {
-    if (!recall) {  // a recall layer's prologue kernel appends (decode_recall)
-      const size_t bytes = dst.size() * sizeof(void*);
-      std::byte* up = staging.acquire(bytes);
-      std::memcpy(up, dst.data(), bytes);
-      grow(params_dev, bytes);
-      cuda::memcpy_async(params_dev.get(), up, bytes, stream);
-      staging.release(stream);
-      void** d = params_dev.as<void*>();
-      // Resident/ring rows (the first 2P pointers) and step rows (the next 2P): src row p % P.
-      scheduler::launch_append_rows(k_new, v_new, P, P, static_cast<int32_t>(rowb), d, d + P,
-                                    stream);
-      scheduler::launch_append_rows(k_new, v_new, P, P, static_cast<int32_t>(rowb), d + 2 * P,
-                                    d + 3 * P, stream);
-    }
+    // The appends: a recall layer's prologue kernel does them (decode_recall); other layers'
+    // go with their attention's upload below.
     for (int32_t i = 0; i < B; ++i) {
       if (stored[i]) step_rows.push_back(StepRow{ss[i]->id, layer, step_base + i});
     }
@@ -1523,18 +1511,30 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
     }
 #if KVTIER_WITH_CUDA
     else {
+      // One upload: the append targets (resident rows, then step rows when a row of the batch
+      // goes to the host tier; a compressed layer keeps none there), the chunks, the indptr.
+      const bool to_host = std::any_of(stored.begin(), stored.end(), [](uint8_t x) { return x; });
+      const size_t dst_bytes = (to_host ? 4 : 2) * static_cast<size_t>(P) * sizeof(void*);
       const size_t ch_bytes = chunks.size() * sizeof(kernels::KvChunk);
-      const size_t total = ch_bytes + indptr.size() * sizeof(int32_t);
+      const size_t total = dst_bytes + ch_bytes + indptr.size() * sizeof(int32_t);
       std::byte* up = staging.acquire(total);
-      std::memcpy(up, chunks.data(), ch_bytes);
-      std::memcpy(up + ch_bytes, indptr.data(), indptr.size() * sizeof(int32_t));
+      std::memcpy(up, dst.data(), dst_bytes);
+      std::memcpy(up + dst_bytes, chunks.data(), ch_bytes);
+      std::memcpy(up + dst_bytes + ch_bytes, indptr.data(), indptr.size() * sizeof(int32_t));
       grow(segments_dev, total);
       cuda::memcpy_async(segments_dev.get(), up, total, stream);
       staging.release(stream);
+      void** d = segments_dev.as<void*>();  // src row p % P
+      scheduler::launch_append_rows(b.k_new, b.v_new, P, P, static_cast<int32_t>(rowb), d, d + P,
+                                    stream);
+      if (to_host) {
+        scheduler::launch_append_rows(b.k_new, b.v_new, P, P, static_cast<int32_t>(rowb), d + 2 * P,
+                                      d + 3 * P, stream);
+      }
       kernels::DecodeAttentionTensors t;
       t.q = b.q;
-      t.chunks = segments_dev.as<kernels::KvChunk>();
-      t.chunk_indptr = reinterpret_cast<const int32_t*>(segments_dev.get() + ch_bytes);
+      t.chunks = reinterpret_cast<const kernels::KvChunk*>(segments_dev.get() + dst_bytes);
+      t.chunk_indptr = reinterpret_cast<const int32_t*>(segments_dev.get() + dst_bytes + ch_bytes);
       t.out = b.out;
       const size_t ws = kernels::decode_attention_workspace_bytes(ap, max_rows);
       grow(attn_ws, std::max<size_t>(ws, 16));
