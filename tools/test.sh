@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, builds, and runs every test.
 #   tools/test.sh            default build (all labels; GPU tests skip without a device),
-#                            then the ASan+UBSan and TSan presets (CPU tests)
-#   tools/test.sh default|asan|tsan   one preset only
+#                            then the ASan+UBSan and TSan presets (CPU tests), then the Python
+#                            package's tests (integrations/hf, pytest in build-python/venv)
+#   tools/test.sh default|asan|tsan|python   one of them only
 # KVTIER_REQUIRE_GPU=1 turns a skipped GPU test into a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 presets=("$@")
-[ ${#presets[@]} -eq 0 ] && presets=(default asan tsan)
+[ ${#presets[@]} -eq 0 ] && presets=(default asan tsan python)
 for preset in "${presets[@]}"; do
   echo "=== kvtier tests: preset $preset ==="
+  if [ "$preset" = python ]; then
+    tools/setup_python.sh
+    build-python/venv/bin/python -m pytest -p no:cacheprovider integrations/hf/tests
+    continue
+  fi
   tools/setup.sh "$preset"
   case "$preset" in
     default) ctest --preset default -j "${KVTIER_JOBS:-$(nproc)}" ;;

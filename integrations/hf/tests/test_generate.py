@@ -233,3 +233,16 @@ def test_right_padding_is_refused():
     ids, mask = ids.flip(1), mask.flip(1)  # right-padded
     with pytest.raises(ValueError, match="left-padded"):
         model(input_ids=ids, attention_mask=mask, past_key_values=kvtier.enable(model, mode="full"))
+
+
+def test_each_device_engine_counts_its_own_dense_layers():
+    # With a device_map, an engine holds a device's share of the layers; the model's first
+    # num_dense_layers layers stay dense whichever engines they fall in.
+    model = make_model()
+    cache = kvtier.KvtierCache(model, mode="clusterkv", budget=256, num_dense_layers=3)
+    cpu = torch.device("cpu")
+    first = cache._engine_config(cpu, [0, 1], torch.float32, batch=2)
+    second = cache._engine_config(cpu, [2, 3], torch.float32, batch=2)
+    assert (first.num_layers, first.num_dense_layers) == (2, 2)
+    assert (second.num_layers, second.num_dense_layers) == (2, 1)
+    assert first.max_batch == first.max_sequences == 2

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The Python package, ready to test: a virtualenv in build-python/venv (git-ignored; the system
+# Python may be externally managed) with torch, transformers (>= 5) and pytest, and the kvtier
+# package built from integrations/hf into it. Installs only what is missing; run again, it
+# rebuilds the module incrementally (seconds when nothing changed).
+#   tools/setup_python.sh
+# Environment:
+#   KVTIER_PYTHON       interpreter the virtualenv is made from (default: python3)
+#   KVTIER_TORCH_INDEX  pip index URL to take torch from, e.g. PyTorch's CPU-only wheel index
+#                       (PyPI's Linux wheel brings several GiB of CUDA libraries); default PyPI
+#   KVTIER_WITH_CUDA    ON/OFF: build the CUDA backend into the module. Default: ON only where
+#                       nvidia-smi sees a GPU; elsewhere the tests run the CPU backend, and a
+#                       CPU-only build takes minutes less.
+#   KVTIER_NO_APT=1     skip Debian package installation
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tools/apt_deps.sh build-essential cmake ninja-build pkg-config libtbb-dev libhwloc-dev libboost-dev \
+  python3-venv python3-dev
+
+venv=build-python/venv
+if ! "$venv/bin/python" -c "import sys" 2>/dev/null; then
+  rm -rf "$venv"
+  "${KVTIER_PYTHON:-python3}" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$venv/bin/python" - 2>/dev/null <<'PY'
+import nanobind, pytest, scikit_build_core, torch, transformers
+assert int(transformers.__version__.split(".")[0]) >= 5
+PY
+then
+  echo "[kvtier setup] installing torch, transformers, pytest and the build tools into $venv"
+  torch_index=()
+  [ -n "${KVTIER_TORCH_INDEX:-}" ] && torch_index=(--index-url "$KVTIER_TORCH_INDEX")
+  "${pip[@]}" install "${torch_index[@]}" "torch>=2.4"
+  "${pip[@]}" install "transformers>=5" pytest "scikit-build-core>=0.10" "nanobind>=2.0"
+fi
+
+cuda="${KVTIER_WITH_CUDA:-}"
+if [ -z "$cuda" ]; then
+  cuda=OFF
+  if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then cuda=ON; fi
+fi
+echo "[kvtier setup] building the kvtier package (CUDA $cuda)"
+# No build isolation: the build tools are in the venv, so the build directory stays valid from one
+# run to the next and the module rebuilds incrementally.
+KVTIER_WITH_CUDA="$cuda" "${pip[@]}" install --no-build-isolation --no-deps \
+  --config-settings=build-dir="$PWD/build-python/module-$cuda" integrations/hf
