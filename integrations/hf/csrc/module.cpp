@@ -149,8 +149,7 @@ class PyEngine {
   /// q, out: [B, num_q_heads, head_dim]; k_new, v_new: [B, num_kv_heads, head_dim]; all
   /// contiguous. seqs: the B sequence ids, in batch order.
   void decode_layer(int32_t layer, const std::vector<SeqId>& seqs, const Tensor& q,
-                    const Tensor& k_new, const Tensor& v_new, const Tensor& out,
-                    uintptr_t stream) {
+                    const Tensor& k_new, const Tensor& v_new, const Tensor& out, uintptr_t stream) {
     const ModelShape& m = config().model;
     const int64_t b = static_cast<int64_t>(seqs.size());
     if (b == 0) bad("decode_layer: seqs is empty");
@@ -288,7 +287,8 @@ NB_MODULE(_core, m) {
 
   m.def("built_with_cuda", &cuda::built_with_cuda,
         "True if this build has the CUDA backend (kernels compiled with nvcc).");
-  m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible to the engine (0 without).");
+  m.def("cuda_device_count", &cuda::device_count,
+        "CUDA devices visible to the engine (0 without).");
 
   nb::class_<EngineConfig>(m, "EngineConfig",
                            "kvtier::EngineConfig; mode, dtype and backend are given as strings.")
@@ -348,8 +348,9 @@ NB_MODULE(_core, m) {
       .def_rw("max_context", &EngineConfig::max_context)
       .def_rw("telemetry_path", &EngineConfig::telemetry_path)
       .def_rw("cuda_graphs", &EngineConfig::cuda_graphs)
-      .def("validate", [](const EngineConfig& c) { validate(c); },
-           "Raises ValueError naming the first bad field.");
+      .def(
+          "validate", [](const EngineConfig& c) { validate(c); },
+          "Raises ValueError naming the first bad field.");
 
   nb::class_<EngineStats>(m, "EngineStats")
       .def_ro("steps", &EngineStats::steps)

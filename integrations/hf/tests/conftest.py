@@ -48,7 +48,9 @@ _ARCHS = {
 }
 
 
-def make_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, init: float = 0.1, **overrides):
+def make_model(
+    arch: str = "llama", dtype=torch.float32, seed: int = 0, init: float = 0.1, **overrides
+):
     config_cls, model_cls = _ARCHS[arch]
     torch.manual_seed(seed)
     config = config_cls(**{**_SHAPE, "initializer_range": init, **overrides})

@@ -29,7 +29,9 @@ def test_budget_must_be_a_positive_token_count(budget):
 
 def test_unsupported_architecture():
     model = make_gpt2()
-    with pytest.raises(ValueError, match="unsupported architecture.*GPT2Attention.*Llama, Mistral, Qwen2"):
+    with pytest.raises(
+        ValueError, match="unsupported architecture.*GPT2Attention.*Llama, Mistral, Qwen2"
+    ):
         kvtier.enable(model, mode="full")
 
 
@@ -109,7 +111,7 @@ def test_decode_checks_dtype():
 
 def test_decode_checks_layout():
     e = _engine()
-    q, k, v, out = _decode_args()
+    _, k, v, out = _decode_args()
     strided = torch.randn(8, 2, 64).transpose(0, 1)  # [2, 8, 64], not row-major
     with pytest.raises(ValueError, match="q: must be contiguous"):
         e.decode_layer(0, [0, 1], strided, k, v, out)
@@ -133,7 +135,9 @@ def test_prefill_checks_k_and_v():
         e.prefill_layer(0, 0, k, torch.randn(2, 9, 64))
     with pytest.raises(ValueError, match="same strides"):
         e.prefill_layer(0, 0, k, torch.randn(10, 2, 64).transpose(0, 1))
-    with pytest.raises(ValueError, match=r"q_window: shape \[2, 4, 64\] does not match \[8, \*, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"q_window: shape \[2, 4, 64\] does not match \[8, \*, 64\]"
+    ):
         e.prefill_layer(0, 0, k, k.clone(), torch.randn(2, 4, 64))
 
 
@@ -159,7 +163,9 @@ def test_strided_prefill_rows_are_read_in_place():
     # and out of a token-major one: the engine stores the same rows either way.
     e = _engine(batch=2)
     kv = torch.randn(2, 2, 40, 64)  # [B, Hkv, T, D]
-    token_major = kv.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, T, H, D] memory
+    token_major = (
+        kv.transpose(1, 2).contiguous().transpose(1, 2)
+    )  # same values, [B, T, H, D] memory
     e.prefill_layer(0, 0, kv[1, :, 5:], kv[1, :, 5:])
     e.prefill_layer(1, 0, token_major[1, :, 5:], token_major[1, :, 5:])
     assert e.sequence_length(0, 0) == e.sequence_length(1, 0) == 35

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from transformers import DynamicCache
 
 import kvtier
@@ -118,11 +117,19 @@ def test_a_row_of_the_batch_decodes_as_it_would_alone():
     model = make_model()
     lengths = [150, 60]
     ids, mask = prompts(lengths)
-    batch = generate(model, ids, mask, 16, kvtier.enable(model, mode="clusterkv", budget=512, **RECALL))
+    batch = generate(
+        model, ids, mask, 16, kvtier.enable(model, mode="clusterkv", budget=512, **RECALL)
+    )
     width = ids.shape[1]
     for row, n in enumerate(lengths):
         alone_ids, alone_mask = ids[row : row + 1, width - n :], mask[row : row + 1, width - n :]
-        alone = generate(model, alone_ids, alone_mask, 16, kvtier.enable(model, mode="clusterkv", budget=512, **RECALL))
+        alone = generate(
+            model,
+            alone_ids,
+            alone_mask,
+            16,
+            kvtier.enable(model, mode="clusterkv", budget=512, **RECALL),
+        )
         assert alone[0].tolist() == batch[row].tolist()
 
 
@@ -246,3 +253,13 @@ def test_each_device_engine_counts_its_own_dense_layers():
     assert (first.num_layers, first.num_dense_layers) == (2, 2)
     assert (second.num_layers, second.num_dense_layers) == (2, 1)
     assert first.max_batch == first.max_sequences == 2
+
+
+def test_a_second_prompt_needs_a_new_cache():
+    # A used cache holds its sequences' rows; more than one token per step is refused with
+    # what to do instead.
+    model = make_model()
+    cache = kvtier.enable(model, mode="full")
+    generate(model, *prompts([60]), 4, cache)
+    with pytest.raises(ValueError, match="one token per sequence and step.*reset"):
+        generate(model, *prompts([80], seed=9), 4, cache)

@@ -61,7 +61,9 @@ def test_gpu_left_padded_batch_in_every_mode(mode):
     _need_gpus(1)
     model = make_model(dtype=torch.bfloat16).cuda()
     ids, mask = prompts([260, 120, 40])
-    out = generate(model, ids.cuda(), mask.cuda(), 16, kvtier.enable(model, mode=mode, budget=64, **RECALL))
+    out = generate(
+        model, ids.cuda(), mask.cuda(), 16, kvtier.enable(model, mode=mode, budget=64, **RECALL)
+    )
     assert out.shape == (3, 16)
     assert ((out >= 0) & (out < model.config.vocab_size)).all()
 

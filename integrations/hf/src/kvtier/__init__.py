@@ -39,7 +39,9 @@ __all__ = [
 register()
 
 
-def enable(model: torch.nn.Module, mode: str = "clusterkv", budget: int = 2048, **options) -> KvtierCache:
+def enable(
+    model: torch.nn.Module, mode: str = "clusterkv", budget: int = 2048, **options
+) -> KvtierCache:
     """Switches `model` to kvtier attention and returns a KvtierCache for its next generate().
 
     Args:

@@ -99,7 +99,9 @@ def inspect_model(model: torch.nn.Module) -> ModelSpec:
         )
     num_layers = len(layers)
     if sorted(layers) != list(range(num_layers)):
-        raise ValueError(f"kvtier: attention layer indices {sorted(layers)} are not 0..{num_layers - 1}")
+        raise ValueError(
+            f"kvtier: attention layer indices {sorted(layers)} are not 0..{num_layers - 1}"
+        )
 
     first = layers[0]
     head_dim = int(first.head_dim)
@@ -112,7 +114,9 @@ def inspect_model(model: torch.nn.Module) -> ModelSpec:
     windows = []
     for idx, module in layers.items():
         if int(module.head_dim) != head_dim:
-            raise ValueError(f"kvtier: layer {idx} has head_dim {module.head_dim}, layer 0 {head_dim}")
+            raise ValueError(
+                f"kvtier: layer {idx} has head_dim {module.head_dim}, layer 0 {head_dim}"
+            )
         scaling = float(getattr(module, "scaling", head_dim**-0.5))
         if not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6):
             raise ValueError(

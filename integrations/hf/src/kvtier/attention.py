@@ -51,7 +51,8 @@ def kvtier_attention_forward(
     if query.shape[2] != 1:
         raise ValueError(
             f"kvtier: after the prompt the engine takes one token per sequence and step, got "
-            f"{query.shape[2]} (assisted or speculative decoding is not supported)"
+            f"{query.shape[2]}: use a new KvtierCache (or cache.reset()) for a new prompt; "
+            f"assisted and speculative decoding are not supported"
         )
     return layer.cache._decode_layer(layer, query, key, value), None
 

@@ -71,11 +71,15 @@ def _check_settings(mode, budget, max_context, host_bytes_limit, options) -> Non
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise ValueError(f"kvtier: budget must be a positive number of tokens, got {budget!r}")
     if max_context is not None and (not isinstance(max_context, int) or max_context <= 0):
-        raise ValueError(f"kvtier: max_context must be a positive number of tokens, got {max_context!r}")
+        raise ValueError(
+            f"kvtier: max_context must be a positive number of tokens, got {max_context!r}"
+        )
     if host_bytes_limit is not None and (
         not isinstance(host_bytes_limit, int) or host_bytes_limit <= 0
     ):
-        raise ValueError(f"kvtier: host_bytes_limit must be a positive byte count, got {host_bytes_limit!r}")
+        raise ValueError(
+            f"kvtier: host_bytes_limit must be a positive byte count, got {host_bytes_limit!r}"
+        )
     unknown = sorted(set(options) - set(ENGINE_OPTIONS))
     if unknown:
         raise TypeError(
@@ -116,7 +120,7 @@ class KvtierLayer(CacheLayerMixin):
     # There is nothing to allocate ahead: storage is the engine's.
     supports_early_init = False
 
-    def __init__(self, cache: "KvtierCache", layer_idx: int):
+    def __init__(self, cache: KvtierCache, layer_idx: int):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
@@ -186,7 +190,6 @@ class KvtierLayer(CacheLayerMixin):
 
     def prefetch(self):
         pass
-
 
 
 @dataclass
@@ -275,11 +278,11 @@ class KvtierCache(Cache):
     def budget(self) -> int:
         return self.settings.budget
 
-    def engine_stats(self) -> dict[str, "_core.EngineStats"]:
+    def engine_stats(self) -> dict[str, _core.EngineStats]:
         """EngineStats of each engine, by device ("cpu", "cuda:0", ...)."""
         return {str(d): g.engine.stats() for d, g in self._engines.items()}
 
-    def engines(self) -> dict[str, "_core.Engine"]:
+    def engines(self) -> dict[str, _core.Engine]:
         """The engines made so far, by device."""
         return {str(d): g.engine for d, g in self._engines.items()}
 
@@ -289,8 +292,9 @@ class KvtierCache(Cache):
             groups.setdefault(device, []).append(idx)
         return groups
 
-    def _engine_config(self, device: torch.device, layers: list[int], dtype: torch.dtype,
-                       batch: int) -> "_core.EngineConfig":
+    def _engine_config(
+        self, device: torch.device, layers: list[int], dtype: torch.dtype, batch: int
+    ) -> _core.EngineConfig:
         if dtype not in _DTYPES:
             raise ValueError(
                 f"kvtier: KV dtype {dtype} is not supported (float16, bfloat16, float32)"
@@ -385,7 +389,9 @@ class KvtierCache(Cache):
         group = self._group(layer.layer_idx, key.device, key.dtype)
         local = group.local[layer.layer_idx]
         stream = group.stream()
-        window = self.settings.options.get("observation_window", group.engine.config.observation_window)
+        window = self.settings.options.get(
+            "observation_window", group.engine.config.observation_window
+        )
         query, key, value = query.detach(), key.detach(), value.detach()
         for seq, start in enumerate(self._starts):
             rows = length - start
@@ -412,7 +418,9 @@ class KvtierCache(Cache):
         v = value.detach()[:, :, 0, :].contiguous()
         out = torch.empty_like(q)
         stream = group.stream()
-        group.engine.decode_layer(group.local[layer.layer_idx], list(range(batch)), q, k, v, out, stream)
+        group.engine.decode_layer(
+            group.local[layer.layer_idx], list(range(batch)), q, k, v, out, stream
+        )
         if layer.layer_idx == group.last_layer:
             group.engine.end_step(stream)
         return out.unsqueeze(1)  # [B, 1, Hq, D]: the layout attention functions return
