@@ -8,12 +8,15 @@
 // accumulation; no n x k score matrix in memory). It keeps the top two candidates per row, and
 // both are re-scored exactly in fp32 before the label is final; that kernel also computes the
 // objective and accumulates the next update's sums.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cub/block/block_scan.cuh>
 #include <type_traits>
 #include <vector>
@@ -42,7 +45,7 @@ struct Workspace {
   double* objective;   // [P, max_iters + 1]
   int32_t* done;       // [P] 1 once converged
   int32_t* iters;      // [P]
-  int32_t* init_rows;  // [P, k]
+  int32_t* init_rows;  // [P, k] kRandomRows: uploaded; kPlusPlus: written by plus_plus_kernel
   __half* cb;  // [P, k_pad, d] fp16 copy of the unit centroids for the tensor-core assignment
   int32_t* runner_up;     // [P, n] second candidate of the fp16 assignment, re-scored exactly
   float* second_score;    // [P, n] fp16 score of that second candidate
@@ -744,6 +747,505 @@ __global__ void converge_kernel(int P, int64_t n, int it, int max_iters, float r
   if (o[it - 1] - o[it] <= static_cast<double>(rel_tol) * o[it - 1]) done[p] = 1;
 }
 
+// ---- k-means++ seeding (KmeansInit::kPlusPlus) ----
+// One thread-block cluster of C blocks (C = 1..8; sm_90 clusters) per problem, all problems in
+// one launch; the greedy loop over the k centres runs inside the kernel. The sample is split into
+// C contiguous slices; each block keeps best[] (1 - cos to the nearest centre so far, -1 once
+// taken) and a per-row bit mask for its slice in shared memory, and streams its slice's rows from
+// the input (scaled by inv_norm from prep_kernel, so rows are normalized once). Per centre:
+//   1. prefix sums of w = best over untaken rows: per thread (contiguous chunk, double), a block
+//      scan, then the C block totals through distributed shared memory (cluster barrier A);
+//   2. every trial's u = total * uniform(draw) is owned by exactly one thread of one block, which
+//      walks its chunk to the candidate and writes it into every block (barrier B);
+//   3. one pass over the slice computes each row's cosine to all trial candidates at once (fp32,
+//      4 lanes per row, 2 rows per lane) and each candidate's gain (fp32 per lane, then double),
+//      and marks in mask[] which candidates lower the row's best;
+//   4. gains are summed over the cluster in a fixed order (barrier C), so every block picks the
+//      same winner; rows whose mask has the winner's bit recompute that cosine (bit for bit the
+//      same arithmetic) and lower best[].
+// The draws are the reference's (counter-based, detail::plus_plus_draw); only the order of the
+// floating-point sums differs, so the rows picked are the reference's unless a draw or a gain
+// comparison falls within rounding of a boundary.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define KVTIER_KMEANS_PP_CLUSTERS 1
+#else
+#define KVTIER_KMEANS_PP_CLUSTERS 0
+#endif
+
+constexpr int kPPThreads = 512;
+constexpr int kPPWarps = kPPThreads / 32;
+constexpr int kPPLanes = 4;                       // lanes per row in the distance passes
+constexpr int kPPSlots = 32 / kPPLanes;           // rows side by side in a warp
+constexpr int kPPRho = 2;                         // rows per lane
+constexpr int kPPPartials = kPPWarps * kPPSlots;  // gain partial sums per trial and block
+constexpr int kPPMaxCluster = 8;                  // portable cluster size
+constexpr int kPPMinSliceRows = 512;              // fewer rows per block: not worth a barrier
+constexpr int kPPTargetBlocks = 128;              // split problems until about this many blocks
+constexpr size_t kPPExclBytes = (static_cast<size_t>(kPPThreads + 1) * 8 + 15) / 16 * 16;
+
+struct PlusPlusArgs {
+  int64_t n;          // rows per problem
+  int64_t m;          // sample rows
+  double ratio;       // n / m (sample row s is row floor(s * n / m))
+  uint64_t seed;      // KmeansParams::seed
+  int32_t d;          // dim
+  int32_t k;          // effective k
+  int32_t trials;     // candidates per centre
+  int32_t cluster;    // C, blocks per problem
+  int32_t slice_cap;  // rows the shared-memory arrays hold (largest slice, rounded up to 4)
+  int32_t vec;        // points are 16-byte aligned: 16-byte loads
+};
+
+// Dynamic shared memory of plus_plus_kernel: excl[kPPThreads + 1] (double), cvec[kT][d],
+// part[kT][kPPPartials], best[slice_cap] (float), mask[slice_cap].
+inline size_t plus_plus_fixed_bytes(int bucket, int d) {
+  return kPPExclBytes + static_cast<size_t>(bucket) * d * 4 +
+         static_cast<size_t>(bucket) * kPPPartials * 4;
+}
+inline size_t plus_plus_row_bytes(int bucket) { return 4 + (bucket <= 16 ? 2 : 4); }
+
+struct PPMax {
+  __device__ __forceinline__ double operator()(double a, double b) const { return a < b ? b : a; }
+};
+
+/// Row of sample index s: floor(s * n / m), exactly (the reference's init_sample_rows).
+__device__ __forceinline__ int64_t pp_sample_row(int64_t s, int64_t n, int64_t m, double ratio) {
+  if (n == m) return s;
+  const int64_t num = s * n;  // < 2^62
+  int64_t q = static_cast<int64_t>(static_cast<double>(s) * ratio);
+  while (q > 0 && q * m > num) --q;
+  while ((q + 1) * m <= num) ++q;
+  return q;
+}
+
+__device__ __forceinline__ int pp_rank(int cluster) {
+#if KVTIER_KMEANS_PP_CLUSTERS
+  (void)cluster;
+  return static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#else
+  if (cluster != 1) __trap();  // the host launches clusters only for sm_90 code
+  return 0;
+#endif
+}
+
+// Cluster-wide barrier (all threads of all blocks; release/acquire for shared and global
+// memory). Without clusters the cluster is the block.
+__device__ __forceinline__ void pp_cluster_sync() {
+#if KVTIER_KMEANS_PP_CLUSTERS
+  cooperative_groups::this_cluster().sync();
+#else
+  __syncthreads();
+#endif
+}
+
+/// The same shared-memory object in block `rank` of the cluster.
+template <typename U>
+__device__ __forceinline__ U* pp_remote(U* p, int rank) {
+#if KVTIER_KMEANS_PP_CLUSTERS
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  (void)rank;
+  return p;
+#endif
+}
+
+// 16 bytes of a row as floats.
+__device__ __forceinline__ void pp_load(const float* p, bool vec, float (&f)[4]) {
+  if (vec) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f[e] = p[e];
+  }
+}
+__device__ __forceinline__ void pp_load(const __half* p, bool vec, float (&f)[8]) {
+  if (vec) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+      f[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = __half2float(p[e]);
+  }
+}
+__device__ __forceinline__ void pp_load(const __nv_bfloat16* p, bool vec, float (&f)[8]) {
+  if (vec) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);  // bf16 -> fp32 is exact: the high half of the bits
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = __bfloat162float(p[e]);
+  }
+}
+
+// Dot products of kPPRho rows (raw, not normalized) with kT unit vectors cvec[kT][d]: lane `sub`
+// of a row's 4 lanes takes the row's 16-byte pieces sub, sub + 4, ..., then the 4 partial sums
+// are combined by two xor shuffles, so all 4 lanes hold the same sums. Rows with load[r] false
+// count as zero. A candidate's arithmetic (fmaf in this order, then the shuffles) does not depend
+// on kT, so a later call with kT = 1 reproduces its sums bit for bit. All lanes must call it.
+template <typename T, int kT>
+__device__ __forceinline__ void pp_dots(const T* const (&rows)[kPPRho], const bool (&load)[kPPRho],
+                                        int d, int sub, bool vec, const float* cvec,
+                                        float (&acc)[kPPRho][kT]) {
+  constexpr int kE = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int r = 0; r < kPPRho; ++r)
+#pragma unroll
+    for (int t = 0; t < kT; ++t) acc[r][t] = 0.f;
+  const int pieces = d / kE;
+#pragma unroll 1
+  for (int v = sub; v < pieces; v += kPPLanes) {
+    float f[kPPRho][kE];
+#pragma unroll
+    for (int r = 0; r < kPPRho; ++r) {
+      if (load[r]) {
+        pp_load(rows[r] + v * kE, vec, f[r]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kE; ++e) f[r][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kT; ++t) {
+      float c[kE];
+      const float4* cp = reinterpret_cast<const float4*>(cvec + t * d + v * kE);
+#pragma unroll
+      for (int i = 0; i < kE / 4; ++i) {
+        const float4 q = cp[i];
+        c[4 * i] = q.x, c[4 * i + 1] = q.y, c[4 * i + 2] = q.z, c[4 * i + 3] = q.w;
+      }
+#pragma unroll
+      for (int e = 0; e < kE; ++e)
+#pragma unroll
+        for (int r = 0; r < kPPRho; ++r) acc[r][t] = fmaf(f[r][e], c[e], acc[r][t]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kPPRho; ++r)
+#pragma unroll
+    for (int t = 0; t < kT; ++t) {
+      acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], 1);
+      acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], 2);
+    }
+}
+
+/// max(0, 1 - cos) from a raw row's dot product with a unit vector and the row's inverse norm;
+/// one explicit fma, so the pass and the update round it the same way.
+__device__ __forceinline__ float pp_distance(float dot, float inv) {
+  return fmaxf(0.f, __fmaf_rn(-dot, inv, 1.f));
+}
+
+// cvec[t] = unit vector of sample row cand[t] for t < count, zeros up to `width` (block-wide).
+template <typename T>
+__device__ void pp_load_centres(const T* __restrict__ xp, const float* __restrict__ invp,
+                                const int64_t* cand, int count, int width, const PlusPlusArgs& a,
+                                float* cvec) {
+  for (int i = threadIdx.x; i < width * a.d; i += blockDim.x) {
+    const int t = i / a.d, e = i - t * a.d;
+    float v = 0.f;
+    if (t < count) {
+      const int64_t row = pp_sample_row(cand[t], a.n, a.m, a.ratio);
+      v = to_float(xp[row * a.d + e]) * invp[row];  // as init_kernel computes the centroid
+    }
+    cvec[i] = v;
+  }
+}
+
+// Rare: no row with w > 0 in the chunk that owns a draw (rounding at a boundary, or an empty
+// chunk). The last row with w > 0 before `from` (this slice, then the earlier slices), else the
+// first one at or after it. Some row has w > 0 because the total is positive.
+__device__ int64_t pp_nearest_positive(float* best, int from, int rank, const PlusPlusArgs& a) {
+  const int C = a.cluster;
+  for (int q = rank; q >= 0; --q) {
+    const float* bq = pp_remote(best, q);
+    const int64_t qb = a.m * q / C;
+    const int qn = static_cast<int>(a.m * (q + 1) / C - qb);
+    for (int s = (q == rank ? from : qn) - 1; s >= 0; --s)
+      if (bq[s] > 0.f) return qb + s;
+  }
+  for (int q = rank; q < C; ++q) {
+    const float* bq = pp_remote(best, q);
+    const int64_t qb = a.m * q / C;
+    const int qn = static_cast<int>(a.m * (q + 1) / C - qb);
+    for (int s = q == rank ? from : 0; s < qn; ++s)
+      if (bq[s] > 0.f) return qb + s;
+  }
+  return 0;  // not reached
+}
+
+// grid: (P * C) in clusters of C, block kPPThreads, dynamic shared memory as above. Writes
+// init_rows[p][0..k) (rows of the problem, in the order chosen).
+template <typename T, int kT>
+__global__ void __launch_bounds__(kPPThreads, 1)
+    plus_plus_kernel(const T* __restrict__ x, const float* __restrict__ inv_norm, PlusPlusArgs a,
+                     int32_t* init_rows) {
+  using MaskT = std::conditional_t<(kT <= 16), uint16_t, uint32_t>;
+  using Scan = cub::BlockScan<double, kPPThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ double sh_total;      // this block's sum of w (read by the cluster)
+  __shared__ int sh_first;         // this block's first untaken row (read by the cluster)
+  __shared__ int64_t sh_cand[kT];  // this step's candidates, written by the block owning the draw
+  __shared__ double sh_gain[kT];   // this block's share of each candidate's gain
+  __shared__ double sh_u[kT];
+  __shared__ double sh_tot_all[kPPMaxCluster];
+  __shared__ int sh_first_all[kPPMaxCluster];
+  __shared__ double sh_gain_all[kPPMaxCluster * kT];
+  __shared__ int sh_win;
+  extern __shared__ __align__(16) unsigned char pp_smem[];
+  double* excl = reinterpret_cast<double*>(pp_smem);
+  float* cvec = reinterpret_cast<float*>(pp_smem + kPPExclBytes);
+  float* part = cvec + kT * a.d;
+  float* best = part + kT * kPPPartials;
+  MaskT* mask = reinterpret_cast<MaskT*>(best + a.slice_cap);
+
+  const int C = a.cluster;
+  const int rank = pp_rank(C);
+  const int prob = static_cast<int>(blockIdx.x) / C;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int slot = lane / kPPLanes, sub = lane % kPPLanes;
+  const int64_t n = a.n, m = a.m;
+  const int d = a.d, k = a.k, trials = a.trials;
+  const bool vec = a.vec != 0;
+  const int64_t sb = m * rank / C;  // this block's slice: sample rows [sb, sb + ms)
+  const int ms = static_cast<int>(m * (rank + 1) / C - sb);
+  const T* xp = x + static_cast<size_t>(prob) * n * d;
+  const float* invp = inv_norm + static_cast<size_t>(prob) * n;
+  // Each thread's contiguous chunk of the slice for the prefix sums; an odd length puts a warp's
+  // reads of best[] on 32 different banks.
+  const int chunk = ((ms + kPPThreads - 1) / kPPThreads) | 1;
+  const int c0 = min(ms, tid * chunk), c1 = min(ms, c0 + chunk);
+  const uint64_t stream = detail::plus_plus_stream(a.seed, prob);
+
+  for (int s = tid; s < ms; s += kPPThreads) best[s] = 2.f, mask[s] = 0;
+  if (tid == 0) sh_first = INT_MAX;
+  __syncthreads();
+
+  // Rows of the distance passes: warp `warp` takes 16 rows at a time, lane (slot, sub) works on
+  // rows slot and slot + 8 of them.
+  constexpr int kWarpRows = kPPSlots * kPPRho;
+  auto pass_rows = [&](int base, int(&s)[kPPRho], bool(&ok)[kPPRho]) {
+#pragma unroll
+    for (int r = 0; r < kPPRho; ++r) {
+      s[r] = base + slot + r * kPPSlots;
+      ok[r] = s[r] < ms;
+    }
+  };
+
+  for (int j = 0; j < k; ++j) {
+    int mode;  // 0: the first centre; 1: drawn; 2: every untaken row coincides with a centre
+    int win = 0;
+    int64_t pick;
+    if (j == 0) {
+      mode = 0;
+      pick = static_cast<int64_t>(detail::plus_plus_draw(stream, 0, 0) % static_cast<uint64_t>(m));
+      if (tid == 0) sh_cand[0] = pick;
+      __syncthreads();
+      pp_load_centres(xp, invp, sh_cand, 1, 1, a, cvec);
+      __syncthreads();
+    } else {
+      // 1. Sums of w per thread chunk, the block scan, and the cluster's totals.
+      double sum = 0.0;
+      int first = INT_MAX;
+      for (int s = c0; s < c1; ++s) {
+        const float b = best[s];
+        if (b >= 0.f) {
+          first = min(first, s);
+          sum += b;
+        }
+      }
+      if (first != INT_MAX) atomicMin(&sh_first, first);
+      double ex, tot;
+      Scan(scan_tmp).ExclusiveSum(sum, ex, tot);
+      // The scan's tree of additions can leave a prefix an ulp below its predecessor's (after a
+      // zero); a running maximum (exact) makes the bounds non-decreasing, so the threads'
+      // intervals below partition the line and each draw has exactly one owner.
+      __syncthreads();  // scan_tmp is reused
+      Scan(scan_tmp).InclusiveScan(tid == 0 ? 0.0 : ex, ex, PPMax());
+      excl[tid] = ex;
+      if (tid == 0) sh_total = tot;
+      pp_cluster_sync();  // A
+      if (tid < C) {
+        sh_tot_all[tid] = *pp_remote(&sh_total, tid);
+        sh_first_all[tid] = *pp_remote(&sh_first, tid);
+      }
+      __syncthreads();
+      // Every block forms the same sequential prefix over the block totals, so block r's upper
+      // bound is bit for bit block r + 1's lower bound.
+      double grand = 0.0, base = 0.0, lo = -INFINITY, hi = INFINITY;
+      for (int q = 0; q < C; ++q) {
+        if (q == rank) {
+          base = grand;
+          if (q > 0) lo = grand;
+        }
+        grand += sh_tot_all[q];
+        if (q == rank && q < C - 1) hi = grand;
+      }
+      if (!(grand > 0.0)) {
+        mode = 2;
+        pick = 0;
+        for (int q = C - 1; q >= 0; --q)
+          if (sh_first_all[q] != INT_MAX) pick = m * q / C + sh_first_all[q];
+      } else {
+        mode = 1;
+        pick = -1;
+        if (tid < trials)
+          sh_u[tid] = grand * detail::plus_plus_uniform(detail::plus_plus_draw(stream, j, tid));
+        __syncthreads();
+        // 2. The owner of each draw: the block whose [lo, hi) holds u, then the thread whose
+        // [base + excl[tid], base + excl[tid + 1]) does (open at both ends of the block). Both
+        // sequences of bounds are non-decreasing, so exactly one thread owns each draw.
+        const double tlo = base + excl[tid];
+        const double thi = tid + 1 < kPPThreads ? base + excl[tid + 1] : INFINITY;
+        for (int t = 0; t < trials; ++t) {
+          const double u = sh_u[t];
+          if (!(u >= lo && u < hi)) continue;
+          if (!((tid == 0 || u >= tlo) && (tid == kPPThreads - 1 || u < thi))) continue;
+          double acc = tlo;
+          int found = -1, last = -1;
+          for (int s = c0; s < c1; ++s) {
+            const float b = best[s];
+            if (!(b > 0.f)) continue;
+            last = s;
+            acc += b;
+            if (u < acc) {
+              found = s;
+              break;
+            }
+          }
+          if (found < 0) found = last;
+          const int64_t cand = found >= 0 ? sb + found : pp_nearest_positive(best, c0, rank, a);
+          for (int q = 0; q < C; ++q) *pp_remote(&sh_cand[t], q) = cand;
+        }
+      }
+      pp_cluster_sync();  // B: candidates known everywhere; totals no longer read
+
+      if (mode == 1) {
+        pp_load_centres(xp, invp, sh_cand, trials, kT, a, cvec);
+        __syncthreads();
+        // 3. Cosines to every candidate, gains and masks over the slice.
+        float gain[kT];
+#pragma unroll
+        for (int t = 0; t < kT; ++t) gain[t] = 0.f;
+        for (int b0 = warp * kWarpRows; b0 < ms; b0 += kPPWarps * kWarpRows) {
+          int s[kPPRho];
+          bool ok[kPPRho];
+          pass_rows(b0, s, ok);
+          const T* rows[kPPRho];
+          float inv[kPPRho];
+#pragma unroll
+          for (int r = 0; r < kPPRho; ++r) {
+            const int64_t row = ok[r] ? pp_sample_row(sb + s[r], n, m, a.ratio) : 0;
+            rows[r] = xp + row * d;
+            inv[r] = ok[r] ? invp[row] : 0.f;
+          }
+          float acc[kPPRho][kT];
+          pp_dots<T, kT>(rows, ok, d, sub, vec, cvec, acc);
+#pragma unroll
+          for (int r = 0; r < kPPRho; ++r) {
+            if (!ok[r]) continue;
+            const float b = best[s[r]];
+            uint32_t bits = 0;
+            if (b >= 0.f) {
+              const int64_t g = sb + s[r];
+#pragma unroll
+              for (int t = 0; t < kT; ++t) {
+                if (t >= trials) continue;
+                const float nb = pp_distance(acc[r][t], inv[r]);
+                const bool lower = nb < b;
+                bits |= lower ? 1u << t : 0u;
+                const float dg = g == sh_cand[t] ? b : (lower ? b - nb : 0.f);
+                if ((t & (kPPLanes - 1)) == sub) gain[t] += dg;
+              }
+            }
+            if (sub == 0) mask[s[r]] = static_cast<MaskT>(bits);
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < kT; ++t)
+          if ((t & (kPPLanes - 1)) == sub) part[t * kPPPartials + warp * kPPSlots + slot] = gain[t];
+        __syncthreads();
+        if (tid < trials) {
+          double g = 0.0;
+          for (int i = 0; i < kPPPartials; ++i) g += part[tid * kPPPartials + i];
+          sh_gain[tid] = g;
+        }
+        pp_cluster_sync();  // C: every block's gains are published
+        if (tid < C * trials) sh_gain_all[tid] = *pp_remote(&sh_gain[tid % trials], tid / trials);
+        __syncthreads();
+        if (tid == 0) {
+          // 4. The first trial whose gain is within kPlusPlusGainTolerance of the highest; the
+          // same sums in the same order in every block.
+          double top = 0.0;
+          for (int t = 0; t < trials; ++t) {
+            double g = 0.0;
+            for (int q = 0; q < C; ++q) g += sh_gain_all[q * trials + t];
+            sh_u[t] = g;  // the draws are used up: reuse their slots for the gains
+            top = t == 0 ? g : fmax(top, g);
+          }
+          while (win < trials - 1 && !(sh_u[win] >= top * (1.0 - detail::kPlusPlusGainTolerance)))
+            ++win;
+          sh_win = win;
+        }
+        __syncthreads();
+        win = sh_win;
+        pick = sh_cand[win];
+      }
+    }
+
+    // best[] lowered by the new centre's cosines: every row for the first centre, else the rows
+    // whose mask has the winner's bit.
+    if (mode != 2) {
+      const float* cw = cvec + static_cast<size_t>(win) * d;
+      for (int b0 = warp * kWarpRows; b0 < ms; b0 += kPPWarps * kWarpRows) {
+        int s[kPPRho];
+        bool ok[kPPRho], need[kPPRho];
+        pass_rows(b0, s, ok);
+        bool any = false;
+#pragma unroll
+        for (int r = 0; r < kPPRho; ++r) {
+          need[r] = ok[r] && sb + s[r] != pick && best[s[r]] >= 0.f &&
+                    (mode == 0 || ((mask[s[r]] >> win) & 1u) != 0);
+          any |= need[r];
+        }
+        if (!__any_sync(0xffffffffu, any)) continue;
+        const T* rows[kPPRho];
+        float inv[kPPRho];
+#pragma unroll
+        for (int r = 0; r < kPPRho; ++r) {
+          const int64_t row = need[r] ? pp_sample_row(sb + s[r], n, m, a.ratio) : 0;
+          rows[r] = xp + row * d;
+          inv[r] = need[r] ? invp[row] : 0.f;
+        }
+        float acc[kPPRho][1];
+        pp_dots<T, 1>(rows, need, d, sub, vec, cw, acc);
+#pragma unroll
+        for (int r = 0; r < kPPRho; ++r)
+          if (need[r] && sub == 0) best[s[r]] = fminf(best[s[r]], pp_distance(acc[r][0], inv[r]));
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      if (pick >= sb && pick < sb + ms) best[pick - sb] = -1.f;
+      if (rank == 0)
+        init_rows[static_cast<size_t>(prob) * k + j] =
+            static_cast<int32_t>(pp_sample_row(pick, n, m, a.ratio));
+      sh_first = INT_MAX;
+    }
+    __syncthreads();
+  }
+  pp_cluster_sync();  // no block leaves while another may still read its shared memory
+}
+
 // grid: (P), block 256: final sizes, padding of clusters >= k_eff, objective and iterations out.
 __global__ void finish_kernel(int64_t n, int d, int k, int num_clusters, int stride, int max_iters,
                               const int32_t* labels, const double* objective, const int32_t* iters,
@@ -765,6 +1267,107 @@ __global__ void finish_kernel(int64_t n, int d, int k, int num_clusters, int str
   }
 }
 
+inline int plus_plus_bucket(int trials) {
+  return trials <= 4 ? 4 : trials <= 8 ? 8 : trials <= 10 ? 10 : 24;
+}
+
+/// Calls f(std::integral_constant<int, bucket>{}): the compile-time trial count kT >= trials.
+template <typename F>
+void dispatch_plus_plus_bucket(int bucket, F&& f) {
+  switch (bucket) {
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    case 10:
+      f(std::integral_constant<int, 10>{});
+      break;
+    default:
+      f(std::integral_constant<int, 24>{});
+      break;
+  }
+}
+
+struct PlusPlusPlan {
+  PlusPlusArgs args{};
+  size_t smem = 0;
+  bool clusters = false;
+};
+
+/// Blocks per problem and shared memory for plus_plus_kernel<T, kT>. Problems are split while the
+/// launch has fewer than about kPPTargetBlocks blocks and slices keep kPPMinSliceRows rows, and
+/// further if a slice's arrays do not fit in shared memory. Throws InvalidArgumentError if the
+/// sample needs more than kPPMaxCluster blocks (about 280K rows on an H100 at d = 128). Only
+/// host calls (device attributes), nothing enqueued.
+template <typename T, int kT>
+PlusPlusPlan plan_plus_plus(const KmeansParams& p, const void* points) {
+  PlusPlusPlan plan;
+  PlusPlusArgs& a = plan.args;
+  a.n = p.num_points;
+  a.m = detail::init_sample_size(p);
+  a.ratio = static_cast<double>(a.n) / static_cast<double>(a.m);
+  a.seed = p.seed;
+  a.d = p.dim;
+  a.k = kmeans_effective_k(p);
+  a.trials = detail::plus_plus_trials(a.k);
+  a.vec = reinterpret_cast<uintptr_t>(points) % 16 == 0 ? 1 : 0;
+  int device = 0, major = 0, optin = 0;
+  KVTIER_CUDA_CHECK(cudaGetDevice(&device));
+  KVTIER_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  KVTIER_CUDA_CHECK(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes fa{};
+  KVTIER_CUDA_CHECK(cudaFuncGetAttributes(&fa, plus_plus_kernel<T, kT>));
+  // Clusters need sm_90 hardware and code compiled for it (the kernel traps otherwise).
+  plan.clusters = major >= 9 && fa.ptxVersion >= 90;
+  const int max_c = plan.clusters ? kPPMaxCluster : 1;
+  const size_t limit = static_cast<size_t>(optin) > fa.sharedSizeBytes
+                           ? static_cast<size_t>(optin) - fa.sharedSizeBytes
+                           : 0;
+  const size_t fixed = plus_plus_fixed_bytes(kT, a.d), per_row = plus_plus_row_bytes(kT);
+  auto slice_cap = [&](int64_t c) { return ((a.m + c - 1) / c + 3) / 4 * 4; };
+  auto bytes = [&](int64_t c) { return fixed + static_cast<size_t>(slice_cap(c)) * per_row; };
+  int c = 1;
+  while (c < max_c && static_cast<int64_t>(p.num_problems) * c * 2 <= kPPTargetBlocks &&
+         a.m / (2 * c) >= kPPMinSliceRows)
+    c *= 2;
+  while (c < max_c && bytes(c) > limit) c *= 2;
+  KVTIER_CHECK(bytes(c) <= limit,
+               "launch_kmeans: k-means++ keeps its sample in shared memory, and ", a.m,
+               " sample rows (num_points ", p.num_points, ", init_sample ", p.init_sample,
+               ") need more than ", max_c, " blocks of ", limit, " bytes; lower init_sample");
+  KVTIER_CHECK(static_cast<int64_t>(p.num_problems) * c <= INT32_MAX,
+               "launch_kmeans: too many problems for k-means++ (", p.num_problems, ")");
+  a.cluster = c;
+  a.slice_cap = static_cast<int32_t>(slice_cap(c));
+  plan.smem = bytes(c);
+  return plan;
+}
+
+template <typename T, int kT>
+void launch_plus_plus(const PlusPlusPlan& plan, int P, const T* x, const float* inv_norm,
+                      int32_t* init_rows, cudaStream_t stream) {
+  auto kernel = plus_plus_kernel<T, kT>;
+  KVTIER_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(plan.smem)));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(P * plan.args.cluster));
+  cfg.blockDim = dim3(kPPThreads);
+  cfg.dynamicSmemBytes = plan.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1]{};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(plan.args.cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = plan.clusters ? 1 : 0;
+  KVTIER_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, x, inv_norm, plan.args, init_rows));
+  KVTIER_CUDA_CHECK_LAUNCH("kmeans plus_plus_kernel");
+}
+
 template <typename T>
 void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, int32_t* sizes,
          void* ws_base, double* objective_dev, int32_t* iterations_dev, int32_t* nonfinite_dev,
@@ -774,9 +1377,19 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
   const int P = p.num_problems, d = p.dim, k = kmeans_effective_k(p),
             stride = kmeans_centroid_stride(p);
   const int64_t n = p.num_points;
-  const std::vector<int32_t> rows = kmeans_random_init_rows(p);
-  KVTIER_CUDA_CHECK(
-      cudaMemcpyAsync(w.init_rows, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream));
+  // Initial rows: kRandomRows' are drawn on the host and uploaded; kPlusPlus's are chosen on the
+  // device by plus_plus_kernel after prep_kernel. Planned first, so a throw enqueues nothing.
+  const bool plus_plus = p.init == KmeansInit::kPlusPlus;
+  const int pp_bucket = plus_plus_bucket(detail::plus_plus_trials(k));
+  PlusPlusPlan pp;
+  if (plus_plus) {
+    dispatch_plus_plus_bucket(
+        pp_bucket, [&](auto bucket) { pp = plan_plus_plus<T, decltype(bucket)::value>(p, x); });
+  } else {
+    const std::vector<int32_t> rows = kmeans_random_init_rows(p);
+    KVTIER_CUDA_CHECK(
+        cudaMemcpyAsync(w.init_rows, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream));
+  }
   KVTIER_CUDA_CHECK(
       cudaMemsetAsync(w.objective, 0, static_cast<size_t>(P) * (p.max_iters + 1) * 8, stream));
   KVTIER_CUDA_CHECK(cudaMemsetAsync(w.done, 0, static_cast<size_t>(P) * 4, stream));
@@ -788,6 +1401,11 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
   const dim3 row_grid(static_cast<unsigned>((n + 7) / 8), static_cast<unsigned>(P));
   prep_kernel<T><<<row_grid, kThreads, 0, stream>>>(x, n, d, w.inv_norm, nonfinite_dev);
   KVTIER_CUDA_CHECK_LAUNCH("kmeans prep_kernel");
+  if (plus_plus) {
+    dispatch_plus_plus_bucket(pp_bucket, [&](auto bucket) {
+      launch_plus_plus<T, decltype(bucket)::value>(pp, P, x, w.inv_norm, w.init_rows, stream);
+    });
+  }
   init_kernel<T>
       <<<dim3(k, P), 128, 0, stream>>>(x, n, d, k, stride, w.init_rows, w.inv_norm, centroids);
   KVTIER_CUDA_CHECK_LAUNCH("kmeans init_kernel");
@@ -874,8 +1492,6 @@ void launch_kmeans(const KmeansParams& p, const void* points, float* centroids, 
   check_kmeans_params(p);
   KVTIER_CHECK(points && centroids && labels && sizes && workspace,
                "launch_kmeans: null pointer argument");
-  KVTIER_CHECK(p.init == KmeansInit::kRandomRows,
-               "launch_kmeans: init kPlusPlus is not available on the GPU yet; use kRandomRows");
   switch (p.dtype) {
     case DType::kF32:
       run(p, static_cast<const float*>(points), centroids, labels, sizes, workspace, objective_dev,

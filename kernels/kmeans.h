@@ -7,6 +7,15 @@
 //   kmeans_cpu   the same algorithm on oneTBB (problems and points in parallel)
 //   launch_kmeans  CUDA, ordered on a stream
 // The objective is sum over points of (1 - cos(point, its centroid)); it never increases.
+// Initial centres: kRandomRows (k distinct rows, drawn on the host) or kPlusPlus (greedy
+// k-means++ over a strided sample of init_sample rows: the first centre uniform, then for each
+// next one 2 + ln(k) candidates drawn with probability proportional to 1 - best cos, keeping the
+// first whose drop of the total is within 1e-5 (relative) of the largest, so that exact ties
+// break alike on every backend). k-means++'s random numbers are counter-based: draw t for
+// centre j of problem p is a splitmix64-style hash of (seed, p, j, t) (kernels/kmeans_common.h),
+// deterministic in (seed, problem), so the GPU computes all of a step's draws at once and every
+// backend picks the same rows up to floating-point summation order (the CPU paths share the
+// reference's code and pick exactly the same rows). launch_kmeans runs k-means++ on the device.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +29,7 @@ namespace kvtier::kernels {
 
 enum class KmeansInit : uint8_t {
   kRandomRows,  ///< k distinct rows drawn uniformly (seeded)
-  kPlusPlus,    ///< k-means++ seeding (D^2 sampling on 1 - cos) over a sample of the rows
+  kPlusPlus,    ///< greedy k-means++ (D^2 sampling on 1 - cos) over init_sample rows
 };
 
 /// How the GPU assignment avoids work (the CPU paths always scan every row).
@@ -37,7 +46,10 @@ struct KmeansParams {
   int32_t max_iters = 20;    ///< Lloyd updates at most
   float rel_tol = 1e-4f;     ///< stop when (prev - obj) <= rel_tol * prev
   KmeansInit init = KmeansInit::kRandomRows;
-  int64_t init_sample = 16384;  ///< rows k-means++ draws from (all rows if n is smaller)
+  /// Rows k-means++ draws from: min(n, init_sample) rows, evenly strided (at least k of them).
+  /// launch_kmeans keeps them in shared memory: at most 8 blocks' worth (about 280K rows on an
+  /// H100 at dim 128).
+  int64_t init_sample = 16384;
   uint64_t seed = 0;
   DType dtype = DType::kF32;  ///< element type of the points
   /// Clusters between consecutive problems in centroids and sizes; 0 means num_clusters. For
@@ -83,14 +95,18 @@ std::vector<KmeansReport> kmeans_cpu(const KmeansParams& p, const void* points, 
                                      int32_t* labels, int32_t* sizes);
 
 #if KVTIER_WITH_CUDA
-/// Device workspace launch_kmeans needs, in bytes.
+/// Device workspace launch_kmeans needs, in bytes (k-means++ needs none beyond it: its state
+/// lives in shared memory).
 size_t kmeans_workspace_bytes(const KmeansParams& p);
 
 /// Same contract on device pointers, ordered on `stream`; no host synchronization. `workspace`
 /// holds kmeans_workspace_bytes(p) bytes. objective_dev [num_problems] (final objective),
 /// iterations_dev [num_problems], nonfinite_dev [1] (set to 1 if any input is NaN or Inf: then
 /// the outputs are meaningless) may be null. Initial rows for kRandomRows are uploaded from the
-/// host (kmeans_random_init_rows), so the call is asynchronous after that small copy.
+/// host (kmeans_random_init_rows), so the call is asynchronous after that small copy; kPlusPlus
+/// chooses them on the device (one kernel for all problems, thread-block clusters of up to 8
+/// blocks per problem on sm_90), with no copy. Throws InvalidArgumentError, before enqueuing
+/// anything, if the k-means++ sample does not fit in shared memory (see init_sample).
 void launch_kmeans(const KmeansParams& p, const void* points, float* centroids, int32_t* labels,
                    int32_t* sizes, void* workspace, double* objective_dev, int32_t* iterations_dev,
                    int32_t* nonfinite_dev, cudaStream_t stream);

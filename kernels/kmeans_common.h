@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <random>
@@ -10,21 +11,66 @@
 
 #include "kernels/kmeans.h"
 
+// The helpers marked KVTIER_HOST_DEVICE run on host and device from one definition, so the
+// backends draw the same numbers bit for bit.
+#ifndef KVTIER_HOST_DEVICE
+#if defined(__CUDACC__)
+#define KVTIER_HOST_DEVICE __host__ __device__
+#else
+#define KVTIER_HOST_DEVICE
+#endif
+#endif
+
 namespace kvtier::kernels::detail {
 
-/// Seed of one problem's random stream.
-inline uint64_t problem_seed(uint64_t seed, int32_t problem) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (static_cast<uint64_t>(problem) + 1);
+/// splitmix64's finalizer: a bijective 64-bit mix.
+KVTIER_HOST_DEVICE inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
 
+/// Seed of one problem's random stream.
+KVTIER_HOST_DEVICE inline uint64_t problem_seed(uint64_t seed, int32_t problem) {
+  return mix64(seed + 0x9E3779B97F4A7C15ull * (static_cast<uint64_t>(problem) + 1));
+}
+
+/// k-means++ draws are counter-based: draw number `trial` for centre `j` of a problem is a hash of
+/// (plus_plus_stream(seed, problem), j, trial), so every backend computes any draw on its own,
+/// in any order. Centre 0 is sample row plus_plus_draw(stream, 0, 0) % m; trial t of centre
+/// j >= 1 uses plus_plus_uniform(plus_plus_draw(stream, j, t)).
+KVTIER_HOST_DEVICE inline uint64_t plus_plus_stream(uint64_t seed, int32_t problem) {
+  return problem_seed(seed, problem) ^ 0x5eed5eedull;
+}
+KVTIER_HOST_DEVICE inline uint64_t plus_plus_draw(uint64_t stream, int64_t j, int32_t trial) {
+  const uint64_t z = mix64(stream + 0x9E3779B97F4A7C15ull * (static_cast<uint64_t>(j) + 1));
+  return mix64(z + 0xD1B54A32D192ED03ull * (static_cast<uint64_t>(trial) + 1));
+}
+/// The top 53 bits of a draw as a double in [0, 1) (exact, the same on every backend).
+KVTIER_HOST_DEVICE inline double plus_plus_uniform(uint64_t draw) {
+  return static_cast<double>(draw >> 11) * (1.0 / 9007199254740992.0);
+}
+/// Candidates per k-means++ centre: 2 + floor(ln k), at most 23 (k < 2^31).
+inline int plus_plus_trials(int32_t k) {
+  return 2 + static_cast<int>(std::log(static_cast<double>(std::max<int32_t>(k, 1))));
+}
+
+/// A k-means++ candidate wins if it is the first whose gain is within this relative tolerance of
+/// the largest. Exact ties are common late in the seeding (two mutually nearest untaken rows each
+/// gain best[a] + best[b] - d(a, b)); the tolerance, far above the fp32-vs-double difference of
+/// such gains, makes every backend break them the same way.
+constexpr double kPlusPlusGainTolerance = 1e-5;
+
+/// Number of rows k-means++ draws from: min(n, init_sample), but at least the effective k.
+inline int64_t init_sample_size(const KmeansParams& p) {
+  return std::max<int64_t>(std::min(p.num_points, p.init_sample), kmeans_effective_k(p));
+}
+
 /// Rows k-means++ draws its centres from: all rows if n <= init_sample, else an evenly strided
-/// subset (deterministic, covers the whole context).
+/// subset (deterministic, covers the whole context): sample row s is row floor(s * n / m).
 inline std::vector<int32_t> init_sample_rows(const KmeansParams& p, int32_t /*problem*/) {
   const int64_t n = p.num_points;
-  const int64_t m = std::max<int64_t>(std::min(n, p.init_sample), kmeans_effective_k(p));
+  const int64_t m = init_sample_size(p);
   std::vector<int32_t> rows(static_cast<size_t>(m));
   for (int64_t s = 0; s < m; ++s) rows[s] = static_cast<int32_t>(s * n / m);
   return rows;
@@ -68,8 +114,10 @@ void write_problem_outputs(const KmeansParams& p, int32_t prob, const std::vecto
 void load_unit_rows(const KmeansParams& p, const void* points, int32_t prob,
                     std::vector<double>* out);
 
-/// k-means++ seeding over init_sample_rows(): the first centre uniformly, each next one drawn with
-/// probability proportional to (1 - best cos) to the centres so far. x: unit rows (double).
+/// Greedy k-means++ seeding over init_sample_rows() (see kmeans_ref.cpp): the first centre
+/// uniformly, then for each next one plus_plus_trials(k) candidates drawn with probability
+/// proportional to (1 - best cos) to the centres so far, keeping the one that lowers the total
+/// the most. x: unit rows (double). Returns the k_eff chosen rows, in order.
 std::vector<int32_t> plus_plus_rows(const KmeansParams& p, const std::vector<double>& x,
                                     int32_t prob);
 

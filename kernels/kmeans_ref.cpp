@@ -81,61 +81,87 @@ namespace detail {
 // row; for each next one, 2 + ln(k) candidates are drawn with probability proportional to
 // (1 - best cos) to the centres so far, and the candidate that lowers the total the most is kept.
 // The extra candidates make a second centre in one well-separated blob vanishingly rare.
+//
+// Every random number is counter-based (plus_plus_draw of (problem stream, j, trial)), so the
+// GPU draws the same numbers in parallel; what it computes differently is only the order of the
+// floating-point sums below. The rules, written so a parallel scan can follow them exactly:
+//  - w[s] = best[s] for untaken rows, 0 for taken ones; total = sum of w.
+//  - Centre 0: sample row plus_plus_draw(stream, 0, 0) % m; best[s] = min(2, 1 - cos).
+//  - If total is 0 (every untaken row coincides with a centre), the first untaken row.
+//  - Trial t: u = total * uniform(draw(stream, j, t)); the candidate is the first row with
+//    w > 0 whose running sum of w exceeds u (the last row with w > 0 if rounding leaves u past
+//    the end).
+//  - Its gain is best[cand] + sum over the other untaken rows of (best - min(best, 1 - cos)),
+//    the amount the total drops if it is taken; the first trial whose gain is within
+//    kPlusPlusGainTolerance (relative) of the highest wins.
+//  - Then best[s] = min(best[s], max(0, 1 - cos to the winner)) and the winner is taken.
 std::vector<int32_t> plus_plus_rows(const KmeansParams& p, const std::vector<double>& x,
                                     int32_t prob) {
   const int32_t k = kmeans_effective_k(p);
   const int d = p.dim;
-  std::mt19937_64 rng(detail::problem_seed(p.seed, prob) ^ 0x5eed5eedull);
-  const std::vector<int32_t> sample = detail::init_sample_rows(p, prob);
+  const uint64_t stream = plus_plus_stream(p.seed, prob);
+  const std::vector<int32_t> sample = init_sample_rows(p, prob);
   const int64_t m = static_cast<int64_t>(sample.size());
-  const int trials = 2 + static_cast<int>(std::log(static_cast<double>(k)));
-  std::vector<double> best(static_cast<size_t>(m), 2.0), cand_best(best.size()), keep(best.size());
+  const int trials = plus_plus_trials(k);
+  std::vector<double> best(static_cast<size_t>(m), 2.0), keep(best.size());
+  std::vector<std::vector<double>> cand_nb(static_cast<size_t>(trials), keep);
+  std::vector<double> gains(static_cast<size_t>(trials));
+  std::vector<int64_t> cands(static_cast<size_t>(trials));
   std::vector<uint8_t> taken(static_cast<size_t>(m), 0);
   std::vector<int32_t> out;
-  auto potential_with = [&](int64_t c_row, std::vector<double>* nb) {
+  // nb[s] = max(0, 1 - cos(row s, row c)) for every sample row.
+  auto distances_to = [&](int64_t c_row, std::vector<double>* nb) {
     const double* c = &x[static_cast<size_t>(sample[c_row]) * d];
-    double total = 0;
     for (int64_t s = 0; s < m; ++s) {
       const double* r = &x[static_cast<size_t>(sample[s]) * d];
       double dot = 0;
       for (int t = 0; t < d; ++t) dot += r[t] * c[t];
-      (*nb)[s] = std::min(best[s], std::max(0.0, 1.0 - dot));
-      total += taken[s] || s == c_row ? 0.0 : (*nb)[s];
+      (*nb)[s] = std::max(0.0, 1.0 - dot);
     }
-    return total;
   };
   for (int32_t j = 0; j < k; ++j) {
     double total = 0;
     for (int64_t s = 0; s < m; ++s) total += taken[s] ? 0.0 : best[s];
     int64_t pick = -1;
     if (j == 0) {
-      pick = static_cast<int64_t>(rng() % static_cast<uint64_t>(m));
+      pick = static_cast<int64_t>(plus_plus_draw(stream, 0, 0) % static_cast<uint64_t>(m));
+      distances_to(pick, &keep);
     } else if (total <= 0) {  // every remaining row coincides with a centre: the first untaken
       pick = 0;
       while (taken[pick]) ++pick;
+      std::fill(keep.begin(), keep.end(), 0.0);  // nothing changes: best is already 0
     } else {
-      double best_total = 0;
       for (int trial = 0; trial < trials; ++trial) {
-        double u = std::uniform_real_distribution<double>(0.0, total)(rng);
-        int64_t cand = -1;
+        const double u = total * plus_plus_uniform(plus_plus_draw(stream, j, trial));
+        int64_t cand = -1, last = -1;
+        double acc = 0;
         for (int64_t s = 0; s < m; ++s) {
-          if (taken[s]) continue;
-          cand = s;
-          if (u < best[s]) break;
-          u -= best[s];
+          if (taken[s] || !(best[s] > 0)) continue;
+          last = s;
+          acc += best[s];
+          if (u < acc) {
+            cand = s;
+            break;
+          }
         }
-        const double t = potential_with(cand, &cand_best);
-        if (pick < 0 || t < best_total) {
-          pick = cand;
-          best_total = t;
-          keep.swap(cand_best);
-        }
+        if (cand < 0) cand = last;  // total > 0, so some row has w > 0
+        std::vector<double>& nb = cand_nb[trial];
+        distances_to(cand, &nb);
+        double gain = best[cand];
+        for (int64_t s = 0; s < m; ++s)
+          if (!taken[s] && s != cand) gain += best[s] - std::min(best[s], nb[s]);
+        cands[trial] = cand;
+        gains[trial] = gain;
       }
+      const double top = *std::max_element(gains.begin(), gains.end());
+      int win = 0;
+      while (!(gains[win] >= top * (1.0 - kPlusPlusGainTolerance))) ++win;
+      pick = cands[win];
+      keep.swap(cand_nb[win]);
     }
-    if (j == 0) potential_with(pick, &keep);
     taken[pick] = 1;
     out.push_back(sample[pick]);
-    best.swap(keep);
+    for (int64_t s = 0; s < m; ++s) best[s] = std::min(best[s], keep[s]);
   }
   return out;
 }

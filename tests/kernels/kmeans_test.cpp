@@ -202,6 +202,147 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
                        ::testing::Values(KmeansInit::kRandomRows, KmeansInit::kPlusPlus)));
 
+/// Unit rows of a problem as float, for comparing centroids with rows.
+std::vector<double> unit_row(const std::vector<float>& x, int64_t row, int dim) {
+  std::vector<double> u(dim);
+  double nn = 0;
+  for (int t = 0; t < dim; ++t) nn += double(x[row * dim + t]) * x[row * dim + t];
+  for (int t = 0; t < dim; ++t) u[t] = nn > 0 ? x[row * dim + t] / std::sqrt(nn) : 0.0;
+  return u;
+}
+
+TEST(KmeansPlusPlus, OneCentrePerWellSeparatedBlob) {
+  // Counter-based k-means++ still seeds well: on well-separated blobs every blob gets exactly one
+  // centre, so the initial assignment (max_iters = 0) already recovers the blobs exactly. Also
+  // when the centres come from a strided sample of the rows (init_sample < n; a stride of 2.4
+  // rows, which does not alias with the blob layout, row i in blob i % blobs).
+  for (int64_t sample : {int64_t{16384}, int64_t{333}}) {
+    for (int blobs : {5, 16, 40}) {
+      KmeansParams p;
+      p.num_problems = 3;
+      p.num_points = 800;
+      p.dim = 64;
+      p.num_clusters = blobs;
+      p.max_iters = 0;
+      p.init = KmeansInit::kPlusPlus;
+      p.init_sample = sample;
+      p.seed = test::test_seed() + blobs;
+      std::vector<int32_t> truth;
+      const std::vector<float> x =
+          make_blobs(3, 800, 64, blobs, 0.05f, test::test_seed() + 7 * blobs, &truth);
+      const Result r = run(kmeans_ref, p, x.data());
+      for (int32_t prob = 0; prob < 3; ++prob)
+        EXPECT_TRUE(labels_match_blobs(r.labels, truth, prob * 800, 800))
+            << "problem " << prob << " blobs " << blobs << " init_sample " << sample << " seed "
+            << test::test_seed();
+    }
+  }
+}
+
+TEST(KmeansPlusPlus, CpuStartsFromTheReferencesRows) {
+  // kmeans_cpu runs the reference's seeding: after 0 updates the centroids are the same rows,
+  // bit for bit, on unique-valued data; and the full runs agree on the objective.
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    KmeansParams p;
+    p.num_problems = 4;
+    p.num_points = 700;
+    p.dim = 128;
+    p.num_clusters = 45;
+    p.max_iters = 0;
+    p.init = KmeansInit::kPlusPlus;
+    p.init_sample = 500;
+    p.seed = test::test_seed();
+    p.dtype = dtype;
+    const std::vector<float> xf = make_blobs(4, 700, 128, 700, 0.f, test::test_seed() + 3, nullptr);
+    std::vector<uint16_t> xh(xf.size());
+    for (size_t i = 0; i < xf.size(); ++i) xh[i] = float_to_bf16(xf[i]);
+    const void* pts = dtype == DType::kF32 ? static_cast<const void*>(xf.data()) : xh.data();
+    const Result want = run(kmeans_ref, p, pts);
+    const Result got = run(kmeans_cpu, p, pts);
+    EXPECT_EQ(got.centroids, want.centroids);
+    // The centroids are distinct sample rows (rows floor(s * 700 / 500)).
+    for (int32_t prob = 0; prob < 4; ++prob) {
+      std::vector<int64_t> rows;
+      for (int32_t j = 0; j < 45; ++j) {
+        int64_t found = -1;
+        for (int64_t s = 0; s < 500 && found < 0; ++s) {
+          const int64_t row = s * 700 / 500;
+          const std::vector<double> u = unit_row(xf, prob * 700 + row, 128);
+          bool same = true;
+          for (int t = 0; t < 128 && same; ++t)
+            same = std::abs(u[t] - want.centroids[(prob * 45 + j) * 128 + t]) < 1e-2;
+          if (same) found = row;
+        }
+        ASSERT_GE(found, 0) << "centroid " << j << " of problem " << prob << " is no sample row";
+        rows.push_back(found);
+      }
+      std::sort(rows.begin(), rows.end());
+      EXPECT_EQ(std::unique(rows.begin(), rows.end()), rows.end()) << "problem " << prob;
+    }
+    p.max_iters = 10;
+    const Result want_full = run(kmeans_ref, p, pts);
+    const Result got_full = run(kmeans_cpu, p, pts);
+    for (int32_t prob = 0; prob < 4; ++prob)
+      EXPECT_NEAR(got_full.reports[prob].objective, want_full.reports[prob].objective,
+                  1e-4 * want_full.reports[prob].objective);
+  }
+}
+
+TEST(KmeansPlusPlus, DeterministicInSeedAndProblem) {
+  KmeansParams p;
+  p.num_problems = 2;
+  p.num_points = 300;
+  p.dim = 64;
+  p.num_clusters = 12;
+  p.max_iters = 0;
+  p.init = KmeansInit::kPlusPlus;
+  p.seed = 11;
+  // Both problems hold the same rows: they still draw differently (one stream per problem).
+  std::vector<float> x = make_blobs(1, 300, 64, 300, 0.f, 9, nullptr);
+  x.insert(x.end(), x.begin(), x.end());
+  const Result a = run(kmeans_ref, p, x.data());
+  const Result b = run(kmeans_ref, p, x.data());
+  EXPECT_EQ(a.centroids, b.centroids);
+  EXPECT_EQ(a.labels, b.labels);
+  EXPECT_FALSE(std::equal(a.centroids.begin(), a.centroids.begin() + 12 * 64,
+                          a.centroids.begin() + 12 * 64));
+  p.seed = 12;
+  const Result c = run(kmeans_ref, p, x.data());
+  EXPECT_NE(a.centroids, c.centroids);
+}
+
+TEST(KmeansPlusPlus, EveryRowOnceAndExactDuplicates) {
+  for (auto fn : {kmeans_ref, kmeans_cpu}) {
+    KmeansParams p;
+    p.dim = 64;
+    p.max_iters = 0;
+    p.init = KmeansInit::kPlusPlus;
+    // k = n (and k > n): every row is a centre, each once.
+    p.num_points = 37;
+    p.num_clusters = 40;
+    const std::vector<float> x = make_blobs(1, 37, 64, 37, 0.f, 4, nullptr);
+    Result r = run(fn, p, x.data());
+    std::vector<int32_t> l = r.labels;
+    std::sort(l.begin(), l.end());
+    for (int32_t i = 0; i < 37; ++i) EXPECT_EQ(l[i], i);
+    EXPECT_NEAR(r.reports[0].objective, 0.0, 1e-6);
+    // Basis vectors repeated: after e0 and e1 every untaken row coincides with a centre exactly
+    // (total 0), and the next centres are the first untaken rows; nothing breaks.
+    p.num_points = 8;
+    p.num_clusters = 5;
+    std::vector<float> e(8 * 64, 0.f);
+    for (int i = 0; i < 8; ++i) e[i * 64 + (i % 2)] = 1.f + i;
+    r = run(fn, p, e.data());
+    EXPECT_NEAR(r.reports[0].objective, 0.0, 1e-12);
+    // n = 1.
+    p.num_points = 1;
+    p.num_clusters = 3;
+    r = run(fn, p, x.data());
+    EXPECT_EQ(r.labels[0], 0);
+    EXPECT_EQ(r.sizes, (std::vector<int32_t>{1, 0, 0}));
+  }
+}
+
 TEST(Kmeans, EdgeCases) {
   for (auto fn : {kmeans_ref, kmeans_cpu}) {
     KmeansParams p;
