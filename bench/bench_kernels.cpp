@@ -27,6 +27,7 @@ void BM_KmeansGpu(benchmark::State& state) {
   p.rel_tol = 0.f;  // always 20 iterations: the figure the target is stated for
   p.dtype = DType::kBF16;
   p.pruning = state.range(2) ? kernels::KmeansPruning::kBounds : kernels::KmeansPruning::kNone;
+  p.init = state.range(3) ? kernels::KmeansInit::kPlusPlus : kernels::KmeansInit::kRandomRows;
   // Keys around 4096 random directions per problem, as real keys cluster.
   const size_t elems = static_cast<size_t>(p.num_problems) * p.num_points * p.dim;
   std::vector<uint16_t> host(elems);
@@ -60,12 +61,14 @@ void BM_KmeansGpu(benchmark::State& state) {
       2.0 * p.num_problems * p.num_points * p.num_clusters * p.dim * (p.max_iters + 1);
   state.counters["assign_TFLOP"] = flop / 1e12;
 }
-// Args: keys per problem, problems, pruning (1 = angle bounds, 0 = scan every row).
+// Args: keys per problem, problems, pruning (1 = angle bounds, 0 = scan every row), init (0 =
+// random rows, 1 = k-means++ on a sample of 16384 rows).
 BENCHMARK(BM_KmeansGpu)
-    ->Args({32768, 256, 0})
-    ->Args({32768, 256, 1})
-    ->Args({131072, 8, 0})
-    ->Args({131072, 8, 1})
+    ->Args({32768, 256, 0, 0})
+    ->Args({32768, 256, 1, 0})
+    ->Args({131072, 8, 0, 0})
+    ->Args({131072, 8, 1, 0})
+    ->Args({131072, 8, 1, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(2);
