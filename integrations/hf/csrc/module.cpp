@@ -18,6 +18,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "memory/core/cuda_raii.h"
@@ -118,12 +119,19 @@ class PyEngine {
       bad("prefill_layer: k has " + std::to_string(k.shape(1)) + " rows and v " +
           std::to_string(v.shape(1)));
     }
-    for (size_t i = 0; i < 3; ++i) {
-      if (k.stride(i) != v.stride(i)) {
-        bad("prefill_layer: k and v must have the same strides (make both contiguous)");
-      }
+    // The stride of an extent-1 dimension is meaningless (torch reports various values for
+    // it), so it is replaced by what a dense layout would have before K and V are compared.
+    const int64_t num_rows = static_cast<int64_t>(k.shape(1));
+    const auto strides = [&](const Tensor& t) {
+      const int64_t row = num_rows > 1 ? t.stride(1) : m.head_dim;
+      const int64_t head = m.num_kv_heads > 1 ? t.stride(0) : num_rows * row;
+      return std::make_pair(head, row);
+    };
+    const auto [head_stride, row_stride] = strides(k);
+    if (strides(v) != std::make_pair(head_stride, row_stride)) {
+      bad("prefill_layer: k and v must have the same strides (make both contiguous)");
     }
-    if (k.stride(2) != 1 || k.stride(0) < 0 || k.stride(1) < 0) {
+    if (k.stride(2) != 1 || v.stride(2) != 1 || head_stride < 0 || row_stride < 0) {
       bad("prefill_layer: each row of k and v must be contiguous (stride 1 along head_dim) with "
           "non-negative head and row strides");
     }
@@ -133,9 +141,9 @@ class PyEngine {
     rows.dtype = m.dtype;
     rows.num_kv_heads = m.num_kv_heads;
     rows.head_dim = m.head_dim;
-    rows.num_rows = static_cast<int64_t>(k.shape(1));
-    rows.head_stride = k.stride(0);
-    rows.row_stride = k.stride(1);
+    rows.num_rows = num_rows;
+    rows.head_stride = head_stride;
+    rows.row_stride = row_stride;
     ObservationWindow window;
     if (q_window) {
       check_tensor("q_window", *q_window, {m.num_q_heads, -1, m.head_dim}, /*contiguous=*/true);

@@ -35,9 +35,18 @@ def test_the_test_model_depends_on_its_context():
     assert not torch.equal(full, recent)
 
 
-def test_full_mode_generates_the_tokens_of_dynamic_cache():
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},  # GQA 8:2, head_dim 64
+        {"num_key_value_heads": 8},  # MHA
+        {"head_dim": 128, "num_attention_heads": 4, "num_key_value_heads": 1},  # MQA, head_dim 128
+    ],
+    ids=["gqa", "mha", "mqa-d128"],
+)
+def test_full_mode_generates_the_tokens_of_dynamic_cache(shape):
     needs_dtype(torch.float32)
-    model = make_model()
+    model = make_model(**shape)
     ids, mask = prompts([200])
     ref = generate(model, ids, mask, 32)
     assert len(set(ref[0].tolist())) >= 8

@@ -88,6 +88,12 @@ def _check_settings(mode, budget, max_context, host_bytes_limit, options) -> Non
         )
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    """Strides that matter: an extent-1 dimension's stride is arbitrary (torch reports various
+    values for it), so it does not count when comparing the layouts of K and V."""
+    return tuple(s if n > 1 else None for n, s in zip(t.shape, t.stride()))
+
+
 def _physical_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -398,7 +404,7 @@ class KvtierCache(Cache):
             if rows == 0:
                 continue  # an all-padding row: the engine starts it empty at its first decode
             k, v = key[seq, :, start:, :], value[seq, :, start:, :]
-            if k.stride() != v.stride() or k.stride(-1) != 1:
+            if _layout(k) != _layout(v) or k.stride(-1) != 1:
                 k, v = k.contiguous(), v.contiguous()
             q_window = None
             if self.settings.mode in _WINDOW_MODES:
