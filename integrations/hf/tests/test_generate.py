@@ -272,3 +272,20 @@ def test_a_second_prompt_needs_a_new_cache():
     generate(model, *prompts([60]), 4, cache)
     with pytest.raises(ValueError, match="one token per sequence and step.*reset"):
         generate(model, *prompts([80], seed=9), 4, cache)
+
+
+def test_a_model_made_with_kvtier_attention_and_back_to_eager():
+    # "kvtier" is a registered attention implementation: a model can be made with it, and
+    # disable() restores what enable() replaced.
+    needs_dtype(torch.float32)
+    ids, mask = prompts([100, 30])
+    ref = generate(make_model(), ids, mask, 12)
+    model = make_model(attn_implementation="kvtier")
+    assert model.config._attn_implementation == "kvtier"
+    out = generate(model, ids, mask, 12, kvtier.KvtierCache(model, mode="full", budget=2048))
+    assert out.tolist() == ref.tolist()
+
+    eager = make_model(attn_implementation="eager")
+    kvtier.enable(eager, mode="full")
+    kvtier.disable(eager)
+    assert eager.config._attn_implementation == "eager"

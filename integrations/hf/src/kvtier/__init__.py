@@ -55,10 +55,16 @@ def enable(
     anything about the model is changed.
     """
     cache = KvtierCache(model, mode=mode, budget=budget, **options)
+    previous = model.config._attn_implementation
+    if previous != ATTN_IMPLEMENTATION:
+        model._kvtier_previous_attn_implementation = previous
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return cache
 
 
-def disable(model: torch.nn.Module, attn_implementation: str = "sdpa") -> None:
-    """Switches `model` back to a transformers attention implementation."""
+def disable(model: torch.nn.Module, attn_implementation: str | None = None) -> None:
+    """Switches `model` back to a transformers attention implementation: `attn_implementation`,
+    or the one it had before enable() (SDPA if it had none)."""
+    if attn_implementation is None:
+        attn_implementation = getattr(model, "_kvtier_previous_attn_implementation", None) or "sdpa"
     model.set_attn_implementation(attn_implementation)
