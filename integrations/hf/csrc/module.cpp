@@ -92,7 +92,25 @@ class PyEngine {
     }
   }
 
-  const EngineConfig& config() const { return engine_->config(); }
+  /// Python collected the object: destroy the engine on its device (a model over several GPUs
+  /// leaves any device current). The GIL stays held, as it may be interpreter shutdown; the
+  /// engine's background work, which the destructor waits for, never takes it.
+  ~PyEngine() {
+    if (!engine_) return;
+    std::optional<cuda::DeviceGuard> guard;
+    if (engine_->config().backend == Backend::kCuda) {
+      try {
+        guard.emplace(engine_->config().device);
+      } catch (const std::exception&) {
+        // Destroy it on whatever device is current rather than leak it.
+      }
+    }
+    engine_.reset();
+  }
+  PyEngine(const PyEngine&) = delete;
+  PyEngine& operator=(const PyEngine&) = delete;
+
+  const EngineConfig& config() const { return get().config(); }
 
   void add_sequence(SeqId seq) {
     Scope s(*this);
@@ -102,9 +120,9 @@ class PyEngine {
     Scope s(*this);
     engine_->remove_sequence(seq);
   }
-  bool contains(SeqId seq) const { return engine_->contains(seq); }
+  bool contains(SeqId seq) const { return get().contains(seq); }
   int64_t sequence_length(SeqId seq, int32_t layer) const {
-    return engine_->sequence_length(seq, layer);
+    return get().sequence_length(seq, layer);
   }
 
   /// k, v: [num_kv_heads, rows, head_dim] of one sequence, any head and row strides (in elements)
@@ -184,8 +202,8 @@ class PyEngine {
     Scope s(*this);
     engine_->synchronize();
   }
-  EngineStats stats() const { return engine_->stats(); }
-  bool is_recall_layer(int32_t layer) const { return engine_->is_recall_layer(layer); }
+  EngineStats stats() const { return get().stats(); }
+  bool is_recall_layer(int32_t layer) const { return get().is_recall_layer(layer); }
 
   /// Destroys the engine now (waits for its background work) rather than when Python collects
   /// the object.
@@ -210,13 +228,17 @@ class PyEngine {
     std::optional<cuda::DeviceGuard> guard_;
   };
 
+  Engine& get() const {
+    if (!engine_) throw std::runtime_error("kvtier: the engine was closed");
+    return *engine_;
+  }
+
   static cudaStream_t to_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
   /// Checks dtype, device, shape (-1: any extent) and, if `contiguous`, a row-major layout.
   void check_tensor(const char* name, const Tensor& t, std::initializer_list<int64_t> shape,
                     bool contiguous) const {
-    if (!engine_) throw std::runtime_error("kvtier: the engine was closed");
-    const EngineConfig& c = engine_->config();
+    const EngineConfig& c = get().config();
     const nb::dlpack::dtype want = dlpack_dtype(c.model.dtype);
     if (t.dtype() != want) {
       bad(std::string(name) + ": dtype " + describe_dtype(t.dtype()) + " does not match the " +

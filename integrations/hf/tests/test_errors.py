@@ -154,8 +154,9 @@ def test_engine_errors_map_to_python_exceptions():
         e.prefill_layer(0, 0, k, k.clone())
     e.close()
     assert e.closed
-    with pytest.raises(RuntimeError, match="closed"):
-        e.end_step()
+    for use in (e.end_step, e.stats, lambda: e.config, lambda: e.contains(0)):
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
 
 
 def test_strided_prefill_rows_are_read_in_place():
