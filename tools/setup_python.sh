@@ -6,8 +6,9 @@
 #   tools/setup_python.sh
 # Environment:
 #   KVTIER_PYTHON       interpreter the virtualenv is made from (default: python3)
-#   KVTIER_TORCH_INDEX  pip index URL to take torch from, e.g. PyTorch's CPU-only wheel index
-#                       (PyPI's Linux wheel brings several GiB of CUDA libraries); default PyPI
+#   KVTIER_TORCH_INDEX  pip index URL to take torch from. Default: PyTorch's CPU-only wheel index
+#                       when no GPU is visible (PyPI's Linux wheel brings several GiB of CUDA
+#                       libraries), PyPI when that index cannot be reached or a GPU is present
 #   KVTIER_WITH_CUDA    ON/OFF: build the CUDA backend into the module. Default: ON only where
 #                       nvidia-smi sees a GPU; elsewhere the tests run the CPU backend, and a
 #                       CPU-only build takes minutes less.
@@ -30,9 +31,15 @@ assert int(transformers.__version__.split(".")[0]) >= 5
 PY
 then
   echo "[kvtier setup] installing torch, transformers, pytest and the build tools into $venv"
-  torch_index=()
-  [ -n "${KVTIER_TORCH_INDEX:-}" ] && torch_index=(--index-url "$KVTIER_TORCH_INDEX")
-  "${pip[@]}" install "${torch_index[@]}" "torch>=2.4"
+  if [ -n "${KVTIER_TORCH_INDEX:-}" ]; then
+    "${pip[@]}" install --index-url "$KVTIER_TORCH_INDEX" "torch>=2.4"
+  elif ! nvidia-smi -L 2>/dev/null | grep -q "^GPU" &&
+    "${pip[@]}" install --timeout 30 --retries 1 \
+      --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"; then
+    : # no GPU here: PyTorch's CPU-only wheel (about 200 MB instead of several GB)
+  else
+    "${pip[@]}" install "torch>=2.4"
+  fi
   "${pip[@]}" install "transformers>=5" pytest "scikit-build-core>=0.10" "nanobind>=2.0"
 fi
 
