@@ -17,6 +17,7 @@
 #include <future>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -2412,15 +2413,42 @@ void Engine::Impl::purge_slot(int32_t slot) {
 
 // ---- Engine ----
 
+namespace {
+/// Makes the engine's device current for one public call (kCuda) and restores the caller's: a
+/// model spread over GPUs calls several engines from one thread.
+class OnDevice {
+ public:
+  OnDevice(Backend backend, int device) {
+    if (backend == Backend::kCuda) guard_.emplace(device);
+  }
+
+ private:
+  std::optional<cuda::DeviceGuard> guard_;
+};
+}  // namespace
+
 Engine::Engine(const EngineConfig& config) {
   validate(config);
+  OnDevice on(config.backend, config.device);
   impl_ = std::make_unique<Impl>(config);
 }
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  if (!impl_) return;
+  std::optional<cuda::DeviceGuard> on;
+  if (impl_->backend == Backend::kCuda) {
+    try {
+      on.emplace(impl_->device);
+    } catch (const std::exception&) {
+      // Tear down on whatever device is current rather than throw from a destructor.
+    }
+  }
+  impl_.reset();
+}
 
 void Engine::add_sequence(SeqId seq) {
   Impl& m = *impl_;
+  OnDevice on(m.backend, m.device);
   KVTIER_CHECK(!m.seqs.count(seq), "sequence ", seq, " already exists");
   KVTIER_CHECK_CODE(kCapacity, !m.free_slots.empty(), "max_sequences = ", m.cfg.max_sequences,
                     " sequences are live; remove one first");
@@ -2458,6 +2486,7 @@ void Engine::add_sequence(SeqId seq) {
 
 void Engine::remove_sequence(SeqId seq) {
   Impl& m = *impl_;
+  OnDevice on(m.backend, m.device);
   Sequence& s = m.find(seq);
   if (m.step_append) m.step_append->future.wait();
   if (m.policy_job) m.policy_job->future.wait();  // it reads the sequence
@@ -2484,6 +2513,7 @@ void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv, cudaStrea
 void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv,
                            const ObservationWindow& window, cudaStream_t stream) {
   Impl& m = *impl_;
+  OnDevice on(m.backend, m.device);
   Sequence& s = m.find(seq);
   KVTIER_CHECK(layer >= 0 && layer < m.L, "prefill_layer: layer ", layer, " out of [0, ", m.L, ")");
   KVTIER_CHECK(kv.dtype == m.dtype, "prefill_layer: dtype ", dtype_name(kv.dtype),
@@ -2511,6 +2541,7 @@ void Engine::prefill_layer(SeqId seq, int32_t layer, const KvRows& kv,
 }
 
 void Engine::decode_layer(int32_t layer, const DecodeBatch& batch, cudaStream_t stream) {
+  OnDevice on(impl_->backend, impl_->device);
   const double t0 = thread_cpu_ms();
   impl_->decode(layer, batch, stream);
   impl_->decode_host_ms += thread_cpu_ms() - t0;
@@ -2518,6 +2549,7 @@ void Engine::decode_layer(int32_t layer, const DecodeBatch& batch, cudaStream_t 
 
 void Engine::end_step(cudaStream_t stream) {
   Impl& m = *impl_;
+  OnDevice on(m.backend, m.device);
   const double t0 = thread_cpu_ms();
   // Everything below is ordered after every decode of the step, whatever streams they used.
   for (int32_t l = 0; l < m.L; ++l) stream_wait(m.backend, stream, m.step_layer_done[l]);

@@ -16,7 +16,9 @@
 // the CPU kernels; used by CI to run everything but the kernels).
 //
 // Thread-safety: one thread drives an Engine (the calls below are not concurrent with each
-// other); the engine's own background work (offload, clustering) runs on oneTBB tasks.
+// other); the engine's own background work (offload, clustering) runs on oneTBB tasks. On kCuda
+// each call makes config.device current and restores the caller's device, so one thread can
+// drive engines on several GPUs.
 #pragma once
 
 #include <cstddef>

@@ -5,9 +5,8 @@
 // against the engine (dtype, device, shape, layout) so a mistake is a ValueError that names the
 // argument, not a crash inside a kernel. The engine's own errors map to Python exceptions by kind:
 // InvalidArgumentError -> ValueError, CapacityError -> MemoryError, NotFoundError -> KeyError,
-// anything else -> RuntimeError. Engine calls run without the GIL; on the CUDA backend the
-// engine's device is made current around each call (a model spread over several GPUs calls
-// engines of different devices from one thread).
+// anything else -> RuntimeError. Engine calls run without the GIL; each makes its engine's device
+// current itself (kvtier::Engine does, for a model spread over several GPUs).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -84,29 +83,12 @@ class PyEngine {
  public:
   explicit PyEngine(const EngineConfig& config) {
     validate(config);
-    if (config.backend == Backend::kCuda) {
-      cuda::DeviceGuard guard(config.device);
-      engine_ = std::make_unique<Engine>(config);
-    } else {
-      engine_ = std::make_unique<Engine>(config);
-    }
+    engine_ = std::make_unique<Engine>(config);
   }
 
-  /// Python collected the object: destroy the engine on its device (a model over several GPUs
-  /// leaves any device current). The GIL stays held, as it may be interpreter shutdown; the
+  /// Python collected the object. The GIL stays held, as it may be interpreter shutdown; the
   /// engine's background work, which the destructor waits for, never takes it.
-  ~PyEngine() {
-    if (!engine_) return;
-    std::optional<cuda::DeviceGuard> guard;
-    if (engine_->config().backend == Backend::kCuda) {
-      try {
-        guard.emplace(engine_->config().device);
-      } catch (const std::exception&) {
-        // Destroy it on whatever device is current rather than leak it.
-      }
-    }
-    engine_.reset();
-  }
+  ~PyEngine() = default;
   PyEngine(const PyEngine&) = delete;
   PyEngine& operator=(const PyEngine&) = delete;
 
@@ -214,18 +196,15 @@ class PyEngine {
   bool closed() const { return engine_ == nullptr; }
 
  private:
-  /// What every engine call needs: the GIL released, the engine's device current (kCuda), and
-  /// the engine still open.
+  /// What every engine call needs: the engine still open, and the GIL released.
   class Scope {
    public:
     explicit Scope(PyEngine& e) {
       if (!e.engine_) throw std::runtime_error("kvtier: the engine was closed");
-      if (e.engine_->config().backend == Backend::kCuda) guard_.emplace(e.engine_->config().device);
     }
 
    private:
     nb::gil_scoped_release release_;
-    std::optional<cuda::DeviceGuard> guard_;
   };
 
   Engine& get() const {
