@@ -15,16 +15,7 @@
 
 #include "memory/core/cuda_fwd.h"
 #include "memory/core/dtype.h"
-
-// The detail:: helpers below run on host and device from one definition, so the backends agree
-// bit for bit.
-#ifndef KVTIER_HOST_DEVICE
-#if defined(__CUDACC__)
-#define KVTIER_HOST_DEVICE __host__ __device__
-#else
-#define KVTIER_HOST_DEVICE
-#endif
-#endif
+#include "memory/core/host_device.h"
 
 namespace kvtier::kernels {
 

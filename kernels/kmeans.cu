@@ -1040,6 +1040,16 @@ __global__ void __launch_bounds__(kPPThreads, 1)
       ok[r] = s[r] < ms;
     }
   };
+  // The points and inverse norms of the pass's rows that `use` marks (row 0 and 0 otherwise).
+  auto rows_of = [&](const int(&s)[kPPRho], const bool(&use)[kPPRho], const T*(&rows)[kPPRho],
+                     float(&inv)[kPPRho]) {
+#pragma unroll
+    for (int r = 0; r < kPPRho; ++r) {
+      const int64_t row = use[r] ? pp_sample_row(sb + s[r], n, m, a.ratio) : 0;
+      rows[r] = xp + row * d;
+      inv[r] = use[r] ? invp[row] : 0.f;
+    }
+  };
 
   for (int j = 0; j < k; ++j) {
     int mode;  // 0: the first centre; 1: drawn; 2: every untaken row coincides with a centre
@@ -1142,12 +1152,7 @@ __global__ void __launch_bounds__(kPPThreads, 1)
           pass_rows(b0, s, ok);
           const T* rows[kPPRho];
           float inv[kPPRho];
-#pragma unroll
-          for (int r = 0; r < kPPRho; ++r) {
-            const int64_t row = ok[r] ? pp_sample_row(sb + s[r], n, m, a.ratio) : 0;
-            rows[r] = xp + row * d;
-            inv[r] = ok[r] ? invp[row] : 0.f;
-          }
+          rows_of(s, ok, rows, inv);
           float acc[kPPRho][kT];
           pp_dots<T, kT>(rows, ok, d, sub, vec, cvec, acc);
 #pragma unroll
@@ -1220,12 +1225,7 @@ __global__ void __launch_bounds__(kPPThreads, 1)
         if (!__any_sync(0xffffffffu, any)) continue;
         const T* rows[kPPRho];
         float inv[kPPRho];
-#pragma unroll
-        for (int r = 0; r < kPPRho; ++r) {
-          const int64_t row = need[r] ? pp_sample_row(sb + s[r], n, m, a.ratio) : 0;
-          rows[r] = xp + row * d;
-          inv[r] = need[r] ? invp[row] : 0.f;
-        }
+        rows_of(s, need, rows, inv);
         float acc[kPPRho][1];
         pp_dots<T, 1>(rows, need, d, sub, vec, cw, acc);
 #pragma unroll

@@ -10,16 +10,7 @@
 #include <vector>
 
 #include "kernels/kmeans.h"
-
-// The helpers marked KVTIER_HOST_DEVICE run on host and device from one definition, so the
-// backends draw the same numbers bit for bit.
-#ifndef KVTIER_HOST_DEVICE
-#if defined(__CUDACC__)
-#define KVTIER_HOST_DEVICE __host__ __device__
-#else
-#define KVTIER_HOST_DEVICE
-#endif
-#endif
+#include "memory/core/host_device.h"
 
 namespace kvtier::kernels::detail {
 
