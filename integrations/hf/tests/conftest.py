@@ -89,6 +89,17 @@ def generate(model, ids, mask, new_tokens, cache=None, **kwargs):
     return out[:, ids.shape[1] :]
 
 
+def forced_logits(model, ids, tokens, cache):
+    """Last-position logits of the prompt's forward and of each step fed `tokens` (teacher
+    forcing: both caches see the same inputs whatever they would have picked)."""
+    with torch.no_grad():
+        logits = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]]
+        for token in tokens[:-1]:
+            step = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+            logits.append(step.logits[0, -1])
+    return torch.stack(logits).float()
+
+
 def engine_takes(dtype: str) -> bool:
     """Whether the engine's CPU backend accepts K/V of `dtype` ("fp32", "bf16", ...)."""
     c = _core.EngineConfig()

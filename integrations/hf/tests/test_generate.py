@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 import kvtier
 
-from conftest import generate, make_model, needs_dtype, prompts
+from conftest import forced_logits, generate, make_model, needs_dtype, prompts
 
 #: clusterkv options that make the tiny test contexts exercise recall: prompt rows past the sink
 #: are clustered in windows of 32 (the default 256 would leave them all in the window ring).
@@ -74,25 +74,14 @@ def test_clusterkv_with_a_budget_covering_the_context_equals_dynamic_cache():
     assert stats.window_clusterings > 0
 
 
-def _forced_logits(model, ids, tokens, cache):
-    """Last-position logits of the prompt's forward and of each step fed `tokens` (teacher
-    forcing: both caches see the same inputs whatever they would have picked)."""
-    with torch.no_grad():
-        logits = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]]
-        for token in tokens[:-1]:
-            step = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
-            logits.append(step.logits[0, -1])
-    return torch.stack(logits).float()
-
-
 @pytest.mark.parametrize("mode", ["full", "clusterkv"])
 def test_bf16_logits_follow_dynamic_cache_within_rounding(mode):
     model = make_model(dtype=torch.bfloat16)
     ids, mask = prompts([200])
     tokens = generate(model, ids, mask, 32)[0]
-    ref = _forced_logits(model, ids, tokens, DynamicCache(config=model.config))
+    ref = forced_logits(model, ids, tokens, DynamicCache(config=model.config))
     cache = kvtier.enable(model, mode=mode, budget=256, **RECALL)
-    got = _forced_logits(model, ids, tokens, cache)
+    got = forced_logits(model, ids, tokens, cache)
     # Logits here reach about 7 (bf16 unit 1/32): seen differences are up to 0.15; attending
     # without the prompt's first half moves them by about 8.
     tol = 0.25

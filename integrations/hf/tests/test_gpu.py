@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 import kvtier
 
-from conftest import generate, make_model, prompts
+from conftest import forced_logits, generate, make_model, prompts
 
 RECALL = dict(window=32, tokens_per_cluster=32)
 
@@ -29,15 +29,6 @@ def _need_gpus(count: int) -> None:
         pytest.skip(why)
 
 
-def _forced_logits(model, ids, tokens, cache):
-    with torch.no_grad():
-        logits = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]]
-        for token in tokens[:-1]:
-            step = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
-            logits.append(step.logits[0, -1])
-    return torch.stack(logits).float()
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("mode", ["full", "clusterkv"])
 def test_gpu_logits_follow_dynamic_cache(dtype, mode):
@@ -48,9 +39,9 @@ def test_gpu_logits_follow_dynamic_cache(dtype, mode):
     ids, mask = prompts([200])
     ids, mask = ids.cuda(), mask.cuda()
     tokens = generate(model, ids, mask, 32)[0]
-    ref = _forced_logits(model, ids, tokens, DynamicCache(config=model.config))
+    ref = forced_logits(model, ids, tokens, DynamicCache(config=model.config))
     cache = kvtier.enable(model, mode=mode, budget=256, **RECALL)
-    got = _forced_logits(model, ids, tokens, cache)
+    got = forced_logits(model, ids, tokens, cache)
     assert (got - ref).abs().max().item() <= 0.25
     assert list(cache.engines()) == ["cuda:0"]
     assert cache.engine_stats()["cuda:0"].steps == 31
@@ -86,9 +77,9 @@ def test_device_map_puts_each_layers_cache_on_its_device():
     ids, mask = prompts([200])
     ids = ids.to("cuda:0")
     tokens = generate(model, ids, mask.to("cuda:0"), 24)[0]
-    ref = _forced_logits(model, ids, tokens, DynamicCache(config=model.config))
+    ref = forced_logits(model, ids, tokens, DynamicCache(config=model.config))
     cache = kvtier.enable(model, mode="clusterkv", budget=256, **RECALL)
-    got = _forced_logits(model, ids, tokens, cache)
+    got = forced_logits(model, ids, tokens, cache)
     assert (got - ref.to(got.device)).abs().max().item() <= 0.25
     engines = cache.engines()
     assert sorted(engines) == ["cuda:0", "cuda:1"]
