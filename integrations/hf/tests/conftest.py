@@ -8,6 +8,12 @@ and depend on the context: an attention that read the wrong rows would change th
 
 from __future__ import annotations
 
+import os
+
+# As kvtier does when imported first (kvtier/__init__.py): torch's OpenMP threads sleep between
+# parallel regions instead of spinning, so the engine's CPU threads get the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 from transformers import (
