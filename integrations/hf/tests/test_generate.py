@@ -110,6 +110,59 @@ def test_left_padded_batch_equals_dynamic_cache(mode):
         assert engine.sequence_length(row, 3) == n + 23
 
 
+@pytest.mark.parametrize("mode", ["full", "clusterkv"])
+def test_prefill_one_sequence_at_a_time_then_generate_equals_dynamic_cache(mode):
+    # cache.prefill() runs each prompt alone (no padding); generate then continues the batch.
+    needs_dtype(torch.float32)
+    model = make_model()
+    lengths = [300, 180, 40]
+    ids, mask = prompts(lengths)
+    ref = generate(model, ids, mask, 24)
+    cache = kvtier.enable(model, mode=mode, budget=1024, **RECALL)
+    cache.prefill(model, ids, mask)
+    assert cache.get_seq_length() == ids.shape[1] - 1
+    engine = cache.engines()["cpu"]
+    for row, n in enumerate(lengths):
+        assert engine.sequence_length(row, 3) == n - 1
+    out = generate(model, ids, mask, 24, cache)
+    assert out.tolist() == ref.tolist()
+    for row, n in enumerate(lengths):
+        assert engine.sequence_length(row, 3) == n + 23
+    # Every token after the prefill, the prompts' last included, was one engine step.
+    assert cache.engine_stats()["cpu"].steps == 24
+
+
+@pytest.mark.parametrize("mode", ["clusterattn", "hybrid"])
+def test_prefill_one_sequence_at_a_time_in_the_prefill_modes(mode):
+    needs_dtype(torch.float32)
+    model = make_model()
+    ids, mask = prompts([300, 120])
+    cache = kvtier.enable(model, mode=mode, budget=64, **RECALL)
+    cache.prefill(model, ids, mask)
+    out = generate(model, ids, mask, 12, cache)
+    assert out.shape == (2, 12)
+    assert cache.engine_stats()["cpu"].steps == 12
+
+
+def test_prefill_refuses_bad_prompts_and_a_used_cache():
+    needs_dtype(torch.float32)
+    model = make_model()
+    cache = kvtier.enable(model, mode="full", budget=64)
+    ids, mask = prompts([20, 10])
+    with pytest.raises(ValueError, match="left-padded"):
+        cache.prefill(model, ids, mask.flip(-1))
+    with pytest.raises(ValueError, match="at least 2 real tokens"):
+        cache.prefill(model, *prompts([20, 1]))
+    cache.prefill(model, ids, mask)
+    with pytest.raises(ValueError, match="empty cache"):
+        cache.prefill(model, ids, mask)
+    cache.reset()
+    kvtier.disable(model)
+    with pytest.raises(RuntimeError, match="kvtier.enable"):
+        cache.prefill(model, ids, mask)
+    assert cache.get_seq_length() == 0
+
+
 def test_a_row_of_the_batch_decodes_as_it_would_alone():
     needs_dtype(torch.float32)
     model = make_model()

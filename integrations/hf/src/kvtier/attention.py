@@ -46,7 +46,8 @@ def kvtier_attention_forward(
             module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
         )
         layer.cache._prefill_layer(layer, query, key, value, attention_mask)
-        layer.prefilled = True
+        # KvtierCache.prefill() runs one sequence at a time and marks the layers itself.
+        layer.prefilled = layer.cache._row_prefill is None
         return out, None
     if query.shape[2] != 1:
         raise ValueError(

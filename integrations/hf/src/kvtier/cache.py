@@ -149,7 +149,8 @@ class KvtierLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.pending = True
-        self.length += key_states.shape[-2]
+        if self.cache._row_prefill is None:
+            self.length += key_states.shape[-2]
         # The attention function receives exactly this tensor: the mark leads it back here.
         key_states._kvtier_layer = self
         return key_states, value_states
@@ -256,6 +257,8 @@ class KvtierCache(Cache):
         self._of_layer: dict[int, _DeviceEngine] = {}
         self._batch = 0
         self._starts: list[int] | None = None  # first real (unpadded) prompt position per row
+        # During prefill(): the sequence (batch row) the model's batch-1 forward belongs to.
+        self._row_prefill: int | None = None
         # Check everything the engines will check, now rather than at the first forward: mode,
         # budget and options, head_dim, dtype and backend (e.g. hybrid on CUDA) per device.
         dtype = spec.weight_dtype()
@@ -272,7 +275,77 @@ class KvtierCache(Cache):
         self._of_layer.clear()
         self._batch = 0
         self._starts = None
+        self._row_prefill = None
         super().reset()
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Runs the prompts of a batch through `model` one sequence at a time, so that a batch
+        whose prompts would not fit the GPU together (a prefill's activations grow with batch x
+        prompt length) can still decode together. Then call
+        ``model.generate(input_ids, attention_mask=attention_mask, past_key_values=self, ...)``
+        with the same tensors: generate sees every prompt token but the last in the cache and
+        continues from there, every step for the whole batch at once.
+
+        input_ids: [B, L]; attention_mask: [B, L] of 0/1 with left padding (as tokenizers make
+        it with padding_side="left"), or None. Each row is run without its padding, at positions
+        0..n-2 for its n real tokens; its last token is the first one generate feeds. Every
+        prompt needs at least 2 real tokens.
+        """
+        if self._starts is not None:
+            raise ValueError(
+                "kvtier: prefill() needs an empty cache: use a new KvtierCache (or reset())"
+            )
+        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            raise ValueError(
+                f"kvtier: prefill() takes input_ids of shape [batch, length >= 2], got "
+                f"{tuple(input_ids.shape)}"
+            )
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            starts = [0] * batch
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"kvtier: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                    f"{tuple(input_ids.shape)}"
+                )
+            real = attention_mask.bool()
+            count = real.sum(dim=-1)
+            positions = torch.arange(length, device=real.device)
+            if not torch.equal(real, positions[None, :] >= (length - count)[:, None]):
+                raise ValueError(
+                    "kvtier: the prompts must be left-padded (tokenizer.padding_side = 'left'): "
+                    "a row's real tokens have to be its last ones"
+                )
+            starts = (length - count).tolist()
+        if any(length - start < 2 for start in starts):
+            raise ValueError("kvtier: prefill() needs at least 2 real tokens in every prompt")
+        self._batch, self._starts = batch, list(starts)
+        try:
+            for seq, start in enumerate(starts):
+                self._row_prefill = seq
+                ids = input_ids[seq : seq + 1, start : length - 1]
+                model(input_ids=ids, past_key_values=self, use_cache=True, logits_to_keep=1)
+                missing = [layer.layer_idx for layer in self.layers if layer.pending]
+                if missing:
+                    raise RuntimeError(
+                        f"kvtier: layers {missing} did not run through kvtier attention; call "
+                        "kvtier.enable(model) before prefill()"
+                    )
+        except BaseException:
+            self.reset()
+            raise
+        finally:
+            self._row_prefill = None
+        for layer in self.layers:
+            layer.length = length - 1  # as generate counts it: left padding included
+            layer.prefilled = True
 
     # ---- kvtier ----
 
@@ -385,13 +458,18 @@ class KvtierCache(Cache):
 
     def _prefill_layer(self, layer: KvtierLayer, query, key, value, attention_mask) -> None:
         batch, _, length, _ = query.shape
-        if self._starts is None:
-            self._batch = batch
-            self._starts = self._prompt_starts(attention_mask, batch, length)
-        elif batch != self._batch:
-            raise ValueError(
-                f"kvtier: batch of {batch} at layer {layer.layer_idx}, {self._batch} before"
-            )
+        if self._row_prefill is not None:
+            # prefill(): one sequence's forward, its padding already cut off.
+            rows = [(self._row_prefill, 0)]
+        else:
+            if self._starts is None:
+                self._batch = batch
+                self._starts = self._prompt_starts(attention_mask, batch, length)
+            elif batch != self._batch:
+                raise ValueError(
+                    f"kvtier: batch of {batch} at layer {layer.layer_idx}, {self._batch} before"
+                )
+            rows = list(enumerate(self._starts))
         group = self._group(layer.layer_idx, key.device, key.dtype)
         local = group.local[layer.layer_idx]
         stream = group.stream()
@@ -399,17 +477,17 @@ class KvtierCache(Cache):
             "observation_window", group.engine.config.observation_window
         )
         query, key, value = query.detach(), key.detach(), value.detach()
-        for seq, start in enumerate(self._starts):
-            rows = length - start
-            if rows == 0:
+        for index, (seq, start) in enumerate(rows):
+            count = length - start
+            if count == 0:
                 continue  # an all-padding row: the engine starts it empty at its first decode
-            k, v = key[seq, :, start:, :], value[seq, :, start:, :]
+            k, v = key[index, :, start:, :], value[index, :, start:, :]
             if _layout(k) != _layout(v) or k.stride(-1) != 1:
                 k, v = k.contiguous(), v.contiguous()
             q_window = None
             if self.settings.mode in _WINDOW_MODES:
-                w = min(window, rows)
-                q_window = query[seq, :, length - w :, :].contiguous()
+                w = min(window, count)
+                q_window = query[index, :, length - w :, :].contiguous()
             group.engine.prefill_layer(seq, local, k, v, q_window, stream)
 
     def _decode_layer(self, layer: KvtierLayer, query, key, value) -> torch.Tensor:
