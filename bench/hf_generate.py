@@ -202,8 +202,8 @@ def run_one(model, args, cache_kind: str, context: int, batch: int, new_tokens: 
         assert out.shape == (batch, context + new_tokens)
     except torch.OutOfMemoryError as e:
         return dict(cache=cache_kind, context=context, batch=batch, status="oom", error=str(e)[:200])
-    except MemoryError as e:  # the engine's host tier is full
-        return dict(cache=cache_kind, context=context, batch=batch, status="host-full",
+    except MemoryError as e:  # the engine ran out of host (or device) memory
+        return dict(cache=cache_kind, context=context, batch=batch, status="engine-oom",
                     error=str(e)[:200])
     finally:
         if cache_kind == "kvtier" and isinstance(cache, kvtier.KvtierCache):
