@@ -2,6 +2,7 @@
 #include "memory/tiered_store.h"
 
 #include <tbb/concurrent_hash_map.h>
+#include <tbb/parallel_for.h>
 
 #include <algorithm>
 #include <cstring>
@@ -110,8 +111,13 @@ int64_t pages_for(int64_t rows, int64_t rows_per_page) {
 }
 }  // namespace
 
-void TieredStore::append(SeqId seq, int32_t layer, const KvRows& rows) {
-  check_head(seq, layer, 0);
+namespace {
+// Appends with at least this many rows copy their KV heads in parallel (a prompt's layer);
+// smaller ones (a decode step's rows) stay on the calling thread.
+constexpr int64_t kParallelRows = 2048;
+}  // namespace
+
+void TieredStore::check_rows(const KvRows& rows) const {
   KVTIER_CHECK(rows.dtype == shape_.dtype, "dtype ", dtype_name(rows.dtype),
                " does not match the store's ", dtype_name(shape_.dtype));
   KVTIER_CHECK(rows.head_dim == shape_.head_dim, "head_dim ", rows.head_dim,
@@ -119,17 +125,21 @@ void TieredStore::append(SeqId seq, int32_t layer, const KvRows& rows) {
   KVTIER_CHECK(rows.num_kv_heads == shape_.num_kv_heads, "num_kv_heads ", rows.num_kv_heads,
                " does not match the store's ", shape_.num_kv_heads);
   KVTIER_CHECK(rows.num_rows >= 0, "num_rows must be >= 0, got ", rows.num_rows);
-  if (rows.num_rows == 0) return;
-  KVTIER_CHECK(rows.k != nullptr && rows.v != nullptr, "append: k and v must not be null");
+  KVTIER_CHECK(rows.num_rows == 0 || (rows.k != nullptr && rows.v != nullptr),
+               "append: k and v must not be null");
   const int64_t row_stride = rows.row_stride >= 0 ? rows.row_stride : shape_.head_dim;
-  const int64_t head_stride = rows.head_stride >= 0 ? rows.head_stride : rows.num_rows * row_stride;
   KVTIER_CHECK(row_stride >= shape_.head_dim, "row_stride ", row_stride, " is below head_dim ",
                shape_.head_dim);
+}
 
-  auto s = find(seq);
-  std::unique_lock<std::shared_mutex> lock(s->mu);
+// Grows every head of `layer` by rows.num_rows slots (all or nothing), then calls
+// fill(head index, Head&, old_rows, K source, V source, row stride in bytes) for each head, in
+// parallel for large appends. Runs under the sequence's lock.
+template <typename Fill>
+void TieredStore::grow_layer(Sequence& s, SeqId seq, int32_t layer, const KvRows& rows,
+                             const Fill& fill) {
   const size_t base = static_cast<size_t>(layer) * shape_.num_kv_heads;
-  const int64_t old_rows = s->heads[base].num_rows;  // all heads of a layer grow together
+  const int64_t old_rows = s.heads[base].num_rows;  // all heads of a layer grow together
   const int64_t new_pages_per_head =
       pages_for(old_rows + rows.num_rows, rows_per_page_) - pages_for(old_rows, rows_per_page_);
   std::vector<HostPageId> fresh;
@@ -143,26 +153,128 @@ void TieredStore::append(SeqId seq, int32_t layer, const KvRows& rows) {
     }
   }
   const size_t esize = dtype_size(shape_.dtype);
-  size_t next = 0;
+  const int64_t row_stride = rows.row_stride >= 0 ? rows.row_stride : shape_.head_dim;
+  const int64_t head_stride = rows.head_stride >= 0 ? rows.head_stride : rows.num_rows * row_stride;
   for (int32_t h = 0; h < shape_.num_kv_heads; ++h) {
-    Head& head = s->heads[base + h];
+    Head& head = s.heads[base + h];
     KVTIER_ASSERT(head.num_rows == old_rows);
     for (int64_t i = 0; i < new_pages_per_head; ++i) {
-      head.k_pages.push_back(fresh[next++]);
-      head.v_pages.push_back(fresh[next++]);
+      head.k_pages.push_back(fresh[static_cast<size_t>((h * new_pages_per_head + i) * 2)]);
+      head.v_pages.push_back(fresh[static_cast<size_t>((h * new_pages_per_head + i) * 2 + 1)]);
     }
+  }
+  auto one = [&](int32_t h) {
     const auto* k = static_cast<const std::byte*>(rows.k) + h * head_stride * esize;
     const auto* v = static_cast<const std::byte*>(rows.v) + h * head_stride * esize;
-    for (int64_t r = 0; r < rows.num_rows; ++r) {
-      const int64_t slot = old_rows + r;
-      const size_t off = static_cast<size_t>(slot % rows_per_page_) * row_bytes_;
-      std::memcpy(arena_.host_ptr(head.k_pages[slot / rows_per_page_]) + off,
-                  k + r * row_stride * esize, row_bytes_);
-      std::memcpy(arena_.host_ptr(head.v_pages[slot / rows_per_page_]) + off,
-                  v + r * row_stride * esize, row_bytes_);
-    }
-    head.num_rows = old_rows + rows.num_rows;
+    fill(h, s.heads[base + h], old_rows, k, v, static_cast<size_t>(row_stride) * esize);
+  };
+  if (rows.num_rows >= kParallelRows && shape_.num_kv_heads > 1) {
+    tbb::parallel_for(0, shape_.num_kv_heads, one);
+  } else {
+    for (int32_t h = 0; h < shape_.num_kv_heads; ++h) one(h);
   }
+  for (int32_t h = 0; h < shape_.num_kv_heads; ++h) s.heads[base + h].num_rows += rows.num_rows;
+}
+
+void TieredStore::append(SeqId seq, int32_t layer, const KvRows& rows) {
+  check_head(seq, layer, 0);
+  check_rows(rows);
+  if (rows.num_rows == 0) return;
+  auto s = find(seq);
+  std::unique_lock<std::shared_mutex> lock(s->mu);
+  const int64_t n = rows.num_rows;
+  grow_layer(*s, seq, layer, rows,
+             [&](int32_t, Head& head, int64_t old_rows, const std::byte* k, const std::byte* v,
+                 size_t src_row) {
+               // Page by page: rows contiguous in the source (src_row == row_bytes_) go in one
+               // copy per page.
+               for (int64_t r = 0; r < n;) {
+                 const int64_t slot = old_rows + r;
+                 const int64_t run = std::min(n - r, rows_per_page_ - slot % rows_per_page_);
+                 const size_t off = static_cast<size_t>(slot % rows_per_page_) * row_bytes_;
+                 std::byte* dk = arena_.host_ptr(head.k_pages[slot / rows_per_page_]) + off;
+                 std::byte* dv = arena_.host_ptr(head.v_pages[slot / rows_per_page_]) + off;
+                 if (src_row == row_bytes_) {
+                   std::memcpy(dk, k + r * src_row, run * row_bytes_);
+                   std::memcpy(dv, v + r * src_row, run * row_bytes_);
+                 } else {
+                   for (int64_t i = 0; i < run; ++i) {
+                     std::memcpy(dk + i * row_bytes_, k + (r + i) * src_row, row_bytes_);
+                     std::memcpy(dv + i * row_bytes_, v + (r + i) * src_row, row_bytes_);
+                   }
+                 }
+                 r += run;
+               }
+             });
+}
+
+int32_t TieredStore::append_clustered(SeqId seq, int32_t layer, const KvRows& rows,
+                                      const int32_t* labels, int32_t num_clusters) {
+  check_head(seq, layer, 0);
+  check_rows(rows);
+  KVTIER_CHECK(num_clusters > 0, "num_clusters must be > 0, got ", num_clusters);
+  const int64_t n = rows.num_rows;
+  const int32_t H = shape_.num_kv_heads;
+  KVTIER_CHECK(n == 0 || labels != nullptr, "labels must not be null");
+  for (int64_t i = 0; i < n * H; ++i) {
+    KVTIER_CHECK(labels[i] >= 0 && labels[i] < num_clusters, "label ", labels[i], " of row ",
+                 i % n, " of KV head ", i / n, " is out of range [0, ", num_clusters, ")");
+  }
+  auto s = find(seq);
+  std::unique_lock<std::shared_mutex> lock(s->mu);
+  const size_t base = static_cast<size_t>(layer) * H;
+  const int64_t old_rows = s->heads[base].num_rows;
+  for (int32_t h = 0; h < H; ++h) {
+    const Head& head = s->heads[base + h];
+    KVTIER_CHECK(!head.indexed || head.index_end == old_rows, "append_clustered: KV head ", h,
+                 " of layer ", layer, " has unclustered rows [", head.index_end, ", ", old_rows,
+                 "); clustering must continue at the oldest unclustered row");
+    KVTIER_CHECK(head.index_end - head.index_begin + n <= INT32_MAX, "index too large");
+  }
+  auto clusters_of = [](const Head& head) {
+    return head.indexed ? static_cast<int32_t>(head.cluster_offsets.size() - 1) : 0;
+  };
+  const int32_t first = clusters_of(s->heads[base]);
+  for (int32_t h = 1; h < H; ++h) {
+    KVTIER_CHECK(clusters_of(s->heads[base + h]) == first, "append_clustered: KV head ", h,
+                 " of layer ", layer, " has ", clusters_of(s->heads[base + h]),
+                 " clusters and head 0 has ", first, "; they must be clustered together");
+  }
+  if (n == 0) return first;
+  grow_layer(*s, seq, layer, rows,
+             [&](int32_t h, Head& head, int64_t old, const std::byte* k, const std::byte* v,
+                 size_t src_row) {
+               const int32_t* lab = labels + static_cast<size_t>(h) * n;
+               // Stable counting sort by label, as cluster() lays rows out.
+               std::vector<int64_t> counts(static_cast<size_t>(num_clusters) + 1, 0);
+               for (int64_t i = 0; i < n; ++i) ++counts[lab[i] + 1];
+               for (int32_t c = 0; c < num_clusters; ++c) counts[c + 1] += counts[c];
+               std::vector<int64_t> order(static_cast<size_t>(n));
+               {
+                 std::vector<int64_t> cursor(counts.begin(), counts.end() - 1);
+                 for (int64_t i = 0; i < n; ++i) order[cursor[lab[i]]++] = i;
+               }
+               if (!head.indexed) {
+                 head.indexed = true;
+                 head.index_begin = head.index_end = old;
+                 head.cluster_offsets.assign(1, old);
+               }
+               head.perm.reserve(head.perm.size() + n);
+               for (int64_t j = 0; j < n; ++j) {
+                 const int64_t slot = old + j;
+                 const size_t off = static_cast<size_t>(slot % rows_per_page_) * row_bytes_;
+                 std::memcpy(arena_.host_ptr(head.k_pages[slot / rows_per_page_]) + off,
+                             k + order[j] * src_row, row_bytes_);
+                 std::memcpy(arena_.host_ptr(head.v_pages[slot / rows_per_page_]) + off,
+                             v + order[j] * src_row, row_bytes_);
+                 head.perm.push_back(static_cast<int32_t>(old - head.index_begin + order[j]));
+               }
+               for (int32_t c = 0; c < num_clusters; ++c) {
+                 head.cluster_offsets.push_back(old + counts[c + 1]);
+               }
+               head.index_end = old + n;
+             });
+  return first;
 }
 
 int32_t TieredStore::cluster(SeqId seq, int32_t layer, int32_t kv_head, int64_t pos_begin,

@@ -109,6 +109,14 @@ class TieredStore {
   /// Rows keep their token order within a cluster. Empty clusters are allowed.
   int32_t cluster(SeqId seq, int32_t layer, int32_t kv_head, int64_t pos_begin, int64_t num_rows,
                   const int32_t* labels, int32_t num_clusters);
+  /// append() then cluster() of the appended rows in every KV head of `layer`, in one pass: each
+  /// row is written once, straight to its cluster slot (a prompt's layer, whose labels k-means
+  /// gave before it reached the host). labels: [num_kv_heads][rows.num_rows], in [0,
+  /// num_clusters). The layer's heads must have no unclustered rows (the appended rows are
+  /// clustered from the current end). Returns the first new cluster's index (the same in every
+  /// head). Throws CapacityError as append() does, with the sequence unchanged.
+  int32_t append_clustered(SeqId seq, int32_t layer, const KvRows& rows, const int32_t* labels,
+                           int32_t num_clusters);
 
   // ---- reading ----
   HeadLayout layout(SeqId seq, int32_t layer, int32_t kv_head) const;
@@ -146,6 +154,9 @@ class TieredStore {
   struct Sequence;
   std::shared_ptr<Sequence> find(SeqId seq) const;  // throws NotFoundError
   void check_head(SeqId seq, int32_t layer, int32_t kv_head) const;
+  void check_rows(const KvRows& rows) const;
+  template <typename Fill>
+  void grow_layer(Sequence& s, SeqId seq, int32_t layer, const KvRows& rows, const Fill& fill);
   ClusterSpan cluster_span_locked(const Head& h, SeqId seq, int32_t layer, int32_t kv_head,
                                   int32_t cluster) const;
   void runs_locked(const Head& h, int64_t slot_begin, int64_t count,

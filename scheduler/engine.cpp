@@ -604,6 +604,23 @@ struct Engine::Impl {
       reserving = false;
     });
   }
+  // A prompt of `rows` rows needs host pages in every layer: they are pinned ahead on a oneTBB
+  // task when its first layer arrives, beside the model's forward, rather than by each layer's
+  // append (pinning a 256 MiB slab takes tens of milliseconds, and a 128K-token prompt of an
+  // 8B-shaped model fills 64 of them).
+  void reserve_prompt_pages(int64_t rows) {
+    const int64_t rpp = store->rows_per_page();
+    const size_t need = static_cast<size_t>(L) * 2 * Hkv * static_cast<size_t>((rows + rpp - 1) / rpp);
+    if (reserving.exchange(true)) return;
+    const size_t target = store->arena().free_pages() + need;
+    jobs.run([this, target] {
+      try {
+        store->arena().reserve(target);
+      } catch (...) {  // an append that finds the arena full reports it
+      }
+      reserving = false;
+    });
+  }
   void wait_sequence(Sequence& s);
   /// The device's view of the host tier for rows [first_row, clustered) and clusters from
   /// first_cluster on: host page bases and each cluster's first slot. `sync`: wait for the
@@ -908,13 +925,15 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       const int64_t rs = kv.row_stride >= 0 ? kv.row_stride : kv.head_dim;
       part.head_stride = kv.head_stride >= 0 ? kv.head_stride : kv.num_rows * kv.head_dim;
       part.row_stride = rs;
-      part.k = static_cast<const std::byte*>(kv.k) + off0 * rs * es;
-      part.v = static_cast<const std::byte*>(kv.v) + off0 * rs * es;
-      part.num_rows = off_n;
-      if (off_n > 0) store->append(seq, layer, part);
-      record(off);
+      // Rows [off0, off0 + c_n) are clustered (region A), the c_n.. rest wait (region B).
+      auto part_of = [&](int64_t first, int64_t count) {
+        part.k = static_cast<const std::byte*>(kv.k) + first * rs * es;
+        part.v = static_cast<const std::byte*>(kv.v) + first * rs * es;
+        part.num_rows = count;
+        return part;
+      };
+      const auto t0 = Clock::now();
       if (c_n > 0) {
-        const auto t0 = Clock::now();
         std::vector<std::byte> points(static_cast<size_t>(Hkv) * c_n * rowb);
         copy_kv_rows(backend, kv, false, res_n, c_n, points.data(), c_n * rowb, 0, rowb, nullptr);
         const kernels::KmeansParams kp =
@@ -922,10 +941,14 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
         kernels::kmeans_cpu(kp, points.data(), centroids_row(st.table_row), labels.data(),
                             sizes_row(st.table_row));
+        store->append_clustered(seq, layer, part_of(off0, c_n), labels.data(), c0);
         for (int32_t h = 0; h < Hkv; ++h) {
-          store->cluster(seq, layer, h, 0, c_n, labels.data() + static_cast<size_t>(h) * c_n, c0);
           st.sizes[h].assign(sizes_row(st.table_row + h), sizes_row(st.table_row + h) + c0);
         }
+      }
+      if (off_n > c_n) store->append(seq, layer, part_of(off0 + c_n, off_n - c_n));
+      record(off);
+      if (c_n > 0) {
         st.num_clusters = c0;
         st.clustered = c_n;
         prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
@@ -945,6 +968,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
   }
 
 #if KVTIER_WITH_CUDA
+  if (layer == 0 && off_n > 0) reserve_prompt_pages(n);
   // kCuda: an engine-owned head-major copy [Hkv, off_n] (clustered rows first, then the rest)
   // lets the caller reuse its buffers as soon as the copy is done; offload and k-means read it.
   while (inflight_prefills.size() >= kMaxInflightPrefills) {
@@ -1001,38 +1025,35 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       cuda::DeviceGuard guard(device);  // this job creates events and pinned buffers
       const auto t0 = Clock::now();
       w->d2h.wait_polling();
-      if (off_n > 0) {
-        // Region A then region B: store positions stay in token order.
-        const int64_t b_n = off_n - c_n;
-        const std::byte* hk = w->sc->host.data();
-        const std::byte* hv = w->sc->host.data() + part_bytes;
-        KvRows a{hk, hv, dtype, Hkv, D, c_n, c_n * D, D};
-        if (c_n > 0) store->append(seq, layer, a);
-        KvRows b{hk + static_cast<size_t>(Hkv) * c_n * rowb,
-                 hv + static_cast<size_t>(Hkv) * c_n * rowb,
-                 dtype,
-                 Hkv,
-                 D,
-                 b_n,
-                 b_n * D,
-                 D};
-        if (b_n > 0) store->append(seq, layer, b);
-      }
-      Event e = off;
-      record(e);
+      // Region A (clustered) goes to the store laid out by cluster in one pass, then region B:
+      // store positions stay in token order.
+      const int64_t b_n = off_n - c_n;
+      const std::byte* hk = off_n > 0 ? w->sc->host.data() : nullptr;
+      const std::byte* hv = off_n > 0 ? w->sc->host.data() + part_bytes : nullptr;
       if (c_n > 0) {
         std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
         w->kmeans.wait_polling();
         KVTIER_CUDA_CHECK(cudaMemcpyAsync(labels.data(), w->sc->labels.get(), labels.size() * 4,
                                           cudaMemcpyDeviceToHost, copy_stream()));
         KVTIER_CUDA_CHECK(cudaStreamSynchronize(copy_stream()));
+        store->append_clustered(seq, layer, KvRows{hk, hv, dtype, Hkv, D, c_n, c_n * D, D},
+                                labels.data(), c0);
         for (int32_t h = 0; h < Hkv; ++h) {
           const int32_t* lab = labels.data() + static_cast<size_t>(h) * c_n;
-          store->cluster(seq, layer, h, 0, c_n, lab, c0);
           std::vector<int32_t> sz(c0, 0);
           for (int64_t i = 0; i < c_n; ++i) ++sz[lab[i]];
           stp->sizes[h] = std::move(sz);
         }
+      }
+      if (b_n > 0) {
+        store->append(seq, layer,
+                      KvRows{hk + static_cast<size_t>(Hkv) * c_n * rowb,
+                             hv + static_cast<size_t>(Hkv) * c_n * rowb, dtype, Hkv, D, b_n,
+                             b_n * D, D});
+      }
+      Event e = off;
+      record(e);
+      if (c_n > 0) {
         stp->num_clusters = c0;
         stp->clustered = c_n;
         Event ce;

@@ -183,6 +183,98 @@ TEST(TieredStore, IncrementalClusteringAppendsClusters) {
   expect_positions_match(store, 3, m);
 }
 
+// Every slot of every head of two stores, bytes and positions, and their cluster layouts.
+void expect_same_layout(const TieredStore& a, const TieredStore& b, SeqId seq, int32_t layer) {
+  const size_t rb = a.row_bytes();
+  for (int32_t h = 0; h < a.shape().num_kv_heads; ++h) {
+    const HeadLayout la = a.layout(seq, layer, h), lb = b.layout(seq, layer, h);
+    ASSERT_EQ(la.num_rows, lb.num_rows);
+    ASSERT_EQ(la.index_begin, lb.index_begin);
+    ASSERT_EQ(la.index_end, lb.index_end);
+    ASSERT_EQ(la.num_clusters, lb.num_clusters);
+    for (int32_t c = 0; c < la.num_clusters; ++c) {
+      ASSERT_EQ(a.cluster_span(seq, layer, h, c).slot_begin,
+                b.cluster_span(seq, layer, h, c).slot_begin);
+      ASSERT_EQ(a.cluster_span(seq, layer, h, c).num_rows,
+                b.cluster_span(seq, layer, h, c).num_rows);
+    }
+    const int64_t n = la.num_rows;
+    std::vector<int64_t> pa(n), pb(n);
+    a.slot_positions(seq, layer, h, 0, n, pa.data());
+    b.slot_positions(seq, layer, h, 0, n, pb.data());
+    ASSERT_EQ(pa, pb) << "head " << h;
+    std::vector<std::byte> ka(rb * n), va(ka.size()), kb(ka.size()), vb(ka.size());
+    a.read_slots(seq, layer, h, 0, n, ka.data(), va.data());
+    b.read_slots(seq, layer, h, 0, n, kb.data(), vb.data());
+    ASSERT_EQ(ka, kb) << "head " << h;
+    ASSERT_EQ(va, vb) << "head " << h;
+  }
+}
+
+TEST(TieredStore, AppendClusteredEqualsAppendThenCluster) {
+  // Sizes below and above the parallel threshold, pages partly filled, a sink prefix (the
+  // first rows appended plainly) and a second clustered append after the first.
+  for (const int64_t n : {int64_t{1}, int64_t{300}, int64_t{5000}}) {
+    const int32_t H = 4, k = 23;
+    TieredStore a(config(2, H, 64, DType::kF16, 64 << 20)), b(config(2, H, 64, DType::kF16, 64 << 20));
+    a.add_sequence(9);
+    b.add_sequence(9);
+    std::mt19937_64 rng(test::test_seed() + n);
+    const size_t rb = a.row_bytes();
+    auto rows_of = [&](const std::vector<std::byte>& kk, const std::vector<std::byte>& vv,
+                       int64_t count) {
+      return KvRows{kk.data(), vv.data(), DType::kF16, H, 64, count, -1, -1};
+    };
+    const int64_t sink = 5;
+    std::vector<std::byte> sk = test::random_bytes(rb * H * sink, rng),
+                           sv = test::random_bytes(sk.size(), rng);
+    a.append(9, 1, rows_of(sk, sv, sink));
+    b.append(9, 1, rows_of(sk, sv, sink));
+    int32_t first = 0;
+    for (int round = 0; round < 2; ++round) {
+      std::vector<std::byte> kk = test::random_bytes(rb * H * n, rng),
+                             vv = test::random_bytes(kk.size(), rng);
+      std::vector<int32_t> labels(static_cast<size_t>(H) * n);
+      for (auto& x : labels) x = static_cast<int32_t>(rng() % (k - 1));  // one stays empty
+      const int64_t at = a.layout(9, 1, 0).num_rows;
+      a.append(9, 1, rows_of(kk, vv, n));
+      for (int32_t h = 0; h < H; ++h) {
+        ASSERT_EQ(a.cluster(9, 1, h, at, n, labels.data() + h * n, k), first);
+      }
+      ASSERT_EQ(b.append_clustered(9, 1, rows_of(kk, vv, n), labels.data(), k), first);
+      expect_same_layout(a, b, 9, 1);
+      first += k;
+    }
+    // Rows appended plainly after the index leave the tail unclustered: clustering must go on
+    // from there, so append_clustered refuses.
+    std::vector<std::byte> kk = test::random_bytes(rb * H * 3, rng), vv = kk;
+    b.append(9, 1, rows_of(kk, vv, 3));
+    std::vector<int32_t> labels(static_cast<size_t>(H) * 3, 0);
+    EXPECT_THROW(b.append_clustered(9, 1, rows_of(kk, vv, 3), labels.data(), 1),
+                 InvalidArgumentError);
+    labels[5] = 7;
+    EXPECT_THROW(b.append_clustered(9, 0, rows_of(kk, vv, 3), labels.data(), 7),
+                 InvalidArgumentError);
+    EXPECT_EQ(b.layout(9, 0, 0).num_rows, 0);
+  }
+}
+
+TEST(TieredStore, AppendClusteredIsAllOrNothingWhenTheArenaIsFull) {
+  TieredStore store(config(1, 2, 64, DType::kF16, 64 * 4096));  // 64 pages of 32 rows
+  store.add_sequence(1);
+  std::mt19937_64 rng(test::test_seed());
+  const int64_t n = 32 * 40;  // 40 pages per K or V of a head: 160 in all
+  std::vector<std::byte> k = test::random_bytes(store.row_bytes() * 2 * n, rng), v = k;
+  std::vector<int32_t> labels(2 * n, 0);
+  EXPECT_THROW(store.append_clustered(1, 0, KvRows{k.data(), v.data(), DType::kF16, 2, 64, n, -1,
+                                                   -1},
+                                      labels.data(), 1),
+               CapacityError);
+  EXPECT_EQ(store.layout(1, 0, 0).num_rows, 0);
+  EXPECT_EQ(store.layout(1, 0, 0).num_clusters, 0);
+  EXPECT_EQ(store.arena().bytes_used(), 0u);
+}
+
 TEST(TieredStore, TokenMajorStrides) {
   TieredStore store(config(1, 4, 64, DType::kBF16, 4 << 20));
   store.add_sequence(0);
