@@ -3,6 +3,7 @@
 
 #include <tbb/concurrent_hash_map.h>
 #include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
 
 #include <algorithm>
 #include <cstring>
@@ -169,7 +170,10 @@ void TieredStore::grow_layer(Sequence& s, SeqId seq, int32_t layer, const KvRows
     fill(h, s.heads[base + h], old_rows, k, v, static_cast<size_t>(row_stride) * esize);
   };
   if (rows.num_rows >= kParallelRows && shape_.num_kv_heads > 1) {
-    tbb::parallel_for(0, shape_.num_kv_heads, one);
+    // Isolated: this thread holds the sequence's lock, and while it waits for the loop it must
+    // not pick up an unrelated task (say another layer's append to this sequence) that would
+    // take the lock again.
+    tbb::this_task_arena::isolate([&] { tbb::parallel_for(0, shape_.num_kv_heads, one); });
   } else {
     for (int32_t h = 0; h < shape_.num_kv_heads; ++h) one(h);
   }

@@ -2,6 +2,8 @@
 #include "memory/tiered_store.h"
 
 #include <gtest/gtest.h>
+#include <tbb/task_arena.h>
+#include <tbb/task_group.h>
 
 #include <algorithm>
 #include <cstring>
@@ -256,6 +258,46 @@ TEST(TieredStore, AppendClusteredEqualsAppendThenCluster) {
     EXPECT_THROW(b.append_clustered(9, 0, rows_of(kk, vv, 3), labels.data(), 7),
                  InvalidArgumentError);
     EXPECT_EQ(b.layout(9, 0, 0).num_rows, 0);
+  }
+}
+
+TEST(TieredStore, LargeAppendsToOneSequenceFromManyTasks) {
+  // Each append copies its heads in parallel while it holds the sequence's lock; a thread
+  // waiting there must not run another task's append to the same sequence (it would take the
+  // lock twice: "Resource deadlock avoided").
+  // Several sequences, so that threads busy with one are free to steal the parallel copies of
+  // another's append, whose thread then waits (and would steal) in turn.
+  const int32_t L = 12, H = 8, kSeqs = 3;
+  const int64_t n = 2048;  // the smallest append whose heads are copied in parallel
+  TieredStore store(config(L, H, 64, DType::kF16, size_t{1} << 30));
+  for (SeqId seq = 2; seq < 2 + kSeqs; ++seq) store.add_sequence(seq);
+  std::mt19937_64 rng(test::test_seed());
+  std::vector<std::byte> k = test::random_bytes(store.row_bytes() * H * n, rng), v = k;
+  std::vector<int32_t> labels(static_cast<size_t>(H) * n);
+  for (auto& x : labels) x = static_cast<int32_t>(rng() % 64);
+  const KvRows rows{k.data(), v.data(), DType::kF16, H, 64, n, -1, -1};
+  // More threads than CI's cores, so that waits (and steals) happen.
+  tbb::task_arena arena(8);
+  tbb::task_group tasks;
+  arena.execute([&] {
+    for (int32_t l = 0; l < L; ++l) {
+      for (SeqId seq = 2; seq < 2 + kSeqs; ++seq) {
+        tasks.run([&, l, seq] {
+          if (l % 2) {
+            store.append_clustered(seq, l, rows, labels.data(), 64);
+          } else {
+            store.append(seq, l, rows);
+          }
+        });
+      }
+    }
+  });
+  ASSERT_NO_THROW(arena.execute([&] { tasks.wait(); }));
+  for (SeqId seq = 2; seq < 2 + kSeqs; ++seq) {
+    for (int32_t l = 0; l < L; ++l) {
+      EXPECT_EQ(store.layout(seq, l, H - 1).num_rows, n);
+      EXPECT_EQ(store.layout(seq, l, H - 1).num_clusters, l % 2 ? 64 : 0);
+    }
   }
 }
 
