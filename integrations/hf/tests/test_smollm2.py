@@ -229,7 +229,8 @@ def test_gpu_logits_follow_dynamic_cache(smollm2_gpu, prompt, dtype, mode):
     scale = ref.abs().amax(dim=-1)  # per position
     err = ((got - ref).abs().amax(dim=-1) / scale).max().item()
     print(f"\n{dtype} {mode}: relative logit error {err:.4f}")
-    assert err < 0.03, f"relative logit error {err:.4f}"
+    # Measured on an H100: 0.005 in fp16, 0.024 in bf16 (8 significant bits).
+    assert err < (0.015 if dtype == torch.float16 else 0.05), f"relative logit error {err:.4f}"
     top2 = ref.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.05 * scale
     assert clear.sum() >= len(tokens) // 2
