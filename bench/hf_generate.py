@@ -17,7 +17,8 @@ generate over the batch; --dynamic-row-prefill gives it the same one-at-a-time p
 row prefilled alone, the caches concatenated) so that only KV memory limits its batch.
 
 Timing: a LogitsProcessor records a CUDA event each time generate asks for the next token's
-scores (event i: token i's logits are ready). Prefill is the wall time to event 0. The first
+scores (event i: token i's logits are ready). Prefill is the wall time until the GPU has run
+the prompt's forward (synchronized at the first scores). The first
 step (event 0 to 1) is reported apart: it also waits for prefill work a cache still has in
 flight (kvtier offloads and clusters each layer behind the prompt's forward). Decode tokens/s
 = batch x (new_tokens - 2) / (event new_tokens-1 - event 1). Before the runs, every cache
@@ -76,14 +77,18 @@ class StepClock(LogitsProcessor):
         self.first_wall: float | None = None
 
     def __call__(self, input_ids, scores):
+        if self.first_wall is None:
+            # generate queues the prompt's forward without waiting for it: the prefill ends when
+            # the GPU has run it, not when the first scores are handed over.
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.first_wall = time.perf_counter()
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
-        if self.first_wall is None:
-            self.first_wall = time.perf_counter()
         return scores
 
     def seconds(self, first: int, last: int) -> float:
@@ -302,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every result here")
     args = p.parse_args(argv)
+    if args.new_tokens < 3 or args.offload_new_tokens < 3:
+        p.error("--new-tokens and --offload-new-tokens must be at least 3 (decode is timed from "
+                "the second generated token to the last)")
 
     device = torch.device(args.device)
     if device.type != "cuda" and "offloaded" not in args.skip:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import types
+import weakref
 from importlib.util import find_spec
 
 import pytest
@@ -75,11 +77,40 @@ def test_snapkv_keeps_what_the_window_attends_and_the_window():
 def test_every_peer_with_a_budget_covering_the_context_equals_dynamic_cache(method):
     needs_dtype(torch.float32)
     model = make_model()
-    ids, mask = prompts([120, 80])
+    ids, mask = prompts([120, 120])
     ref = generate(model, ids, mask, 16)
     out = generate(model, ids, mask, 16, peers.enable(model, method, 1024))
     assert out.tolist() == ref.tolist()
     kvtier.disable(model)
+
+
+def test_left_padded_batches_are_refused():
+    model = make_model()
+    ids, mask = prompts([120, 80])
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, ids, mask, 4, peers.enable(model, "streaming", 32))
+    kvtier.disable(model)
+
+
+@pytest.mark.parametrize("method", ["streaming", "quest"])
+def test_decode_attention_reads_exactly_the_selected_rows_of_each_kv_head(method):
+    # GQA 8:2: query heads 0-3 read KV head 0's selection, 4-7 KV head 1's.
+    torch.manual_seed(0)
+    cache = _cache(method, 32)
+    module = types.SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    q = torch.randn(1, 8, 1, 64)
+    k, v = torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64)
+    k._kvtier_peer = (weakref.ref(cache), 0)
+    out, _ = peers.peer_attention_forward(module, q, k, v, None, scaling=0.125)
+    sel = cache.decode_mask(0, q, k)
+    assert (sel[0].sum(-1) < 100).all()  # a real selection, not every row
+    if method == "quest":
+        assert not torch.equal(sel[0, 0], sel[0, 1])  # each KV head its own pages
+    for h in range(8):
+        rows = sel[0, h // 4]
+        w = torch.softmax((k[0, h // 4, rows] @ q[0, h, 0]) * 0.125, dim=0)
+        want = w @ v[0, h // 4, rows]
+        torch.testing.assert_close(out[0, 0, h], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["streaming", "snapkv", "quest"])
@@ -179,7 +210,8 @@ def test_the_calibration_split_is_a_fifth_and_disjoint_from_the_rest():
     cal, rest = kv_profile.calibration(cases), kv_profile.held_out(cases)
     assert len(cal) == 6 and len(rest) == 24
     assert not set(cal) & set(rest) and set(cal) | set(rest) == set(cases)
-    assert {n for n, _, _ in cal} == {2048, 4096}  # every length is profiled
+    assert {n for n, _, _ in cal} == {2048, 4096}  # every length and depth is profiled
+    assert {d for _, d, _ in cal} == {0.0, 0.5, 1.0}
 
 
 def test_search_takes_the_best_needle_score_then_the_lower_perplexity():
@@ -190,6 +222,10 @@ def test_search_takes_the_best_needle_score_then_the_lower_perplexity():
     # Without perplexities the first of the best in grid order wins.
     best, _ = kv_profile.search(grid, lambda o: (scores[o["dbac_eps"]][0], float("nan")))
     assert best == dict(dbac_eps=2)
+    # A setting whose perplexity is NaN (broken logits) does not win a tie.
+    scores[2] = (0.75, float("nan"))
+    best, _ = kv_profile.search(grid, lambda o: scores[o["dbac_eps"]])
+    assert best == dict(dbac_eps=4)
 
 
 def test_a_profile_config_reaches_the_engine_options(tmp_path):

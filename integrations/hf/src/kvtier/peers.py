@@ -17,13 +17,18 @@ with only the selected rows in memory) without implementing its memory managemen
   best pages are attended up to ``budget`` tokens; the page being filled is always attended.
 - ``full``: every token (the reference).
 
-Prefill attention is dense (SDPA) for every method, as in the papers.
+Prefill attention is dense (SDPA) for every method, as in the papers. Tokens keep their original
+positions (StreamingLLM re-numbers positions within its cache; within the model's trained context
+the two agree). Batches must not be left-padded (one sequence, or prompts of one length): the
+sink, the pages and the window are counted from position 0.
 
     cache = kvtier.peers.enable(model, "snapkv", budget=512)
     model.generate(**inputs, past_key_values=cache)
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +68,8 @@ class PeerCache(DynamicCache):
             raise ValueError(f"kvtier.peers: unknown method {method!r}; expected one of {METHODS}")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
             raise ValueError(f"kvtier.peers: budget must be a positive int, got {budget!r}")
+        if kernel <= 0 or kernel % 2 == 0:
+            raise ValueError(f"kvtier.peers: SnapKV's pooling kernel must be odd, got {kernel}")
         super().__init__(config=model.config)
         self.method, self.budget = method, budget
         self.sink, self.window, self.kernel, self.page = sink, window, kernel, page
@@ -74,25 +81,31 @@ class PeerCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        keys._kvtier_peer = (self, layer_idx)
+        # A weak reference: the cache holds `keys`, and a strong one would make a cycle that only
+        # the garbage collector frees (with the whole K/V).
+        keys._kvtier_peer = (weakref.ref(self), layer_idx)
         return keys, values
 
     # ---- selection ----
 
-    def observe_prefill(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask) -> None:
-        """query [B, Hq, L, D], key [B, Hkv, L, D] of the prompt; `mask` as SDPA takes it."""
+    def observe_prefill(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, mask, scaling=None
+    ) -> None:
+        """query [B, Hq, L, D], key [B, Hkv, L, D] of the prompt; `mask` as SDPA takes it;
+        `scaling` the attention's (default 1/sqrt(D))."""
         self.prompt_len[layer] = key.shape[2]
         if self.method != "snapkv":
             return
         b, hq, length, d = query.shape
         hkv = key.shape[1]
-        w = min(self.window, length)
+        w = min(self.window, length, self.budget)
         prefix = length - w
         keep = torch.ones(b, hkv, length, dtype=torch.bool, device=key.device)
         if prefix > 0 and self.budget - w < prefix:
             q = query[:, :, -w:, :].float()
             k = key.float().repeat_interleave(hq // hkv, dim=1)
-            scores = q @ k.transpose(-1, -2) / d**0.5  # [B, Hq, w, L]
+            scale = scaling if scaling is not None else d**-0.5
+            scores = q @ k.transpose(-1, -2) * scale  # [B, Hq, w, L]
             causal = torch.ones(w, length, dtype=torch.bool, device=key.device).tril(prefix)
             allowed = causal[None, None]
             if mask is not None and mask.dtype == torch.bool:
@@ -161,16 +174,18 @@ def peer_attention_forward(module, query, key, value, attention_mask, dropout=0.
     """The attention function of PeerCache: dense at prefill (the method observes it), masked to
     the method's selection in decode. Without a PeerCache it is plain SDPA."""
     tag = getattr(key, "_kvtier_peer", None)
-    if tag is None or query.shape[2] > 1 and key.shape[2] == query.shape[2]:
-        if tag is not None:
-            cache, layer = tag
-            cache.observe_prefill(layer, query, key, attention_mask)
+    cache = tag[0]() if tag is not None else None
+    if cache is None or query.shape[2] > 1 and key.shape[2] == query.shape[2]:
+        if cache is not None:
+            _refuse_padding(attention_mask)
+            cache.observe_prefill(tag[1], query, key, attention_mask, scaling)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    cache, layer = tag
+    layer = tag[1]
     if query.shape[2] != 1:
         raise ValueError("kvtier.peers: after the prompt one token per step is supported")
+    _refuse_padding(attention_mask)
     sel = cache.decode_mask(layer, query, key)  # [B, Hkv, L]
     hq, hkv = query.shape[1], key.shape[1]
     allowed = sel.repeat_interleave(hq // hkv, dim=1)[:, :, None, :]  # [B, Hq, 1, L]
@@ -182,6 +197,19 @@ def peer_attention_forward(module, query, key, value, attention_mask, dropout=0.
     return sdpa_attention_forward(
         module, query, key, value, allowed, dropout=dropout, scaling=scaling, **kwargs
     )
+
+
+def _refuse_padding(mask) -> None:
+    """The peers count positions from 0: a left-padded row would put its sink on padding."""
+    if mask is None:
+        return
+    last = mask[:, :, -1, :]  # the last query's row: every real key of the sequence
+    padded = ~last if last.dtype == torch.bool else last != 0
+    if bool(padded.any()):
+        raise ValueError(
+            "kvtier.peers: left-padded batches are not supported (run one sequence, or prompts "
+            "of one length)"
+        )
 
 
 def register() -> None:

@@ -4,8 +4,8 @@ ClusterAttn's density clustering (DBAC, docs/dbac.md) has parameters its paper p
 rather than fixes: the neighbourhood ``eps`` (dbac_eps), the density threshold
 (dbac_min_density_ratio) and the observation window (observation_window). This command scores
 every combination of the given values on the calibration split of kvtier.eval's needle cases
-(about 20% of them: every fifth case in enumeration order, see ``calibration``; run both commands
-with the same --lengths, --depths, --cases and --seed so that eval --config scores the rest), in mode
+(about 20% of them, spread over lengths and depths, see ``calibration``; the config lists them,
+and eval --config with the same --seed leaves them out), in mode
 clusterattn (or hybrid) at a budget, and writes the best to a JSON config:
 
     python -m kvtier.profile --device cuda --budget 512 --out kvtier-dbac.json
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,13 +34,31 @@ CONFIG_KEYS = ("dbac_eps", "dbac_min_density_ratio", "observation_window")
 
 
 def calibration(cases: list) -> list:
-    """The calibration split: every fifth case, starting with the first (about 20%)."""
-    return cases[::5]
+    """The calibration split, about 20% of `cases` ((length, depth, case) tuples): a case is in
+    when its length's, depth's and case's indices sum to a multiple of 5, so the split takes
+    every depth and every length in turn rather than the same few."""
+    lengths = sorted({n for n, _, _ in cases})
+    depths = sorted({d for _, d, _ in cases})
+    return [
+        (n, d, c)
+        for n, d, c in cases
+        if (lengths.index(n) + depths.index(d) + c) % 5 == 0
+    ]
 
 
-def held_out(cases: list) -> list:
-    """The cases calibration() leaves out."""
-    return [c for i, c in enumerate(cases) if i % 5]
+def held_out(cases: list, config=None, seed: int | None = None) -> list:
+    """The cases a profile did not see: those not in `config`'s calibration cases (when the
+    config was made with the same seed, hence the same passkeys), else those calibration()
+    leaves out of `cases`."""
+    seen = set(calibration(cases))
+    if config is not None:
+        with open(config) as f:
+            data = json.load(f)
+        if "calibration" in data and data.get("seed") == seed:
+            seen = {tuple(c) for c in data["calibration"]}
+        elif "calibration" in data:
+            seen = set()  # other passkeys: no case was seen
+    return [c for c in cases if c not in seen]
 
 
 def load_config(path) -> dict:
@@ -69,7 +88,8 @@ def search(grid: list[dict], score) -> tuple[dict, list[dict]]:
     def rank(item):
         i, r = item
         ppl = r["perplexity"]
-        return (r["needle"], -ppl if ppl == ppl else 0.0, -i)  # nan (not measured) ties
+        # NaN (not measured, or a broken setting) ranks last; when none was measured all tie.
+        return (r["needle"], -ppl if ppl == ppl else -math.inf, -i)
 
     best = max(enumerate(results), key=rank)[1]
     return best["options"], results
@@ -156,7 +176,11 @@ def main(argv=None) -> int:
         mode=args.mode,
         budget=args.budget,
         calibration_cases=len(prompts),
+        calibration=[list(c) for c in cases],
+        seed=args.seed,
         lengths=args.lengths,
+        depths=args.depths,
+        cases=args.cases,
         results=results,
     ), indent=1) + "\n")
     print(f"{'eps':>4} {'density':>7} {'window':>6} {'needle':>7} {'perplexity':>10}")
