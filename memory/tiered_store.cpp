@@ -221,8 +221,8 @@ int32_t TieredStore::append_clustered(SeqId seq, int32_t layer, const KvRows& ro
   const int32_t H = shape_.num_kv_heads;
   KVTIER_CHECK(n == 0 || labels != nullptr, "labels must not be null");
   for (int64_t i = 0; i < n * H; ++i) {
-    KVTIER_CHECK(labels[i] >= 0 && labels[i] < num_clusters, "label ", labels[i], " of row ",
-                 i % n, " of KV head ", i / n, " is out of range [0, ", num_clusters, ")");
+    KVTIER_CHECK(labels[i] >= 0 && labels[i] < num_clusters, "label ", labels[i], " of row ", i % n,
+                 " of KV head ", i / n, " is out of range [0, ", num_clusters, ")");
   }
   auto s = find(seq);
   std::unique_lock<std::shared_mutex> lock(s->mu);

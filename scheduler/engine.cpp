@@ -420,8 +420,9 @@ struct Engine::Impl {
     scratch_pool.push_back(std::move(sc));
   }
   void release_prefill_scratch() {
-    while (!inflight_prefills.empty() && inflight_prefills.front()->future.wait_for(
-                                             std::chrono::seconds(0)) == std::future_status::ready) {
+    while (!inflight_prefills.empty() &&
+           inflight_prefills.front()->future.wait_for(std::chrono::seconds(0)) ==
+               std::future_status::ready) {
       inflight_prefills.pop_front();
     }
     if (!inflight_prefills.empty()) return;
@@ -610,7 +611,8 @@ struct Engine::Impl {
   // 8B-shaped model fills 64 of them).
   void reserve_prompt_pages(int64_t rows) {
     const int64_t rpp = store->rows_per_page();
-    const size_t need = static_cast<size_t>(L) * 2 * Hkv * static_cast<size_t>((rows + rpp - 1) / rpp);
+    const size_t need =
+        static_cast<size_t>(L) * 2 * Hkv * static_cast<size_t>((rows + rpp - 1) / rpp);
     if (reserving.exchange(true)) return;
     const size_t target = store->arena().free_pages() + need;
     jobs.run([this, target] {
@@ -1046,10 +1048,10 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         }
       }
       if (b_n > 0) {
-        store->append(seq, layer,
-                      KvRows{hk + static_cast<size_t>(Hkv) * c_n * rowb,
-                             hv + static_cast<size_t>(Hkv) * c_n * rowb, dtype, Hkv, D, b_n,
-                             b_n * D, D});
+        store->append(
+            seq, layer,
+            KvRows{hk + static_cast<size_t>(Hkv) * c_n * rowb,
+                   hv + static_cast<size_t>(Hkv) * c_n * rowb, dtype, Hkv, D, b_n, b_n * D, D});
       }
       Event e = off;
       record(e);

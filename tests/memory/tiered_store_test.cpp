@@ -218,7 +218,8 @@ TEST(TieredStore, AppendClusteredEqualsAppendThenCluster) {
   // first rows appended plainly) and a second clustered append after the first.
   for (const int64_t n : {int64_t{1}, int64_t{300}, int64_t{5000}}) {
     const int32_t H = 4, k = 23;
-    TieredStore a(config(2, H, 64, DType::kF16, 64 << 20)), b(config(2, H, 64, DType::kF16, 64 << 20));
+    TieredStore a(config(2, H, 64, DType::kF16, 64 << 20)),
+        b(config(2, H, 64, DType::kF16, 64 << 20));
     a.add_sequence(9);
     b.add_sequence(9);
     std::mt19937_64 rng(test::test_seed() + n);
@@ -308,10 +309,10 @@ TEST(TieredStore, AppendClusteredIsAllOrNothingWhenTheArenaIsFull) {
   const int64_t n = 32 * 40;  // 40 pages per K or V of a head: 160 in all
   std::vector<std::byte> k = test::random_bytes(store.row_bytes() * 2 * n, rng), v = k;
   std::vector<int32_t> labels(2 * n, 0);
-  EXPECT_THROW(store.append_clustered(1, 0, KvRows{k.data(), v.data(), DType::kF16, 2, 64, n, -1,
-                                                   -1},
-                                      labels.data(), 1),
-               CapacityError);
+  EXPECT_THROW(
+      store.append_clustered(1, 0, KvRows{k.data(), v.data(), DType::kF16, 2, 64, n, -1, -1},
+                             labels.data(), 1),
+      CapacityError);
   EXPECT_EQ(store.layout(1, 0, 0).num_rows, 0);
   EXPECT_EQ(store.layout(1, 0, 0).num_clusters, 0);
   EXPECT_EQ(store.arena().bytes_used(), 0u);
