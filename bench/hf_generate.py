@@ -38,9 +38,9 @@ import os
 import sys
 import time
 
-# Imported first so that it can set OpenMP's wait policy before torch starts its threads.
-import kvtier  # noqa: I001
-
+# kvtier is imported first so that it can set OpenMP's wait policy before torch starts its
+# threads.
+import kvtier  # isort: skip
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor
 
@@ -135,7 +135,9 @@ def row_prefilled_dynamic_cache(model, ids: torch.Tensor) -> DynamicCache:
     rows = []
     for b in range(ids.shape[0]):
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids[b : b + 1, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=ids[b : b + 1, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
         rows.append(cache)
     merged = DynamicCache(config=model.config)
     for layer in range(len(rows[0].layers)):
@@ -217,10 +219,13 @@ def run_one(model, args, cache_kind: str, context: int, batch: int, new_tokens: 
             host_peak = sum(s.host_bytes_peak for s in stats.values())
         assert out.shape == (batch, context + new_tokens)
     except torch.OutOfMemoryError as e:
-        return dict(cache=cache_kind, context=context, batch=batch, status="oom", error=str(e)[:200])
+        return dict(
+            cache=cache_kind, context=context, batch=batch, status="oom", error=str(e)[:200]
+        )
     except MemoryError as e:  # the engine ran out of host (or device) memory
-        return dict(cache=cache_kind, context=context, batch=batch, status="engine-oom",
-                    error=str(e)[:200])
+        return dict(
+            cache=cache_kind, context=context, batch=batch, status="engine-oom", error=str(e)[:200]
+        )
     finally:
         if cache_kind == "kvtier" and isinstance(cache, kvtier.KvtierCache):
             cache.reset()
@@ -264,7 +269,11 @@ def describe(r: dict) -> str:
         f"{r['cache']:<10} ctx {r['context']:>6} b{r['batch']:<2} prefill {r['prefill_s']:7.1f} s  "
         f"{r['ms_per_step']:8.1f} ms/step  {r['decode_tok_s']:8.1f} tok/s  "
         f"GPU {r['gpu_peak_gib']:5.1f} GiB  first step {1e3 * r['first_step_s']:.0f} ms"
-        + (f"  host {r['host_peak_gib']:.1f} GiB  hits {r['hit_rate']:.1%}" if "hit_rate" in r else "")
+        + (
+            f"  host {r['host_peak_gib']:.1f} GiB  hits {r['hit_rate']:.1%}"
+            if "hit_rate" in r
+            else ""
+        )
     )
 
 
@@ -296,11 +305,17 @@ def main(argv=None) -> int:
     p.add_argument("--offload-new-tokens", type=int, default=5, help="per offloaded run")
     p.add_argument("--dynamic-batches", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16])
     p.add_argument("--kvtier-batches", type=int, nargs="+", default=[1, 2, 4, 6, 8, 12, 16, 24])
-    p.add_argument("--dynamic-row-prefill", action="store_true",
-                   help="prefill DynamicCache's batches one row at a time too")
-    p.add_argument("--host-fraction", type=float, default=0.85,
-                   help="kvtier batches whose KV exceeds this share of physical memory are not "
-                   "tried")
+    p.add_argument(
+        "--dynamic-row-prefill",
+        action="store_true",
+        help="prefill DynamicCache's batches one row at a time too",
+    )
+    p.add_argument(
+        "--host-fraction",
+        type=float,
+        default=0.85,
+        help="kvtier batches whose KV exceeds this share of physical memory are not tried",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["dynamic", "offloaded", "kvtier"])
     p.add_argument("--tiny", action="store_true", help="a small model, to check the script")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -308,8 +323,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write every result here")
     args = p.parse_args(argv)
     if args.new_tokens < 3 or args.offload_new_tokens < 3:
-        p.error("--new-tokens and --offload-new-tokens must be at least 3 (decode is timed from "
-                "the second generated token to the last)")
+        p.error(
+            "--new-tokens and --offload-new-tokens must be at least 3 (decode is timed from "
+            "the second generated token to the last)"
+        )
 
     device = torch.device(args.device)
     if device.type != "cuda" and "offloaded" not in args.skip:
@@ -320,8 +337,10 @@ def main(argv=None) -> int:
     model = make_model(shape, device, dtype, args.seed)
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.gpu_name = gpu_name
-    log(f"[hf_generate] {gpu_name}: {'tiny' if args.tiny else '8B-shaped'} Llama, {dtype}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
+    log(
+        f"[hf_generate] {gpu_name}: {'tiny' if args.tiny else '8B-shaped'} Llama, {dtype}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters"
+    )
 
     # Warm-up: every cache at a short context, so kernels and the allocator are ready.
     warm = min(1024, min(args.contexts))
@@ -339,19 +358,26 @@ def main(argv=None) -> int:
             sweep(model, args, "dynamic", context, args.dynamic_batches, args.new_tokens, results)
         if "kvtier" not in args.skip:
             seq_bytes = (context + args.new_tokens) * row_bytes
-            fits = [b for b in args.kvtier_batches
-                    if b * seq_bytes <= args.host_fraction * physical]
-            log(f"[hf_generate] kvtier: {seq_bytes / 2**30:.1f} GiB of KV per sequence; "
-                f"batches {fits} fit {args.host_fraction:.0%} of {physical / 2**30:.0f} GiB")
+            fits = [
+                b for b in args.kvtier_batches if b * seq_bytes <= args.host_fraction * physical
+            ]
+            log(
+                f"[hf_generate] kvtier: {seq_bytes / 2**30:.1f} GiB of KV per sequence; "
+                f"batches {fits} fit {args.host_fraction:.0%} of {physical / 2**30:.0f} GiB"
+            )
             sweep(model, args, "kvtier", context, fits, args.new_tokens, results)
         if "offloaded" not in args.skip:
             sweep(model, args, "offloaded", context, [1], args.offload_new_tokens, results)
 
     # The table: per context, each cache at batch 1 and at its best throughput.
-    print(f"\nmodel.generate on {gpu_name}, {'tiny' if args.tiny else '8B-shaped'} Llama, "
-          f"{dtype}; kvtier {args.mode} budget {args.budget}")
-    print(f"{'context':>8} {'cache':<10} {'batch':>5} {'prefill s':>9} {'1st step':>8} "
-          f"{'ms/step':>8} {'tok/s':>8} {'GPU GiB':>7} {'vs dyn b1':>9} {'vs offl':>8}")
+    print(
+        f"\nmodel.generate on {gpu_name}, {'tiny' if args.tiny else '8B-shaped'} Llama, "
+        f"{dtype}; kvtier {args.mode} budget {args.budget}"
+    )
+    print(
+        f"{'context':>8} {'cache':<10} {'batch':>5} {'prefill s':>9} {'1st step':>8} "
+        f"{'ms/step':>8} {'tok/s':>8} {'GPU GiB':>7} {'vs dyn b1':>9} {'vs offl':>8}"
+    )
     for context in args.contexts:
         ok = [r for r in results if r["context"] == context and r["status"] == "ok"]
         base = {r["cache"]: r for r in ok if r["batch"] == 1}
@@ -360,18 +386,25 @@ def main(argv=None) -> int:
             off = base.get("offloaded")
             vs_dyn = r["decode_tok_s"] / dyn["decode_tok_s"] if dyn else float("nan")
             vs_off = r["decode_tok_s"] / off["decode_tok_s"] if off else float("nan")
-            print(f"{context:>8} {r['cache']:<10} {r['batch']:>5} {r['prefill_s']:>9.1f} "
-                  f"{1e3 * r['first_step_s']:>6.0f}ms {r['ms_per_step']:>8.1f} {r['decode_tok_s']:>8.1f} {r['gpu_peak_gib']:>7.1f} "
-                  f"{vs_dyn:>8.2f}x {vs_off:>7.2f}x")
+            print(
+                f"{context:>8} {r['cache']:<10} {r['batch']:>5} {r['prefill_s']:>9.1f} "
+                f"{1e3 * r['first_step_s']:>6.0f}ms {r['ms_per_step']:>8.1f} {r['decode_tok_s']:>8.1f} {r['gpu_peak_gib']:>7.1f} "
+                f"{vs_dyn:>8.2f}x {vs_off:>7.2f}x"
+            )
         for kind in ("dynamic", "kvtier"):
             runs = [r for r in ok if r["cache"] == kind]
             if runs:
                 best = max(runs, key=lambda r: r["decode_tok_s"])
-                failed = [r for r in results if r["context"] == context and r["cache"] == kind
-                          and r["status"] != "ok"]
+                failed = [
+                    r
+                    for r in results
+                    if r["context"] == context and r["cache"] == kind and r["status"] != "ok"
+                ]
                 why = f"; batch {failed[0]['batch']}: {failed[0]['status']}" if failed else ""
-                print(f"{context:>8} best {kind}: batch {best['batch']}, "
-                      f"{best['decode_tok_s']:.1f} tok/s{why}")
+                print(
+                    f"{context:>8} best {kind}: batch {best['batch']}, "
+                    f"{best['decode_tok_s']:.1f} tok/s{why}"
+                )
     write_json(args, results)
     return 0
 

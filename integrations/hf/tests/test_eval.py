@@ -159,7 +159,9 @@ def test_targets_name_what_is_missed():
     lines = kv_eval.targets(summary, [512])
     assert any(ln.startswith("clusterkv at 512, needle") and ln.endswith(" met") for ln in lines)
     assert any(ln.startswith("hybrid at 512, needle") and ln.endswith("NOT met") for ln in lines)
-    assert any(ln.startswith("hybrid at 512, perplexity") and ln.endswith("NOT met") for ln in lines)
+    assert any(
+        ln.startswith("hybrid at 512, perplexity") and ln.endswith("NOT met") for ln in lines
+    )
     assert any(ln.startswith("hybrid below snapkv at 512: NOT met") for ln in lines)
     assert not any(ln.startswith("clusterkv below") for ln in lines)
 

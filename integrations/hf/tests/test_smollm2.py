@@ -162,9 +162,7 @@ def test_the_main_job_runs_and_reports(smollm2, capsys):
 
 # ---- The same model on a GPU, in float16 and bfloat16 ----
 
-GPU_DTYPES = pytest.mark.parametrize(
-    "dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"]
-)
+GPU_DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 
 
 def _need_gpu() -> None:
@@ -282,6 +280,8 @@ def test_gpu_left_padded_batch_finds_both_passkeys(smollm2, smollm2_gpu, batch, 
     _need_gpu()
     model = smollm2_gpu(dtype)
     ids, mask = (t.cuda() for t in batch)
-    out = generate(model, ids, mask, NEW_TOKENS, kvtier.enable(model, mode=mode, budget=SMALL_BUDGET))
+    out = generate(
+        model, ids, mask, NEW_TOKENS, kvtier.enable(model, mode=mode, budget=SMALL_BUDGET)
+    )
     assert PASSKEY in _answer(smollm2, out[0].tolist())
     assert SECOND_PASSKEY in _answer(smollm2, out[1].tolist())

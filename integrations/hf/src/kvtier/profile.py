@@ -39,11 +39,7 @@ def calibration(cases: list) -> list:
     every depth and every length in turn rather than the same few."""
     lengths = sorted({n for n, _, _ in cases})
     depths = sorted({d for _, d, _ in cases})
-    return [
-        (n, d, c)
-        for n, d, c in cases
-        if (lengths.index(n) + depths.index(d) + c) % 5 == 0
-    ]
+    return [(n, d, c) for n, d, c in cases if (lengths.index(n) + depths.index(d) + c) % 5 == 0]
 
 
 def held_out(cases: list, config=None, seed: int | None = None) -> list:
@@ -89,7 +85,7 @@ def search(grid: list[dict], score) -> tuple[dict, list[dict]]:
         i, r = item
         ppl = r["perplexity"]
         # NaN (not measured, or a broken setting) ranks last; when none was measured all tie.
-        return (r["needle"], -ppl if ppl == ppl else -math.inf, -i)
+        return (r["needle"], -math.inf if math.isnan(ppl) else -ppl, -i)
 
     best = max(enumerate(results), key=rank)[1]
     return best["options"], results
@@ -157,10 +153,13 @@ def main(argv=None) -> int:
             hits += ok
         ppl = float("nan")
         if ids is not None:
-            ppl, _ = kv_eval.perplexity(model, ids, args.ppl_context, args.mode, args.budget,
-                                        options)
-        progress.update(f"{options}: needle {hits}/{len(prompts)}, perplexity {ppl:.3f} "
-                        f"({time.perf_counter() - t0:.1f} s)")
+            ppl, _ = kv_eval.perplexity(
+                model, ids, args.ppl_context, args.mode, args.budget, options
+            )
+        progress.update(
+            f"{options}: needle {hits}/{len(prompts)}, perplexity {ppl:.3f} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
         return hits / len(prompts), ppl
 
     grid = [
@@ -170,25 +169,33 @@ def main(argv=None) -> int:
     with torch.no_grad():
         best, results = search(grid, score)
     progress.update("done", final=True)
-    Path(args.out).write_text(json.dumps(dict(
-        options=best,
-        model=source.name,
-        mode=args.mode,
-        budget=args.budget,
-        calibration_cases=len(prompts),
-        calibration=[list(c) for c in cases],
-        seed=args.seed,
-        lengths=args.lengths,
-        depths=args.depths,
-        cases=args.cases,
-        results=results,
-    ), indent=1) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            dict(
+                options=best,
+                model=source.name,
+                mode=args.mode,
+                budget=args.budget,
+                calibration_cases=len(prompts),
+                calibration=[list(c) for c in cases],
+                seed=args.seed,
+                lengths=args.lengths,
+                depths=args.depths,
+                cases=args.cases,
+                results=results,
+            ),
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"{'eps':>4} {'density':>7} {'window':>6} {'needle':>7} {'perplexity':>10}")
     for r in results:
         o = r["options"]
         mark = "  <- best" if o == best else ""
-        print(f"{o['dbac_eps']:>4} {o['dbac_min_density_ratio']:>7.2f} "
-              f"{o['observation_window']:>6} {r['needle']:>7.1%} {r['perplexity']:>10.3f}{mark}")
+        print(
+            f"{o['dbac_eps']:>4} {o['dbac_min_density_ratio']:>7.2f} "
+            f"{o['observation_window']:>6} {r['needle']:>7.1%} {r['perplexity']:>10.3f}{mark}"
+        )
     print(f"wrote {args.out} ({len(prompts)} calibration cases, {args.mode}, budget {args.budget})")
     return 0
 
