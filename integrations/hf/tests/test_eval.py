@@ -181,6 +181,7 @@ def test_eval_on_smollm2_keeps_the_full_caches_score_at_a_generous_budget(tmp_pa
             "--methods", "full", "streaming", "snapkv", "quest", "clusterkv", "hybrid",
             "--ppl-context", "512",
             "--ppl-tokens", "24",
+            "--fidelity-steps", "4",
             "--new-tokens", "8",
             "--out", str(tmp_path),
             "--quiet",
@@ -199,9 +200,9 @@ def test_eval_on_smollm2_keeps_the_full_caches_score_at_a_generous_budget(tmp_pa
             assert float(s["needle"]) >= 0.9 * float(full["needle"]), (method, out)
         assert float(s["perplexity"]) < 2 * float(full["perplexity"]), (method, out)
         assert 0 < float(s["rows"]) <= 600, (method, out)
-    for name in ("eval.csv", "needle.png", "perplexity.png"):
+    for name in ("eval.csv", "needle.png", "perplexity.png", "fidelity.csv"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "target: " in out
+    assert "target: " in out and "attention fidelity" in out
 
 
 # ---- kvtier.profile ----
@@ -273,3 +274,42 @@ def test_profile_on_smollm2_writes_a_config_that_eval_reads(tmp_path, capsys):
     with open(tmp_path / "eval" / "eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(float(r["depth"]) for r in rows) == [0.3, 0.5, 0.7, 0.9]
+
+
+# ---- attention fidelity ----
+
+
+def test_fidelity_is_exact_at_a_covering_budget_and_lossy_below():
+    needs_dtype(torch.float32)
+    model = make_model()
+    ids, _ = prompts([140])
+    methods = ["streaming", "snapkv", "quest", "clusterkv"]
+    rows = kv_eval.fidelity(model, ids, 120, methods, [4096, 32], retentions=(1, 4))
+    kvtier.disable(model)
+    heads = [r for r in rows if r["head"] >= 0]
+    for r in heads:
+        if r["budget"] == 4096:  # every row attended: the full attention, to rounding
+            assert r["rel_error"] < 1e-4, r
+            if "mass" in r:
+                assert r["mass"] == pytest.approx(1.0, abs=1e-5), r
+    small = [r for r in heads if r["budget"] == 32 and r["method"] == "streaming"]
+    assert small and all(0 < r["mass"] < 1 for r in small)
+    assert max(r["rel_error"] for r in small) > 1e-3
+    # Every layer and query head of the model is reported for each method and budget.
+    for method in methods:
+        assert len([r for r in heads if r["method"] == method and r["budget"] == 32]) == 4 * 8
+    hits = [r for r in rows if "hit_rate" in r]
+    assert {(r["method"], r["retention"]) for r in hits} >= {
+        ("quest", 1),
+        ("quest", 4),
+        ("clusterkv", 1),
+        ("clusterkv", 4),
+    }
+    # A longer memory of past selections can only hold more of this step's pages.
+    for layer in range(4):
+        q = {
+            r["retention"]: r["hit_rate"]
+            for r in hits
+            if r["method"] == "quest" and r["layer"] == layer and r["budget"] == 32
+        }
+        assert q[4] >= q[1]

@@ -20,6 +20,12 @@ window 32; the engine's first layers are not kept dense (num_dense_layers=0), so
 applies its selection in every layer. The table's "rows" column is the measured mean of rows
 each KV head attended per decode step.
 
+With --fidelity-steps N it also measures attention fidelity per layer and query head over N
+teacher-forced steps (``fidelity``): for the peers, the share of the full attention mass on the
+selected tokens and the output's relative error; for kvtier's modes, the engine output's relative
+error against dense attention; and how often a step's selection was already selected within the
+previous R steps (Quest) or hit the cluster cache with retention R (clusterkv, hybrid).
+
 Writes ``eval.csv`` (one row per case and method), ``summary.csv``, ``needle.png`` and
 ``perplexity.png`` under --out, and prints the summary table with the targets of issue 6
 (clusterkv and hybrid at budget 512: needle >= 98% of full's score, perplexity <= full's + 1%;
@@ -212,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=10)
     p.add_argument("--ppl-context", type=int, default=4096, help="0: no perplexity")
     p.add_argument("--ppl-tokens", type=int, default=256)
+    p.add_argument(
+        "--fidelity-steps",
+        type=int,
+        default=0,
+        help="also measure attention fidelity over this many teacher-forced steps "
+        "after --ppl-context tokens (fidelity.csv; 0: no)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="kvtier-eval", help="directory for the CSVs and plots")
     p.add_argument(
@@ -422,6 +435,16 @@ def main(argv=None) -> int:
                     )
                 )
                 progress.update(f"perplexity {method} {budget or ''}: {ppl:.3f}")
+    fid = []
+    if args.fidelity_steps > 0:
+        progress.update("attention fidelity ...")
+        ids = text_ids(tokenizer, haystack, args.ppl_context + args.fidelity_steps, device)
+        fid = fidelity(model, ids, args.ppl_context, methods, args.budgets)
+        names = ["method", "budget", "layer", "head", "mass", "rel_error", "retention", "hit_rate"]
+        with open(out / "fidelity.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=names, restval="")
+            w.writeheader()
+            w.writerows(fid)
     progress.update("done", final=True)
 
     with open(out / "eval.csv", "w", newline="") as f:
@@ -449,6 +472,28 @@ def main(argv=None) -> int:
             f"{s['method']:<12} {s['budget'] or 'all':>6} {s['needle']:>8.1%} {s['cases']:>5} "
             f"{s['perplexity']:>10.3f} {s['rows']:>8.1f}"
         )
+    if fid:
+        print(
+            f"attention fidelity over {args.fidelity_steps} steps after {args.ppl_context} "
+            f"tokens (means over layers and heads; hit rate of selections across R steps):"
+        )
+        print(f"{'method':<12} {'budget':>6} {'mass':>7} {'rel err':>8}  hit rate at R")
+        for method in methods:
+            for budget in args.budgets:
+                mine = [r for r in fid if r["method"] == method and r["budget"] == budget]
+                if not mine:
+                    continue
+                per_head = [r for r in mine if r["head"] >= 0]
+                mass = [r["mass"] for r in per_head if "mass" in r]
+                err = [r["rel_error"] for r in per_head]
+                hit = {}
+                for r in mine:
+                    if "hit_rate" in r:
+                        hit.setdefault(r["retention"], []).append(r["hit_rate"])
+                mass_s = f"{sum(mass) / len(mass):>7.3f}" if mass else f"{'-':>7}"
+                err_s = f"{sum(err) / len(err):>8.3f}" if err else f"{'-':>8}"
+                hit_s = ", ".join(f"R={k}: {sum(v) / len(v):.1%}" for k, v in sorted(hit.items()))
+                print(f"{method:<12} {budget:>6} {mass_s} {err_s}  {hit_s}")
     for line in targets(summary, args.budgets):
         print("target: " + line)
     plots = plot(summary, out)
@@ -458,3 +503,218 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention fidelity (python -m kvtier.eval --fidelity)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Capture:
+    """What a run's attention saw, per layer: the queries and outputs of each decode step (fp32
+    copies) and the layer's K/V rows (the prompt's, then one per step)."""
+
+    def __init__(self):
+        self.queries: dict[int, list] = {}  # layer -> [q [Hq, D] per step]
+        self.outputs: dict[int, list] = {}  # layer -> [o [Hq, D] per step]
+        self.keys: dict[int, list] = {}  # layer -> [k [Hkv, T, D] chunks]
+        self.values: dict[int, list] = {}
+        self.window: dict[int, object] = {}  # layer -> the prompt's queries [Hq, L, D]
+
+
+def _dense(q, k, v, scale):
+    """q [Hq, D], k/v [Hkv, L, D] -> (weights [Hq, L], output [Hq, D]) in fp32."""
+    g = q.shape[0] // k.shape[0]
+    kk = k.float().repeat_interleave(g, dim=0)
+    vv = v.float().repeat_interleave(g, dim=0)
+    w = ((kk @ q.float()[:, :, None])[..., 0] * scale).softmax(dim=-1)
+    return w, (w[:, :, None] * vv).sum(dim=1)
+
+
+def _scale(model) -> float:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return head_dim**-0.5
+
+
+def fidelity(model, ids, context: int, methods, budgets, retentions=(1, 4, 16)) -> list[dict]:
+    """Attention fidelity per layer and query head, teacher-forced over ids[context:]:
+
+    - peer methods (from the queries and keys of a full-cache run): `mass`, the share of the full
+      attention weight on the tokens the method selects, and `rel_error`, |o_sel - o| / |o| of
+      the output;
+    - kvtier's modes: `rel_error` of the engine's own output against dense attention over the
+      same run's rows (the engine does not report which rows it read, so no mass);
+    - `hit_rate` at retention R (head -1): for Quest, the share of selected pages that one of the
+      previous R steps also selected; for clusterkv and hybrid, the engine's cluster-cache hit
+      rate with retention_steps = R (layer -1).
+    """
+    import torch
+
+    from . import peers
+
+    scale = _scale(model)
+    rows: list[dict] = []
+    full = peers.enable(model, "full", 1)
+    cap = _capture_peer(full)
+    _teacher_force(model, ids, context, full)
+    layers = sorted(cap.queries)
+    keys = {i: full.layers[i].keys[0].float().clone() for i in layers}
+    values = {i: full.layers[i].values[0].float().clone() for i in layers}
+    full.reset()
+    steps = len(cap.queries[layers[0]])
+    for method in [m for m in methods if m in ("streaming", "snapkv", "quest")]:
+        for budget in budgets:
+            probe = peers.PeerCache(model, method, budget)
+            for i in layers:
+                if method == "snapkv":
+                    probe.observe_prefill(
+                        i, cap.window[i][None], keys[i][None, :, :context], None, scale
+                    )
+                mass = err = 0.0
+                history: list = []
+                hits = {r: [0, 0] for r in retentions}
+                for t in range(steps):
+                    length = context + t + 1
+                    q = cap.queries[i][t]
+                    k, v = keys[i][:, :length], values[i][:, :length]
+                    sel = probe.decode_mask(i, q[None, :, None, :], k[None])[0]  # [Hkv, L]
+                    w, o = _dense(q, k, v, scale)
+                    g = q.shape[0] // k.shape[0]
+                    ws = w * sel.repeat_interleave(g, dim=0)
+                    o_sel = (ws[:, :, None] * v.float().repeat_interleave(g, dim=0)).sum(1)
+                    o_sel = o_sel / ws.sum(-1, keepdim=True)
+                    mass = mass + ws.sum(-1)
+                    err = err + (o_sel - o).norm(dim=-1) / o.norm(dim=-1)
+                    if method == "quest":
+                        pages = sel[:, :: probe.page]  # [Hkv, pages]: page selected
+                        if history:
+                            for r in retentions:
+                                seen = torch.zeros_like(pages)
+                                for old in history[-r:]:
+                                    seen[:, : old.shape[1]] |= old
+                                hits[r][0] += int((pages & seen).sum())
+                                hits[r][1] += int(pages.sum())
+                        history.append(pages)
+                for h in range(mass.shape[0]):
+                    rows.append(
+                        dict(
+                            method=method,
+                            budget=budget,
+                            layer=i,
+                            head=h,
+                            mass=float(mass[h] / steps),
+                            rel_error=float(err[h] / steps),
+                        )
+                    )
+                for r, (hit, total) in hits.items():
+                    if total:
+                        rows.append(
+                            dict(
+                                method=method,
+                                budget=budget,
+                                layer=i,
+                                head=-1,
+                                retention=r,
+                                hit_rate=hit / total,
+                            )
+                        )
+    for method in [m for m in methods if m in KVTIER_MODES]:
+        for budget in budgets:
+            runs = (None,) if method == "clusterattn" else retentions
+            for r in runs:
+                cache = make_cache(model, method, budget)
+                if r is not None:
+                    cache.settings.options["retention_steps"] = r
+                kcap = _capture_kvtier(cache)
+                try:
+                    _teacher_force(model, ids, context, cache)
+                    stats = list(cache.engine_stats().values())
+                finally:
+                    cache.reset()
+                if r == runs[0]:
+                    for i in sorted(kcap.queries):
+                        k = torch.cat(kcap.keys[i], dim=1)
+                        v = torch.cat(kcap.values[i], dim=1)
+                        err = 0.0
+                        for t, (q, o_eng) in enumerate(zip(kcap.queries[i], kcap.outputs[i])):
+                            _, o = _dense(
+                                q, k[:, : context + t + 1], v[:, : context + t + 1], scale
+                            )
+                            err = err + (o_eng - o).norm(dim=-1) / o.norm(dim=-1)
+                        n = len(kcap.queries[i])
+                        for h in range(err.shape[0]):
+                            rows.append(
+                                dict(
+                                    method=method,
+                                    budget=budget,
+                                    layer=i,
+                                    head=h,
+                                    rel_error=float(err[h] / n),
+                                )
+                            )
+                if r is not None:
+                    hit = sum(s.recall_hits for s in stats)
+                    miss = sum(s.recall_misses for s in stats)
+                    rows.append(
+                        dict(
+                            method=method,
+                            budget=budget,
+                            layer=-1,
+                            head=-1,
+                            retention=r,
+                            hit_rate=hit / (hit + miss) if hit + miss else math.nan,
+                        )
+                    )
+    return rows
+
+
+def _teacher_force(model, ids, context: int, cache) -> None:
+    import torch
+
+    with torch.no_grad():
+        model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for i in range(context, ids.shape[1]):
+            model(
+                input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+
+
+def _capture_peer(cache) -> _Capture:
+    """Records the prompt's queries and each step's query of a PeerCache run."""
+    cap = _Capture()
+    observe, decode = cache.observe_prefill, cache.decode_mask
+
+    def observe_(layer, query, key, mask, scaling=None):
+        cap.window[layer] = query[0].detach().float()
+        observe(layer, query, key, mask, scaling)
+
+    def decode_(layer, query, key):
+        cap.queries.setdefault(layer, []).append(query[0, :, 0].detach().float())
+        return decode(layer, query, key)
+
+    cache.observe_prefill, cache.decode_mask = observe_, decode_
+    return cap
+
+
+def _capture_kvtier(cache) -> _Capture:
+    """Records the rows, queries and the engine's outputs of a KvtierCache run."""
+    cap = _Capture()
+    prefill, decode = cache._prefill_layer, cache._decode_layer
+
+    def prefill_(layer, query, key, value, mask):
+        cap.keys.setdefault(layer.layer_idx, []).append(key[0].detach().float())
+        cap.values.setdefault(layer.layer_idx, []).append(value[0].detach().float())
+        return prefill(layer, query, key, value, mask)
+
+    def decode_(layer, query, key, value):
+        out = decode(layer, query, key, value)
+        i = layer.layer_idx
+        cap.queries[i] = cap.queries.get(i, []) + [query[0, :, 0].detach().float()]
+        cap.outputs.setdefault(i, []).append(out[0, 0].detach().float())
+        cap.keys[i].append(key[0].detach().float())
+        cap.values[i].append(value[0].detach().float())
+        return out
+
+    cache._prefill_layer, cache._decode_layer = prefill_, decode_
+    return cap
