@@ -357,16 +357,23 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
     return made
 
 
+def load(args, progress):
+    """(device, dtype, source, model, tokenizer) from --model, --device, --dtype and --cache-dir
+    (kvtier.eval and kvtier.profile). Raises generate.SetupError."""
+    import kvtier  # noqa: F401  (registers the attention function)
+
+    device, dtype = g.pick_device_and_dtype(args.device, args.dtype)
+    source = g.resolve_model(args.model)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else g.default_cache_dir()
+    model, tokenizer = g.load_model(source, dtype, device, cache_dir, progress)
+    return device, dtype, source, model, tokenizer
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress = g.Progress(not args.quiet)
     try:
-        import kvtier  # noqa: F401  (registers the attention function)
-
-        device, dtype = g.pick_device_and_dtype(args.device, args.dtype)
-        source = g.resolve_model(args.model)
-        cache_dir = Path(args.cache_dir) if args.cache_dir else g.default_cache_dir()
-        model, tokenizer = g.load_model(source, dtype, device, cache_dir, progress)
+        device, dtype, source, model, tokenizer = load(args, progress)
     except g.SetupError as e:
         print(f"kvtier.eval: {e}", file=sys.stderr)
         return 2
@@ -710,7 +717,7 @@ def _capture_kvtier(cache) -> _Capture:
     def decode_(layer, query, key, value):
         out = decode(layer, query, key, value)
         i = layer.layer_idx
-        cap.queries[i] = cap.queries.get(i, []) + [query[0, :, 0].detach().float()]
+        cap.queries.setdefault(i, []).append(query[0, :, 0].detach().float())
         cap.outputs.setdefault(i, []).append(out[0, 0].detach().float())
         cap.keys[i].append(key[0].detach().float())
         cap.values[i].append(value[0].detach().float())

@@ -123,12 +123,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress = g.Progress(not args.quiet)
     try:
-        import torch
-
-        device, dtype = g.pick_device_and_dtype(args.device, args.dtype)
-        source = g.resolve_model(args.model)
-        cache_dir = Path(args.cache_dir) if args.cache_dir else g.default_cache_dir()
-        model, tokenizer = g.load_model(source, dtype, device, cache_dir, progress)
+        device, _, source, model, tokenizer = kv_eval.load(args, progress)
     except g.SetupError as e:
         print(f"kvtier.profile: {e}", file=sys.stderr)
         return 2
@@ -166,8 +161,7 @@ def main(argv=None) -> int:
         dict(dbac_eps=e, dbac_min_density_ratio=r, observation_window=w)
         for e, r, w in itertools.product(args.eps, args.density, args.windows)
     ]
-    with torch.no_grad():
-        best, results = search(grid, score)
+    best, results = search(grid, score)
     progress.update("done", final=True)
     Path(args.out).write_text(
         json.dumps(
