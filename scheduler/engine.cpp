@@ -28,6 +28,7 @@
 #include "memory/core/check.h"
 #include "memory/core/cuda_raii.h"
 #include "memory/core/half.h"
+#include "memory/core/log.h"
 #include "memory/fetch_plan.h"
 #include "memory/pinned_buffer.h"
 
@@ -37,6 +38,7 @@
 #endif
 
 #include "scheduler/engine_kernels.h"
+#include "scheduler/spans.h"
 
 namespace kvtier {
 
@@ -44,6 +46,8 @@ using memory::KvRows;
 using scheduler::Direction;
 using scheduler::Event;
 using scheduler::EventKind;
+using scheduler::Op;
+using scheduler::Track;
 
 const char* mode_name(Mode mode) {
   switch (mode) {
@@ -354,7 +358,23 @@ struct Engine::Impl {
   // page_next_off[ri] (one array, so the policy updates of all layers are one launch).
   Buffer page_next;
   std::vector<int64_t> page_next_off;
-  scheduler::Telemetry telemetry{16384};
+  scheduler::Telemetry telemetry{65534};
+  // Tracing (start_trace / telemetry_path): events are queued for the file's writer thread, and
+  // work on the streams is timed (spans). Off: events only add to the totals.
+  std::unique_ptr<scheduler::SpanTimer> spans;
+  std::atomic<int32_t> step_now{0};  // `steps`, for events recorded by background threads
+  bool step_open = false;            // a decode_layer has run since the last end_step
+  uint64_t step_begin_ns = 0;
+  scheduler::SpanTimer::Token decode_span;
+  void start_trace(const std::string& path);
+  void stop_trace();
+  // Records a piece of host work that began at `t0_ns` and ends now.
+  void record_host_span(Event e, uint64_t t0_ns) {
+    e.kind = EventKind::kSpan;
+    e.time_ns = t0_ns;
+    e.dur_ns = telemetry.now_ns() - t0_ns;
+    record(e);
+  }
   Buffer centroid_table;  // float [max_sequences * R * Hkv, cap_c, D]
   Buffer size_table;      // int32 [max_sequences * R * Hkv, cap_c]
   Buffer dir_table;       // int32 [same rows, cap_c]: first cache page of the cluster, or -1
@@ -510,7 +530,10 @@ struct Engine::Impl {
   }
   float* centroids_row(int64_t row) const { return centroid_table.as<float>() + row * cap_c * D; }
   int32_t* sizes_row(int64_t row) const { return size_table.as<int32_t>() + row * cap_c; }
-  void record(Event e) { telemetry.record(e); }
+  void record(Event e) {
+    if (e.step < 0) e.step = step_now.load(std::memory_order_relaxed);
+    telemetry.record(e);
+  }
   void wait_job(const std::shared_ptr<Job>& job, SeqId seq, int32_t layer);
   /// Decode attention of a batch of B sequences.
   kernels::DecodeAttentionParams attention_params(int32_t B) const {
@@ -588,40 +611,34 @@ struct Engine::Impl {
   void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream);
   void run_window_host(Sequence& s, int32_t layer, WindowJob& job);
   void flush_step_rows(cudaStream_t stream);
-  // Keeps free host-tier pages for about 512 more steps of appends, pinning new slabs on a
-  // oneTBB task ahead of need: an append that found the arena empty would pin a 256 MiB slab
-  // itself (tens of milliseconds) on the step's critical path.
+  // Host-tier pages are pinned ahead of need on a oneTBB task, beside decode or the model's
+  // forward: an append that found the arena empty would pin a 256 MiB slab itself (tens of
+  // milliseconds) on the critical path. One reservation runs at a time.
   std::atomic<bool> reserving{false};
-  void reserve_host_pages() {
-    const int64_t rpp = store->rows_per_page();
-    const size_t per_step_pages = std::max<size_t>(seqs.size(), 1) * L * 2 * Hkv;
-    const size_t low = per_step_pages * static_cast<size_t>((512 + rpp - 1) / rpp);
-    if (store->arena().free_pages() >= low || reserving.exchange(true)) return;
-    jobs.run([this, low] {
+  void reserve_pages_async(size_t target_free) {
+    if (reserving.exchange(true)) return;
+    jobs.run([this, target_free] {
       try {
-        store->arena().reserve(2 * low);
-      } catch (...) {  // a later append reports a full arena with its own error
+        store->arena().reserve(target_free);
+      } catch (...) {  // a later append that finds the arena full reports it
       }
       reserving = false;
     });
   }
-  // A prompt of `rows` rows needs host pages in every layer: they are pinned ahead on a oneTBB
-  // task when its first layer arrives, beside the model's forward, rather than by each layer's
-  // append (pinning a 256 MiB slab takes tens of milliseconds, and a 128K-token prompt of an
-  // 8B-shaped model fills 64 of them).
+  // Keeps free pages for about 512 more steps of appends.
+  void reserve_host_pages() {
+    const int64_t rpp = store->rows_per_page();
+    const size_t per_step_pages = std::max<size_t>(seqs.size(), 1) * L * 2 * Hkv;
+    const size_t low = per_step_pages * static_cast<size_t>((512 + rpp - 1) / rpp);
+    if (store->arena().free_pages() < low) reserve_pages_async(2 * low);
+  }
+  // A prompt of `rows` rows needs pages in every layer: reserved when its first layer arrives
+  // (a 128K-token prompt of an 8B-shaped model fills 64 slabs).
   void reserve_prompt_pages(int64_t rows) {
     const int64_t rpp = store->rows_per_page();
     const size_t need =
         static_cast<size_t>(L) * 2 * Hkv * static_cast<size_t>((rows + rpp - 1) / rpp);
-    if (reserving.exchange(true)) return;
-    const size_t target = store->arena().free_pages() + need;
-    jobs.run([this, target] {
-      try {
-        store->arena().reserve(target);
-      } catch (...) {  // an append that finds the arena full reports it
-      }
-      reserving = false;
-    });
+    reserve_pages_async(store->arena().free_pages() + need);
   }
   void wait_sequence(Sequence& s);
   /// The device's view of the host tier for rows [first_row, clustered) and clusters from
@@ -679,6 +696,7 @@ struct Engine::Impl {
     bool valid = false;  // packed from `policy` as it is now (purge_slot invalidates)
     size_t total = 0;    // bytes to upload; 0: nothing to apply
     int32_t fills = 0, ni = 0, nn = 0, ns = 0;
+    int64_t fill_bytes = 0;  // K and V rows the fills copy
     MaybeEvent uploaded;
   };
   PolicyPack policy_pack;
@@ -708,6 +726,7 @@ Engine::Impl::Impl(const EngineConfig& c)
       recall_index[l] = num_recall_layers++;
     }
   }
+  telemetry.set_queueing(false);  // until a trace starts
   memory::TieredStoreConfig sc;
   sc.shape = memory::KvShape{L, Hkv, D, dtype};
   sc.host.bytes_limit = cfg.host_bytes_limit;
@@ -784,12 +803,18 @@ Engine::Impl::Impl(const EngineConfig& c)
     }
     page_next = alloc(static_cast<size_t>(num_recall_layers) * cc.num_pages * sizeof(int32_t));
   }
+  if (!cfg.telemetry_path.empty()) start_trace(cfg.telemetry_path);
 }
 
 Engine::Impl::~Impl() {
   try {
     jobs.wait();
   } catch (...) {
+  }
+  try {
+    stop_trace();
+  } catch (const std::exception& e) {
+    KVTIER_LOG(kWarn, "telemetry: ", e.what());
   }
   for (const auto& c : caches) {
     if (backend == Backend::kCuda)
@@ -800,16 +825,39 @@ Engine::Impl::~Impl() {
 void Engine::Impl::wait_job(const std::shared_ptr<Job>& job, SeqId seq, int32_t layer) {
   if (!job) return;
   if (!job->ready()) {
-    const auto t0 = Clock::now();
+    const uint64_t t0 = telemetry.now_ns();
     job->future.wait();
     Event e;
     e.kind = EventKind::kStall;
     e.seq = seq;
     e.layer = layer;
-    e.stall_us = static_cast<uint32_t>(ms_since(t0) * 1000);
+    e.time_ns = t0;
+    e.dur_ns = telemetry.now_ns() - t0;
     record(e);
   }
   job->future.get();  // rethrows the job's error
+}
+
+void Engine::Impl::start_trace(const std::string& path) {
+  KVTIER_CHECK(!spans, "start_trace: a trace is being written already (stop_trace first)");
+  telemetry.open_file(path).throw_if_error();
+  try {
+    scheduler::measure_link(&telemetry, backend, device);
+    spans = std::make_unique<scheduler::SpanTimer>(&telemetry, backend, device);
+  } catch (...) {
+    (void)telemetry.close_file();
+    telemetry.set_queueing(false);
+    throw;
+  }
+}
+
+void Engine::Impl::stop_trace() {
+  if (!spans) return;
+  spans->poll(/*wait=*/true);
+  spans.reset();
+  const Status st = telemetry.close_file();
+  telemetry.set_queueing(false);
+  st.throw_if_error();
 }
 
 void Engine::Impl::wait_sequence(Sequence& s) {
@@ -935,6 +983,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         return part;
       };
       const auto t0 = Clock::now();
+      const uint64_t t0_ns = telemetry.now_ns();
       if (c_n > 0) {
         std::vector<std::byte> points(static_cast<size_t>(Hkv) * c_n * rowb);
         copy_kv_rows(backend, kv, false, res_n, c_n, points.data(), c_n * rowb, 0, rowb, nullptr);
@@ -961,6 +1010,12 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
         record(ce);
       }
+      Event sp;
+      sp.op = Op::kPrefillStore;
+      sp.seq = seq;
+      sp.layer = layer;
+      sp.bytes = off.bytes;
+      record_host_span(sp, t0_ns);
       if (recall) refresh_host_directory(s, layer, 0, 0, nullptr, true);
       job->promise.set_value();
     } catch (...) {
@@ -1005,8 +1060,21 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       sc.host = memory::PinnedBuffer::allocate(2 * part_bytes);
     }
     stream_wait(backend, copy_stream(), w->copied);
+    scheduler::SpanTimer::Token tk;
+    if (spans) tk = spans->begin(copy_stream());
     cuda::memcpy_async(sc.host.data(), sc.k.get(), part_bytes, copy_stream());
     cuda::memcpy_async(sc.host.data() + part_bytes, sc.v.get(), part_bytes, copy_stream());
+    if (spans) {
+      Event e;
+      e.kind = EventKind::kSpan;
+      e.op = Op::kPrefillCopy;
+      e.track = Track::kCopy;
+      e.dir = Direction::kDeviceToHost;
+      e.seq = s.id;
+      e.layer = layer;
+      e.bytes = static_cast<int64_t>(2 * part_bytes);
+      spans->end(tk, copy_stream(), e);
+    }
     w->d2h.record(backend, copy_stream());
   }
   if (c_n > 0) {
@@ -1014,8 +1082,20 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         kmeans_params(c_n, c0, static_cast<uint64_t>(seq) * 1000003ull + layer);
     grow(sc.labels, static_cast<size_t>(Hkv) * c_n * sizeof(int32_t));
     grow(sc.ws, kernels::kmeans_workspace_bytes(kp));
+    scheduler::SpanTimer::Token tk;
+    if (spans) tk = spans->begin(side_s);
     kernels::launch_kmeans(kp, sc.k.get(), centroids_row(st.table_row), sc.labels.as<int32_t>(),
                            sizes_row(st.table_row), sc.ws.get(), nullptr, nullptr, nullptr, side_s);
+    if (spans) {
+      Event e;
+      e.kind = EventKind::kSpan;
+      e.op = Op::kPrefillCluster;
+      e.track = Track::kSide;
+      e.seq = s.id;
+      e.layer = layer;
+      e.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
+      spans->end(tk, side_s, e);
+    }
     w->kmeans.record(backend, side_s);
   }
   st.prefill_device.record(backend, side_s);
@@ -1027,6 +1107,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       cuda::DeviceGuard guard(device);  // this job creates events and pinned buffers
       const auto t0 = Clock::now();
       w->d2h.wait_polling();
+      const uint64_t t0_ns = telemetry.now_ns();
       // Region A (clustered) goes to the store laid out by cluster in one pass, then region B:
       // store positions stay in token order.
       const int64_t b_n = off_n - c_n;
@@ -1067,6 +1148,12 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       }
       if (recall) refresh_host_directory(*seqp, layer, 0, 0, copy_stream(), true);
       prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
+      Event sp;
+      sp.op = Op::kPrefillStore;
+      sp.seq = seq;
+      sp.layer = layer;
+      sp.bytes = off.bytes;
+      record_host_span(sp, t0_ns);
       // The download and k-means have finished (waited above): the scratch is free.
       give_scratch(std::move(w->sc));
       job->promise.set_value();
@@ -1433,6 +1520,11 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
   }
   // Everything this layer needs from background work.
   stream_wait(backend, stream, policy_applied);
+  if (!step_open) {  // the step's first decode
+    step_open = true;
+    step_begin_ns = telemetry.now_ns();
+    if (spans) decode_span = spans->begin(stream);
+  }
   for (int32_t i = 0; i < B; ++i) {
     LayerState& st = ss[i]->layers[layer];
     if (st.prefill) {
@@ -2008,7 +2100,8 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
   for (const auto& [id, sq] : seqs) live[id] = sq.get();
   auto job = std::make_shared<Job>();
   const int64_t step = steps + 1;  // cache steps start at 1
-  auto work = [this, parity, live, job, step]() {
+  const int32_t decided = static_cast<int32_t>(steps);  // the step whose selections these are
+  auto work = [this, parity, live, job, step, decided]() {
     try {
       tbb::parallel_for(0, num_recall_layers, [&](int32_t ri) {
         LayerRecord& rec = records[parity][ri];
@@ -2019,6 +2112,28 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         int32_t layer = 0;
         for (int32_t l = 0; l < L; ++l)
           if (recall_index[l] == ri) layer = l;
+        // On every way out: this layer's work as a span, and its cache's occupancy after it.
+        struct Done {
+          Impl* m;
+          memory::ClusterCache* cache;
+          int32_t layer, step;
+          uint64_t t0_ns = m->telemetry.now_ns();
+          ~Done() {
+            Event sp;
+            sp.op = Op::kPolicy;
+            sp.layer = layer;
+            sp.step = step;
+            m->record_host_span(sp, t0_ns);
+            const memory::CacheStats cs = cache->stats();
+            Event oc;
+            oc.kind = EventKind::kOccupancy;
+            oc.layer = layer;
+            oc.step = step;
+            oc.bytes = static_cast<int64_t>(cs.pages_used) * cache->page_bytes() * 2;
+            oc.total = static_cast<int64_t>(cs.num_pages) * cache->page_bytes() * 2;
+            m->record(oc);
+          }
+        } done{this, &cache, layer, decided};
         std::vector<memory::CacheRequest> req;
         std::vector<int32_t> req_row;
         for (int32_t p = 0; p < rec.problems; ++p) {
@@ -2027,6 +2142,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
           const int32_t num = rr[0], *stats = rr + 1, *ids = rr + 5;
           Event e;
           e.kind = EventKind::kCacheLookup;
+          e.step = decided;
           e.seq = rec.seq[p];
           e.layer = layer;
           e.kv_head = h;
@@ -2089,6 +2205,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         if (!lk.evicted.empty()) {
           Event e;
           e.kind = EventKind::kEvict;
+          e.step = decided;
           e.layer = layer;
           e.misses = static_cast<int32_t>(lk.evicted.size());
           record(e);
@@ -2123,6 +2240,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         }
         Event e;
         e.kind = EventKind::kFetch;
+        e.step = decided;
         e.layer = layer;
         e.dir = Direction::kHostToDevice;
         e.bytes = bytes;
@@ -2173,6 +2291,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
 // host -> cache page.
 void Engine::Impl::pack_policy() {
   std::vector<kernels::KvChunk> fills;
+  int64_t fill_bytes = 0;
   std::vector<int32_t> inval, next_idx, next_val, set_idx, set_val;
   for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
     LayerPolicy& pol = policy[ri];
@@ -2184,6 +2303,7 @@ void Engine::Impl::pack_policy() {
       c.v_copy = caches[ri]->v_page(g.dst_page) + static_cast<size_t>(g.dst_row) * rowb;
       c.num_rows = g.num_rows;
       fills.push_back(c);
+      fill_bytes += static_cast<int64_t>(2 * rowb) * g.num_rows;
     }
     inval.insert(inval.end(), pol.inval_idx.begin(), pol.inval_idx.end());
     for (size_t i = 0; i < pol.next_idx.size(); ++i) {
@@ -2198,6 +2318,7 @@ void Engine::Impl::pack_policy() {
   pk.total = 0;
   if (fills.empty() && inval.empty() && set_idx.empty()) return;
   pk.fills = static_cast<int32_t>(fills.size());
+  pk.fill_bytes = fill_bytes;
   pk.ni = static_cast<int32_t>(inval.size());
   pk.nn = static_cast<int32_t>(next_idx.size());
   pk.ns = static_cast<int32_t>(set_idx.size());
@@ -2229,6 +2350,8 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
   policy_job.reset();
   if (backend == Backend::kCpu) {
     int32_t* dir = dir_table.as<int32_t>();
+    const uint64_t t0_ns = telemetry.now_ns();
+    int64_t fill_bytes = 0;
     for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
       LayerPolicy& pol = policy[ri];
       int32_t* next = page_next.as<int32_t>() + page_next_off[ri];
@@ -2242,10 +2365,19 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
         gp.k_pool = caches[ri]->k_pool();
         gp.v_pool = caches[ri]->v_pool();
         kernels::gather_ref(gp);
+        fill_bytes += memory::plan_bytes(pol.segments, rowb);
       }
       for (size_t i = 0; i < pol.next_idx.size(); ++i) next[pol.next_idx[i]] = pol.next_val[i];
       for (size_t i = 0; i < pol.set_idx.size(); ++i) dir[pol.set_idx[i]] = pol.set_val[i];
       pol = LayerPolicy();
+    }
+    if (spans && fill_bytes > 0) {  // the CPU backend's fills are the caller's work
+      Event e;
+      e.op = Op::kFill;
+      e.track = Track::kCompute;
+      e.dir = Direction::kHostToDevice;
+      e.bytes = fill_bytes;
+      record_host_span(e, t0_ns);
     }
     return;
   }
@@ -2266,8 +2398,20 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
   const int32_t* d = reinterpret_cast<const int32_t*>(policy_dev.get() + fb);
   int32_t* dir = dir_table.as<int32_t>();
   scheduler::launch_scatter_i32(dir, d, d + ni, ni, stream);
+  const bool timed = spans && pk.fills > 0;
+  scheduler::SpanTimer::Token tk;
+  if (timed) tk = spans->begin(stream);
   scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(), pk.fills,
                               static_cast<int32_t>(rowb), stream);
+  if (timed) {
+    Event e;
+    e.kind = EventKind::kSpan;
+    e.op = Op::kFill;
+    e.track = Track::kCompute;
+    e.dir = Direction::kHostToDevice;
+    e.bytes = pk.fill_bytes;
+    spans->end(tk, stream, e);
+  }
   scheduler::launch_scatter_i32(page_next.as<int32_t>(), d + 2 * ni, d + 2 * ni + nn, nn, stream);
   scheduler::launch_scatter_i32(dir, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns, stream);
 #endif
@@ -2357,6 +2501,7 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
 void Engine::Impl::run_window_host(Sequence& s, int32_t layer, WindowJob& j) {
   try {
     const int64_t W = cfg.window;
+    const uint64_t t0_ns = telemetry.now_ns();
     for (int32_t h = 0; h < Hkv; ++h) {
       store->cluster(s.id, layer, h, j.begin, W, j.labels.data() + static_cast<size_t>(h) * W,
                      cfg.window_clusters);
@@ -2366,6 +2511,8 @@ void Engine::Impl::run_window_host(Sequence& s, int32_t layer, WindowJob& j) {
     e.seq = s.id;
     e.layer = layer;
     e.bytes = static_cast<int64_t>(W * Hkv * rowb);
+    e.time_ns = t0_ns;
+    e.dur_ns = telemetry.now_ns() - t0_ns;
     record(e);
     j.host->promise.set_value();
   } catch (...) {
@@ -2411,9 +2558,20 @@ void Engine::Impl::flush_step_rows(cudaStream_t stream) {
   // the used prefix of every layer's slice in one 2D copy.
   const int32_t used = *std::max_element(step_rows_per_layer.begin(), step_rows_per_layer.end());
   const size_t seq_bytes = 2 * static_cast<size_t>(Hkv) * rowb;
+  scheduler::SpanTimer::Token tk;
+  if (spans) tk = spans->begin(copy_stream());
   KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(step_host.data(), cfg.max_batch * seq_bytes, step_dev.get(),
                                       cfg.max_batch * seq_bytes, used * seq_bytes, L,
                                       cudaMemcpyDeviceToHost, copy_stream()));
+  if (spans) {
+    Event e;
+    e.kind = EventKind::kSpan;
+    e.op = Op::kAppendCopy;
+    e.track = Track::kCopy;
+    e.dir = Direction::kDeviceToHost;
+    e.bytes = static_cast<int64_t>(used * seq_bytes * L);
+    spans->end(tk, copy_stream(), e);
+  }
   auto done = std::make_shared<MaybeEvent>();
   done->record(backend, copy_stream());
   // The next step's decodes write step_dev again: after this download (via policy_applied).
@@ -2423,11 +2581,13 @@ void Engine::Impl::flush_step_rows(cudaStream_t stream) {
   step_rows.clear();
   std::fill(step_rows_per_layer.begin(), step_rows_per_layer.end(), 0);
   const std::shared_ptr<Job> previous = step_append;
-  jobs.run([this, done, job, rows, previous] {
+  const int32_t step = static_cast<int32_t>(steps);
+  jobs.run([this, done, job, rows, previous, step] {
     try {
       cuda::DeviceGuard guard(device);
       if (previous) previous->future.get();
       done->wait_polling();
+      const uint64_t t0_ns = telemetry.now_ns();
       for (const StepRow& r : *rows) {
         const std::byte* base =
             step_host.data() +
@@ -2440,8 +2600,14 @@ void Engine::Impl::flush_step_rows(cudaStream_t stream) {
         e.layer = r.layer;
         e.dir = Direction::kDeviceToHost;
         e.bytes = static_cast<int64_t>(2 * Hkv * rowb);
+        e.step = step;
         record(e);
       }
+      Event sp;
+      sp.op = Op::kAppend;
+      sp.step = step;
+      sp.bytes = static_cast<int64_t>(rows->size() * 2 * Hkv * rowb);
+      record_host_span(sp, t0_ns);
       job->promise.set_value();
     } catch (...) {
       job->promise.set_exception(std::current_exception());
@@ -2608,8 +2774,16 @@ void Engine::end_step(cudaStream_t stream) {
   Impl& m = *impl_;
   OnDevice on(m.backend, m.device);
   const double t0 = thread_cpu_ms();
+  const uint64_t t_end = m.telemetry.now_ns();
   // Everything below is ordered after every decode of the step, whatever streams they used.
   for (int32_t l = 0; l < m.L; ++l) stream_wait(m.backend, stream, m.step_layer_done[l]);
+  if (m.spans && m.step_open) {
+    Event e;
+    e.kind = EventKind::kSpan;
+    e.op = Op::kDecode;
+    e.track = Track::kCompute;
+    m.spans->end(m.decode_span, stream, e);
+  }
   if (m.backend == Backend::kCuda) m.flush_step_rows(stream);
   m.apply_policy(stream);  // the previous step's cache decisions
   for (auto& [id, s] : m.seqs) {
@@ -2638,18 +2812,23 @@ void Engine::end_step(cudaStream_t stream) {
   m.release_prefill_scratch();
   m.reserve_host_pages();
   m.policy_applied.record(m.backend, stream);
-  ++m.steps;
-  if (!m.cfg.telemetry_path.empty()) {
-    m.telemetry.drain_to_file(m.cfg.telemetry_path).throw_if_error();
-  } else {
-    std::vector<Event> sink;
-    m.telemetry.drain(&sink);
+  {
+    Event e;
+    e.kind = EventKind::kStep;
+    e.time_ns = m.step_open ? m.step_begin_ns : t_end;
+    e.dur_ns = m.telemetry.now_ns() - e.time_ns;
+    m.record(e);
   }
+  m.step_open = false;
+  ++m.steps;
+  m.step_now.store(static_cast<int32_t>(m.steps), std::memory_order_relaxed);
+  if (m.spans) m.spans->poll(/*wait=*/false);  // the spans that have run; the writer drains
   m.decode_host_ms += thread_cpu_ms() - t0;
 }
 
 void Engine::synchronize() {
   Impl& m = *impl_;
+  OnDevice on(m.backend, m.device);
   m.jobs.wait();
   if (m.step_append) m.step_append->future.get();
   if (m.policy_job) m.policy_job->future.get();
@@ -2660,7 +2839,21 @@ void Engine::synchronize() {
       if (st.window) st.window->host->future.get();
     }
   }
+  if (m.spans) m.spans->poll(/*wait=*/true);
 }
+
+void Engine::start_trace(const std::string& path) {
+  OnDevice on(impl_->backend, impl_->device);
+  impl_->start_trace(path);
+}
+
+void Engine::stop_trace() {
+  OnDevice on(impl_->backend, impl_->device);
+  synchronize();
+  impl_->stop_trace();
+}
+
+bool Engine::tracing() const { return impl_->spans != nullptr; }
 
 EngineStats Engine::stats() const {
   const Impl& m = *impl_;

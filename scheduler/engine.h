@@ -98,7 +98,9 @@ struct EngineConfig {
   int32_t max_batch = 8;         ///< sequences per decode_layer call
   int64_t max_context = 135168;  ///< rows per sequence and layer (prompt + generated)
 
-  std::string telemetry_path;  ///< if set, events are appended there as JSON Lines at end_step
+  /// If set, the engine traces from construction (see Engine::start_trace): the file is
+  /// truncated and every event is written there as JSON Lines (docs/telemetry.md).
+  std::string telemetry_path;
 
   /// kCuda: replay a recall layer's decode kernels (prologue, scoring, selection, chunk build,
   /// attention) as one CUDA graph per (layer, batch size), captured at its second use. The host
@@ -197,13 +199,24 @@ class Engine {
   void decode_layer(int32_t layer, const DecodeBatch& batch, cudaStream_t stream = nullptr);
 
   /// Ends a decode step: the step's rows reach the host tier, finished window clusterings are
-  /// committed and new ones started, the cache's step advances, telemetry is drained.
+  /// committed and new ones started, the cache's step advances.
   /// `stream` orders the step's cache-directory updates (kCuda); decode_layer calls of the next
   /// step wait for them whatever stream they use.
   void end_step(cudaStream_t stream = nullptr);
 
   /// Waits for all background work (offloads, clusterings) to finish.
   void synchronize();
+
+  /// Starts writing every telemetry event to `path` (truncated; JSON Lines, docs/telemetry.md):
+  /// a writer thread drains the event queue off the decode path, work on the engine's streams is
+  /// timed with CUDA events (spans), and the link is measured first (a few milliseconds). Until
+  /// a trace starts, events only add to stats().telemetry. Throws if a trace is running or the
+  /// file cannot be opened. tools/kvtier-trace reads the file.
+  void start_trace(const std::string& path);
+  /// Waits for the traced work (synchronize), writes what is left and closes the file. No-op
+  /// without a trace.
+  void stop_trace();
+  bool tracing() const;
 
   EngineStats stats() const;
   const EngineConfig& config() const;

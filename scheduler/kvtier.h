@@ -98,6 +98,10 @@ kvtier_status kvtier_decode_layer(kvtier_engine* engine, int32_t layer, const kv
 
 kvtier_status kvtier_end_step(kvtier_engine* engine, void* stream);
 kvtier_status kvtier_synchronize(kvtier_engine* engine);
+/* Starts writing every telemetry event to `path` (truncated; JSON Lines, docs/telemetry.md, read
+ * by tools/kvtier-trace); stops (waiting for the traced work and closing the file). */
+kvtier_status kvtier_start_trace(kvtier_engine* engine, const char* path);
+kvtier_status kvtier_stop_trace(kvtier_engine* engine);
 kvtier_status kvtier_get_stats(const kvtier_engine* engine, kvtier_stats* out);
 kvtier_status kvtier_sequence_length(const kvtier_engine* engine, kvtier_seq_id seq, int32_t layer,
                                      int64_t* out);

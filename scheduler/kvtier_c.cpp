@@ -195,6 +195,17 @@ kvtier_status kvtier_synchronize(kvtier_engine* e) {
   return guarded([&] { e->engine.synchronize(); });
 }
 
+kvtier_status kvtier_start_trace(kvtier_engine* e, const char* path) {
+  if (!e) return null_arg("engine");
+  if (!path) return null_arg("path");
+  return guarded([&] { e->engine.start_trace(path); });
+}
+
+kvtier_status kvtier_stop_trace(kvtier_engine* e) {
+  if (!e) return null_arg("engine");
+  return guarded([&] { e->engine.stop_trace(); });
+}
+
 kvtier_status kvtier_get_stats(const kvtier_engine* e, kvtier_stats* out) {
   if (!e) return null_arg("engine");
   if (!out) return null_arg("out");

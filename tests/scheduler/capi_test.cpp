@@ -2,6 +2,8 @@
 // and errors come back as status codes with the engine's message.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+
 #include <cstring>
 #include <random>
 #include <string>
@@ -144,6 +146,14 @@ TEST(CApi, ErrorsAreStatusCodesWithMessages) {
       kvtier_decode_layer(nullptr, 0, &one, 1, x.data(), x.data(), x.data(), x.data(), nullptr),
       KVTIER_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(kvtier_get_stats(ce, nullptr), KVTIER_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvtier_start_trace(ce, nullptr), KVTIER_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(kvtier_start_trace(ce, "/nonexistent-dir/trace.jsonl"), KVTIER_OK);
+  const std::string trace = ::testing::TempDir() + "kvtier_capi_trace.jsonl";
+  EXPECT_EQ(kvtier_start_trace(ce, trace.c_str()), KVTIER_OK);
+  EXPECT_EQ(kvtier_start_trace(ce, trace.c_str()), KVTIER_ERR_INVALID_ARGUMENT);  // running
+  EXPECT_EQ(kvtier_stop_trace(ce), KVTIER_OK);
+  EXPECT_EQ(kvtier_stop_trace(ce), KVTIER_OK);  // nothing to stop
+  std::remove(trace.c_str());
   kvtier_engine_destroy(ce);
   kvtier_engine_destroy(nullptr);
 }

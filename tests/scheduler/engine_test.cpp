@@ -6,6 +6,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <fstream>
+#include <string>
+
 #include "tests/scheduler/engine_driver.h"
 
 namespace kvtier {
@@ -88,6 +92,80 @@ TEST(Engine, StatsAndTelemetryAddUp) {
   EXPECT_GT(s.host_bytes_used, 0u);
   EXPECT_EQ(d.engine().sequence_length(1, 0), 190);
   EXPECT_EQ(d.engine().sequence_length(2, 2), 120);
+}
+
+// A traced run: the file holds every event the totals count (nothing dropped), one step event per
+// end_step, the link measured at the start, the policy's timed work and the caches' occupancy;
+// a trace stops and starts again on the same engine.
+TEST(Engine, TraceFileHoldsEveryEventAndAddsUp) {
+  EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+  c.budget = 24;
+  c.telemetry_path = ::testing::TempDir() + "kvtier_engine_trace.jsonl";
+  Driver d(c, test::test_seed() + 6);
+  EXPECT_TRUE(d.engine().tracing());
+  d.add(1, 150, true);
+  d.add(2, 80, false);
+  for (int t = 0; t < 30; ++t) d.step({1, 2});
+  d.engine().stop_trace();
+  EXPECT_FALSE(d.engine().tracing());
+  const EngineStats s = d.engine().stats();
+  auto field = [](const std::string& line, const std::string& key) -> int64_t {
+    const size_t at = line.find("\"" + key + "\":");
+    return at == std::string::npos ? 0 : std::stoll(line.substr(at + key.size() + 3));
+  };
+  auto is = [](const std::string& line, const std::string& kind) {
+    return line.find("\"kind\":\"" + kind + "\"") != std::string::npos;
+  };
+  std::ifstream f(c.telemetry_path);
+  std::string line;
+  int64_t hits = 0, misses = 0, h2d = 0, steps = 0, links = 0, policy = 0, occupancy = 0,
+          lines = 0;
+  bool footer = false;
+  while (std::getline(f, line)) {
+    ++lines;
+    if (is(line, "lookup")) {
+      hits += field(line, "hits");
+      misses += field(line, "misses");
+    }
+    if (is(line, "fetch") && line.find("\"h2d\"") != std::string::npos) h2d += field(line, "bytes");
+    steps += is(line, "step");
+    links += is(line, "link");
+    policy += is(line, "span") && line.find("\"op\":\"policy\"") != std::string::npos;
+    if (is(line, "occupancy")) {
+      ++occupancy;
+      EXPECT_LE(field(line, "bytes"), field(line, "total"));
+      EXPECT_GT(field(line, "total"), 0);
+    }
+    if (is(line, "end")) {
+      footer = true;
+      EXPECT_EQ(field(line, "dropped"), 0);
+      EXPECT_EQ(field(line, "events"), lines - 2);  // all but the header and the footer
+    }
+  }
+  EXPECT_TRUE(footer);
+  EXPECT_EQ(hits, s.recall_hits);
+  EXPECT_EQ(misses, s.recall_misses);
+  EXPECT_EQ(h2d, s.host_read_bytes + s.fill_bytes);
+  EXPECT_EQ(steps, 30);
+  EXPECT_EQ(links, 1);  // kCpu: one host copy
+  const int64_t recall_layers = c.model.num_layers - c.num_dense_layers;
+  EXPECT_EQ(policy, 30 * recall_layers);
+  EXPECT_EQ(occupancy, policy);
+  EXPECT_EQ(s.telemetry.dropped, 0);
+  // Again on the same engine; a second start while one runs is refused.
+  const std::string again = ::testing::TempDir() + "kvtier_engine_trace2.jsonl";
+  d.engine().start_trace(again);
+  EXPECT_THROW(d.engine().start_trace(again), InvalidArgumentError);
+  d.step({1, 2});
+  d.engine().stop_trace();
+  std::ifstream g(again);
+  int64_t steps2 = 0;
+  while (std::getline(g, line)) steps2 += is(line, "step");
+  EXPECT_EQ(steps2, 1);
+  std::remove(c.telemetry_path.c_str());
+  std::remove(again.c_str());
+  EXPECT_THROW(d.engine().start_trace("/nonexistent-dir/t.jsonl"), Error);
+  EXPECT_FALSE(d.engine().tracing());
 }
 
 // ---- clusterattn ----

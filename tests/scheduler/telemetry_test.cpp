@@ -1,10 +1,15 @@
 // Telemetry: many producers and a concurrent consumer lose nothing that was accepted, totals are
-// exact, a full queue drops and counts, the JSON Lines file round-trips.
+// exact, a full queue drops and counts, the JSON Lines file round-trips, the writer thread streams
+// every accepted event, host spans and the link measurement are recorded.
 #include "scheduler/telemetry.h"
+
+#include "scheduler/spans.h"
 
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -90,10 +95,11 @@ TEST(Telemetry, JsonLinesFile) {
   Telemetry t(64);
   Event e = fetch_event(7, 2, 4096);
   e.time_ns = 123;
+  e.step = 4;
   t.record(e);
   Event s;
   s.kind = EventKind::kStall;
-  s.stall_us = 250;
+  s.dur_ns = 250000;
   s.time_ns = 456;
   t.record(s);
   const std::string path = ::testing::TempDir() + "kvtier_telemetry_test.jsonl";
@@ -104,17 +110,135 @@ TEST(Telemetry, JsonLinesFile) {
   ASSERT_TRUE(std::getline(f, l1));
   ASSERT_TRUE(std::getline(f, l2));
   EXPECT_FALSE(std::getline(f, l3));
+  const std::string thread = std::to_string(this_thread_index());
   EXPECT_EQ(l1,
-            "{\"t_ns\":123,\"kind\":\"fetch\",\"seq\":7,\"layer\":2,\"kv_head\":3,\"bytes\":4096,"
-            "\"dir\":\"h2d\",\"hits\":5,\"misses\":2,\"stall_us\":0}");
-  EXPECT_EQ(l2,
-            "{\"t_ns\":456,\"kind\":\"stall\",\"seq\":-1,\"layer\":-1,\"kv_head\":-1,\"bytes\":0,"
-            "\"dir\":\"none\",\"hits\":0,\"misses\":0,\"stall_us\":250}");
+            "{\"t_ns\":123,\"kind\":\"fetch\",\"step\":4,\"seq\":7,\"layer\":2,\"kv_head\":3,"
+            "\"bytes\":4096,\"dir\":\"h2d\",\"hits\":5,\"misses\":2,\"track\":\"host\",\"thread\":" +
+                thread + "}");
+  EXPECT_EQ(l2, "{\"t_ns\":456,\"kind\":\"stall\",\"step\":-1,\"dur_ns\":250000,\"track\":\"host\","
+                "\"thread\":" +
+                    thread + "}");
+  EXPECT_EQ(t.stats().stall_us, 250);
   std::remove(path.c_str());
   t.record(e);
   const Status st = t.drain_to_file("/nonexistent-dir/telemetry.jsonl");
   EXPECT_EQ(st.code(), StatusCode::kIoError);
   EXPECT_NE(st.message().find("1 events lost"), std::string::npos) << st.message();
+}
+
+TEST(Telemetry, OnlyTransfersAddBytes) {
+  Telemetry t(16);
+  Event span = fetch_event(1, 0, 1000);
+  span.kind = EventKind::kSpan;
+  span.op = Op::kFill;
+  t.record(span);
+  t.record(fetch_event(1, 0, 300));
+  const TelemetryStats s = t.stats();
+  EXPECT_EQ(s.bytes[static_cast<int>(Direction::kHostToDevice)], 300);
+  EXPECT_EQ(s.events[static_cast<int>(EventKind::kSpan)], 1);
+  EXPECT_EQ(s.total_events(), 2);
+}
+
+TEST(Telemetry, QueueingOffOnlyCounts) {
+  Telemetry t(2);
+  t.set_queueing(false);
+  for (int i = 0; i < 10; ++i) EXPECT_TRUE(t.record(fetch_event(0, i, 10)));
+  std::vector<Event> got;
+  EXPECT_EQ(t.drain(&got), 0u);
+  EXPECT_EQ(t.stats().dropped, 0);
+  EXPECT_EQ(t.stats().bytes[static_cast<int>(Direction::kHostToDevice)], 100);
+}
+
+// The writer thread is the consumer while a file is open: producers racing with it lose nothing
+// it accepted, the file has a header, every accepted event in order per producer, and a footer
+// that counts them.
+TEST(Telemetry, WriterThreadStreamsEveryAcceptedEvent) {
+  Telemetry t(4096);
+  t.set_queueing(false);
+  const std::string path = ::testing::TempDir() + "kvtier_telemetry_writer.jsonl";
+  ASSERT_TRUE(t.open_file(path, 1).is_ok());
+  EXPECT_TRUE(t.file_open());
+  EXPECT_TRUE(t.queueing());
+  EXPECT_EQ(t.open_file(path).code(), StatusCode::kInvalidArgument);
+  constexpr int kProducers = 4, kPerProducer = 5000;
+  std::atomic<int> accepted{0};
+  std::vector<std::thread> producers;
+  for (int p = 0; p < kProducers; ++p) {
+    producers.emplace_back([&, p] {
+      for (int i = 0; i < kPerProducer; ++i) {
+        if (t.record(fetch_event(p, i, 1))) ++accepted;
+        if (i % 64 == 0) std::this_thread::yield();
+      }
+    });
+  }
+  for (auto& th : producers) th.join();
+  ASSERT_TRUE(t.close_file().is_ok());
+  EXPECT_FALSE(t.file_open());
+  EXPECT_TRUE(t.close_file().is_ok());  // no file: nothing to do
+  std::ifstream f(path);
+  std::string line;
+  ASSERT_TRUE(std::getline(f, line));
+  EXPECT_NE(line.find("\"kind\":\"begin\",\"format\":\"kvtier-telemetry\",\"version\":2"),
+            std::string::npos)
+      << line;
+  int events = 0;
+  std::vector<int> last(kProducers, -1);
+  bool in_order = true;
+  std::string footer;
+  while (std::getline(f, line)) {
+    if (line.find("\"kind\":\"end\"") != std::string::npos) {
+      footer = line;
+      continue;
+    }
+    EXPECT_TRUE(footer.empty()) << "an event after the footer: " << line;
+    const auto num = [&](const char* key) {
+      const size_t at = line.find(key);
+      return at == std::string::npos ? -100 : std::stoi(line.substr(at + std::strlen(key)));
+    };
+    const int seq = num("\"seq\":"), layer = num("\"layer\":");
+    ASSERT_GE(seq, 0) << line;
+    in_order = in_order && layer > last[seq];
+    last[seq] = layer;
+    ++events;
+  }
+  EXPECT_TRUE(in_order);
+  EXPECT_EQ(events, accepted.load());
+  const TelemetryStats s = t.stats();
+  EXPECT_EQ(footer, "{\"t_ns\":" + footer.substr(8, footer.find(',') - 8) +
+                        ",\"kind\":\"end\",\"events\":" + std::to_string(events) +
+                        ",\"dropped\":" + std::to_string(s.dropped) + "}");
+  EXPECT_EQ(events + s.dropped, kProducers * kPerProducer);
+  std::remove(path.c_str());
+  EXPECT_EQ(t.open_file("/nonexistent-dir/t.jsonl").code(), StatusCode::kIoError);
+}
+
+TEST(SpanTimer, HostSpansAreRecordedAtEnd) {
+  Telemetry t(16);
+  SpanTimer spans(&t, Backend::kCpu, 0);
+  const SpanTimer::Token tk = spans.begin(nullptr);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  Event e;
+  e.kind = EventKind::kSpan;
+  e.op = Op::kFill;
+  e.bytes = 64;
+  spans.end(tk, nullptr, e);
+  EXPECT_EQ(spans.pending(), 0u);
+  std::vector<Event> got;
+  ASSERT_EQ(t.drain(&got), 1u);
+  EXPECT_EQ(got[0].op, Op::kFill);
+  EXPECT_GE(got[0].dur_ns, 2000000u);
+  EXPECT_EQ(got[0].time_ns, tk.host_ns);
+}
+
+TEST(SpanTimer, MeasureLinkRecordsTheCopy) {
+  Telemetry t(16);
+  measure_link(&t, Backend::kCpu, 0, 1 << 20);
+  std::vector<Event> got;
+  ASSERT_EQ(t.drain(&got), 1u);
+  EXPECT_EQ(got[0].kind, EventKind::kLink);
+  EXPECT_EQ(got[0].bytes, 1 << 20);
+  EXPECT_GT(got[0].dur_ns, 0u);
+  EXPECT_EQ(t.stats().bytes[0], 0);  // not a transfer of the run
 }
 
 }  // namespace

@@ -185,6 +185,15 @@ class PyEngine {
     engine_->synchronize();
   }
   EngineStats stats() const { return get().stats(); }
+  void start_trace(const std::string& path) {
+    Scope s(*this);
+    engine_->start_trace(path);
+  }
+  void stop_trace() {
+    Scope s(*this);
+    engine_->stop_trace();
+  }
+  bool tracing() const { return get().tracing(); }
   bool is_recall_layer(int32_t layer) const { return get().is_recall_layer(layer); }
 
   /// Destroys the engine now (waits for its background work) rather than when Python collects
@@ -399,6 +408,12 @@ NB_MODULE(_core, m) {
       .def("end_step", &PyEngine::end_step, "stream"_a = 0)
       .def("synchronize", &PyEngine::synchronize)
       .def("stats", &PyEngine::stats)
+      .def("start_trace", &PyEngine::start_trace, "path"_a,
+           "Writes every telemetry event to `path` from now on (JSON Lines, docs/telemetry.md); "
+           "tools/kvtier-trace reads it.")
+      .def("stop_trace", &PyEngine::stop_trace,
+           "Waits for the traced work, writes what is left and closes the file.")
+      .def_prop_ro("tracing", &PyEngine::tracing)
       .def("is_recall_layer", &PyEngine::is_recall_layer, "layer"_a)
       .def("close", &PyEngine::close)
       .def_prop_ro("closed", &PyEngine::closed);

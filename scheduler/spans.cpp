@@ -1,0 +1,156 @@
+// SpanTimer and measure_link.
+#include "scheduler/spans.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+#include "memory/core/check.h"
+#include "memory/core/cuda_raii.h"
+#include "memory/pinned_buffer.h"
+
+#if KVTIER_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace kvtier::scheduler {
+
+struct SpanTimer::Slots {
+#if KVTIER_WITH_CUDA
+  std::unique_ptr<cuda::Event> anchor;
+  std::vector<std::pair<cuda::Event, cuda::Event>> events;  // [begin, end] per slot
+#endif
+};
+
+SpanTimer::SpanTimer(Telemetry* telemetry, Backend backend, int device)
+    : telemetry_(telemetry), backend_(backend), device_(device), slots_(new Slots) {
+  KVTIER_CHECK(telemetry != nullptr, "SpanTimer: telemetry is null");
+#if KVTIER_WITH_CUDA
+  if (backend_ == Backend::kCuda) {
+    // GPU time 0 of the anchor event = telemetry time anchor_ns_: recorded on an idle private
+    // stream, it runs as soon as it is issued; the midpoint of issue and completion is within
+    // a few microseconds of it.
+    cuda::DeviceGuard guard(device_);
+    cuda::Stream s(device_);
+    slots_->anchor = std::make_unique<cuda::Event>(cuda::EventTiming::kEnabled);
+    const uint64_t t0 = telemetry_->now_ns();
+    slots_->anchor->record(s.get());
+    slots_->anchor->synchronize();
+    const uint64_t t1 = telemetry_->now_ns();
+    anchor_ns_ = t0 + (t1 - t0) / 2;
+  }
+#endif
+}
+
+SpanTimer::~SpanTimer() = default;
+
+SpanTimer::Token SpanTimer::begin(cudaStream_t stream) {
+  Token t;
+#if KVTIER_WITH_CUDA
+  if (backend_ == Backend::kCuda) {
+    if (free_.empty()) {
+      slots_->events.emplace_back(cuda::Event(cuda::EventTiming::kEnabled),
+                                  cuda::Event(cuda::EventTiming::kEnabled));
+      free_.push_back(static_cast<int32_t>(slots_->events.size() - 1));
+    }
+    t.slot = free_.back();
+    free_.pop_back();
+    slots_->events[t.slot].first.record(stream);
+    return t;
+  }
+#endif
+  (void)stream;
+  t.host_ns = telemetry_->now_ns();
+  return t;
+}
+
+void SpanTimer::end(const Token& token, cudaStream_t stream, const Event& e) {
+  if (token.slot < 0) {  // host work, done by now
+    Event ev = e;
+    ev.time_ns = token.host_ns;
+    ev.dur_ns = telemetry_->now_ns() - token.host_ns;
+    telemetry_->record(ev);
+    return;
+  }
+#if KVTIER_WITH_CUDA
+  slots_->events[token.slot].second.record(stream);
+  pending_.push_back(Pending{token.slot, e});
+#else
+  (void)stream;
+#endif
+}
+
+void SpanTimer::poll(bool wait) {
+#if KVTIER_WITH_CUDA
+  while (!pending_.empty()) {
+    const Pending& p = pending_.front();
+    auto& [b, e] = slots_->events[p.slot];
+    if (wait)
+      e.synchronize();
+    else if (!e.query())
+      return;
+    Event ev = p.event;
+    const double start_ms = cuda::elapsed_ms(*slots_->anchor, b);
+    const double dur_ms = cuda::elapsed_ms(b, e);
+    ev.time_ns = anchor_ns_ + static_cast<uint64_t>(std::max(0.0, start_ms) * 1e6);
+    ev.dur_ns = static_cast<uint64_t>(std::max(0.0, dur_ms) * 1e6);
+    telemetry_->record(ev);
+    free_.push_back(p.slot);
+    pending_.pop_front();
+  }
+#else
+  (void)wait;
+#endif
+}
+
+void measure_link(Telemetry* telemetry, Backend backend, int device, size_t bytes) {
+  KVTIER_CHECK(telemetry != nullptr, "measure_link: telemetry is null");
+  auto emit = [&](Direction dir, uint64_t best_ns) {
+    Event e;
+    e.kind = EventKind::kLink;
+    e.dir = dir;
+    e.bytes = static_cast<int64_t>(bytes);
+    e.dur_ns = std::max<uint64_t>(best_ns, 1);
+    telemetry->record(e);
+  };
+#if KVTIER_WITH_CUDA
+  if (backend == Backend::kCuda) {
+    cuda::DeviceGuard guard(device);
+    memory::PinnedBuffer host = memory::PinnedBuffer::allocate(bytes);
+    cuda::DeviceAllocation dev(bytes, device);
+    cuda::Stream s(device);
+    cuda::Event b(cuda::EventTiming::kEnabled), e(cuda::EventTiming::kEnabled);
+    std::memset(host.data(), 1, bytes);
+    for (const Direction dir : {Direction::kHostToDevice, Direction::kDeviceToHost}) {
+      double best = 1e30;
+      for (int i = 0; i < 3; ++i) {
+        b.record(s.get());
+        if (dir == Direction::kHostToDevice)
+          cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());
+        else
+          cuda::memcpy_async(host.data(), dev.get(), bytes, s.get());
+        e.record(s.get());
+        e.synchronize();
+        best = std::min<double>(best, cuda::elapsed_ms(b, e));
+      }
+      emit(dir, static_cast<uint64_t>(best * 1e6));
+    }
+    return;
+  }
+#endif
+  (void)device;
+  // kCpu: the "link" is host memory; attention's reads from the host tier are copies.
+  (void)backend;
+  bytes = std::min<size_t>(bytes, 16u << 20);
+  std::vector<std::byte> src(bytes, std::byte{1}), dst(bytes);
+  uint64_t best = ~uint64_t{0};
+  for (int i = 0; i < 3; ++i) {
+    const uint64_t t0 = telemetry->now_ns();
+    std::memcpy(dst.data(), src.data(), bytes);
+    best = std::min(best, telemetry->now_ns() - t0);
+  }
+  emit(Direction::kNone, best);
+}
+
+}  // namespace kvtier::scheduler

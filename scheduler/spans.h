@@ -1,0 +1,62 @@
+// Timed work for telemetry: spans of work on CUDA streams, timed by pairs of CUDA events and
+// recorded once they have run, and the link bandwidth measured when tracing starts.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "memory/core/backend.h"
+#include "memory/core/cuda_fwd.h"
+#include "scheduler/telemetry.h"
+
+namespace kvtier::scheduler {
+
+/// Times spans of work and records them as events of `telemetry`. On kCuda a span is a pair of
+/// timing events recorded on a stream; poll() records the spans that have finished, in the order
+/// they were begun, with their GPU start and duration mapped onto the telemetry clock (anchored
+/// once at construction). On kCpu the work is the calling thread's and end() records it at once.
+/// Not thread-safe: one thread begins, ends and polls (the engine's caller).
+class SpanTimer {
+ public:
+  SpanTimer(Telemetry* telemetry, Backend backend, int device);
+  ~SpanTimer();
+  SpanTimer(const SpanTimer&) = delete;
+  SpanTimer& operator=(const SpanTimer&) = delete;
+
+  struct Token {
+    int32_t slot = -1;     ///< kCuda: the pair of events
+    uint64_t host_ns = 0;  ///< kCpu: the start
+  };
+  /// Starts a span of the work enqueued on `stream` from now on.
+  Token begin(cudaStream_t stream);
+  /// Ends it after the work enqueued so far; `e` says what it was (kind kSpan, op, track, step,
+  /// layer, bytes...). Its time and duration are filled in.
+  void end(const Token& token, cudaStream_t stream, const Event& e);
+  /// Records finished spans; with `wait`, waits for every pending one first.
+  void poll(bool wait);
+  size_t pending() const { return pending_.size(); }
+
+ private:
+  struct Pending {
+    int32_t slot;
+    Event event;
+  };
+  struct Slots;
+  Telemetry* telemetry_;
+  Backend backend_;
+  int device_;
+  std::unique_ptr<Slots> slots_;
+  std::deque<Pending> pending_;
+  std::vector<int32_t> free_;
+  uint64_t anchor_ns_ = 0;  // telemetry time of the anchor event
+};
+
+/// Copies `bytes` host -> device and device -> host on a private stream (kCuda; pinned memory),
+/// or host -> host (kCpu), and records the fastest of three of each as kLink events: the link
+/// peak that transfers are compared with. Takes a few milliseconds.
+void measure_link(Telemetry* telemetry, Backend backend, int device, size_t bytes = 64u << 20);
+
+}  // namespace kvtier::scheduler
