@@ -368,6 +368,11 @@ struct Engine::Impl {
   scheduler::SpanTimer::Token decode_span;
   void start_trace(const std::string& path);
   void stop_trace();
+  // Ends a span of stream work (its event is recorded once the work has run, with this step).
+  void end_span(const scheduler::SpanTimer::Token& tk, cudaStream_t stream, Event e) {
+    if (e.step < 0) e.step = step_now.load(std::memory_order_relaxed);
+    spans->end(tk, stream, e);
+  }
   // Records a piece of host work that began at `t0_ns` and ends now.
   void record_host_span(Event e, uint64_t t0_ns) {
     e.kind = EventKind::kSpan;
@@ -842,7 +847,7 @@ void Engine::Impl::start_trace(const std::string& path) {
   KVTIER_CHECK(!spans, "start_trace: a trace is being written already (stop_trace first)");
   telemetry.open_file(path).throw_if_error();
   try {
-    scheduler::measure_link(&telemetry, backend, device);
+    scheduler::record_link(&telemetry, scheduler::measure_link(backend, device));
     spans = std::make_unique<scheduler::SpanTimer>(&telemetry, backend, device);
   } catch (...) {
     (void)telemetry.close_file();
@@ -962,6 +967,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
   const SeqId seq = s.id;
   Event off;
   off.kind = EventKind::kOffload;
+  off.op = Op::kPrefillStore;
   off.seq = seq;
   off.layer = layer;
   off.dir = Direction::kDeviceToHost;
@@ -1005,6 +1011,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
         Event ce;
         ce.kind = EventKind::kCluster;
+        ce.op = Op::kPrefillCluster;
         ce.seq = seq;
         ce.layer = layer;
         ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
@@ -1073,7 +1080,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       e.seq = s.id;
       e.layer = layer;
       e.bytes = static_cast<int64_t>(2 * part_bytes);
-      spans->end(tk, copy_stream(), e);
+      end_span(tk, copy_stream(), e);
     }
     w->d2h.record(backend, copy_stream());
   }
@@ -1094,7 +1101,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       e.seq = s.id;
       e.layer = layer;
       e.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
-      spans->end(tk, side_s, e);
+      end_span(tk, side_s, e);
     }
     w->kmeans.record(backend, side_s);
   }
@@ -1141,6 +1148,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         stp->clustered = c_n;
         Event ce;
         ce.kind = EventKind::kCluster;
+        ce.op = Op::kPrefillCluster;
         ce.seq = seq;
         ce.layer = layer;
         ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
@@ -1279,6 +1287,7 @@ std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const K
   }
   Event e;
   e.kind = EventKind::kCluster;
+  e.op = Op::kPrefillCluster;
   e.layer = layer;
   e.bytes = static_cast<int64_t>(prefix * Hkv * rowb);
   record(e);
@@ -1602,6 +1611,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
       store->append(ss[i]->id, layer, one);
       Event e;
       e.kind = EventKind::kOffload;
+      e.op = Op::kAppend;
       e.seq = ss[i]->id;
       e.layer = layer;
       e.dir = Direction::kDeviceToHost;
@@ -2099,7 +2109,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
   std::unordered_map<SeqId, Sequence*> live;
   for (const auto& [id, sq] : seqs) live[id] = sq.get();
   auto job = std::make_shared<Job>();
-  const int64_t step = steps + 1;  // cache steps start at 1
+  const int64_t step = steps + 1;                       // cache steps start at 1
   const int32_t decided = static_cast<int32_t>(steps);  // the step whose selections these are
   auto work = [this, parity, live, job, step, decided]() {
     try {
@@ -2152,6 +2162,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
           if (stats[2] > 0) {
             Event f = e;
             f.kind = EventKind::kFetch;
+            f.op = Op::kDecode;
             f.hits = f.misses = 0;
             f.dir = Direction::kHostToDevice;
             f.bytes = static_cast<int64_t>(2 * rowb) * stats[2];
@@ -2240,6 +2251,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         }
         Event e;
         e.kind = EventKind::kFetch;
+        e.op = Op::kFill;
         e.step = decided;
         e.layer = layer;
         e.dir = Direction::kHostToDevice;
@@ -2410,7 +2422,7 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
     e.track = Track::kCompute;
     e.dir = Direction::kHostToDevice;
     e.bytes = pk.fill_bytes;
-    spans->end(tk, stream, e);
+    end_span(tk, stream, e);
   }
   scheduler::launch_scatter_i32(page_next.as<int32_t>(), d + 2 * ni, d + 2 * ni + nn, nn, stream);
   scheduler::launch_scatter_i32(dir, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns, stream);
@@ -2508,6 +2520,7 @@ void Engine::Impl::run_window_host(Sequence& s, int32_t layer, WindowJob& j) {
     }
     Event e;
     e.kind = EventKind::kCluster;
+    e.op = Op::kWindow;
     e.seq = s.id;
     e.layer = layer;
     e.bytes = static_cast<int64_t>(W * Hkv * rowb);
@@ -2570,7 +2583,7 @@ void Engine::Impl::flush_step_rows(cudaStream_t stream) {
     e.track = Track::kCopy;
     e.dir = Direction::kDeviceToHost;
     e.bytes = static_cast<int64_t>(used * seq_bytes * L);
-    spans->end(tk, copy_stream(), e);
+    end_span(tk, copy_stream(), e);
   }
   auto done = std::make_shared<MaybeEvent>();
   done->record(backend, copy_stream());
@@ -2596,6 +2609,7 @@ void Engine::Impl::flush_step_rows(cudaStream_t stream) {
         store->append(r.seq, r.layer, one);
         Event e;
         e.kind = EventKind::kOffload;
+        e.op = Op::kAppend;
         e.seq = r.seq;
         e.layer = r.layer;
         e.dir = Direction::kDeviceToHost;
@@ -2782,7 +2796,7 @@ void Engine::end_step(cudaStream_t stream) {
     e.kind = EventKind::kSpan;
     e.op = Op::kDecode;
     e.track = Track::kCompute;
-    m.spans->end(m.decode_span, stream, e);
+    m.end_span(m.decode_span, stream, e);
   }
   if (m.backend == Backend::kCuda) m.flush_step_rows(stream);
   m.apply_policy(stream);  // the previous step's cache decisions

@@ -104,16 +104,10 @@ void SpanTimer::poll(bool wait) {
 #endif
 }
 
-void measure_link(Telemetry* telemetry, Backend backend, int device, size_t bytes) {
-  KVTIER_CHECK(telemetry != nullptr, "measure_link: telemetry is null");
-  auto emit = [&](Direction dir, uint64_t best_ns) {
-    Event e;
-    e.kind = EventKind::kLink;
-    e.dir = dir;
-    e.bytes = static_cast<int64_t>(bytes);
-    e.dur_ns = std::max<uint64_t>(best_ns, 1);
-    telemetry->record(e);
-  };
+LinkPeak measure_link(Backend backend, int device, size_t bytes, int copies) {
+  KVTIER_CHECK(bytes > 0 && copies > 0, "measure_link: bytes and copies must be > 0");
+  LinkPeak peak;
+  peak.backend = backend;
 #if KVTIER_WITH_CUDA
   if (backend == Backend::kCuda) {
     cuda::DeviceGuard guard(device);
@@ -122,35 +116,60 @@ void measure_link(Telemetry* telemetry, Backend backend, int device, size_t byte
     cuda::Stream s(device);
     cuda::Event b(cuda::EventTiming::kEnabled), e(cuda::EventTiming::kEnabled);
     std::memset(host.data(), 1, bytes);
-    for (const Direction dir : {Direction::kHostToDevice, Direction::kDeviceToHost}) {
+    cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());  // warm-up
+    for (const bool h2d : {true, false}) {
       double best = 1e30;
-      for (int i = 0; i < 3; ++i) {
+      for (int round = 0; round < 3; ++round) {
         b.record(s.get());
-        if (dir == Direction::kHostToDevice)
-          cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());
-        else
-          cuda::memcpy_async(host.data(), dev.get(), bytes, s.get());
+        for (int i = 0; i < copies; ++i) {
+          if (h2d)
+            cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());
+          else
+            cuda::memcpy_async(host.data(), dev.get(), bytes, s.get());
+        }
         e.record(s.get());
         e.synchronize();
         best = std::min<double>(best, cuda::elapsed_ms(b, e));
       }
-      emit(dir, static_cast<uint64_t>(best * 1e6));
+      (h2d ? peak.h2d_ns : peak.d2h_ns) = std::max<uint64_t>(1, static_cast<uint64_t>(best * 1e6));
     }
-    return;
+    peak.bytes = bytes * static_cast<size_t>(copies);
+    return peak;
   }
 #endif
   (void)device;
-  // kCpu: the "link" is host memory; attention's reads from the host tier are copies.
-  (void)backend;
   bytes = std::min<size_t>(bytes, 16u << 20);
   std::vector<std::byte> src(bytes, std::byte{1}), dst(bytes);
   uint64_t best = ~uint64_t{0};
-  for (int i = 0; i < 3; ++i) {
-    const uint64_t t0 = telemetry->now_ns();
-    std::memcpy(dst.data(), src.data(), bytes);
-    best = std::min(best, telemetry->now_ns() - t0);
+  for (int round = 0; round < 3; ++round) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < copies; ++i) std::memcpy(dst.data(), src.data(), bytes);
+    const auto ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+            .count();
+    best = std::min(best, static_cast<uint64_t>(std::max<int64_t>(ns, 1)));
   }
-  emit(Direction::kNone, best);
+  peak.bytes = bytes * static_cast<size_t>(copies);
+  peak.h2d_ns = best;
+  return peak;
+}
+
+void record_link(Telemetry* telemetry, const LinkPeak& peak) {
+  KVTIER_CHECK(telemetry != nullptr, "record_link: telemetry is null");
+  auto emit = [&](Direction dir, uint64_t ns) {
+    Event e;
+    e.kind = EventKind::kLink;
+    e.dir = dir;
+    e.bytes = static_cast<int64_t>(peak.bytes);
+    e.dur_ns = ns;
+    telemetry->record(e);
+  };
+  if (peak.backend == Backend::kCuda) {
+    emit(Direction::kHostToDevice, peak.h2d_ns);
+    emit(Direction::kDeviceToHost, peak.d2h_ns);
+  } else {
+    emit(Direction::kNone, peak.h2d_ns);
+  }
 }
 
 }  // namespace kvtier::scheduler

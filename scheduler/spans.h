@@ -54,9 +54,18 @@ class SpanTimer {
   uint64_t anchor_ns_ = 0;  // telemetry time of the anchor event
 };
 
-/// Copies `bytes` host -> device and device -> host on a private stream (kCuda; pinned memory),
-/// or host -> host (kCpu), and records the fastest of three of each as kLink events: the link
-/// peak that transfers are compared with. Takes a few milliseconds.
-void measure_link(Telemetry* telemetry, Backend backend, int device, size_t bytes = 64u << 20);
+/// The link's speed: the best of three rounds of `copies` back-to-back copies of `bytes`, each
+/// way. kCuda: pinned host memory <-> device memory on a private stream, timed by CUDA events.
+/// kCpu: host -> host memcpy (the CPU backend's reads from the host tier are copies); d2h_ns is 0.
+struct LinkPeak {
+  Backend backend = Backend::kCpu;
+  size_t bytes = 0;  ///< per round (copies x bytes)
+  uint64_t h2d_ns = 0, d2h_ns = 0;
+  double h2d_gbps() const { return h2d_ns ? static_cast<double>(bytes) / h2d_ns : 0.0; }
+  double d2h_gbps() const { return d2h_ns ? static_cast<double>(bytes) / d2h_ns : 0.0; }
+};
+LinkPeak measure_link(Backend backend, int device, size_t bytes = 64u << 20, int copies = 1);
+/// Records `peak` as kLink events (h2d and d2h; one of direction none on kCpu).
+void record_link(Telemetry* telemetry, const LinkPeak& peak);
 
 }  // namespace kvtier::scheduler

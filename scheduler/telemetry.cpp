@@ -90,6 +90,8 @@ const char* op_name(Op op) {
       return "prefill_store";
     case Op::kPolicy:
       return "policy";
+    case Op::kWindow:
+      return "window";
   }
   return "?";
 }
@@ -113,8 +115,9 @@ constexpr int kFormatVersion = 2;
 // Appends `e` as one JSON line. Fields at their default (docs/telemetry.md) are left out.
 void append_json(const Event& e, std::string* out) {
   char buf[512];
-  int n = std::snprintf(buf, sizeof(buf), "{\"t_ns\":%llu,\"kind\":\"%s\",\"step\":%d",
-                        static_cast<unsigned long long>(e.time_ns), event_kind_name(e.kind), e.step);
+  int n =
+      std::snprintf(buf, sizeof(buf), "{\"t_ns\":%llu,\"kind\":\"%s\",\"step\":%d",
+                    static_cast<unsigned long long>(e.time_ns), event_kind_name(e.kind), e.step);
   auto add = [&](const char* fmt, auto... args) {
     if (n >= 0 && n < static_cast<int>(sizeof(buf)))
       n += std::snprintf(buf + n, sizeof(buf) - static_cast<size_t>(n), fmt, args...);
@@ -259,8 +262,9 @@ Status Telemetry::open_file(const std::string& path, int period_ms) {
   if (f == nullptr)
     return Status::io_error(
         detail::str_cat("cannot open telemetry file '", path, "': ", std::strerror(errno)));
-  std::fprintf(f, "{\"t_ns\":%llu,\"kind\":\"begin\",\"format\":\"kvtier-telemetry\",\"version\":%d}\n",
-               static_cast<unsigned long long>(now_ns()), kFormatVersion);
+  std::fprintf(
+      f, "{\"t_ns\":%llu,\"kind\":\"begin\",\"format\":\"kvtier-telemetry\",\"version\":%d}\n",
+      static_cast<unsigned long long>(now_ns()), kFormatVersion);
   m.file = f;
   m.path = path;
   m.written = 0;

@@ -44,7 +44,9 @@ const char* direction_name(Direction dir);
 enum class Track : uint8_t { kHost, kCompute, kCopy, kSide };
 const char* track_name(Track track);
 
-/// What a kSpan timed.
+/// What a kSpan timed, or what an accounting event belongs to: fetch kDecode (attention's reads
+/// of missed rows) or kFill (planned gathers into the cache); offload kPrefillStore or kAppend;
+/// cluster kPrefillCluster or kWindow.
 enum class Op : uint8_t {
   kNone,
   kDecode,          ///< a decode step's kernels on the caller's stream, all layers
@@ -55,6 +57,7 @@ enum class Op : uint8_t {
   kPrefillCluster,  ///< a prefill layer's clustering on the side stream (k-means, votes, DBAC)
   kPrefillStore,    ///< a worker storing a prefill layer's rows in the host tier
   kPolicy,          ///< a worker deciding one recall layer's cache lookups, evictions and fills
+  kWindow,          ///< a worker re-clustering a window of W decoded rows
 };
 const char* op_name(Op op);
 
@@ -70,8 +73,8 @@ struct Event {
   int32_t kv_head = -1;
   int32_t hits = 0;
   int32_t misses = 0;
-  int32_t step = -1;     ///< decode steps ended before the work was issued
-  uint16_t thread = 0;   ///< index of the recording thread (set by record)
+  int32_t step = -1;    ///< decode steps ended before the work was issued
+  uint16_t thread = 0;  ///< index of the recording thread (set by record)
   EventKind kind = EventKind::kFetch;
   Direction dir = Direction::kNone;
   Track track = Track::kHost;

@@ -118,8 +118,7 @@ TEST(Engine, TraceFileHoldsEveryEventAndAddsUp) {
   };
   std::ifstream f(c.telemetry_path);
   std::string line;
-  int64_t hits = 0, misses = 0, h2d = 0, steps = 0, links = 0, policy = 0, occupancy = 0,
-          lines = 0;
+  int64_t hits = 0, misses = 0, h2d = 0, steps = 0, links = 0, policy = 0, occupancy = 0, lines = 0;
   bool footer = false;
   while (std::getline(f, line)) {
     ++lines;

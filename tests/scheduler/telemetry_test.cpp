@@ -3,19 +3,18 @@
 // every accepted event, host spans and the link measurement are recorded.
 #include "scheduler/telemetry.h"
 
-#include "scheduler/spans.h"
-
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <thread>
 
 #include "memory/core/status.h"
+#include "scheduler/spans.h"
 #include "tests/common/test_util.h"
 
 namespace kvtier::scheduler {
@@ -111,13 +110,15 @@ TEST(Telemetry, JsonLinesFile) {
   ASSERT_TRUE(std::getline(f, l2));
   EXPECT_FALSE(std::getline(f, l3));
   const std::string thread = std::to_string(this_thread_index());
-  EXPECT_EQ(l1,
-            "{\"t_ns\":123,\"kind\":\"fetch\",\"step\":4,\"seq\":7,\"layer\":2,\"kv_head\":3,"
-            "\"bytes\":4096,\"dir\":\"h2d\",\"hits\":5,\"misses\":2,\"track\":\"host\",\"thread\":" +
+  EXPECT_EQ(
+      l1,
+      "{\"t_ns\":123,\"kind\":\"fetch\",\"step\":4,\"seq\":7,\"layer\":2,\"kv_head\":3,"
+      "\"bytes\":4096,\"dir\":\"h2d\",\"hits\":5,\"misses\":2,\"track\":\"host\",\"thread\":" +
+          thread + "}");
+  EXPECT_EQ(l2,
+            "{\"t_ns\":456,\"kind\":\"stall\",\"step\":-1,\"dur_ns\":250000,\"track\":\"host\","
+            "\"thread\":" +
                 thread + "}");
-  EXPECT_EQ(l2, "{\"t_ns\":456,\"kind\":\"stall\",\"step\":-1,\"dur_ns\":250000,\"track\":\"host\","
-                "\"thread\":" +
-                    thread + "}");
   EXPECT_EQ(t.stats().stall_us, 250);
   std::remove(path.c_str());
   t.record(e);
@@ -232,11 +233,15 @@ TEST(SpanTimer, HostSpansAreRecordedAtEnd) {
 
 TEST(SpanTimer, MeasureLinkRecordsTheCopy) {
   Telemetry t(16);
-  measure_link(&t, Backend::kCpu, 0, 1 << 20);
+  const LinkPeak peak = measure_link(Backend::kCpu, 0, 1 << 20, 2);
+  EXPECT_EQ(peak.bytes, 2u << 20);
+  EXPECT_GT(peak.h2d_gbps(), 0.0);
+  record_link(&t, peak);
   std::vector<Event> got;
   ASSERT_EQ(t.drain(&got), 1u);
   EXPECT_EQ(got[0].kind, EventKind::kLink);
-  EXPECT_EQ(got[0].bytes, 1 << 20);
+  EXPECT_EQ(got[0].bytes, 2 << 20);
+  EXPECT_EQ(got[0].dir, Direction::kNone);
   EXPECT_GT(got[0].dur_ns, 0u);
   EXPECT_EQ(t.stats().bytes[0], 0);  // not a transfer of the run
 }

@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -38,6 +39,7 @@
 #include "memory/core/status.h"
 #include "memory/pinned_buffer.h"
 #include "scheduler/engine.h"
+#include "scheduler/spans.h"
 
 #if KVTIER_WITH_CUDA
 #include <cuda_runtime.h>
@@ -65,6 +67,11 @@ struct Options {
   std::string torch_script;  // companion: torch SDPA at the same shape, run in the same call
   uint64_t seed = 1;
   bool cuda_graphs = true;
+  std::string trace_dir;   // --trace: each engine mode's telemetry, profiled at the end
+  std::string trace_tool;  // the profiler (default: tools/kvtier-trace of this source tree)
+  /// Decode steps an engine mode runs: warm-up, the timed steps, and with --trace two more
+  /// blocks (untraced, then traced again) for the overhead of tracing.
+  int32_t engine_steps() const { return warmup + steps * (trace_dir.empty() ? 1 : 3); }
 };
 
 [[noreturn]] void usage(const char* msg) {
@@ -77,7 +84,8 @@ struct Options {
       "  [--budget N] [--sink N] [--window N] [--retention N] [--page-size N]\n"
       "  [--dense-layers N] [--kmeans-iters N] [--drift X] [--topics N]\n"
       "  [--backend cuda|cpu] [--host-gib X] [--json FILE]\n"
-      "  [--torch-script bench/sdpa_baseline.py] [--seed N] [--cuda-graphs 0|1]\n",
+      "  [--torch-script bench/sdpa_baseline.py] [--seed N] [--cuda-graphs 0|1]\n"
+      "  [--trace DIR [--trace-tool tools/kvtier-trace]]\n",
       msg);
   std::exit(2);
 }
@@ -157,6 +165,10 @@ Options parse(int argc, char** argv) {
       o.seed = std::stoull(next());
     else if (a == "--cuda-graphs")
       o.cuda_graphs = std::stoi(next()) != 0;
+    else if (a == "--trace")
+      o.trace_dir = next();
+    else if (a == "--trace-tool")
+      o.trace_tool = next();
     else if (a == "--help" || a == "-h")
       usage("");
     else
@@ -411,7 +423,9 @@ struct Result {
   double prefill_s = 0, prefill_cluster_s = 0;
   double host_ms = -1;  // caller-thread time per step inside the engine, not blocked on the GPU
   double p50_ms = 0, p99_ms = 0, max_ms = 0;  // spread of the timed steps
-  double rows_per_problem = 0;  // rows attended per (sequence, layer, KV head) and step
+  double rows_per_problem = 0;    // rows attended per (sequence, layer, KV head) and step
+  double traced_ms_per_step = 0;  // --trace: the same steps while tracing (two blocks' mean)
+  std::string trace_file;
   std::string note;
 };
 
@@ -650,7 +664,8 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   c.kmeans_iters = o.kmeans_iters;
   c.max_sequences = B;
   c.max_batch = B;
-  c.max_context = o.context + o.warmup + o.steps + 1;
+  c.max_context = o.context + o.engine_steps() + 1;
+  if (!o.trace_dir.empty()) c.telemetry_path = o.trace_dir + "/" + mode + ".jsonl";
   const double need = 2.0 * L * B * static_cast<double>(c.max_context) * Hkv * rowb;
   c.host_bytes_limit = o.host_gib > 0 ? static_cast<size_t>(o.host_gib * (1ull << 30))
                                       : static_cast<size_t>(need * 1.1 + (64 << 20));
@@ -689,7 +704,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
 
   const size_t qbytes = static_cast<size_t>(B) * Hq * D * 2;
   const size_t per_step = static_cast<size_t>(L) * qbytes;
-  const int32_t total_steps = o.warmup + o.steps;
+  const int32_t total_steps = o.engine_steps();
   Mem q_dev(o.backend, per_step * total_steps), out(o.backend, qbytes);
   q_dev.upload(0, queries.data(), per_step * total_steps, stream);
   // New rows of every step: [steps][layer][batch][Hkv][D], uploaded before timing.
@@ -707,14 +722,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   std::vector<SeqId> seqs(B);
   for (int32_t b = 0; b < B; ++b) seqs[b] = b;
   Timer timer(o.backend, stream);
-  EngineStats before;
-  for (int32_t s = 0; s < total_steps; ++s) {
-    if (s == o.warmup) {
-      sync(o.backend, stream);
-      e.synchronize();
-      before = e.stats();
-      timer.start();
-    }
+  auto decode_step = [&](int32_t s) {
     for (int32_t l = 0; l < L; ++l) {
       DecodeBatch db;
       db.seqs = seqs.data();
@@ -726,10 +734,16 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
       e.decode_layer(l, db, stream);
     }
     e.end_step(stream);
-    if (s >= o.warmup) {
-      timer.mark();
-      progress((mode + ": step").c_str(), s - o.warmup + 1, o.steps);
-    }
+  };
+  for (int32_t s = 0; s < o.warmup; ++s) decode_step(s);
+  sync(o.backend, stream);
+  e.synchronize();
+  const EngineStats before = e.stats();
+  timer.start();
+  for (int32_t s = o.warmup; s < o.warmup + o.steps; ++s) {
+    decode_step(s);
+    timer.mark();
+    progress((mode + ": step").c_str(), s - o.warmup + 1, o.steps);
   }
   const double ms = timer.stop_ms();
   set_spread(timer.step_ms(), &r.p50_ms, &r.p99_ms, &r.max_ms);
@@ -753,32 +767,42 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
               o.steps;
   r.rows_per_problem = static_cast<double>(fin.rows_attended - before.rows_attended) /
                        (static_cast<double>(o.steps) * L * B * Hkv);
+  if (!o.trace_dir.empty()) {
+    // The overhead of tracing: the timed steps above were traced; the same number again
+    // untraced, then traced again (into a second file, removed), so a drift over the run
+    // cancels. The mode's figures are the untraced block's.
+    r.trace_file = c.telemetry_path;
+    e.stop_trace();
+    auto block = [&](int32_t first) {
+      sync(o.backend, stream);
+      e.synchronize();
+      Timer t(o.backend, stream);
+      t.start();
+      for (int32_t s = first; s < first + o.steps; ++s) {
+        decode_step(s);
+        t.mark();
+      }
+      return t;
+    };
+    Timer untraced = block(o.warmup + o.steps);
+    const double untraced_ms = untraced.stop_ms();
+    const std::string second = o.trace_dir + "/" + mode + ".overhead.jsonl";
+    e.start_trace(second);
+    Timer traced2 = block(o.warmup + 2 * o.steps);
+    const double traced2_ms = traced2.stop_ms();
+    e.stop_trace();
+    std::remove(second.c_str());
+    r.traced_ms_per_step = (ms + traced2_ms) / (2.0 * o.steps);
+    r.ms_per_step = untraced_ms / o.steps;
+    r.tokens_per_s = 1000.0 * B / r.ms_per_step;
+    set_spread(untraced.step_ms(), &r.p50_ms, &r.p99_ms, &r.max_ms);
+  }
   return r;
 }
 
 double measure_link_gbps(Backend b) {
-#if KVTIER_WITH_CUDA
-  if (b != Backend::kCuda) return 0;
-  const size_t bytes = 256 << 20;
-  memory::PinnedBuffer host = memory::PinnedBuffer::allocate(bytes);
-  std::memset(host.data(), 1, bytes);
-  cuda::DeviceAllocation dev(bytes, 0);
-  cuda::Stream s(0);
-  cuda::Event a(cuda::EventTiming::kEnabled), c(cuda::EventTiming::kEnabled);
-  cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());  // warm-up
-  double best = 0;
-  for (int round = 0; round < 3; ++round) {  // the best of 3 rounds of 4 copies
-    a.record(s.get());
-    for (int i = 0; i < 4; ++i) cuda::memcpy_async(dev.get(), host.data(), bytes, s.get());
-    c.record(s.get());
-    c.synchronize();
-    best = std::max(best, 4.0 * bytes / (cuda::elapsed_ms(a, c) * 1e6));
-  }
-  return best;
-#else
-  (void)b;
-  return 0;
-#endif
+  // The best of 3 rounds of 4 back-to-back 256 MiB copies from pinned memory.
+  return b == Backend::kCuda ? scheduler::measure_link(b, 0, 256u << 20, 4).h2d_gbps() : 0.0;
 }
 
 std::string json_escape(const std::string& s) {
@@ -808,8 +832,9 @@ int run(int argc, char** argv) {
                o.warmup, o.backend == Backend::kCuda ? cuda::device_description(0).c_str() : "cpu",
                link);
   Generator g(o);
-  const std::vector<uint16_t> warm_q = make_queries(o, g, o.warmup + o.steps, false);
-  const std::vector<uint16_t> cold_q = make_queries(o, g, o.warmup + o.steps, true);
+  const std::vector<uint16_t> warm_q = make_queries(o, g, o.engine_steps(), false);
+  const std::vector<uint16_t> cold_q = make_queries(o, g, o.engine_steps(), true);
+  if (!o.trace_dir.empty()) std::filesystem::create_directories(o.trace_dir);
   std::vector<Result> results;
   for (const std::string& m : o.modes) {
     try {
@@ -887,6 +912,24 @@ int run(int argc, char** argv) {
       "over the timed steps, link %.1f GB/s; offload+kmeans: the engine's background prefill "
       "work, summed over layers)\n",
       link);
+  // --trace: the overhead of tracing, then each traced mode's profile.
+  int trace_failures = 0;
+  for (const Result& r : results) {
+    if (r.trace_file.empty() || !r.note.empty()) continue;
+    std::printf("\ntracing %-15s %.3f ms/step traced vs %.3f untraced: overhead %+.2f%%\n",
+                r.mode.c_str(), r.traced_ms_per_step, r.ms_per_step,
+                100.0 * (r.traced_ms_per_step / r.ms_per_step - 1.0));
+    std::fflush(stdout);
+    const std::string tool = !o.trace_tool.empty()
+                                 ? o.trace_tool
+                                 : std::string(KVTIER_SOURCE_DIR) + "/tools/kvtier-trace";
+    const std::string out = r.trace_file.substr(0, r.trace_file.size() - 6) + "_profile";
+    const std::string cmd = "python3 '" + tool + "' '" + r.trace_file + "' --out '" + out + "'";
+    if (std::system(cmd.c_str()) != 0) {
+      std::fprintf(stderr, "kvtier-bench: the profiler failed: %s\n", cmd.c_str());
+      ++trace_failures;
+    }
+  }
   if (!o.json.empty()) {
     std::ofstream f(o.json);
     f << "{\"model\":{\"layers\":" << o.model.num_layers << ",\"q_heads\":" << o.model.num_q_heads
@@ -905,14 +948,17 @@ int run(int argc, char** argv) {
         << ",\"gpu_total_gib\":" << r.gpu_total_gib << ",\"host_gib\":" << r.host_gib
         << ",\"pcie_gbps\":" << r.pcie_gbps << ",\"hit_rate\":" << r.hit_rate
         << ",\"rows_per_head\":" << r.rows_per_problem << ",\"prefill_s\":" << r.prefill_s
-        << ",\"prefill_cluster_s\":" << r.prefill_cluster_s << ",\"error\":\""
-        << json_escape(r.note) << "\"}";
+        << ",\"prefill_cluster_s\":" << r.prefill_cluster_s;
+      if (!r.trace_file.empty())
+        f << ",\"traced_ms_per_step\":" << r.traced_ms_per_step << ",\"trace_file\":\""
+          << json_escape(r.trace_file) << "\"";
+      f << ",\"error\":\"" << json_escape(r.note) << "\"}";
     }
     f << "]}\n";
   }
   for (const Result& r : results)
     if (!r.note.empty()) return 1;
-  return 0;
+  return trace_failures > 0 ? 1 : 0;
 }
 
 }  // namespace

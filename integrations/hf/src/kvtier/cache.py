@@ -398,6 +398,11 @@ class KvtierCache(Cache):
         c.budget = s.budget
         for name, value in s.options.items():
             setattr(c, name, value)
+        path = s.options.get("telemetry_path")
+        if path and len(self._layers_by_device()) > 1:
+            # One file per engine: run.jsonl -> run.cuda1.jsonl for the engine of cuda:1.
+            root, ext = os.path.splitext(path)
+            c.telemetry_path = f"{root}.{device.type}{device.index or 0}{ext}"
         # The model's first num_dense_layers layers stay dense; an engine counts its own layers,
         # and a device's share of them is a prefix of its layers (layers are in model order).
         dense = s.options.get("num_dense_layers", c.num_dense_layers)

@@ -341,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where converted GGUF models are kept ('none': convert every time); default "
         "$KVTIER_CACHE_DIR, $XDG_CACHE_HOME/kvtier or ~/.cache/kvtier",
     )
+    p.add_argument(
+        "--trace",
+        metavar="DIR",
+        default=None,
+        help="record the engine's telemetry to DIR/kvtier_<mode>.jsonl and profile it at the "
+        "end (kvtier-trace: a summary, a Perfetto trace and plots in DIR/kvtier_<mode>_profile)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -977,6 +984,11 @@ def _main(args, progress: Progress) -> int:
             from .profile import load_config
 
             options = load_config(args.config)
+        trace_path = None
+        if args.trace:
+            os.makedirs(args.trace, exist_ok=True)
+            trace_path = os.path.join(args.trace, f"kvtier_{args.mode}.jsonl")
+            options["telemetry_path"] = trace_path
         cache = kvtier.enable(
             model, mode=args.mode, budget=args.budget, max_context=max_context, **options
         )
@@ -1002,6 +1014,12 @@ def _main(args, progress: Progress) -> int:
             answer_prefix,
         )
     report(args, source, model, device, dtype, prompt, run, dense)
+    if trace_path:
+        from . import trace
+
+        cache.reset()  # closes the engine, which finishes the file
+        print(flush=True)
+        trace.profile(trace_path)
     return 0
 
 
