@@ -2146,6 +2146,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         } done{this, &cache, layer, decided};
         std::vector<memory::CacheRequest> req;
         std::vector<int32_t> req_row;
+        int64_t hits = 0, misses = 0, read = 0;
         for (int32_t p = 0; p < rec.problems; ++p) {
           const int32_t h = (rec.row[p]) % Hkv;
           const int32_t* rr = rec.rows + static_cast<size_t>(p) * rec_cols;
@@ -2158,22 +2159,12 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
           e.kv_head = h;
           e.hits = stats[0];
           e.misses = stats[1];
+          e.bytes = static_cast<int64_t>(2 * rowb) * stats[2];  // read from host memory
+          if (e.bytes > 0) e.dir = Direction::kHostToDevice;
           record(e);
-          if (stats[2] > 0) {
-            Event f = e;
-            f.kind = EventKind::kFetch;
-            f.op = Op::kDecode;
-            f.hits = f.misses = 0;
-            f.dir = Direction::kHostToDevice;
-            f.bytes = static_cast<int64_t>(2 * rowb) * stats[2];
-            record(f);
-          }
-          {
-            std::lock_guard<std::mutex> lock(stats_mu);
-            recall_hits += stats[0];
-            recall_misses += stats[1];
-            host_read_bytes += static_cast<int64_t>(2 * rowb) * stats[2];
-          }
+          hits += stats[0];
+          misses += stats[1];
+          read += e.bytes;
           rows_attended += stats[3];
           const auto lv = live.find(rec.seq[p]);
           if (lv == live.end()) continue;  // removed before its policy ran
@@ -2186,6 +2177,12 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
             req.push_back(r);
             req_row.push_back(rec.row[p]);
           }
+        }
+        {
+          std::lock_guard<std::mutex> lock(stats_mu);
+          recall_hits += hits;
+          recall_misses += misses;
+          host_read_bytes += read;
         }
         rec.problems = 0;
         rec.seq.clear();

@@ -10,6 +10,12 @@
 #include <mutex>
 #include <thread>
 
+#if defined(__linux__)
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "memory/core/check.h"
 
 namespace kvtier::scheduler {
@@ -272,6 +278,10 @@ Status Telemetry::open_file(const std::string& path, int period_ms) {
   m.stop = false;
   m.queueing = true;
   m.writer = std::thread([&m, period_ms] {
+#if defined(__linux__)
+    // Background work: the scheduler should prefer the engine's workers and the caller.
+    (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+#endif
     std::vector<Event> scratch;
     std::string text;
     std::unique_lock<std::mutex> lk(m.mu);

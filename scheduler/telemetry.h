@@ -18,9 +18,9 @@
 namespace kvtier::scheduler {
 
 enum class EventKind : uint8_t {
-  kFetch,        ///< host -> device rows: read by attention (misses) or gathered into the cache
+  kFetch,        ///< host -> device rows gathered into the cache (fills)
   kOffload,      ///< KV rows written to the host tier (prefill D2H, decode appends)
-  kCacheLookup,  ///< one lookup: hits and misses
+  kCacheLookup,  ///< one lookup: hits, misses, and the bytes attention read for the misses
   kEvict,        ///< clusters evicted from the cache
   kCluster,      ///< a clustering job (prefill k-means, window re-clustering)
   kStall,        ///< the decode critical path waited (on a prefill job, a window clustering)
@@ -33,7 +33,8 @@ constexpr int kNumEventKinds = 10;
 const char* event_kind_name(EventKind kind);
 /// Whether `kind` moves data: only these add to TelemetryStats::bytes.
 constexpr bool is_transfer(EventKind kind) {
-  return kind == EventKind::kFetch || kind == EventKind::kOffload || kind == EventKind::kCluster;
+  return kind == EventKind::kFetch || kind == EventKind::kCacheLookup ||
+         kind == EventKind::kOffload || kind == EventKind::kCluster;
 }
 
 enum class Direction : uint8_t { kNone, kHostToDevice, kDeviceToHost, kHostToDisk, kDiskToHost };
@@ -44,9 +45,8 @@ const char* direction_name(Direction dir);
 enum class Track : uint8_t { kHost, kCompute, kCopy, kSide };
 const char* track_name(Track track);
 
-/// What a kSpan timed, or what an accounting event belongs to: fetch kDecode (attention's reads
-/// of missed rows) or kFill (planned gathers into the cache); offload kPrefillStore or kAppend;
-/// cluster kPrefillCluster or kWindow.
+/// What a kSpan timed, or what an accounting event belongs to: fetch kFill (planned gathers into
+/// the cache); offload kPrefillStore or kAppend; cluster kPrefillCluster or kWindow.
 enum class Op : uint8_t {
   kNone,
   kDecode,          ///< a decode step's kernels on the caller's stream, all layers

@@ -126,7 +126,8 @@ TEST(Engine, TraceFileHoldsEveryEventAndAddsUp) {
       hits += field(line, "hits");
       misses += field(line, "misses");
     }
-    if (is(line, "fetch") && line.find("\"h2d\"") != std::string::npos) h2d += field(line, "bytes");
+    if ((is(line, "fetch") || is(line, "lookup")) && line.find("\"h2d\"") != std::string::npos)
+      h2d += field(line, "bytes");
     steps += is(line, "step");
     links += is(line, "link");
     policy += is(line, "span") && line.find("\"op\":\"policy\"") != std::string::npos;

@@ -102,7 +102,7 @@ def test_summary_adds_up_to_the_raw_events_and_the_engine(recorded):
     hits, misses = total("lookup", "hits"), total("lookup", "misses")
     assert s["cache"]["hits"] == hits == stats["recall_hits"] > 0
     assert s["cache"]["misses"] == misses == stats["recall_misses"] > 0
-    assert s["traffic"]["h2d_read"] == total("fetch", "bytes", "decode") == stats["host_read_bytes"]
+    assert s["traffic"]["h2d_read"] == total("lookup", "bytes") == stats["host_read_bytes"]
     assert s["traffic"]["h2d_fill"] == total("fetch", "bytes", "fill") == stats["fill_bytes"]
     assert s["bytes_by_direction"]["h2d"] == stats["host_read_bytes"] + stats["fill_bytes"]
     assert s["traffic"]["d2h_prefill"] == total("offload", "bytes", "prefill_store") > 0

@@ -60,7 +60,7 @@ KINDS = {
     "link",
     "occupancy",
 }
-TRANSFER_KINDS = ("fetch", "offload", "cluster")  # the kinds whose bytes count as moved
+TRANSFER_KINDS = ("fetch", "lookup", "offload", "cluster")  # the kinds whose bytes count as moved
 DIRECTIONS = ("h2d", "d2h", "h2disk", "disk2h", "none")
 GPU_TRACKS = {
     "compute": (1, "GPU: caller's stream (decode, fills)"),
@@ -175,7 +175,7 @@ def summarize(run: Run, top: int = 5) -> dict:
             by_dir[e["dir"]] = by_dir.get(e["dir"], 0) + e["bytes"]
     s["bytes_by_direction"] = by_dir
     traffic = {
-        "h2d_read": sum(e["bytes"] for e in run.kind("fetch", "decode")),
+        "h2d_read": sum(e["bytes"] for e in run.kind("lookup")),
         "h2d_fill": sum(e["bytes"] for e in run.kind("fetch", "fill")),
         "d2h_prefill": sum(e["bytes"] for e in run.kind("offload", "prefill_store")),
         "d2h_append": sum(e["bytes"] for e in run.kind("offload", "append")),
@@ -189,7 +189,7 @@ def summarize(run: Run, top: int = 5) -> dict:
         steps[e["step"]] = {"step": e["step"], "t_ns": e["t_ns"], "ms": e["dur_ns"] / 1e6}
     decode_ns = {e["step"]: e["dur_ns"] for e in run.kind("span", "decode")}
     read_by_step = defaultdict(int)
-    for e in run.kind("fetch", "decode"):
+    for e in run.kind("lookup"):
         read_by_step[e["step"]] += e["bytes"]
     hits_by_step, misses_by_step = defaultdict(int), defaultdict(int)
     for e in run.kind("lookup"):
@@ -320,7 +320,7 @@ def summarize(run: Run, top: int = 5) -> dict:
             "policy_ms": 0.0,
         }
     )
-    for e in run.kind("fetch", "decode"):
+    for e in run.kind("lookup"):
         layers[e["layer"]]["h2d_read"] += e["bytes"]
     for e in run.kind("fetch", "fill"):
         layers[e["layer"]]["h2d_fill"] += e["bytes"]
@@ -348,7 +348,7 @@ def summarize(run: Run, top: int = 5) -> dict:
 
     # Per (layer, KV head).
     heads: dict[tuple, dict] = defaultdict(lambda: {"h2d_read": 0, "hits": 0, "misses": 0})
-    for e in run.kind("fetch", "decode"):
+    for e in run.kind("lookup"):
         heads[(e["layer"], e["kv_head"])]["h2d_read"] += e["bytes"]
     for e in run.kind("lookup"):
         h = heads[(e["layer"], e["kv_head"])]
@@ -571,7 +571,7 @@ def link_series(run: Run) -> dict[str, list]:
         if e["op"] in ("fill", "prefill_copy", "append_copy"):
             add(e["dir"], e["t_ns"], e["dur_ns"], e["bytes"])
     reads = defaultdict(int)
-    for e in run.kind("fetch", "decode"):
+    for e in run.kind("lookup"):
         reads[e["step"]] += e["bytes"]
     for e in run.kind("span", "decode"):
         add("h2d", e["t_ns"], e["dur_ns"], reads.get(e["step"], 0))
@@ -645,7 +645,7 @@ def chrome_trace(run: Run) -> dict:
         return ns / 1000.0
 
     reads = defaultdict(int)
-    for e in run.kind("fetch", "decode"):
+    for e in run.kind("lookup"):
         reads[e["step"]] += e["bytes"]
     for e in run.events:
         k = e["kind"]
