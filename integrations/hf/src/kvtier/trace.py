@@ -300,6 +300,9 @@ def summarize(run: Run, top: int = 5) -> dict:
         "layers": len(run.kind("offload", "prefill_store")),
         "bytes_offloaded": traffic["d2h_prefill"],
         "cluster_gpu_ms": sum(e["dur_ns"] for e in run.kind("span", "prefill_cluster")) / 1e6,
+        "cluster_gpu_layer_ms": sorted(
+            e["dur_ns"] / 1e6 for e in run.kind("span", "prefill_cluster")
+        ),
         "store_ms": sum(e["dur_ns"] for e in run.kind("span", "prefill_store")) / 1e6,
         "clustered_bytes": sum(e["bytes"] for e in pc),
     }
@@ -473,9 +476,11 @@ def format_summary(s: dict, top: int = 5, steps_shown: int = 6) -> str:
     )
     p = s["prefill"]
     if p["layers"]:
+        per = p["cluster_gpu_layer_ms"]
         gpu = (
-            f"clustering {p['cluster_gpu_ms']:.1f} ms on the GPU side stream, "
-            if p["cluster_gpu_ms"] > 0
+            f"clustering {p['cluster_gpu_ms']:.1f} ms on the GPU side stream ({len(per)} layers: "
+            f"median {_quantile(per, 0.5):.1f} ms, max {per[-1]:.1f}), "
+            if per
             else ""
         )
         w(
