@@ -148,6 +148,15 @@ def _quantile(xs: list, q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
+def link_peaks(run: Run) -> dict[str, float]:
+    """GB/s per direction measured when the trace started (a host copy counts as h2d)."""
+    peak: dict[str, float] = {}
+    for e in run.kind("link"):
+        d = "h2d" if e["dir"] == "none" else e["dir"]
+        peak[d] = max(peak.get(d, 0.0), _gbps(e["bytes"], e["dur_ns"]))
+    return peak
+
+
 def summarize(run: Run, top: int = 5) -> dict:
     """Every figure the summary prints, as plain data (also written as summary.json)."""
     s: dict = {"file": run.path, "events": len(run.events)}
@@ -161,10 +170,7 @@ def summarize(run: Run, top: int = 5) -> dict:
         s["duration_s"] = 0.0
 
     # The link peak measured when the trace started.
-    link = {}
-    for e in run.kind("link"):
-        d = "h2d" if e["dir"] == "none" else e["dir"]
-        link[d] = max(link.get(d, 0.0), _gbps(e["bytes"], e["dur_ns"]))
+    link = link_peaks(run)
     s["link_peak_gbps"] = link
     s["link_is_host_copy"] = any(e["dir"] == "none" for e in run.kind("link"))
 
@@ -429,7 +435,7 @@ def format_summary(s: dict, top: int = 5, steps_shown: int = 6) -> str:
         f"  d2h  {_mib(t['d2h_prefill'] + t['d2h_append']):>14}   prompts to the host tier "
         f"{_mib(t['d2h_prefill'])}, decoded rows {_mib(t['d2h_append'])}"
     )
-    w(f"  disk {_mib(t['disk']):>14}")
+    w(f"  disk {_mib(t['disk']):>14}" + ("   (nothing went to disk)" if not t["disk"] else ""))
     if s["achieved"]:
         w("")
         w("achieved      GB/s   of peak    busy ms   bytes")
@@ -733,9 +739,14 @@ def chrome_trace(run: Run) -> dict:
                 "args": {"step": e["step"], "layer": e["layer"], "clusters": e["misses"]},
             }
         )
-    # Counters: link throughput and cache occupancy.
+    # Counters: link throughput (and its share of the peak measured at the start) and cache
+    # occupancy.
+    peak = link_peaks(run)
     for d, pts in link_series(run).items():
         for t, gbps in pts:
+            args = {"GB/s": round(gbps, 3)}
+            if peak.get(d):
+                args["% of peak"] = round(_pct(gbps, peak[d]), 2)
             tev.append(
                 {
                     "ph": "C",
@@ -743,7 +754,7 @@ def chrome_trace(run: Run) -> dict:
                     "pid": pid,
                     "tid": 0,
                     "ts": us(t),
-                    "args": {"GB/s": round(gbps, 3)},
+                    "args": args,
                 }
             )
     occ: dict[int, list] = defaultdict(list)
