@@ -87,6 +87,7 @@ void validate(const EngineConfig& c) {
   KVTIER_CHECK(c.observation_window > 0, "observation_window must be > 0, got ",
                c.observation_window);
   KVTIER_CHECK(c.budget > 0, "budget must be > 0, got ", c.budget);
+  KVTIER_CHECK(c.resident_budget >= 0, "resident_budget must be >= 0, got ", c.resident_budget);
   KVTIER_CHECK(c.sink >= 0, "sink must be >= 0, got ", c.sink);
   KVTIER_CHECK(c.window > 0, "window must be > 0, got ", c.window);
   KVTIER_CHECK(c.tokens_per_cluster > 0, "tokens_per_cluster must be > 0, got ",
@@ -687,9 +688,8 @@ struct Engine::Impl {
   int64_t recall_max_rows() const {
     int64_t resident = cfg.sink;
     if (cfg.mode == Mode::kHybrid) {
-      resident =
-          std::min<int64_t>(cfg.max_context, cfg.sink + static_cast<int64_t>(cfg.budget) * Hkv +
-                                                 cfg.observation_window);
+      const int64_t dbac = cfg.resident_budget > 0 ? cfg.resident_budget : cfg.budget;
+      resident = std::min<int64_t>(cfg.max_context, cfg.sink + dbac * Hkv + cfg.observation_window);
     }
     return resident + cfg.budget + 2 * static_cast<int64_t>(cfg.window);
   }
@@ -1203,7 +1203,8 @@ std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const K
     dp.window = w;
     dp.eps = cfg.dbac_eps;
     dp.min_density_ratio = cfg.dbac_min_density_ratio;
-    dp.total_budget = static_cast<int64_t>(cfg.budget) * Hkv;
+    dp.total_budget =
+        static_cast<int64_t>(cfg.resident_budget > 0 ? cfg.resident_budget : cfg.budget) * Hkv;
     dp.coverage = cfg.dbac_coverage;
     dp.floor_fraction = cfg.dbac_floor_fraction;
     const int64_t rcap = kernels::dbac_range_capacity(dp), kcap = kernels::dbac_kept_capacity(dp);
@@ -1738,6 +1739,10 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
       pr.res_rows = st.head_rows.empty() ? st.res_rows : st.head_rows[h];
       pr.win_begin = st.clustered;
       pr.win_rows = st.recall_end - st.clustered;
+      if (cfg.total_budget) {  // recall gets what the resident rows and the window leave
+        budgets[p] =
+            static_cast<int32_t>(std::max<int64_t>(0, cfg.budget - pr.res_rows - pr.win_rows));
+      }
       pr.win_cap = st.win_cap;
       pr.table_row = static_cast<int32_t>(st.table_row + h);
       crow[p] = pr.table_row;

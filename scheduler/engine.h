@@ -66,7 +66,13 @@ struct EngineConfig {
   int device = 0;
 
   // ---- recall (clusterkv) ----
-  int32_t budget = 2048;            ///< rows recalled per KV head and step (B)
+  int32_t budget = 2048;  ///< rows recalled per KV head and step (B)
+  /// Off: `budget` counts the recalled rows only; the sink (or DBAC's resident rows in hybrid)
+  /// and the window come on top. On: `budget` counts every row a KV head attends in a step, and
+  /// recall gets what the resident rows and the window leave (at least 0), so a mode attends
+  /// exactly `budget` rows per KV head and step once the context is longer (what comparisons at
+  /// equal token budgets need).
+  bool total_budget = false;
   int32_t sink = 16;                ///< first tokens, always resident (S)
   int32_t window = 256;             ///< unclustered rows are clustered W at a time (W)
   int32_t tokens_per_cluster = 64;  ///< prompt clusters: C0 = ceil(rows / this), unless set
@@ -82,7 +88,8 @@ struct EngineConfig {
   // ---- prefill compression (clusterattn) ----
   /// Rows kept per KV head on average by DBAC (the total, budget x KV heads, is split across
   /// heads by how concentrated their votes are); the sink and the observation window are kept on
-  /// top. `budget` above is used for it.
+  /// top. `budget` above is used for it, unless resident_budget is set.
+  int32_t resident_budget = 0;      ///< > 0: DBAC's average rows per KV head instead of `budget`
   int32_t observation_window = 32;  ///< Wobs: window queries the caller passes at prefill
   int32_t dbac_eps = 4;             ///< docs/dbac.md
   float dbac_min_density_ratio = 1.f;

@@ -54,6 +54,8 @@ typedef struct kvtier_config {
   uint64_t cache_bytes;       /* 0: the engine's default */
   const char* telemetry_path; /* NULL or "": no file */
   int32_t cuda_graphs;        /* CUDA: replay each recall layer's kernels as a graph (default 1) */
+  int32_t total_budget;       /* 1: budget counts every row attended (EngineConfig::total_budget) */
+  int32_t resident_budget;    /* hybrid: DBAC's rows per KV head; 0: budget */
 } kvtier_config;
 
 typedef struct kvtier_stats {

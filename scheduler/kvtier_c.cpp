@@ -91,6 +91,8 @@ kvtier::EngineConfig to_config(const kvtier_config& c) {
   e.cache_bytes = static_cast<size_t>(c.cache_bytes);
   if (c.telemetry_path) e.telemetry_path = c.telemetry_path;
   e.cuda_graphs = c.cuda_graphs != 0;
+  e.total_budget = c.total_budget != 0;
+  e.resident_budget = c.resident_budget;
   return e;
 }
 
@@ -107,6 +109,8 @@ void kvtier_config_default(kvtier_config* c) {
   c->backend = KVTIER_BACKEND_CUDA;
   c->device = d.device;
   c->budget = d.budget;
+  c->total_budget = d.total_budget ? 1 : 0;
+  c->resident_budget = d.resident_budget;
   c->sink = d.sink;
   c->window = d.window;
   c->tokens_per_cluster = d.tokens_per_cluster;

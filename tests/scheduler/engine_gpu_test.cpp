@@ -62,6 +62,27 @@ TEST(EngineGpu, SmallBudgetRecallsWhatMattersAndMatchesTheCpuBackend) {
   EXPECT_GT(gpu.gpu_bytes, 0u);
 }
 
+// total_budget on the device (per-problem budgets through the call block, graphs included):
+// every recall problem attends exactly the budget each step, as on the CPU backend.
+TEST(EngineGpu, TotalBudgetAttendsExactlyTheBudgetAsTheCpuBackendDoes) {
+  KVTIER_REQUIRE_GPU();
+  for (const Backend b : {Backend::kCuda, Backend::kCpu}) {
+    EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+    c.backend = b;
+    c.num_dense_layers = 0;
+    c.total_budget = true;
+    c.budget = 96;
+    Driver d(c, test::test_seed() + 7);
+    d.add(1, 400, true);
+    d.add(2, 300, false);
+    for (int t = 0; t < 30; ++t) d.step({1, 2});
+    d.engine().synchronize();  // the last step's policy job counts its rows
+    EXPECT_EQ(d.engine().stats().rows_attended,
+              int64_t{30} * 2 * c.model.num_layers * c.model.num_kv_heads * 96)
+        << backend_name(b);
+  }
+}
+
 // The graph path (a recall layer's kernels replayed with a new call block per launch) against
 // the same kernels launched one by one, over sequences joining and leaving (several graphs per
 // layer, one per batch size). With the budget covering the context both attend every row; only

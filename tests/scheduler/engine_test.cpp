@@ -168,6 +168,34 @@ TEST(Engine, TraceFileHoldsEveryEventAndAddsUp) {
   EXPECT_FALSE(d.engine().tracing());
 }
 
+// total_budget: every recall problem attends exactly `budget` rows a step (sink, window and
+// recalled clusters together) once the context is longer, in clusterkv and in hybrid (DBAC's
+// resident rows counted too); a budget covering the context still equals dense attention.
+TEST(Engine, TotalBudgetAttendsExactlyTheBudget) {
+  EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+  c.num_dense_layers = 0;
+  c.total_budget = true;
+  c.budget = 96;
+  Driver d(c, test::test_seed() + 7);
+  d.add(1, 400, true);
+  constexpr int kSteps = 30;
+  for (int t = 0; t < kSteps; ++t) d.step({1});
+  EXPECT_EQ(d.engine().stats().rows_attended,
+            int64_t{kSteps} * c.model.num_layers * c.model.num_kv_heads * 96);
+  // hybrid: 2 layers, 1 KV head, 12 steps (run_clusterattn); DBAC keeps about 24 rows.
+  EngineConfig h = make_config(Mode::kHybrid, Shape{});
+  h.total_budget = true;
+  h.budget = 160;
+  h.resident_budget = 24;
+  EngineStats st;
+  EXPECT_LT(run_clusterattn(h, test::test_seed() + 8, &st), 0.05);
+  EXPECT_EQ(st.rows_attended, 12 * 2 * 160);
+  EngineConfig full = make_config(Mode::kClusterKV, Shape{});
+  full.total_budget = true;
+  full.budget = 4096;
+  EXPECT_LT(run_churn(full, test::test_seed() + 9, 30), kTol);
+}
+
 // ---- clusterattn ----
 
 TEST(Engine, ClusterAttnKeepingEveryRowEqualsDense) {

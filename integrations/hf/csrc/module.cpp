@@ -345,6 +345,8 @@ NB_MODULE(_core, m) {
           "'cpu' or 'cuda'")
       .def_rw("device", &EngineConfig::device)
       .def_rw("budget", &EngineConfig::budget)
+      .def_rw("total_budget", &EngineConfig::total_budget)
+      .def_rw("resident_budget", &EngineConfig::resident_budget)
       .def_rw("sink", &EngineConfig::sink)
       .def_rw("window", &EngineConfig::window)
       .def_rw("tokens_per_cluster", &EngineConfig::tokens_per_cluster)

@@ -141,12 +141,34 @@ def test_teacher_forced_perplexity_equals_one_dense_forward():
     kvtier.disable(model)
 
 
-def test_kvtier_options_attend_about_the_budget():
+def test_kvtier_options_spend_the_budget():
     for budget in (128, 256, 512, 1024):
         for mode in kv_eval.KVTIER_MODES:
             engine_budget, options = kv_eval.kvtier_options(mode, budget)
-            assert 0 < engine_budget < budget
             assert options["num_dense_layers"] == 0
+            if mode == "clusterattn":  # DBAC's rows, the sink and the observation window
+                assert engine_budget + options["sink"] + options["observation_window"] == budget
+            else:  # every attended row counts against the budget
+                assert engine_budget == budget and options["total_budget"]
+                assert 0 < options.get("resident_budget", 1) < budget
+
+
+def test_kvtier_modes_attend_their_budget_on_a_model():
+    needs_dtype(torch.float32)
+    model = make_model()
+    ids, _ = prompts([300])
+    for mode in ("clusterkv", "hybrid"):
+        cache = kv_eval.make_cache(model, mode, 96)
+        model(ids, past_key_values=cache, use_cache=True)
+        nxt = ids[:, -1:]
+        for _ in range(6):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        rows = kv_eval.rows_attended(cache, model)
+        # Prefill is not a step; each decode step attends the budget, in every layer and head
+        # (hybrid: on average over heads, DBAC's shares differ).
+        assert rows == pytest.approx(96, abs=0.5 if mode == "clusterkv" else 8), mode
+        kvtier.disable(model)
 
 
 def test_targets_name_what_is_missed():
@@ -243,6 +265,17 @@ def test_a_profile_config_reaches_the_engine_options(tmp_path):
     cache = kv_eval.make_cache(model, "hybrid", 256, dbac)
     assert cache.settings.options["dbac_eps"] == 2
     kvtier.disable(model)
+    # A second config (clusterkv's cluster size): each mode takes the options that apply to it.
+    recall = tmp_path / "recall.json"
+    recall.write_text(json.dumps(dict(options=dict(tokens_per_cluster=16), mode="clusterkv")))
+    both = kv_profile.load_config([path, recall])
+    assert both == dict(dbac_eps=2, observation_window=16, tokens_per_cluster=16)
+    _, options = kv_eval.kvtier_options("clusterkv", 512, both)
+    assert options["tokens_per_cluster"] == 16 and "dbac_eps" not in options
+    _, options = kv_eval.kvtier_options("clusterattn", 512, both)
+    assert "tokens_per_cluster" not in options
+    _, options = kv_eval.kvtier_options("hybrid", 512, both)
+    assert options["tokens_per_cluster"] == 16 and options["dbac_eps"] == 2
     path.write_text(json.dumps(dict(options=dict(dbac_eps=2, budget=3))))
     with pytest.raises(ValueError, match="unknown option"):
         kv_profile.load_config(path)
@@ -313,3 +346,17 @@ def test_fidelity_is_exact_at_a_covering_budget_and_lossy_below():
             if r["method"] == "quest" and r["layer"] == layer and r["budget"] == 32
         }
         assert q[4] >= q[1]
+
+
+def test_eval_rows_round_trip_for_resume(tmp_path):
+    rows = [
+        kv_eval.Row("needle", "clusterkv", 512, 8165, 0.25, 1, 1.0, 511.5, "The passkey", 1.5),
+        kv_eval.Row("perplexity", "full", 0, 4096, -1.0, 0, 12.264, 4725.7, "", 3.0),
+    ]
+    kv_eval.write_rows(tmp_path / "eval.csv", rows)
+    back = kv_eval.read_rows(tmp_path / "eval.csv")
+    assert back == rows
+    assert {r.key() for r in back} == {
+        ("needle", "clusterkv", 512, 8165, 0.25, 1),
+        ("perplexity", "full", 0, 4096, -1.0, 0),
+    }

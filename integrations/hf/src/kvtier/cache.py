@@ -37,6 +37,8 @@ MODES = ("full", "clusterkv", "clusterattn", "hybrid")
 
 #: EngineConfig fields a user may set through enable()/KvtierCache (docs/engine.md).
 ENGINE_OPTIONS = (
+    "total_budget",
+    "resident_budget",
     "sink",
     "window",
     "tokens_per_cluster",

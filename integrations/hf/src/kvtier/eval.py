@@ -33,16 +33,18 @@ each kvtier mode at or above every peer at every budget).
 
     python -m kvtier.eval --device cuda --out docs/eval           # SmolLM2-135M, 2K..8K
     python -m kvtier.eval --lengths 1024 --depths 0.5 --budgets 256 --methods full clusterkv
-    python -m kvtier.eval --config kvtier-dbac.json   # DBAC options from python -m kvtier.profile
+    python -m kvtier.eval --config kvtier-dbac.json kvtier-clusterkv.json  # kvtier.profile
 
-With --config, clusterattn and hybrid use the profiled DBAC options and the needle cases are the
-80% the profile did not see (kvtier.profile.held_out).
+With --config, kvtier's modes use the profiled options that apply to them (DBAC's for clusterattn
+and hybrid, the cluster size for clusterkv and hybrid) and the needle cases are the 80% the
+profiles did not see (kvtier.profile.held_out).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import random
 import sys
@@ -70,33 +72,70 @@ class Row:
     answer: str
     seconds: float
 
+    def key(self) -> tuple:
+        return (self.task, self.method, self.budget, self.length, self.depth, self.case)
 
-def kvtier_options(mode: str, budget: int, dbac: dict | None = None) -> tuple[int, dict]:
-    """(engine budget, engine options) that make `mode` attend about `budget` rows per KV head.
-    `dbac`: DBAC options from a kvtier.profile config (clusterattn and hybrid)."""
-    dbac = dict(dbac or {})
-    sink, obs = 4, dbac.get("observation_window", 32)
+
+def write_rows(path: Path, rows: list) -> None:
+    with open(path, "w", newline="") as f:
+        fields = [fl.name for fl in dataclasses.fields(Row)]
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+
+
+def read_rows(path: Path) -> list:
+    """The rows of an eval.csv (what --resume keeps)."""
+    types = {fl.name: fl.type for fl in dataclasses.fields(Row)}
+    conv = {"int": int, "float": float, "str": str}
+    with open(path, newline="") as f:
+        return [
+            Row(**{k: conv[types[k]](v) for k, v in r.items() if k in types})
+            for r in csv.DictReader(f)
+        ]
+
+
+def kvtier_options(mode: str, budget: int, profiled: dict | None = None) -> tuple[int, dict]:
+    """(engine budget, engine options) that make `mode` attend `budget` rows per KV head and
+    step. `profiled`: options from kvtier.profile configs (those of `mode` apply).
+
+    clusterkv and hybrid count every attended row against the budget (the engine's
+    total_budget): recall gets what the sink, the resident rows and the window leave, each step.
+    clusterattn keeps DBAC's rows (``budget`` less the sink and observation window, on average
+    per head) and attends them plus the rows decoded since."""
+    from .profile import options_for
+
+    opts = options_for(mode, profiled)
+    sink, obs = 4, opts.pop("observation_window", 32)
     window = max(16, budget // 8)
     if mode == "clusterkv":
-        recall = budget - sink - 2 * window
-        return max(16, recall), dict(sink=sink, window=window, num_dense_layers=0)
+        return budget, dict(sink=sink, window=window, num_dense_layers=0, total_budget=True, **opts)
     if mode == "clusterattn":
         return max(16, budget - sink - obs), dict(
-            sink=sink, num_dense_layers=0, **{**dbac, "observation_window": obs}
+            sink=sink, num_dense_layers=0, observation_window=obs, **opts
         )
-    # hybrid: DBAC's resident set and the recall budget share what the sink and windows leave.
-    return max(16, (budget - sink - obs - 2 * window) // 2), dict(
-        sink=sink, window=window, num_dense_layers=0, **{**dbac, "observation_window": obs}
+    # hybrid: DBAC keeps about half of what the sink, its window and the decode window leave;
+    # recall gets the rest of the budget each step.
+    resident = max(16, (budget - sink - obs - window) // 2)
+    return budget, dict(
+        sink=sink,
+        window=window,
+        num_dense_layers=0,
+        total_budget=True,
+        resident_budget=resident,
+        observation_window=obs,
+        **opts,
     )
 
 
-def make_cache(model, method: str, budget: int, dbac: dict | None = None):
+def make_cache(model, method: str, budget: int, profiled: dict | None = None):
     import kvtier
     from kvtier import peers
 
     if method in PEERS:
         return peers.enable(model, method, max(budget, 1))  # full ignores its budget
-    engine_budget, options = kvtier_options(method, budget, dbac)
+    engine_budget, options = kvtier_options(method, budget, profiled)
     return kvtier.enable(model, mode=method, budget=engine_budget, **options)
 
 
@@ -128,13 +167,13 @@ def text_ids(tokenizer, text: str, tokens: int, device):
 
 
 def needle_case(
-    model, tokenizer, prompt, method, budget, new_tokens: int, dbac: dict | None = None
+    model, tokenizer, prompt, method, budget, new_tokens: int, profiled: dict | None = None
 ) -> tuple[bool, str, float]:
     import torch
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.input_ids], device=device)
-    cache = make_cache(model, method, budget, dbac)
+    cache = make_cache(model, method, budget, profiled)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         with torch.no_grad():
@@ -156,10 +195,10 @@ def needle_case(
 
 
 def perplexity(
-    model, ids, context: int, method: str, budget: int, dbac: dict | None = None
+    model, ids, context: int, method: str, budget: int, profiled: dict | None = None
 ) -> tuple[float, float]:
     """exp(mean NLL) of ids[context:] fed one token at a time after a prompt of `context`."""
-    cache = make_cache(model, method, budget, dbac)
+    cache = make_cache(model, method, budget, profiled)
     try:
         return _perplexity(model, ids, context, cache)
     finally:
@@ -228,11 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="kvtier-eval", help="directory for the CSVs and plots")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results already in --out's eval.csv (written as each case ends) and "
+        "run only the missing ones",
+    )
+    p.add_argument(
         "--config",
+        nargs="+",
         default=None,
-        help="DBAC options from python -m kvtier.profile "
-        "for clusterattn and hybrid; the profile's calibration cases are then left "
-        "out of the needle cases",
+        help="configs from python -m kvtier.profile (DBAC options for clusterattn and hybrid, "
+        "the cluster size for clusterkv and hybrid); their calibration cases are then left out "
+        "of the needle cases",
     )
     p.add_argument(
         "--cache-dir",
@@ -379,14 +425,18 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dbac = None
+    profiled = None
     cases = needle_cases(args.lengths, args.depths, args.cases)
     if args.config:
         from .profile import held_out, load_config
 
-        dbac = load_config(args.config)
+        profiled = load_config(args.config)
         cases = held_out(cases, args.config, args.seed)
     rows: list[Row] = []
+    if args.resume and (out / "eval.csv").exists():
+        rows = read_rows(out / "eval.csv")
+        progress.update(f"resuming: {len(rows)} results in {out / 'eval.csv'}")
+    done = {r.key() for r in rows}
     encode = g.chat_encoder(tokenizer)
     haystack = g.haystack_text()
     methods = [m for m in METHODS if m in args.methods]
@@ -399,9 +449,11 @@ def main(argv=None) -> int:
         prompt = g.fit_prompt(haystack, passkey, depth, length, encode)
         for method in methods:
             for budget in runs(method):
+                if ("needle", method, budget, prompt.tokens, depth, case) in done:
+                    continue
                 t0 = time.perf_counter()
                 ok, text, attended = needle_case(
-                    model, tokenizer, prompt, method, budget, args.new_tokens, dbac
+                    model, tokenizer, prompt, method, budget, args.new_tokens, profiled
                 )
                 rows.append(
                     Row(
@@ -421,12 +473,15 @@ def main(argv=None) -> int:
                     f"needle {length} depth {depth:.2f} case {case}: "
                     f"{method} {budget or ''} {'ok' if ok else 'miss'}"
                 )
+        write_rows(out / "eval.csv", rows)  # each case as it ends: --resume goes on from here
     if args.ppl_context > 0:
         ids = text_ids(tokenizer, haystack, args.ppl_context + args.ppl_tokens, device)
         for method in methods:
             for budget in runs(method):
+                if ("perplexity", method, budget, args.ppl_context, -1.0, 0) in done:
+                    continue
                 t0 = time.perf_counter()
-                ppl, attended = perplexity(model, ids, args.ppl_context, method, budget, dbac)
+                ppl, attended = perplexity(model, ids, args.ppl_context, method, budget, profiled)
                 rows.append(
                     Row(
                         "perplexity",
@@ -442,6 +497,7 @@ def main(argv=None) -> int:
                     )
                 )
                 progress.update(f"perplexity {method} {budget or ''}: {ppl:.3f}")
+                write_rows(out / "eval.csv", rows)
     fid = []
     if args.fidelity_steps > 0:
         progress.update("attention fidelity ...")
@@ -454,11 +510,7 @@ def main(argv=None) -> int:
             w.writerows(fid)
     progress.update("done", final=True)
 
-    with open(out / "eval.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()) if rows else ["task"])
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
+    write_rows(out / "eval.csv", rows)
     summary = summarize(rows, methods, args.budgets)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(

@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         default=None,
-        help="DBAC options (eps, density threshold, observation window) written by python -m "
-        "kvtier.profile, for clusterattn and hybrid",
+        help="a config written by python -m kvtier.profile: its options for --mode (DBAC's "
+        "for clusterattn and hybrid, the cluster size for clusterkv and hybrid)",
     )
     p.add_argument(
         "--budget",
@@ -980,10 +980,10 @@ def _main(args, progress: Progress) -> int:
     max_context = prompt.tokens + args.max_new_tokens
     try:
         options = {}
-        if args.config and args.mode in ("clusterattn", "hybrid"):
-            from .profile import load_config
+        if args.config:
+            from .profile import load_config, options_for
 
-            options = load_config(args.config)
+            options = options_for(args.mode, load_config(args.config))
         trace_path = None
         if args.trace:
             os.makedirs(args.trace, exist_ok=True)

@@ -1,15 +1,18 @@
-"""python -m kvtier.profile: DBAC's hyper-parameters searched on a calibration split.
+"""python -m kvtier.profile: hyper-parameters searched on a calibration split.
 
 ClusterAttn's density clustering (DBAC, docs/dbac.md) has parameters its paper profiles per model
 rather than fixes: the neighbourhood ``eps`` (dbac_eps), the density threshold
-(dbac_min_density_ratio) and the observation window (observation_window). This command scores
-every combination of the given values on the calibration split of kvtier.eval's needle cases
-(about 20% of them, spread over lengths and depths, see ``calibration``; the config lists them,
-and eval --config with the same --seed leaves them out), in mode
-clusterattn (or hybrid) at a budget, and writes the best to a JSON config:
+(dbac_min_density_ratio) and the observation window (observation_window); ClusterKV's cluster
+size (tokens_per_cluster: prompt rows per k-means cluster) is one too. This command scores every
+combination of the given values on the calibration split of kvtier.eval's needle cases (about 20%
+of them, spread over lengths and depths, see ``calibration``; the config lists them, and eval
+--config with the same --seed leaves them out), in one mode at a budget, and writes the best to a
+JSON config. clusterattn searches DBAC's options, clusterkv the cluster size, hybrid both:
 
     python -m kvtier.profile --device cuda --budget 512 --out kvtier-dbac.json
-    python -m kvtier.eval --config kvtier-dbac.json ...      # the other 80% of the cases
+    python -m kvtier.profile --device cuda --mode clusterkv --tokens-per-cluster 16 32 64 \
+        --out kvtier-clusterkv.json
+    python -m kvtier.eval --config kvtier-dbac.json kvtier-clusterkv.json ...  # the other 80%
     python -m kvtier.generate --config kvtier-dbac.json --mode clusterattn ...
 
 The score is needle accuracy on the calibration cases; ties go to the lower perplexity of
@@ -29,8 +32,17 @@ from pathlib import Path
 from . import eval as kv_eval
 from . import generate as g
 
-#: Engine options a profile config may set.
-CONFIG_KEYS = ("dbac_eps", "dbac_min_density_ratio", "observation_window")
+#: Engine options a profile config may set: DBAC's (clusterattn, hybrid) and recall's
+#: (clusterkv, hybrid).
+DBAC_KEYS = ("dbac_eps", "dbac_min_density_ratio", "observation_window")
+RECALL_KEYS = ("tokens_per_cluster",)
+CONFIG_KEYS = DBAC_KEYS + RECALL_KEYS
+
+
+def options_for(mode: str, options: dict | None) -> dict:
+    """The profiled options that apply to `mode`."""
+    keys = {"clusterattn": DBAC_KEYS, "clusterkv": RECALL_KEYS, "hybrid": CONFIG_KEYS}.get(mode, ())
+    return {k: v for k, v in (options or {}).items() if k in keys}
 
 
 def calibration(cases: list) -> list:
@@ -45,20 +57,29 @@ def calibration(cases: list) -> list:
 def held_out(cases: list, config=None, seed: int | None = None) -> list:
     """The cases a profile did not see: those not in `config`'s calibration cases (when the
     config was made with the same seed, hence the same passkeys), else those calibration()
-    leaves out of `cases`."""
-    seen = set(calibration(cases))
-    if config is not None:
-        with open(config) as f:
+    leaves out of `cases`. `config`: a path or a list of paths (the cases none of them saw)."""
+    if config is None:
+        return [c for c in cases if c not in set(calibration(cases))]
+    seen: set = set()
+    for path in [config] if isinstance(config, (str, Path)) else config:
+        with open(path) as f:
             data = json.load(f)
         if "calibration" in data and data.get("seed") == seed:
-            seen = {tuple(c) for c in data["calibration"]}
-        elif "calibration" in data:
-            seen = set()  # other passkeys: no case was seen
+            seen |= {tuple(c) for c in data["calibration"]}
+        elif "calibration" not in data:
+            seen |= set(calibration(cases))
+        # else: other passkeys, so none of these cases was seen
     return [c for c in cases if c not in seen]
 
 
 def load_config(path) -> dict:
-    """The engine options of a profile config (CONFIG_KEYS only)."""
+    """The engine options of a profile config (CONFIG_KEYS only); of several configs (a list of
+    paths), all their options (a later one's win)."""
+    if isinstance(path, (list, tuple)):
+        merged: dict = {}
+        for p in path:
+            merged.update(load_config(p))
+        return merged
     try:
         with open(path) as f:
             data = json.load(f)
@@ -101,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=g.DTYPES)
-    p.add_argument("--mode", default="clusterattn", choices=("clusterattn", "hybrid"))
+    p.add_argument("--mode", default="clusterattn", choices=("clusterattn", "clusterkv", "hybrid"))
     p.add_argument("--budget", type=int, default=512)
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -109,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--density", nargs="+", type=float, default=[0.5, 1.0, 2.0])
     p.add_argument("--windows", nargs="+", type=int, default=[16, 32, 64])
+    p.add_argument(
+        "--tokens-per-cluster",
+        nargs="+",
+        type=int,
+        default=[64],
+        help="prompt rows per k-means cluster (clusterkv, hybrid)",
+    )
     p.add_argument("--ppl-context", type=int, default=2048, help="0: no perplexity tie-break")
     p.add_argument("--ppl-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=10)
@@ -157,10 +185,17 @@ def main(argv=None) -> int:
         )
         return hits / len(prompts), ppl
 
-    grid = [
+    dbac = [
         dict(dbac_eps=e, dbac_min_density_ratio=r, observation_window=w)
         for e, r, w in itertools.product(args.eps, args.density, args.windows)
     ]
+    recall = [dict(tokens_per_cluster=t) for t in args.tokens_per_cluster]
+    if args.mode == "clusterattn":
+        grid = dbac
+    elif args.mode == "clusterkv":
+        grid = recall
+    else:
+        grid = [{**d, **r} for d, r in itertools.product(dbac, recall)]
     best, results = search(grid, score)
     progress.update("done", final=True)
     Path(args.out).write_text(
@@ -182,13 +217,14 @@ def main(argv=None) -> int:
         )
         + "\n"
     )
-    print(f"{'eps':>4} {'density':>7} {'window':>6} {'needle':>7} {'perplexity':>10}")
+    keys = list(grid[0])
+    print("  ".join(f"{k:>22}" for k in keys) + f"  {'needle':>7} {'perplexity':>10}")
     for r in results:
         o = r["options"]
         mark = "  <- best" if o == best else ""
         print(
-            f"{o['dbac_eps']:>4} {o['dbac_min_density_ratio']:>7.2f} "
-            f"{o['observation_window']:>6} {r['needle']:>7.1%} {r['perplexity']:>10.3f}{mark}"
+            "  ".join(f"{o[k]:>22}" for k in keys)
+            + f"  {r['needle']:>7.1%} {r['perplexity']:>10.3f}{mark}"
         )
     print(f"wrote {args.out} ({len(prompts)} calibration cases, {args.mode}, budget {args.budget})")
     return 0
