@@ -360,3 +360,25 @@ def test_eval_rows_round_trip_for_resume(tmp_path):
         ("needle", "clusterkv", 512, 8165, 0.25, 1),
         ("perplexity", "full", 0, 4096, -1.0, 0),
     }
+
+
+def test_profiles_at_several_budgets_each_serve_the_nearest(tmp_path):
+    def config(name, budget, **options):
+        path = tmp_path / name
+        path.write_text(json.dumps(dict(options=options, budget=budget)))
+        return path
+
+    paths = [
+        config("a.json", 128, dbac_eps=2, observation_window=16),
+        config("b.json", 512, dbac_eps=8, observation_window=32),
+        config("c.json", 512, tokens_per_cluster=16),
+    ]
+    configs = kv_profile.load_configs(paths)
+    assert [c["budget"] for c in configs] == [128, 512, 512]
+    assert kv_profile.pick(configs, 128) == dict(
+        dbac_eps=2, observation_window=16, tokens_per_cluster=16
+    )
+    assert kv_profile.pick(configs, 256)["dbac_eps"] == 2  # 128 is nearer than 512
+    assert kv_profile.pick(configs, 320)["dbac_eps"] == 2  # a tie goes to the smaller budget
+    assert kv_profile.pick(configs, 1024)["dbac_eps"] == 8
+    assert kv_profile.pick([], 512) == {}

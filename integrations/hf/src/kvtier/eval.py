@@ -36,8 +36,9 @@ each kvtier mode at or above every peer at every budget).
     python -m kvtier.eval --config kvtier-dbac.json kvtier-clusterkv.json  # kvtier.profile
 
 With --config, kvtier's modes use the profiled options that apply to them (DBAC's for clusterattn
-and hybrid, the cluster size for clusterkv and hybrid) and the needle cases are the 80% the
-profiles did not see (kvtier.profile.held_out).
+and hybrid, the cluster size for clusterkv and hybrid), each from the config profiled at the
+budget nearest the run's (profiles at several budgets: each budget gets its own), and the needle
+cases are the 80% the profiles did not see (kvtier.profile.held_out).
 """
 
 from __future__ import annotations
@@ -425,13 +426,23 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    profiled = None
+    configs: list = []
     cases = needle_cases(args.lengths, args.depths, args.cases)
     if args.config:
-        from .profile import held_out, load_config
+        from .profile import held_out, load_configs
 
-        profiled = load_config(args.config)
+        try:
+            configs = load_configs(args.config)
+        except (OSError, ValueError) as e:
+            print(f"kvtier.eval: {e}", file=sys.stderr)
+            return 2
         cases = held_out(cases, args.config, args.seed)
+
+    def profiled(budget: int) -> dict:
+        from .profile import pick
+
+        return pick(configs, budget)
+
     rows: list[Row] = []
     if args.resume and (out / "eval.csv").exists():
         rows = read_rows(out / "eval.csv")
@@ -453,7 +464,7 @@ def main(argv=None) -> int:
                     continue
                 t0 = time.perf_counter()
                 ok, text, attended = needle_case(
-                    model, tokenizer, prompt, method, budget, args.new_tokens, profiled
+                    model, tokenizer, prompt, method, budget, args.new_tokens, profiled(budget)
                 )
                 rows.append(
                     Row(
@@ -481,7 +492,9 @@ def main(argv=None) -> int:
                 if ("perplexity", method, budget, args.ppl_context, -1.0, 0) in done:
                     continue
                 t0 = time.perf_counter()
-                ppl, attended = perplexity(model, ids, args.ppl_context, method, budget, profiled)
+                ppl, attended = perplexity(
+                    model, ids, args.ppl_context, method, budget, profiled(budget)
+                )
                 rows.append(
                     Row(
                         "perplexity",

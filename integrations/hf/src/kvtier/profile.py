@@ -72,6 +72,36 @@ def held_out(cases: list, config=None, seed: int | None = None) -> list:
     return [c for c in cases if c not in seen]
 
 
+def load_configs(paths) -> list[dict]:
+    """Each config of `paths` as {"budget": the budget it was profiled at (None if unknown),
+    "options": its engine options}."""
+    out = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        with open(p) as f:
+            data = json.load(f)
+        budget = data.get("budget") if isinstance(data, dict) else None
+        out.append(dict(budget=budget, options=load_config(p)))
+    return out
+
+
+def pick(configs: list[dict], budget: int) -> dict:
+    """The options for a run at `budget`: each option from the config profiled nearest to
+    `budget` that sets it (profiles at several budgets: each budget gets its own)."""
+    chosen: dict = {}
+    for key in CONFIG_KEYS:
+        having = [c for c in configs if key in c["options"]]
+        if having:
+            near = min(
+                having,
+                key=lambda c: (
+                    0 if c["budget"] is None else abs(c["budget"] - budget),
+                    c["budget"] or 0,
+                ),
+            )
+            chosen[key] = near["options"][key]
+    return chosen
+
+
 def load_config(path) -> dict:
     """The engine options of a profile config (CONFIG_KEYS only); of several configs (a list of
     paths), all their options (a later one's win)."""
