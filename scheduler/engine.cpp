@@ -1274,12 +1274,38 @@ std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const K
       kernels::throw_if_invalid_vote(dp, bad);
     }
 #endif
+    const int64_t sink = std::min<int64_t>(cfg.sink, prefix);
+    std::vector<int64_t> picked(Hkv, 0);  // DBAC's prompt rows per head (not sink, not window)
     for (int32_t h = 0; h < Hkv; ++h) {
       // Sink, then the kept positions (ranges and window, ascending), without repeats.
-      for (int64_t r = 0; r < std::min<int64_t>(cfg.sink, prefix); ++r) keep[h].push_back(r);
+      for (int64_t r = 0; r < sink; ++r) keep[h].push_back(r);
       for (int32_t i = 0; i < nk[h]; ++i) {
         const int64_t pos = kept[static_cast<size_t>(h) * kcap + i];
-        if (pos >= std::min<int64_t>(cfg.sink, prefix)) keep[h].push_back(pos);
+        if (pos >= sink) keep[h].push_back(pos);
+        picked[h] += pos >= sink && pos < prefix ? 1 : 0;
+      }
+    }
+    if (cfg.mode == Mode::kClusterAttn && cfg.dbac_fill_recent) {
+      // DBAC stops at its coverage, often short of the budget; what it leaves goes to the prompt
+      // rows just before the observation window, to the heads below the average budget in
+      // proportion to their shortfall. (In hybrid the unused share is recall's already.)
+      const int64_t avg = cfg.resident_budget > 0 ? cfg.resident_budget : cfg.budget;
+      int64_t pool = avg * Hkv, short_total = 0;
+      for (int32_t h = 0; h < Hkv; ++h) {
+        pool -= picked[h];
+        short_total += std::max<int64_t>(0, avg - picked[h]);
+      }
+      for (int32_t h = 0; h < Hkv && pool > 0 && short_total > 0; ++h) {
+        const int64_t want =
+            std::max<int64_t>(0, avg - picked[h]) * std::min(pool, short_total) / short_total;
+        std::vector<int64_t> recent;
+        for (int64_t pos = prefix - 1; pos >= sink && static_cast<int64_t>(recent.size()) < want;
+             --pos) {
+          if (!std::binary_search(keep[h].begin(), keep[h].end(), pos)) recent.push_back(pos);
+        }
+        std::vector<int64_t> merged(keep[h].size() + recent.size());
+        std::merge(keep[h].begin(), keep[h].end(), recent.rbegin(), recent.rend(), merged.begin());
+        keep[h] = std::move(merged);
       }
     }
   } else {

@@ -95,6 +95,10 @@ struct EngineConfig {
   float dbac_min_density_ratio = 1.f;
   float dbac_coverage = 0.9f;
   float dbac_floor_fraction = 0.2f;
+  /// clusterattn: the budget DBAC leaves unused (it stops at dbac_coverage of the votes) keeps
+  /// the prompt rows just before the observation window instead, so a layer keeps `budget` rows
+  /// per KV head on average.
+  bool dbac_fill_recent = true;
 
   // ---- capacity ----
   size_t host_bytes_limit = 0;  ///< host tier (pinned arena) cap; required

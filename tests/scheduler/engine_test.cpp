@@ -218,6 +218,21 @@ TEST(Engine, ClusterAttnKeepsWhatTheWindowAttends) {
   EXPECT_GT(st.rows_attended, 2 * 12 * (4 + 100 + 16));
 }
 
+// What DBAC leaves of the budget keeps the rows just before the observation window: a layer
+// keeps exactly the budget (one KV head here), and the answer stays as good.
+TEST(Engine, ClusterAttnFillsTheBudgetWithRecentRows) {
+  EngineConfig c = make_config(Mode::kClusterAttn, Shape{});
+  c.budget = 400;  // more than DBAC picks on these two segments
+  c.dbac_fill_recent = false;
+  EngineStats off, on;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 24, &off), 0.05);
+  c.dbac_fill_recent = true;
+  EXPECT_LT(run_clusterattn(c, test::test_seed() + 24, &on), 0.05);
+  // Sink + budget + observation window per layer and step, plus the decoded rows (1..12).
+  EXPECT_EQ(on.rows_attended, 2 * 12 * (4 + 400 + 16) + 2 * 12 * 13 / 2);
+  EXPECT_LT(off.rows_attended, on.rows_attended);
+}
+
 TEST(Engine, HybridWithARecallBudgetCoveringTheContextEqualsDense) {
   // DBAC's rows stay resident and every other row is recalled: each row is attended once.
   EngineConfig c = make_config(Mode::kHybrid, Shape{});
