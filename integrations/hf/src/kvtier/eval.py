@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=2, help="passkeys per length and depth")
     p.add_argument("--new-tokens", type=int, default=10)
     p.add_argument("--ppl-context", type=int, default=4096, help="0: no perplexity")
-    p.add_argument("--ppl-tokens", type=int, default=256)
+    p.add_argument("--ppl-tokens", type=int, default=256, help="0: no perplexity")
     p.add_argument(
         "--fidelity-steps",
         type=int,
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
                     f"{method} {budget or ''} {'ok' if ok else 'miss'}"
                 )
         write_rows(out / "eval.csv", rows)  # each case as it ends: --resume goes on from here
-    if args.ppl_context > 0:
+    if args.ppl_context > 0 and args.ppl_tokens > 0:
         ids = text_ids(tokenizer, haystack, args.ppl_context + args.ppl_tokens, device)
         for method in methods:
             for budget in runs(method):
@@ -515,7 +515,7 @@ def main(argv=None) -> int:
     if args.fidelity_steps > 0:
         progress.update("attention fidelity ...")
         ids = text_ids(tokenizer, haystack, args.ppl_context + args.fidelity_steps, device)
-        fid = fidelity(model, ids, args.ppl_context, methods, args.budgets)
+        fid = fidelity(model, ids, args.ppl_context, methods, args.budgets, profiled=profiled)
         names = ["method", "budget", "layer", "head", "mass", "rel_error", "retention", "hit_rate"]
         with open(out / "fidelity.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=names, restval="")
@@ -609,7 +609,9 @@ def _scale(model) -> float:
     return head_dim**-0.5
 
 
-def fidelity(model, ids, context: int, methods, budgets, retentions=(1, 4, 16)) -> list[dict]:
+def fidelity(
+    model, ids, context: int, methods, budgets, retentions=(1, 4, 16), profiled=None
+) -> list[dict]:
     """Attention fidelity per layer and query head, teacher-forced over ids[context:]:
 
     - peer methods (from the queries and keys of a full-cache run): `mass`, the share of the full
@@ -620,6 +622,8 @@ def fidelity(model, ids, context: int, methods, budgets, retentions=(1, 4, 16)) 
     - `hit_rate` at retention R (head -1): for Quest, the share of selected pages that one of the
       previous R steps also selected; for clusterkv and hybrid, the engine's cluster-cache hit
       rate with retention_steps = R (layer -1).
+
+    `profiled(budget)`: the kvtier.profile options for a budget (as in the needle runs).
     """
     import torch
 
@@ -695,7 +699,7 @@ def fidelity(model, ids, context: int, methods, budgets, retentions=(1, 4, 16)) 
         for budget in budgets:
             runs = (None,) if method == "clusterattn" else retentions
             for r in runs:
-                cache = make_cache(model, method, budget)
+                cache = make_cache(model, method, budget, profiled(budget) if profiled else None)
                 if r is not None:
                     cache.settings.options["retention_steps"] = r
                 kcap = _capture_kvtier(cache)
