@@ -382,3 +382,17 @@ def test_profiles_at_several_budgets_each_serve_the_nearest(tmp_path):
     assert kv_profile.pick(configs, 320)["dbac_eps"] == 2  # a tie goes to the smaller budget
     assert kv_profile.pick(configs, 1024)["dbac_eps"] == 8
     assert kv_profile.pick([], 512) == {}
+
+
+def test_the_command_line_modules_define_everything_before_they_run():
+    # `python -m kvtier.X` runs main() where the `if __name__ == "__main__"` block stands: every
+    # function main() calls must be defined above it, so the block ends each module.
+    import ast
+    import inspect
+
+    from kvtier import generate, profile, trace
+
+    for module in (kv_eval, generate, profile, trace):
+        tree = ast.parse(inspect.getsource(module))
+        last = tree.body[-1]
+        assert isinstance(last, ast.If) and "__main__" in ast.unparse(last.test), module.__name__

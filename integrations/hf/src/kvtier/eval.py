@@ -573,10 +573,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---------------------------------------------------------------------------------------------
 # Attention fidelity (python -m kvtier.eval --fidelity)
 # ---------------------------------------------------------------------------------------------
@@ -794,3 +790,7 @@ def _capture_kvtier(cache) -> _Capture:
 
     cache._prefill_layer, cache._decode_layer = prefill_, decode_
     return cap
+
+
+if __name__ == "__main__":
+    sys.exit(main())
