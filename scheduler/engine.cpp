@@ -367,12 +367,37 @@ struct Engine::Impl {
   bool step_open = false;            // a decode_layer has run since the last end_step
   uint64_t step_begin_ns = 0;
   scheduler::SpanTimer::Token decode_span;
+  bool decode_span_open = false;  // decode_span was begun by the current `spans`
   void start_trace(const std::string& path);
   void stop_trace();
   // Ends a span of stream work (its event is recorded once the work has run, with this step).
   void end_span(const scheduler::SpanTimer::Token& tk, cudaStream_t stream, Event e) {
     if (e.step < 0) e.step = step_now.load(std::memory_order_relaxed);
     spans->end(tk, stream, e);
+  }
+  // A span event: what a piece of timed work was.
+  static Event span_event(Op op, Track track, Direction dir, int64_t bytes, SeqId seq = -1,
+                          int32_t layer = -1) {
+    Event e;
+    e.kind = EventKind::kSpan;
+    e.op = op;
+    e.track = track;
+    e.dir = dir;
+    e.bytes = bytes;
+    e.seq = seq;
+    e.layer = layer;
+    return e;
+  }
+  // Enqueues `work` on `stream` inside a span `e` when tracing (recorded once it has run).
+  template <typename F>
+  void timed(cudaStream_t stream, const Event& e, F&& work) {
+    if (!spans) {
+      work();
+      return;
+    }
+    const scheduler::SpanTimer::Token tk = spans->begin(stream);
+    work();
+    end_span(tk, stream, e);
   }
   // Records a piece of host work that began at `t0_ns` and ends now.
   void record_host_span(Event e, uint64_t t0_ns) {
@@ -846,6 +871,7 @@ void Engine::Impl::wait_job(const std::shared_ptr<Job>& job, SeqId seq, int32_t 
 void Engine::Impl::start_trace(const std::string& path) {
   KVTIER_CHECK(!spans, "start_trace: a trace is being written already (stop_trace first)");
   telemetry.open_file(path).throw_if_error();
+  decode_span_open = false;  // a step begun before the trace has no span to end
   try {
     scheduler::record_link(&telemetry, scheduler::measure_link(backend, device));
     spans = std::make_unique<scheduler::SpanTimer>(&telemetry, backend, device);
@@ -858,10 +884,17 @@ void Engine::Impl::start_trace(const std::string& path) {
 
 void Engine::Impl::stop_trace() {
   if (!spans) return;
-  spans->poll(/*wait=*/true);
+  std::exception_ptr error;
+  try {
+    spans->poll(/*wait=*/true);
+  } catch (...) {
+    error = std::current_exception();  // the file is closed all the same
+  }
   spans.reset();
+  decode_span_open = false;
   const Status st = telemetry.close_file();
   telemetry.set_queueing(false);
+  if (error) std::rethrow_exception(error);
   st.throw_if_error();
 }
 
@@ -1017,12 +1050,9 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         ce.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
         record(ce);
       }
-      Event sp;
-      sp.op = Op::kPrefillStore;
-      sp.seq = seq;
-      sp.layer = layer;
-      sp.bytes = off.bytes;
-      record_host_span(sp, t0_ns);
+      record_host_span(
+          span_event(Op::kPrefillStore, Track::kHost, Direction::kNone, off.bytes, seq, layer),
+          t0_ns);
       if (recall) refresh_host_directory(s, layer, 0, 0, nullptr, true);
       job->promise.set_value();
     } catch (...) {
@@ -1067,21 +1097,13 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       sc.host = memory::PinnedBuffer::allocate(2 * part_bytes);
     }
     stream_wait(backend, copy_stream(), w->copied);
-    scheduler::SpanTimer::Token tk;
-    if (spans) tk = spans->begin(copy_stream());
-    cuda::memcpy_async(sc.host.data(), sc.k.get(), part_bytes, copy_stream());
-    cuda::memcpy_async(sc.host.data() + part_bytes, sc.v.get(), part_bytes, copy_stream());
-    if (spans) {
-      Event e;
-      e.kind = EventKind::kSpan;
-      e.op = Op::kPrefillCopy;
-      e.track = Track::kCopy;
-      e.dir = Direction::kDeviceToHost;
-      e.seq = s.id;
-      e.layer = layer;
-      e.bytes = static_cast<int64_t>(2 * part_bytes);
-      end_span(tk, copy_stream(), e);
-    }
+    timed(copy_stream(),
+          span_event(Op::kPrefillCopy, Track::kCopy, Direction::kDeviceToHost,
+                     static_cast<int64_t>(2 * part_bytes), s.id, layer),
+          [&] {
+            cuda::memcpy_async(sc.host.data(), sc.k.get(), part_bytes, copy_stream());
+            cuda::memcpy_async(sc.host.data() + part_bytes, sc.v.get(), part_bytes, copy_stream());
+          });
     w->d2h.record(backend, copy_stream());
   }
   if (c_n > 0) {
@@ -1089,20 +1111,14 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         kmeans_params(c_n, c0, static_cast<uint64_t>(seq) * 1000003ull + layer);
     grow(sc.labels, static_cast<size_t>(Hkv) * c_n * sizeof(int32_t));
     grow(sc.ws, kernels::kmeans_workspace_bytes(kp));
-    scheduler::SpanTimer::Token tk;
-    if (spans) tk = spans->begin(side_s);
-    kernels::launch_kmeans(kp, sc.k.get(), centroids_row(st.table_row), sc.labels.as<int32_t>(),
-                           sizes_row(st.table_row), sc.ws.get(), nullptr, nullptr, nullptr, side_s);
-    if (spans) {
-      Event e;
-      e.kind = EventKind::kSpan;
-      e.op = Op::kPrefillCluster;
-      e.track = Track::kSide;
-      e.seq = s.id;
-      e.layer = layer;
-      e.bytes = static_cast<int64_t>(c_n * Hkv * rowb);
-      end_span(tk, side_s, e);
-    }
+    timed(side_s,
+          span_event(Op::kPrefillCluster, Track::kSide, Direction::kNone,
+                     static_cast<int64_t>(c_n * Hkv * rowb), s.id, layer),
+          [&] {
+            kernels::launch_kmeans(kp, sc.k.get(), centroids_row(st.table_row),
+                                   sc.labels.as<int32_t>(), sizes_row(st.table_row), sc.ws.get(),
+                                   nullptr, nullptr, nullptr, side_s);
+          });
     w->kmeans.record(backend, side_s);
   }
   st.prefill_device.record(backend, side_s);
@@ -1156,12 +1172,9 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
       }
       if (recall) refresh_host_directory(*seqp, layer, 0, 0, copy_stream(), true);
       prefill_cluster_us += static_cast<int64_t>(ms_since(t0) * 1000);
-      Event sp;
-      sp.op = Op::kPrefillStore;
-      sp.seq = seq;
-      sp.layer = layer;
-      sp.bytes = off.bytes;
-      record_host_span(sp, t0_ns);
+      record_host_span(
+          span_event(Op::kPrefillStore, Track::kHost, Direction::kNone, off.bytes, seq, layer),
+          t0_ns);
       // The download and k-means have finished (waited above): the scratch is free.
       give_scratch(std::move(w->sc));
       job->promise.set_value();
@@ -1559,7 +1572,10 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
   if (!step_open) {  // the step's first decode
     step_open = true;
     step_begin_ns = telemetry.now_ns();
-    if (spans) decode_span = spans->begin(stream);
+    if (spans) {
+      decode_span = spans->begin(stream);
+      decode_span_open = true;
+    }
   }
   for (int32_t i = 0; i < B; ++i) {
     LayerState& st = ss[i]->layers[layer];
@@ -2160,9 +2176,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
           int32_t layer, step;
           uint64_t t0_ns = m->telemetry.now_ns();
           ~Done() {
-            Event sp;
-            sp.op = Op::kPolicy;
-            sp.layer = layer;
+            Event sp = span_event(Op::kPolicy, Track::kHost, Direction::kNone, 0, -1, layer);
             sp.step = step;
             m->record_host_span(sp, t0_ns);
             const memory::CacheStats cs = cache->stats();
@@ -2438,20 +2452,11 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
   const int32_t* d = reinterpret_cast<const int32_t*>(policy_dev.get() + fb);
   int32_t* dir = dir_table.as<int32_t>();
   scheduler::launch_scatter_i32(dir, d, d + ni, ni, stream);
-  const bool timed = spans && pk.fills > 0;
-  scheduler::SpanTimer::Token tk;
-  if (timed) tk = spans->begin(stream);
-  scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(), pk.fills,
-                              static_cast<int32_t>(rowb), stream);
-  if (timed) {
-    Event e;
-    e.kind = EventKind::kSpan;
-    e.op = Op::kFill;
-    e.track = Track::kCompute;
-    e.dir = Direction::kHostToDevice;
-    e.bytes = pk.fill_bytes;
-    end_span(tk, stream, e);
-  }
+  timed(stream, span_event(Op::kFill, Track::kCompute, Direction::kHostToDevice, pk.fill_bytes),
+        [&] {
+          scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(), pk.fills,
+                                      static_cast<int32_t>(rowb), stream);
+        });
   scheduler::launch_scatter_i32(page_next.as<int32_t>(), d + 2 * ni, d + 2 * ni + nn, nn, stream);
   scheduler::launch_scatter_i32(dir, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns, stream);
 #endif
@@ -2599,20 +2604,15 @@ void Engine::Impl::flush_step_rows(cudaStream_t stream) {
   // the used prefix of every layer's slice in one 2D copy.
   const int32_t used = *std::max_element(step_rows_per_layer.begin(), step_rows_per_layer.end());
   const size_t seq_bytes = 2 * static_cast<size_t>(Hkv) * rowb;
-  scheduler::SpanTimer::Token tk;
-  if (spans) tk = spans->begin(copy_stream());
-  KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(step_host.data(), cfg.max_batch * seq_bytes, step_dev.get(),
-                                      cfg.max_batch * seq_bytes, used * seq_bytes, L,
-                                      cudaMemcpyDeviceToHost, copy_stream()));
-  if (spans) {
-    Event e;
-    e.kind = EventKind::kSpan;
-    e.op = Op::kAppendCopy;
-    e.track = Track::kCopy;
-    e.dir = Direction::kDeviceToHost;
-    e.bytes = static_cast<int64_t>(used * seq_bytes * L);
-    end_span(tk, copy_stream(), e);
-  }
+  timed(copy_stream(),
+        span_event(Op::kAppendCopy, Track::kCopy, Direction::kDeviceToHost,
+                   static_cast<int64_t>(used * seq_bytes * L)),
+        [&] {
+          KVTIER_CUDA_CHECK(cudaMemcpy2DAsync(step_host.data(), cfg.max_batch * seq_bytes,
+                                              step_dev.get(), cfg.max_batch * seq_bytes,
+                                              used * seq_bytes, L, cudaMemcpyDeviceToHost,
+                                              copy_stream()));
+        });
   auto done = std::make_shared<MaybeEvent>();
   done->record(backend, copy_stream());
   // The next step's decodes write step_dev again: after this download (via policy_applied).
@@ -2645,10 +2645,9 @@ void Engine::Impl::flush_step_rows(cudaStream_t stream) {
         e.step = step;
         record(e);
       }
-      Event sp;
-      sp.op = Op::kAppend;
+      Event sp = span_event(Op::kAppend, Track::kHost, Direction::kNone,
+                            static_cast<int64_t>(rows->size() * 2 * Hkv * rowb));
       sp.step = step;
-      sp.bytes = static_cast<int64_t>(rows->size() * 2 * Hkv * rowb);
       record_host_span(sp, t0_ns);
       job->promise.set_value();
     } catch (...) {
@@ -2819,13 +2818,11 @@ void Engine::end_step(cudaStream_t stream) {
   const uint64_t t_end = m.telemetry.now_ns();
   // Everything below is ordered after every decode of the step, whatever streams they used.
   for (int32_t l = 0; l < m.L; ++l) stream_wait(m.backend, stream, m.step_layer_done[l]);
-  if (m.spans && m.step_open) {
-    Event e;
-    e.kind = EventKind::kSpan;
-    e.op = Op::kDecode;
-    e.track = Track::kCompute;
-    m.end_span(m.decode_span, stream, e);
+  if (m.spans && m.decode_span_open) {
+    m.end_span(m.decode_span, stream,
+               Impl::span_event(Op::kDecode, Track::kCompute, Direction::kNone, 0));
   }
+  m.decode_span_open = false;
   if (m.backend == Backend::kCuda) m.flush_step_rows(stream);
   m.apply_policy(stream);  // the previous step's cache decisions
   for (auto& [id, s] : m.seqs) {
@@ -2891,8 +2888,14 @@ void Engine::start_trace(const std::string& path) {
 
 void Engine::stop_trace() {
   OnDevice on(impl_->backend, impl_->device);
-  synchronize();
+  std::exception_ptr error;
+  try {
+    synchronize();
+  } catch (...) {
+    error = std::current_exception();  // a job's error: still close the trace, then report it
+  }
   impl_->stop_trace();
+  if (error) std::rethrow_exception(error);
 }
 
 bool Engine::tracing() const { return impl_->spans != nullptr; }

@@ -68,10 +68,10 @@ struct EngineConfig {
   // ---- recall (clusterkv) ----
   int32_t budget = 2048;  ///< rows recalled per KV head and step (B)
   /// Off: `budget` counts the recalled rows only; the sink (or DBAC's resident rows in hybrid)
-  /// and the window come on top. On: `budget` counts every row a KV head attends in a step, and
-  /// recall gets what the resident rows and the window leave (at least 0), so a mode attends
-  /// exactly `budget` rows per KV head and step once the context is longer (what comparisons at
-  /// equal token budgets need).
+  /// and the window come on top. On (clusterkv, hybrid): `budget` counts every row a KV head
+  /// attends in a step, and recall gets what the resident rows and the window leave (at least
+  /// 0), so clusterkv attends exactly `budget` rows per KV head and step once the context is
+  /// longer, and hybrid does on average over heads (what comparisons at equal budgets need).
   bool total_budget = false;
   int32_t sink = 16;                ///< first tokens, always resident (S)
   int32_t window = 256;             ///< unclustered rows are clustered W at a time (W)

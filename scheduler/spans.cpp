@@ -18,29 +18,37 @@ namespace kvtier::scheduler {
 
 struct SpanTimer::Slots {
 #if KVTIER_WITH_CUDA
+  std::unique_ptr<cuda::Stream> stream;  // private and idle: an anchor runs as it is issued
   std::unique_ptr<cuda::Event> anchor;
   std::vector<std::pair<cuda::Event, cuda::Event>> events;  // [begin, end] per slot
 #endif
 };
 
+namespace {
+// GPU times are float milliseconds from the anchor: re-anchored every second, they keep
+// sub-microsecond resolution and follow any drift between the GPU and host clocks.
+constexpr uint64_t kReanchorNs = 1000000000ull;
+}  // namespace
+
+void SpanTimer::reanchor() {
+#if KVTIER_WITH_CUDA
+  cuda::DeviceGuard guard(device_);
+  if (!slots_->stream) slots_->stream = std::make_unique<cuda::Stream>(device_);
+  auto anchor = std::make_unique<cuda::Event>(cuda::EventTiming::kEnabled);
+  const uint64_t t0 = telemetry_->now_ns();
+  anchor->record(slots_->stream->get());
+  anchor->synchronize();
+  const uint64_t t1 = telemetry_->now_ns();
+  // GPU time 0 of the anchor = the midpoint of issue and completion, within a few microseconds.
+  slots_->anchor = std::move(anchor);
+  anchor_ns_ = t0 + (t1 - t0) / 2;
+#endif
+}
+
 SpanTimer::SpanTimer(Telemetry* telemetry, Backend backend, int device)
     : telemetry_(telemetry), backend_(backend), device_(device), slots_(new Slots) {
   KVTIER_CHECK(telemetry != nullptr, "SpanTimer: telemetry is null");
-#if KVTIER_WITH_CUDA
-  if (backend_ == Backend::kCuda) {
-    // GPU time 0 of the anchor event = telemetry time anchor_ns_: recorded on an idle private
-    // stream, it runs as soon as it is issued; the midpoint of issue and completion is within
-    // a few microseconds of it.
-    cuda::DeviceGuard guard(device_);
-    cuda::Stream s(device_);
-    slots_->anchor = std::make_unique<cuda::Event>(cuda::EventTiming::kEnabled);
-    const uint64_t t0 = telemetry_->now_ns();
-    slots_->anchor->record(s.get());
-    slots_->anchor->synchronize();
-    const uint64_t t1 = telemetry_->now_ns();
-    anchor_ns_ = t0 + (t1 - t0) / 2;
-  }
-#endif
+  if (backend_ == Backend::kCuda) reanchor();
 }
 
 SpanTimer::~SpanTimer() = default;
@@ -83,6 +91,7 @@ void SpanTimer::end(const Token& token, cudaStream_t stream, const Event& e) {
 
 void SpanTimer::poll(bool wait) {
 #if KVTIER_WITH_CUDA
+  if (!pending_.empty() && telemetry_->now_ns() - anchor_ns_ > kReanchorNs) reanchor();
   while (!pending_.empty()) {
     const Pending& p = pending_.front();
     auto& [b, e] = slots_->events[p.slot];
@@ -93,7 +102,9 @@ void SpanTimer::poll(bool wait) {
     Event ev = p.event;
     const double start_ms = cuda::elapsed_ms(*slots_->anchor, b);
     const double dur_ms = cuda::elapsed_ms(b, e);
-    ev.time_ns = anchor_ns_ + static_cast<uint64_t>(std::max(0.0, start_ms) * 1e6);
+    // Work begun before the latest anchor has a negative offset from it.
+    ev.time_ns =
+        static_cast<uint64_t>(std::max(0.0, static_cast<double>(anchor_ns_) + start_ms * 1e6));
     ev.dur_ns = static_cast<uint64_t>(std::max(0.0, dur_ms) * 1e6);
     telemetry_->record(ev);
     free_.push_back(p.slot);

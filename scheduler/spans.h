@@ -17,7 +17,8 @@ namespace kvtier::scheduler {
 /// Times spans of work and records them as events of `telemetry`. On kCuda a span is a pair of
 /// timing events recorded on a stream; poll() records the spans that have finished, in the order
 /// they were begun, with their GPU start and duration mapped onto the telemetry clock (anchored
-/// once at construction). On kCpu the work is the calling thread's and end() records it at once.
+/// at construction and again every second). On kCpu the work is the calling thread's and end()
+/// records it at once.
 /// Not thread-safe: one thread begins, ends and polls (the engine's caller).
 class SpanTimer {
  public:
@@ -45,6 +46,7 @@ class SpanTimer {
     Event event;
   };
   struct Slots;
+  void reanchor();  // kCuda: a fresh anchor event and its telemetry time
   Telemetry* telemetry_;
   Backend backend_;
   int device_;

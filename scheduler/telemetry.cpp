@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #if defined(__linux__)
@@ -161,6 +162,8 @@ struct Telemetry::Impl {
   std::FILE* file = nullptr;
   std::string path;
   int64_t written = 0;
+  int64_t dropped_at_open = 0;  // the footer counts this trace's drops only
+  bool queueing_before = true;  // restored when the file closes
   Status error;
 
   // Drains the queue into the open file. Called by the writer thread (and close_file after it
@@ -274,24 +277,32 @@ Status Telemetry::open_file(const std::string& path, int period_ms) {
   m.file = f;
   m.path = path;
   m.written = 0;
+  m.dropped_at_open = m.dropped.load();
   m.error = Status::ok();
   m.stop = false;
-  m.queueing = true;
-  m.writer = std::thread([&m, period_ms] {
+  m.queueing_before = m.queueing.exchange(true);
+  try {
+    m.writer = std::thread([&m, period_ms] {
 #if defined(__linux__)
-    // Background work: the scheduler should prefer the engine's workers and the caller.
-    (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+      // Background work: the scheduler should prefer the engine's workers and the caller.
+      (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
 #endif
-    std::vector<Event> scratch;
-    std::string text;
-    std::unique_lock<std::mutex> lk(m.mu);
-    while (!m.stop) {
-      m.wake.wait_for(lk, std::chrono::milliseconds(period_ms), [&m] { return m.stop; });
-      lk.unlock();
-      m.write_pending(&scratch, &text);
-      lk.lock();
-    }
-  });
+      std::vector<Event> scratch;
+      std::string text;
+      std::unique_lock<std::mutex> lk(m.mu);
+      while (!m.stop) {
+        m.wake.wait_for(lk, std::chrono::milliseconds(period_ms), [&m] { return m.stop; });
+        lk.unlock();
+        m.write_pending(&scratch, &text);
+        lk.lock();
+      }
+    });
+  } catch (const std::system_error& e) {
+    std::fclose(f);
+    m.file = nullptr;
+    m.queueing = m.queueing_before;
+    return Status::io_error(detail::str_cat("telemetry writer thread: ", e.what()));
+  }
   return Status::ok();
 }
 
@@ -309,9 +320,13 @@ Status Telemetry::close_file() {
   m.write_pending(&scratch, &text);  // what came in after the writer's last pass
   std::fprintf(m.file, "{\"t_ns\":%llu,\"kind\":\"end\",\"events\":%lld,\"dropped\":%lld}\n",
                static_cast<unsigned long long>(now_ns()), static_cast<long long>(m.written),
-               static_cast<long long>(m.dropped.load()));
+               static_cast<long long>(m.dropped.load() - m.dropped_at_open));
   const bool closed = std::fclose(m.file) == 0;
-  m.file = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.file = nullptr;
+  }
+  m.queueing = m.queueing_before;
   Status st = m.error;
   if (st.is_ok() && !closed)
     st = Status::io_error(

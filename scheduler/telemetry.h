@@ -1,6 +1,6 @@
 // Telemetry: every transfer, cache decision and timed piece of work as a fixed-size event in a
 // bounded lock-free multi-producer queue (Boost.Lockfree). One consumer drains it: the caller
-// (drain, drain_to_file) or a writer thread that streams JSON Lines to a file (start_file;
+// (drain, drain_to_file) or a writer thread that streams JSON Lines to a file (open_file;
 // format: docs/telemetry.md). Recording never blocks and never allocates: when the queue is full
 // the event is counted as dropped. Totals (stats()) are kept at record time, so they are exact
 // whether or not anybody drains; with queueing off, record() only adds to them.
@@ -127,8 +127,9 @@ class Telemetry {
   /// the queue to it as JSON Lines every `period_ms`, off the producers' paths. kIoError if the
   /// file cannot be opened; kInvalidArgument if one is open already.
   Status open_file(const std::string& path, int period_ms = 10);
-  /// Drains what is left, writes the footer line (events written, dropped), stops the writer and
-  /// closes the file. The first write error, if any. No-op when no file is open.
+  /// Drains what is left, writes the footer line (events written, events dropped since the file
+  /// opened), stops the writer, closes the file and puts queueing back as it was before
+  /// open_file. The first write error, if any. No-op when no file is open.
   Status close_file();
   bool file_open() const;
 

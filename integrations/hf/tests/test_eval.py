@@ -382,6 +382,10 @@ def test_profiles_at_several_budgets_each_serve_the_nearest(tmp_path):
     assert kv_profile.pick(configs, 320)["dbac_eps"] == 2  # a tie goes to the smaller budget
     assert kv_profile.pick(configs, 1024)["dbac_eps"] == 8
     assert kv_profile.pick([], 512) == {}
+    # A config that does not say its budget serves only where no other sets the option.
+    undated = [dict(budget=None, options=dict(dbac_eps=1)), *configs]
+    assert kv_profile.pick(undated, 128)["dbac_eps"] == 2
+    assert kv_profile.pick(undated[:1], 128)["dbac_eps"] == 1
 
 
 def test_the_command_line_modules_define_everything_before_they_run():

@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="keep the results already in --out's eval.csv (written as each case ends) and "
-        "run only the missing ones",
+        "run only the missing ones; a result is known by its method, budget, prompt and case, "
+        "not by the options it ran with, so resume only a run of the same command",
     )
     p.add_argument(
         "--config",

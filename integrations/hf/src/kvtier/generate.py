@@ -24,6 +24,7 @@ report to stdout.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import math
 import os
@@ -1017,9 +1018,12 @@ def _main(args, progress: Progress) -> int:
     if trace_path:
         from . import trace
 
-        cache.reset()  # closes the engine, which finishes the file
-        print(flush=True)
-        trace.profile(trace_path)
+        cache.reset()  # closes the engines, which finishes their files
+        root = trace_path.removesuffix(".jsonl")
+        # One file, or one per device when the model spans several (kvtier_<mode>.cuda1.jsonl).
+        for path in sorted(glob.glob(glob.escape(root) + "*.jsonl")):
+            print(flush=True)
+            trace.profile(path)
     return 0
 
 

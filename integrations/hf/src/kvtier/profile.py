@@ -77,10 +77,8 @@ def load_configs(paths) -> list[dict]:
     "options": its engine options}."""
     out = []
     for p in [paths] if isinstance(paths, (str, Path)) else paths:
-        with open(p) as f:
-            data = json.load(f)
-        budget = data.get("budget") if isinstance(data, dict) else None
-        out.append(dict(budget=budget, options=load_config(p)))
+        data = _read(p)
+        out.append(dict(budget=data.get("budget"), options=_options(p, data)))
     return out
 
 
@@ -91,10 +89,11 @@ def pick(configs: list[dict], budget: int) -> dict:
     for key in CONFIG_KEYS:
         having = [c for c in configs if key in c["options"]]
         if having:
+            # A config that does not say its budget serves only where no other sets the key.
             near = min(
                 having,
                 key=lambda c: (
-                    0 if c["budget"] is None else abs(c["budget"] - budget),
+                    math.inf if c["budget"] is None else abs(c["budget"] - budget),
                     c["budget"] or 0,
                 ),
             )
@@ -102,26 +101,37 @@ def pick(configs: list[dict], budget: int) -> dict:
     return chosen
 
 
-def load_config(path) -> dict:
-    """The engine options of a profile config (CONFIG_KEYS only); of several configs (a list of
-    paths), all their options (a later one's win)."""
-    if isinstance(path, (list, tuple)):
-        merged: dict = {}
-        for p in path:
-            merged.update(load_config(p))
-        return merged
+def _read(path) -> dict:
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"kvtier.profile: cannot read the config {path}: {e}") from e
-    options = data.get("options", data) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError(f"kvtier.profile: {path} holds no options object")
+    return data
+
+
+def _options(path, data: dict) -> dict:
+    options = data.get("options", data)
     if not isinstance(options, dict):
         raise ValueError(f"kvtier.profile: {path} holds no options object")
     unknown = sorted(set(options) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"kvtier.profile: {path}: unknown option(s) {', '.join(unknown)}")
     return {k: options[k] for k in CONFIG_KEYS if k in options}
+
+
+def load_config(path) -> dict:
+    """The engine options of a profile config (CONFIG_KEYS only); of several (a list of paths),
+    all their options, a later config's winning. (kvtier.eval picks per budget instead, with
+    load_configs and pick.)"""
+    if isinstance(path, (list, tuple)):
+        merged: dict = {}
+        for p in path:
+            merged.update(load_config(p))
+        return merged
+    return _options(path, _read(path))
 
 
 def search(grid: list[dict], score) -> tuple[dict, list[dict]]:

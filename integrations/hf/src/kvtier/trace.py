@@ -148,6 +148,19 @@ def _quantile(xs: list, q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
+def sum_by(events, key: str, field: str) -> dict:
+    """{event[key]: sum of event[field]} over `events`."""
+    out: dict = defaultdict(int)
+    for e in events:
+        out[e[key]] += e[field]
+    return out
+
+
+def reads_by_step(run: Run) -> dict:
+    """Bytes attention read from host memory (its misses) per decode step."""
+    return sum_by(run.kind("lookup"), "step", "bytes")
+
+
 def link_peaks(run: Run) -> dict[str, float]:
     """GB/s per direction measured when the trace started (a host copy counts as h2d)."""
     peak: dict[str, float] = {}
@@ -194,22 +207,12 @@ def summarize(run: Run, top: int = 5) -> dict:
     for e in run.kind("step"):
         steps[e["step"]] = {"step": e["step"], "t_ns": e["t_ns"], "ms": e["dur_ns"] / 1e6}
     decode_ns = {e["step"]: e["dur_ns"] for e in run.kind("span", "decode")}
-    read_by_step = defaultdict(int)
-    for e in run.kind("lookup"):
-        read_by_step[e["step"]] += e["bytes"]
-    hits_by_step, misses_by_step = defaultdict(int), defaultdict(int)
-    for e in run.kind("lookup"):
-        hits_by_step[e["step"]] += e["hits"]
-        misses_by_step[e["step"]] += e["misses"]
-    fill_by_step = defaultdict(int)
-    for e in run.kind("fetch", "fill"):
-        fill_by_step[e["step"]] += e["bytes"]
-    stall_by_step = defaultdict(int)
-    for e in run.kind("stall"):
-        stall_by_step[e["step"]] += e["dur_ns"]
-    append_by_step = defaultdict(int)
-    for e in run.kind("offload", "append"):
-        append_by_step[e["step"]] += e["bytes"]
+    read_by_step = reads_by_step(run)
+    hits_by_step = sum_by(run.kind("lookup"), "step", "hits")
+    misses_by_step = sum_by(run.kind("lookup"), "step", "misses")
+    fill_by_step = sum_by(run.kind("fetch", "fill"), "step", "bytes")  # the step that planned it
+    stall_by_step = sum_by(run.kind("stall"), "step", "dur_ns")
+    append_by_step = sum_by(run.kind("offload", "append"), "step", "bytes")
     per_step = []
     for st in sorted(steps):
         h, m = hits_by_step[st], misses_by_step[st]
@@ -581,9 +584,7 @@ def link_series(run: Run) -> dict[str, list]:
     for e in run.kind("span"):
         if e["op"] in ("fill", "prefill_copy", "append_copy"):
             add(e["dir"], e["t_ns"], e["dur_ns"], e["bytes"])
-    reads = defaultdict(int)
-    for e in run.kind("lookup"):
-        reads[e["step"]] += e["bytes"]
+    reads = reads_by_step(run)
     for e in run.kind("span", "decode"):
         add("h2d", e["t_ns"], e["dur_ns"], reads.get(e["step"], 0))
     series = {}
@@ -655,9 +656,7 @@ def chrome_trace(run: Run) -> dict:
     def us(ns):
         return ns / 1000.0
 
-    reads = defaultdict(int)
-    for e in run.kind("lookup"):
-        reads[e["step"]] += e["bytes"]
+    reads = reads_by_step(run)
     for e in run.events:
         k = e["kind"]
         if e["dur_ns"] <= 0 or k not in ("span", "step", "stall", "cluster"):
