@@ -613,9 +613,8 @@ def chrome_trace(run: Run) -> dict:
     for e in run.events:
         if e["track"] == "host":
             roles[e["thread"]].add(e["op"] if e["kind"] == "span" else e["kind"])
-    tracks_used = {e["track"] for e in run.events if e["track"] in GPU_TRACKS}
-    for track in sorted(tracks_used):
-        tid, name = GPU_TRACKS[track]
+
+    def name_track(tid: int, name: str) -> None:
         tev.append(
             {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}
         )
@@ -628,30 +627,15 @@ def chrome_trace(run: Run) -> dict:
                 "args": {"sort_index": tid},
             }
         )
+
+    for track in sorted({e["track"] for e in run.events if e["track"] in GPU_TRACKS}):
+        name_track(*GPU_TRACKS[track])
     for thread, what in sorted(roles.items()):
         if "step" in what:
             label = "caller (decode_layer, end_step)"
         else:
             label = ", ".join(sorted(w for w in what if w not in ("none",))) or "events"
-        tid = HOST_TID0 + thread
-        tev.append(
-            {
-                "ph": "M",
-                "name": "thread_name",
-                "pid": pid,
-                "tid": tid,
-                "args": {"name": f"host thread {thread}: {label}"},
-            }
-        )
-        tev.append(
-            {
-                "ph": "M",
-                "name": "thread_sort_index",
-                "pid": pid,
-                "tid": tid,
-                "args": {"sort_index": tid},
-            }
-        )
+        name_track(HOST_TID0 + thread, f"host thread {thread}: {label}")
 
     def us(ns):
         return ns / 1000.0
