@@ -151,6 +151,8 @@ def test_summary_adds_up_to_the_raw_events_and_the_engine(recorded):
     assert len([e for e in raw if e["kind"] == "occupancy"]) == 24 * (L - 1)
     assert 0 < s["cache"]["occupancy_max"] <= 1
     assert s["achieved"]["fill"]["bytes"] == s["traffic"]["h2d_fill"]
+    assert s["policy_job"]["steps"] == 24 and 0 < s["policy_job"]["mean_ms"]
+    assert s["policy_job"]["p50_ms"] <= s["policy_job"]["max_ms"]
 
     text = trace.format_summary(s)
     assert f"{hits} hits, {misses} misses" in text

@@ -303,6 +303,22 @@ def summarize(run: Run, top: int = 5) -> dict:
         "on_sequence_jobs_ms": sum(e["dur_ns"] for e in stalls if e["seq"] >= 0) / 1e6,
     }
 
+    # The cache-policy job of each step: from its first layer's start to its last layer's end
+    # (the caller's stalls on the policy wait for this).
+    spans_by_step: dict[int, list] = defaultdict(list)
+    for e in run.kind("span", "policy"):
+        spans_by_step[e["step"]].append(e)
+    job_ms = [
+        (max(e["t_ns"] + e["dur_ns"] for e in v) - min(e["t_ns"] for e in v)) / 1e6
+        for v in spans_by_step.values()
+    ]
+    s["policy_job"] = {
+        "steps": len(job_ms),
+        "mean_ms": sum(job_ms) / len(job_ms) if job_ms else 0.0,
+        "p50_ms": _quantile(job_ms, 0.5),
+        "max_ms": max(job_ms) if job_ms else 0.0,
+    }
+
     # Prefill and clustering.
     pc = run.kind("cluster", "prefill_cluster")
     s["prefill"] = {
@@ -483,6 +499,13 @@ def format_summary(s: dict, top: int = 5, steps_shown: int = 6) -> str:
         f"(on the cache policy {sl['on_policy_ms']:.3f} ms, on prefill/window jobs "
         f"{sl['on_sequence_jobs_ms']:.3f} ms)"
     )
+    pj = s["policy_job"]
+    if pj["steps"]:
+        w(
+            f"policy job    {pj['steps']} steps: mean {pj['mean_ms']:.3f} ms, p50 "
+            f"{pj['p50_ms']:.3f}, max {pj['max_ms']:.3f} (workers, every recall layer's cache "
+            "decisions for a step)"
+        )
     p = s["prefill"]
     if p["layers"]:
         per = p["cluster_gpu_layer_ms"]
