@@ -628,6 +628,10 @@ def fidelity(
 
     scale = _scale(model)
     rows: list[dict] = []
+
+    def add(method, budget, layer, head, **values):
+        rows.append(dict(method=method, budget=budget, layer=layer, head=head, **values))
+
     full = peers.enable(model, "full", 1)
     cap = _capture_peer(full)
     _teacher_force(model, ids, context, full)
@@ -670,28 +674,17 @@ def fidelity(
                                 hits[r][1] += int(pages.sum())
                         history.append(pages)
                 for h in range(mass.shape[0]):
-                    rows.append(
-                        dict(
-                            method=method,
-                            budget=budget,
-                            layer=i,
-                            head=h,
-                            mass=float(mass[h] / steps),
-                            rel_error=float(err[h] / steps),
-                        )
+                    add(
+                        method,
+                        budget,
+                        i,
+                        h,
+                        mass=float(mass[h] / steps),
+                        rel_error=float(err[h] / steps),
                     )
                 for r, (hit, total) in hits.items():
                     if total:
-                        rows.append(
-                            dict(
-                                method=method,
-                                budget=budget,
-                                layer=i,
-                                head=-1,
-                                retention=r,
-                                hit_rate=hit / total,
-                            )
-                        )
+                        add(method, budget, i, -1, retention=r, hit_rate=hit / total)
     for method in [m for m in methods if m in KVTIER_MODES]:
         for budget in budgets:
             runs = (None,) if method == "clusterattn" else retentions
@@ -717,28 +710,12 @@ def fidelity(
                             err = err + (o_eng - o).norm(dim=-1) / o.norm(dim=-1)
                         n = len(kcap.queries[i])
                         for h in range(err.shape[0]):
-                            rows.append(
-                                dict(
-                                    method=method,
-                                    budget=budget,
-                                    layer=i,
-                                    head=h,
-                                    rel_error=float(err[h] / n),
-                                )
-                            )
+                            add(method, budget, i, h, rel_error=float(err[h] / n))
                 if r is not None:
                     hit = sum(s.recall_hits for s in stats)
                     miss = sum(s.recall_misses for s in stats)
-                    rows.append(
-                        dict(
-                            method=method,
-                            budget=budget,
-                            layer=-1,
-                            head=-1,
-                            retention=r,
-                            hit_rate=hit / (hit + miss) if hit + miss else math.nan,
-                        )
-                    )
+                    rate = hit / (hit + miss) if hit + miss else math.nan
+                    add(method, budget, -1, -1, retention=r, hit_rate=rate)
     return rows
 
 

@@ -797,6 +797,13 @@ def write_plots(run: Run, s: dict, out_dir: str) -> list:
     paths = []
     peak = s["link_peak_gbps"]
 
+    def save(fig, name: str) -> None:
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
     # Link throughput over time (the decode phase alone too, when there was a prefill before).
     series = link_series(run)
     fig, axes = plt.subplots(2, 1, figsize=(10, 6.5))
@@ -827,11 +834,7 @@ def write_plots(run: Run, s: dict, out_dir: str) -> list:
     axes[1].set_xlabel("seconds since the trace began")
     axes[0].legend(loc="upper right", fontsize=8)
     fig.suptitle("Link throughput (timed transfers; attention's reads over each step's kernels)")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "link_throughput.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "link_throughput.png")
 
     # Hit rate per step, misses beside it.
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -840,16 +843,12 @@ def write_plots(run: Run, s: dict, out_dir: str) -> list:
     ax.set_ylabel("cluster misses")
     ax.set_xlabel("decode step")
     ax2 = ax.twinx()
-    hr = [None if r["hit_rate"] is None else 100 * r["hit_rate"] for r in steps]
-    ax2.plot(xs, [h if h is not None else float("nan") for h in hr], color="tab:green", marker=".")
+    hr = [float("nan") if r["hit_rate"] is None else 100 * r["hit_rate"] for r in steps]
+    ax2.plot(xs, hr, color="tab:green", marker=".")
     ax2.set_ylabel("hit rate %")
     ax2.set_ylim(0, 100)
     ax.set_title("GPU cluster cache: hit rate and misses per step")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "hit_rate.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "hit_rate.png")
 
     # Bytes per layer: host -> device above, device -> host below (prompts dwarf the rest).
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
@@ -882,11 +881,7 @@ def write_plots(run: Run, s: dict, out_dir: str) -> list:
     axes[1].set_xlabel("layer")
     axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle("Bytes moved per layer")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "bytes_per_layer.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "bytes_per_layer.png")
     return paths
 
 
