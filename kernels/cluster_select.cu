@@ -16,6 +16,8 @@ namespace {
 
 using cluster_select_device::kScoreThreads;
 using cluster_select_device::kScoreWarps;
+using cluster_select_device::kSplitThreads;
+using cluster_select_device::kSplitTile;
 
 /// Threads and items per thread of the sorted-walk kernel of the segmented path.
 constexpr int kWalkThreads = 256;
@@ -98,27 +100,6 @@ void score_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, cud
   });
 }
 
-SelectKernelParams select_kernel_params(const ClusterSelectParams& p,
-                                        const ClusterSelectTensors& t) {
-  SelectKernelParams kp{};
-  kp.scores = t.scores;
-  kp.num_clusters = t.num_clusters;
-  kp.cluster_sizes = t.cluster_sizes;
-  kp.budgets = t.budgets;
-  kp.selected_ids = t.selected_ids;
-  kp.selected_rows = t.selected_rows;
-  kp.num_selected = t.num_selected;
-  kp.total_rows = t.total_rows;
-  kp.nonfinite_problem = t.nonfinite_problem;
-  kp.max_clusters = p.max_clusters;
-  kp.id_bits = detail::cluster_id_bits(p.max_clusters);
-  kp.overflow = p.overflow;
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  kp.aligned_rows = p.max_clusters % 4 == 0 && aligned(t.scores) && aligned(t.cluster_sizes) &&
-                    aligned(t.selected_ids) && aligned(t.selected_rows);
-  return kp;
-}
-
 /// Workspace of the segmented path, each piece 256-byte aligned.
 struct SegmentedLayout {
   size_t keys_in = 0, keys_out = 0, offsets = 0, bad = 0, temp = 0;
@@ -126,6 +107,14 @@ struct SegmentedLayout {
 };
 
 size_t align_up(size_t x) { return (x + 255) & ~size_t{255}; }
+
+detail::SplitLayout split_layout(const ClusterSelectParams& p) {
+  const size_t tiles = static_cast<size_t>((p.max_clusters + kSplitTile - 1) / kSplitTile);
+  detail::SplitLayout l;
+  l.partials = align_up(static_cast<size_t>(p.num_problems) * p.group_size * p.max_clusters * 4);
+  l.total = l.partials + align_up(static_cast<size_t>(p.num_problems) * tiles * p.group_size * 8);
+  return l;
+}
 
 SegmentedLayout segmented_layout(const ClusterSelectParams& p) {
   const int64_t items = static_cast<int64_t>(p.num_problems) * p.max_clusters;
@@ -160,17 +149,10 @@ void check_workspace(const ClusterSelectParams& p, const void* workspace, size_t
 
 void select_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, void* workspace,
                  cudaStream_t stream) {
-  SelectKernelParams kp = select_kernel_params(p, t);
+  SelectKernelParams kp = detail::select_kernel_params(p, t);
   const int grid = p.num_problems;
-  if (p.max_clusters <= 256) {
-    select_clusters_block_kernel<128, 2><<<grid, 128, 0, stream>>>(kp);
-    KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel<128, 2>");
-  } else if (p.max_clusters <= 1024) {
-    select_clusters_block_kernel<256, 4><<<grid, 256, 0, stream>>>(kp);
-    KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel<256, 4>");
-  } else if (p.max_clusters <= kMaxBlockSortClusters) {
-    select_clusters_block_kernel<512, 8><<<grid, 512, 0, stream>>>(kp);
-    KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel<512, 8>");
+  if (p.max_clusters <= kMaxBlockSortClusters) {
+    detail::launch_select_block(p, kp, cluster_select_device::NoSelectEpilogue{}, stream);
   } else {
     const SegmentedLayout l = segmented_layout(p);
     auto* base = static_cast<std::byte*>(workspace);
@@ -199,41 +181,6 @@ void select_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, vo
 namespace {
 
 // ---- split scoring: many blocks per problem, for batches too small to fill the GPU ----
-
-constexpr int kSplitTile = 64;  // centroids per block of the logits kernel
-constexpr int kSplitThreads = 256;
-
-// grid: (num_problems, ceil(max_clusters / kSplitTile)), block kSplitThreads (8 warps). Writes
-// logits[p][g][j] = scale * q_g . c_j for the block's centroids j < num_clusters[p].
-template <int kDim>
-__global__ void __launch_bounds__(kSplitThreads)
-    split_logits_kernel(ScoreKernelParams kp, float* logits) {
-  const int p = blockIdx.x, G = kp.group_size;
-  const int n = min(max(kp.num_clusters[p], 0), kp.max_clusters);
-  const int j0 = blockIdx.y * kSplitTile;
-  if (j0 >= n) return;
-  extern __shared__ float q[];  // [G][kDim]
-  for (int i = threadIdx.x; i < G * kDim; i += blockDim.x)
-    q[i] = kp.queries[static_cast<size_t>(p) * G * kDim + i];
-  __syncthreads();
-  const size_t row =
-      kp.centroid_rows ? static_cast<size_t>(kp.centroid_rows[p]) : static_cast<size_t>(p);
-  const float* cb = kp.centroids + row * kp.max_clusters * kDim;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  constexpr int kPer = kDim / 32;
-  for (int j = j0 + warp; j < min(j0 + kSplitTile, n); j += kSplitThreads / 32) {
-    float c[kPer];
-#pragma unroll
-    for (int e = 0; e < kPer; ++e) c[e] = cb[static_cast<size_t>(j) * kDim + e * 32 + lane];
-    for (int g = 0; g < G; ++g) {
-      float d = 0.f;
-#pragma unroll
-      for (int e = 0; e < kPer; ++e) d += c[e] * q[g * kDim + e * 32 + lane];
-      for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-      if (lane == 0) logits[(static_cast<size_t>(p) * G + g) * kp.max_clusters + j] = d * kp.scale;
-    }
-  }
-}
 
 // grid: (num_problems), block kSplitThreads: per head max and sum over the problem's logits (one
 // warp per head, shuffles only), then scores[j] = sum_g exp(l_gj - m_g) / s_g (kSoftmaxSum) or
@@ -309,14 +256,7 @@ void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSele
                              t.centroid_rows, t.scores,       t.nonfinite_problem,
                              p.group_size,    p.max_clusters, cluster_score_scale(p)};
   float* logits = static_cast<float*>(workspace);
-  const dim3 grid(static_cast<unsigned>(p.num_problems),
-                  static_cast<unsigned>((p.max_clusters + kSplitTile - 1) / kSplitTile));
-  dispatch_head_dim(p.head_dim, [&](auto dim) {
-    constexpr int kDim = decltype(dim)::value;
-    split_logits_kernel<kDim>
-        <<<grid, kSplitThreads, p.group_size * kDim * sizeof(float), stream>>>(kp, logits);
-  });
-  KVTIER_CUDA_CHECK_LAUNCH("split_logits_kernel");
+  detail::launch_split_logits(p, t, logits, nullptr, stream);
   if (p.aggregation == ScoreAggregation::kMax) {
     split_finish_kernel<ScoreAggregation::kMax>
         <<<p.num_problems, kSplitThreads, 0, stream>>>(kp, logits);
@@ -370,6 +310,67 @@ void launch_score_and_select_clusters(const ClusterSelectParams& p, const Cluste
   reset_nonfinite_flag(t.nonfinite_problem, stream);
   score_impl(p, t, stream);
   select_impl(p, t, workspace, stream);
+}
+
+namespace detail {
+
+SplitLayout check_score_select_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                                     const void* workspace, size_t workspace_bytes) {
+  check_score_params(p);
+  check_select_params(p);
+  KVTIER_CHECK(p.group_size <= cluster_select_device::kMaxSplitGroup,
+               "split scoring supports group_size <= ", cluster_select_device::kMaxSplitGroup,
+               ", got ", p.group_size);
+  KVTIER_CHECK(p.max_clusters <= kMaxBlockSortClusters,
+               "split score-and-select supports max_clusters <= ", kMaxBlockSortClusters, ", got ",
+               p.max_clusters);
+  const SplitLayout l = split_layout(p);
+  if (p.num_problems == 0) return l;
+  check_score_tensors(p, t);
+  KVTIER_CHECK(
+      t.num_clusters != nullptr && t.cluster_sizes != nullptr && t.budgets != nullptr &&
+          t.selected_ids != nullptr && t.selected_rows != nullptr && t.num_selected != nullptr &&
+          t.total_rows != nullptr,
+      "split score-and-select: num_clusters, cluster_sizes, budgets and the four selection "
+      "outputs must not be null");
+  check_aligned(t.queries, "queries");
+  check_aligned(t.centroids, "centroids");
+  KVTIER_CHECK(workspace != nullptr && workspace_bytes >= l.total, "split score-and-select needs ",
+               l.total, " bytes of workspace, got ", workspace_bytes);
+  KVTIER_CHECK(reinterpret_cast<uintptr_t>(workspace) % 256 == 0,
+               "split score-and-select: the workspace must be 256-byte aligned");
+  return l;
+}
+
+void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensors& t, float* logits,
+                         void* partials, cudaStream_t stream) {
+  if (p.num_problems == 0) return;
+  const ScoreKernelParams kp{t.queries,       t.centroids,    t.num_clusters,
+                             t.centroid_rows, t.scores,       t.nonfinite_problem,
+                             p.group_size,    p.max_clusters, cluster_score_scale(p)};
+  const dim3 grid(static_cast<unsigned>(p.num_problems),
+                  static_cast<unsigned>((p.max_clusters + kSplitTile - 1) / kSplitTile));
+  dispatch_head_dim(p.head_dim, [&](auto dim) {
+    constexpr int kDim = decltype(dim)::value;
+    split_logits_kernel<kDim><<<grid, kSplitThreads, p.group_size * kDim * sizeof(float), stream>>>(
+        kp, logits, static_cast<float2*>(partials));
+  });
+  KVTIER_CUDA_CHECK_LAUNCH("split_logits_kernel");
+}
+
+}  // namespace detail
+
+size_t score_select_split_workspace_bytes(const ClusterSelectParams& p) {
+  check_score_params(p);
+  check_select_params(p);
+  return split_layout(p).total;
+}
+
+void launch_score_select_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                               void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  reset_nonfinite_flag(p.num_problems > 0 ? t.nonfinite_problem : nullptr, stream);
+  detail::launch_score_select_split_with(p, t, workspace, workspace_bytes,
+                                         cluster_select_device::NoSelectEpilogue{}, stream);
 }
 
 }  // namespace kvtier::kernels

@@ -58,7 +58,10 @@ struct ClusterSelectTensors {
   const int32_t* centroid_rows = nullptr;
   const int32_t* num_clusters = nullptr;   ///< [num_problems], each in [0, max_clusters]
   const int32_t* cluster_sizes = nullptr;  ///< [num_problems, max_clusters] rows (tokens), >= 0
-  const int32_t* budgets = nullptr;        ///< [num_problems] tokens to recall, >= 0
+  /// Optional [num_problems]: problem p's sizes are row cluster_size_rows[p] of cluster_sizes
+  /// instead of row p (like centroid_rows: an engine's per-layer size table, read in place).
+  const int32_t* cluster_size_rows = nullptr;
+  const int32_t* budgets = nullptr;  ///< [num_problems] tokens to recall, >= 0
   /// [num_problems, max_clusters]: written by scoring, read by selection. Padding entries
   /// (j >= num_clusters[p]) are written as -inf and never read.
   float* scores = nullptr;
@@ -160,15 +163,46 @@ void launch_select_clusters(const ClusterSelectParams& p, const ClusterSelectTen
 size_t score_clusters_split_workspace_bytes(const ClusterSelectParams& p);
 void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                  void* workspace, size_t workspace_bytes, cudaStream_t stream);
+/// Split scoring folded into selection, for few problems (a decode step of one sequence): tiles of
+/// 64 centroids write their logits and per-head (max, sum of exp) partials to `workspace`, and
+/// each problem's selection block aggregates its clusters' scores from them as it loads them.
+/// Two launches instead of three, and the scores need not be written (t.scores is optional; when
+/// set, the valid scores are written). The selection equals select_clusters_ref on the scores it
+/// aggregates, which are within the split scoring's tolerance of the reference. Requires
+/// group_size <= 32 and max_clusters <= kMaxBlockSortClusters.
+size_t score_select_split_workspace_bytes(const ClusterSelectParams& p);
+void launch_score_select_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
 /// launch_score_clusters then launch_select_clusters, with one reset of t.nonfinite_problem.
 void launch_score_and_select_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                       void* workspace, size_t workspace_bytes, cudaStream_t stream);
 #endif
 
 namespace detail {
+#if KVTIER_WITH_CUDA
+/// Workspace of launch_score_select_split: logits [P, G, max_clusters] floats, then the partials
+/// [P, tiles, G] (max, sum) float pairs; byte offsets, 256-byte aligned.
+struct SplitLayout {
+  size_t logits = 0, partials = 0, total = 0;
+};
+/// Validates a split score-and-select call (params, tensors, limits, workspace) and returns its
+/// workspace layout; throws InvalidArgumentError naming what is wrong.
+SplitLayout check_score_select_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                                     const void* workspace, size_t workspace_bytes);
+/// The logits kernel of split scoring; `partials` (float2 pairs) may be null.
+void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensors& t, float* logits,
+                         void* partials, cudaStream_t stream);
+#endif
 /// Row of `centroids` that problem p scores.
 inline size_t centroid_row(const ClusterSelectTensors& t, int32_t problem) {
   return static_cast<size_t>(t.centroid_rows ? t.centroid_rows[problem] : problem);
+}
+/// Offset of problem p's row of cluster_sizes.
+inline size_t size_row_offset(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                              int32_t problem) {
+  const size_t row =
+      static_cast<size_t>(t.cluster_size_rows ? t.cluster_size_rows[problem] : problem);
+  return row * static_cast<size_t>(p.max_clusters);
 }
 /// Throws InvalidArgumentError when an array that scoring (selection) uses is null while
 /// num_problems > 0. Shared by _ref and _cpu.

@@ -97,7 +97,7 @@ Status select_problem_cpu(const ClusterSelectParams& p, const ClusterSelectTenso
   const int32_t n = t.num_clusters[problem];
   const size_t row = static_cast<size_t>(problem) * p.max_clusters;
   const float* s = t.scores + row;
-  const int32_t* sizes = t.cluster_sizes + row;
+  const int32_t* sizes = t.cluster_sizes + detail::size_row_offset(p, t, problem);
   int32_t* ids = t.selected_ids + row;
   int32_t* rows = t.selected_rows + row;
 

@@ -5,11 +5,13 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/cluster_select.h"
+#include "memory/core/check.h"
 
 namespace kvtier::kernels {
 
@@ -30,7 +32,8 @@ struct ScoreKernelParams {
 struct SelectKernelParams {
   const float* scores;           // [num_problems, max_clusters]
   const int32_t* num_clusters;   // [num_problems]
-  const int32_t* cluster_sizes;  // [num_problems, max_clusters]
+  const int32_t* cluster_sizes;  // [num_problems, max_clusters] (or table rows, see size_rows)
+  const int32_t* size_rows;      // [num_problems] or null: problem p's sizes are row size_rows[p]
   const int32_t* budgets;        // [num_problems]
   int32_t* selected_ids;         // [num_problems, max_clusters]
   int32_t* selected_rows;        // [num_problems, max_clusters]
@@ -45,9 +48,23 @@ struct SelectKernelParams {
   // scores, cluster_sizes, selected_ids and selected_rows are 16-byte aligned and max_clusters is a
   // multiple of 4: every row may then be read and written with vector accesses.
   bool aligned_rows;
+  // Split scoring folded into selection (launch_score_select_split): when logits is set, cluster
+  // j's score is aggregated from logits [num_problems, group_size, max_clusters] (scaled dot
+  // products) and, under kSoftmaxSum, from the per-tile, per-head (max, sum of exp) partials
+  // [num_problems, num_tiles, group_size] of the tiles of kSplitTile clusters (scores is unused);
+  // scores_out, if not null, receives the aggregated values of the valid clusters.
+  const float* logits;
+  float* scores_out;
+  const float2* partials;
+  int32_t group_size;
+  ScoreAggregation aggregation;
 };
 
 namespace cluster_select_device {
+
+constexpr int kSplitTile = 64;      // centroids per block of the split logits kernel
+constexpr int kSplitThreads = 256;  // 8 warps
+constexpr int kMaxSplitGroup = 32;  // heads per group that split scoring handles
 
 constexpr int kScoreThreads = 512;  // 16 warps: enough loads in flight for one block per SM
 constexpr int kScoreWarps = kScoreThreads / 32;
@@ -423,6 +440,14 @@ __device__ __forceinline__ void finish_selection(const SelectKernelParams& kp, i
   write_unselected(kp, static_cast<size_t>(problem) * kp.max_clusters, count, end);
 }
 
+/// The default epilogue of select_clusters_block_kernel: nothing. An epilogue's run() is called by
+/// every thread of the block after the selection's last writes (selected ids and rows,
+/// num_selected, total_rows) and must begin with a barrier before it reads them.
+struct NoSelectEpilogue {
+  template <int kThreads>
+  __device__ void run(const SelectKernelParams&, int) const {}
+};
+
 // ---- radix select (select_clusters_block_kernel) ----
 
 /// Most candidates the rank step orders. Ranking compares every pair, m^2 / 32 warp steps: 512
@@ -437,6 +462,39 @@ constexpr int kSelectRefineTarget = 128;
 constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
 
 /// Compile-time shape of the radix select of a kThreads x kItems block.
+/// Problem p's cluster sizes.
+__device__ __forceinline__ const int32_t* sizes_of(const SelectKernelParams& kp, int problem) {
+  const size_t row = kp.size_rows != nullptr ? static_cast<size_t>(kp.size_rows[problem])
+                                             : static_cast<size_t>(problem);
+  return kp.cluster_sizes + row * kp.max_clusters;
+}
+
+/// Per head of a split-scored problem (logits mode): head_m[g] = max of its logits over the valid
+/// clusters, head_inv[g] = 1 / sum of exp(logit - head_m[g]), combined from the partials of the
+/// tiles that hold valid clusters. One warp per head; the caller synchronizes afterwards.
+__device__ __forceinline__ void split_head_stats(const SelectKernelParams& kp, int problem, int n,
+                                                 float* head_m, float* head_inv) {
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int tiles = (n + kSplitTile - 1) / kSplitTile;
+  const int stride = (kp.max_clusters + kSplitTile - 1) / kSplitTile;
+  const float2* part = kp.partials + static_cast<size_t>(problem) * stride * kp.group_size;
+  for (int g = warp; g < kp.group_size; g += static_cast<int>(blockDim.x) >> 5) {
+    float m = -INFINITY;
+    for (int t = lane; t < tiles; t += 32) m = fmaxf(m, part[t * kp.group_size + g].x);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float sum = 0.f;
+    for (int t = lane; t < tiles; t += 32) {
+      const float2 v = part[t * kp.group_size + g];
+      sum += v.y * __expf(v.x - m);
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) {
+      head_m[g] = m;
+      head_inv[g] = 1.f / sum;
+    }
+  }
+}
+
 template <int kThreads, int kItems>
 struct SelectShape {
   static constexpr int kWarps = kThreads / 32;
@@ -465,16 +523,54 @@ __device__ __forceinline__ int select_item_cluster(int i) {
 /// SM allow). sizes[i] is the cluster's rows when it is valid (j < n) and non-empty, i.e. "live",
 /// else 0. Returns whether a valid score is not finite.
 template <int kThreads, int kItems>
-__device__ __forceinline__ bool load_select_items(const SelectKernelParams& kp, size_t row, int n,
+__device__ __forceinline__ bool load_select_items(const SelectKernelParams& kp, int problem, int n,
+                                                  const float* head_m, const float* head_inv,
                                                   uint32_t (&ordered)[kItems],
                                                   uint32_t (&sizes)[kItems]) {
   constexpr int kVec = SelectShape<kThreads, kItems>::kVec;
+  const size_t row = static_cast<size_t>(problem) * kp.max_clusters;
   const float* __restrict__ scores = kp.scores + row;
-  const int32_t* __restrict__ cluster_sizes = kp.cluster_sizes + row;
+  const int32_t* __restrict__ cluster_sizes = sizes_of(kp, problem);
   float s[kItems];
   int32_t z[kItems];
-  // Every load is issued before any is used: one memory round trip.
-  if (kp.aligned_rows) {
+  if (kp.logits != nullptr) {
+    // Split scoring: aggregate the heads' logits here, two heads' loads in flight at a time (one
+    // round trip per pair of heads; more would spill under the 64-register cap).
+    const float* logits = kp.logits + row * kp.group_size;
+    const bool max_agg = kp.aggregation == ScoreAggregation::kMax;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int j = select_item_cluster<kThreads, kItems>(i);
+      z[i] = j < n ? __ldg(cluster_sizes + j) : 0;
+      s[i] = max_agg ? -INFINITY : 0.f;
+    }
+    for (int g0 = 0; g0 < kp.group_size; g0 += 2) {
+      const int g1 = g0 + 1 < kp.group_size ? g0 + 1 : g0;  // odd G: loaded twice, used once
+      float l[2][kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int j = select_item_cluster<kThreads, kItems>(i);
+        l[0][i] = j < n ? __ldg(logits + static_cast<size_t>(g0) * kp.max_clusters + j) : 0.f;
+        l[1][i] = j < n ? __ldg(logits + static_cast<size_t>(g1) * kp.max_clusters + j) : 0.f;
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && g1 == g0) break;
+        const int g = g0 + h;
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          s[i] = max_agg ? fmaxf(s[i], l[h][i]) : s[i] + __expf(l[h][i] - head_m[g]) * head_inv[g];
+        }
+      }
+    }
+    if (kp.scores_out != nullptr) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int j = select_item_cluster<kThreads, kItems>(i);
+        if (j < n) kp.scores_out[row + j] = s[i];
+      }
+    }
+  } else if (kp.aligned_rows) {  // every load is issued before any is used: one round trip
 #pragma unroll
     for (int c = 0; c < kItems / kVec; ++c) {
       const int j0 = select_item_cluster<kThreads, kItems>(c * kVec);
@@ -622,9 +718,12 @@ __device__ __forceinline__ void take_candidates(const ulonglong2* __restrict__ c
 /// candidates. Selections are exactly the reference's: the candidates' ranks and preceding rows
 /// are those of the full sorted scan. __launch_bounds__ caps registers at 64 so two 512-thread
 /// blocks fit an SM: 256 problems then run in one wave on an H100's 132 SMs.
-template <int kThreads, int kItems>
+/// In logits mode (kp.logits set) the scores are aggregated from split scoring's logits first.
+/// `epi.run<kThreads>(kp, problem)` runs last, by the whole block, once the selection is written
+/// (see NoSelectEpilogue): a caller can build on the selection without another launch.
+template <int kThreads, int kItems, typename Epilogue>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
-    select_clusters_block_kernel(SelectKernelParams kp) {
+    select_clusters_block_kernel(SelectKernelParams kp, Epilogue epi) {
   using namespace cluster_select_device;
   using Shape = SelectShape<kThreads, kItems>;
   using Sort = cub::BlockRadixSort<uint64_t, kThreads, kItems>;
@@ -645,14 +744,22 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   __shared__ uint2 s_and_or[Shape::kWarps];
   __shared__ unsigned long long s_found_above, s_found_bucket;
   __shared__ int s_found_digit, s_num_candidates, s_count, s_rows;
+  __shared__ float s_head_m[kMaxSplitGroup], s_head_inv[kMaxSplitGroup];
 
   const int problem = blockIdx.x;
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int n = clamp_clusters(kp.num_clusters[problem], kp.max_clusters);
   const size_t row = static_cast<size_t>(problem) * kp.max_clusters;
+  if (kp.logits != nullptr) {  // block-uniform
+    if (kp.aggregation == ScoreAggregation::kSoftmaxSum) {
+      split_head_stats(kp, problem, n, s_head_m, s_head_inv);
+    }
+    __syncthreads();
+  }
   uint32_t ordered[kItems];
   uint32_t sizes[kItems];
-  const bool bad = load_select_items<kThreads, kItems>(kp, row, n, ordered, sizes);
+  const bool bad =
+      load_select_items<kThreads, kItems>(kp, problem, n, s_head_m, s_head_inv, ordered, sizes);
   // The sort key of item i, rebuilt where needed: id_mask - j in 32 bits from one per-thread base
   // (the item's offset is a constant), so that no per-item 64-bit value is kept.
   const uint32_t id_base = static_cast<uint32_t>((uint64_t{1} << kp.id_bits) - 1) -
@@ -793,7 +900,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       // The scores are loaded again (from L1 or L2): keys kept in registers across the sort would
       // make the path above spill.
       uint32_t all_ordered[kItems], unused_sizes[kItems];
-      load_select_items<kThreads, kItems>(kp, row, n, all_ordered, unused_sizes);
+      load_select_items<kThreads, kItems>(kp, problem, n, s_head_m, s_head_inv, all_ordered,
+                                          unused_sizes);
       uint64_t all_keys[kItems];
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
@@ -806,13 +914,14 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       __syncthreads();  // the scan reuses the sort's shared memory
       int64_t carry_rows = 0;
       int carry_count = 0;
-      apply_budget_tile<kThreads, kItems>(all_keys, 0, n, kp.cluster_sizes + row, budget,
+      apply_budget_tile<kThreads, kItems>(all_keys, 0, n, sizes_of(kp, problem), budget,
                                           kp.overflow, kp.id_bits, ids, rows, carry_rows,
                                           carry_count, storage.select.scan, s_count, s_rows);
     }
   }
   __syncthreads();
   finish_selection(kp, problem, s_count, s_rows, unselected_from);
+  epi.template run<kThreads>(kp, problem);
 }
 
 /// Grid: block.x = problem, 256 threads striding over its max_clusters slots. Writes the keys of
@@ -878,7 +987,7 @@ __global__ void __launch_bounds__(kThreads) select_clusters_sorted_kernel(Select
       const int pos = base + static_cast<int>(threadIdx.x) * kItems + i;
       keys[i] = pos < n ? kp.sorted_keys[row + pos] : 0;
     }
-    apply_budget_tile<kThreads, kItems>(keys, base, n, kp.cluster_sizes + row, budget, kp.overflow,
+    apply_budget_tile<kThreads, kItems>(keys, base, n, sizes_of(kp, problem), budget, kp.overflow,
                                         kp.id_bits, kp.selected_ids + row, kp.selected_rows + row,
                                         carry_rows, carry_count, scan_storage, s_count, s_rows);
     __syncthreads();  // scan_storage is reused by the next tile
@@ -886,5 +995,162 @@ __global__ void __launch_bounds__(kThreads) select_clusters_sorted_kernel(Select
   __syncthreads();
   finish_selection(kp, problem, s_count, s_rows, kp.max_clusters);
 }
+
+// ---- split scoring: many blocks per problem, for batches too small to fill the GPU ----
+
+/// Grid: (num_problems, ceil(max_clusters / kSplitTile)), kSplitThreads threads; dynamic shared
+/// memory G * kDim floats. Writes logits[p][g][j] = scale * q_g . c_j for the tile's valid
+/// centroids j and, when `partials` is not null, the tile's per-head (max, sum of exp(logit -
+/// max)) over them at partials[(p * tiles + tile) * G + g] (tiles = gridDim.y). Eight lanes share a
+/// centroid with 16-byte loads (128 contiguous bytes per load across them); a warp takes 8
+/// centroids, and all of a lane's loads are issued before its first FMA (one round trip).
+template <int kDim>
+__global__ void __launch_bounds__(cluster_select_device::kSplitThreads)
+    split_logits_kernel(ScoreKernelParams kp, float* __restrict__ logits,
+                        float2* __restrict__ partials) {
+  using namespace cluster_select_device;
+  constexpr int kLanes = 8;                      // lanes per centroid
+  constexpr int kPerLane = kDim / (4 * kLanes);  // float4 pieces of a centroid per lane
+  constexpr int kRounds = 2;                     // centroids per lane group
+  constexpr int kWarps = kSplitThreads / 32;
+  static_assert(kWarps * (32 / kLanes) * kRounds == kSplitTile, "one tile per block");
+  extern __shared__ float4 q4[];  // [G][kDim / 4]
+  __shared__ float2 s_part[kWarps][kMaxSplitGroup];
+  const int p = blockIdx.x, G = kp.group_size, tile = blockIdx.y;
+  const int n = clamp_clusters(kp.num_clusters[p], kp.max_clusters);
+  const int j0 = tile * kSplitTile;
+  if (j0 >= n) return;  // block-uniform: these tiles hold no valid centroid
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int sub = lane % kLanes, grp = lane / kLanes;
+  const size_t crow =
+      kp.centroid_rows ? static_cast<size_t>(kp.centroid_rows[p]) : static_cast<size_t>(p);
+  const float4* cb = reinterpret_cast<const float4*>(kp.centroids) +
+                     crow * static_cast<size_t>(kp.max_clusters) * (kDim / 4);
+  float4 c[kRounds][kPerLane];
+  int js[kRounds];
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    js[r] = j0 + (warp * kRounds + r) * (32 / kLanes) + grp;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      c[r][e] = js[r] < n ? __ldg(cb + static_cast<size_t>(js[r]) * (kDim / 4) + e * kLanes + sub)
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  const float4* qsrc =
+      reinterpret_cast<const float4*>(kp.queries) + static_cast<size_t>(p) * G * (kDim / 4);
+  for (int i = static_cast<int>(threadIdx.x); i < G * kDim / 4; i += kSplitThreads) q4[i] = qsrc[i];
+  __syncthreads();
+  for (int g = 0; g < G; ++g) {
+    float l[kRounds];
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      float d = 0.f;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        const float4 q = q4[g * (kDim / 4) + e * kLanes + sub];
+        d = fmaf(c[r][e].x, q.x, d);
+        d = fmaf(c[r][e].y, q.y, d);
+        d = fmaf(c[r][e].z, q.z, d);
+        d = fmaf(c[r][e].w, q.w, d);
+      }
+#pragma unroll
+      for (int o = kLanes / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      d *= kp.scale;
+      l[r] = js[r] < n ? d : -INFINITY;
+      if (js[r] < n && sub == g % kLanes) {
+        logits[(static_cast<size_t>(p) * G + g) * kp.max_clusters + js[r]] = d;
+      }
+    }
+    if (partials != nullptr) {  // block-uniform
+      float m = fmaxf(l[0], l[1]);
+#pragma unroll
+      for (int o = kLanes; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      float e = 0.f;
+#pragma unroll
+      for (int r = 0; r < kRounds; ++r) e += js[r] < n ? __expf(l[r] - m) : 0.f;
+#pragma unroll
+      for (int o = kLanes; o < 32; o <<= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
+      if (lane == 0) s_part[warp][g] = make_float2(m, e);
+    }
+  }
+  if (partials == nullptr) return;
+  __syncthreads();
+  for (int g = static_cast<int>(threadIdx.x); g < G; g += kSplitThreads) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, s_part[w][g].x);
+    float e = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      if (s_part[w][g].y > 0.f) e += s_part[w][g].y * __expf(s_part[w][g].x - m);
+    }
+    partials[(static_cast<size_t>(p) * gridDim.y + tile) * G + g] = make_float2(m, e);
+  }
+}
+
+namespace detail {
+
+/// Kernel arguments of a selection (any mode; logits mode is set by the split launcher).
+inline SelectKernelParams select_kernel_params(const ClusterSelectParams& p,
+                                               const ClusterSelectTensors& t) {
+  SelectKernelParams kp{};
+  kp.scores = t.scores;
+  kp.num_clusters = t.num_clusters;
+  kp.cluster_sizes = t.cluster_sizes;
+  kp.size_rows = t.cluster_size_rows;
+  kp.budgets = t.budgets;
+  kp.selected_ids = t.selected_ids;
+  kp.selected_rows = t.selected_rows;
+  kp.num_selected = t.num_selected;
+  kp.total_rows = t.total_rows;
+  kp.nonfinite_problem = t.nonfinite_problem;
+  kp.max_clusters = p.max_clusters;
+  kp.id_bits = cluster_id_bits(p.max_clusters);
+  kp.overflow = p.overflow;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  kp.aligned_rows = p.max_clusters % 4 == 0 && aligned(t.scores) && aligned(t.cluster_sizes) &&
+                    aligned(t.selected_ids) && aligned(t.selected_rows);
+  kp.group_size = p.group_size;
+  kp.aggregation = p.aggregation;
+  return kp;
+}
+
+/// Launches the block selection tier for p.max_clusters (<= kMaxBlockSortClusters) with `epi`.
+template <typename Epilogue>
+void launch_select_block(const ClusterSelectParams& p, const SelectKernelParams& kp,
+                         const Epilogue& epi, cudaStream_t stream) {
+  const int grid = p.num_problems;
+  if (p.max_clusters <= 256) {
+    select_clusters_block_kernel<128, 2><<<grid, 128, 0, stream>>>(kp, epi);
+  } else if (p.max_clusters <= 1024) {
+    select_clusters_block_kernel<256, 4><<<grid, 256, 0, stream>>>(kp, epi);
+  } else {
+    select_clusters_block_kernel<512, 8><<<grid, 512, 0, stream>>>(kp, epi);
+  }
+  KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel");
+}
+
+/// launch_score_select_split with an epilogue run by each problem's selection block once its
+/// selection is written (the engine builds its attention chunk lists there).
+template <typename Epilogue>
+void launch_score_select_split_with(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                                    void* workspace, size_t workspace_bytes, const Epilogue& epi,
+                                    cudaStream_t stream) {
+  const SplitLayout l = check_score_select_split(p, t, workspace, workspace_bytes);
+  if (p.num_problems == 0) return;
+  auto* base = static_cast<std::byte*>(workspace);
+  auto* logits = reinterpret_cast<float*>(base + l.logits);
+  auto* partials = reinterpret_cast<float2*>(base + l.partials);
+  launch_split_logits(p, t, logits, partials, stream);
+  SelectKernelParams kp = select_kernel_params(p, t);
+  kp.logits = logits;
+  kp.partials = partials;
+  kp.scores = nullptr;
+  kp.scores_out = t.scores;
+  launch_select_block(p, kp, epi, stream);
+}
+
+}  // namespace detail
 
 }  // namespace kvtier::kernels

@@ -73,7 +73,7 @@ void select_problem_ref(const ClusterSelectParams& p, const ClusterSelectTensors
   const int32_t n = t.num_clusters[problem];
   const size_t row = static_cast<size_t>(problem) * p.max_clusters;
   const float* s = t.scores + row;
-  const int32_t* sizes = t.cluster_sizes + row;
+  const int32_t* sizes = t.cluster_sizes + detail::size_row_offset(p, t, problem);
   int32_t* ids = t.selected_ids + row;
   int32_t* rows = t.selected_rows + row;
 
@@ -201,13 +201,13 @@ Status check_select_problem(const ClusterSelectParams& p, const ClusterSelectTen
     return problem_error(problem, "budget must be >= 0, got ", t.budgets[problem]);
   }
   const size_t row = static_cast<size_t>(problem) * p.max_clusters;
+  const int32_t* sizes = t.cluster_sizes + size_row_offset(p, t, problem);
   for (int32_t j = 0; j < n; ++j) {
     if (!std::isfinite(t.scores[row + j])) {
       return problem_error(problem, "score of cluster ", j, " is ", t.scores[row + j]);
     }
-    if (t.cluster_sizes[row + j] < 0) {
-      return problem_error(problem, "size of cluster ", j, " must be >= 0, got ",
-                           t.cluster_sizes[row + j]);
+    if (sizes[j] < 0) {
+      return problem_error(problem, "size of cluster ", j, " must be >= 0, got ", sizes[j]);
     }
   }
   return Status::ok();

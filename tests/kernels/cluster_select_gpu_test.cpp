@@ -5,6 +5,8 @@
 //                full-sort fallback, rows beyond 32 bits, unaligned rows)
 //   scoring      within rtol 1e-5 / atol 1e-6 of the reference (cached and recomputed logits,
 //                one or several head tiles)
+//   split        scoring folded into selection: scores within the split tolerance, the selection
+//                exactly the reference's on them; size rows read through an index; no scores
 //   pipeline     ids exactly the reference's on data whose logits are exact in fp32 (small
 //                integers, scale 1/8); on Gaussian data the GPU selection equals the reference
 //                selection of the GPU's own scores
@@ -46,6 +48,7 @@ struct Case {
   std::vector<int32_t> num_clusters, sizes, budgets;
   std::vector<float> scores;           // input of selection-only runs
   std::vector<int32_t> centroid_rows;  // optional: `centroids` is a table read through these
+  std::vector<int32_t> size_rows;      // optional: `sizes` is a table read through these
 
   std::string describe() const {
     std::ostringstream os;
@@ -223,6 +226,17 @@ void expect_same_selection(const Case& c, const Result& want, const Result& got,
   }
 }
 
+/// `scores` with the padding slots (j >= num_clusters) set to -inf, as scoring writes them (the
+/// split score-and-select writes only the valid ones).
+std::vector<float> with_padding(const Case& c, std::vector<float> scores) {
+  for (int32_t i = 0; i < c.p.num_problems; ++i) {
+    for (int32_t j = c.num_clusters[i]; j < c.p.max_clusters; ++j) {
+      scores[static_cast<size_t>(i) * c.p.max_clusters + j] = -kInf;
+    }
+  }
+  return scores;
+}
+
 /// fp32 tolerance of the style guide: |got - want| <= 1e-6 + 1e-5 |want|; padding exactly -inf.
 void expect_scores_close(const Case& c, const std::vector<float>& want,
                          const std::vector<float>& got, const std::vector<bool>& keep = {}) {
@@ -274,7 +288,15 @@ cuda::DeviceBuffer<T> upload_at(const std::vector<T>& v, size_t offset, T filler
   return upload(shifted, stream);
 }
 
-enum class GpuStep { kScore, kSelect, kScoreThenSelect, kBoth, kScoreSplit };
+enum class GpuStep {
+  kScore,
+  kSelect,
+  kScoreThenSelect,
+  kBoth,
+  kScoreSplit,
+  kScoreSelectSplit,         // launch_score_select_split, scores written
+  kScoreSelectSplitNoScores  // the same with t.scores null (scores stay poisoned)
+};
 
 /// Runs `step` on the device. kSelect reads c.scores; the others score c's queries and
 /// centroids. Outputs are poisoned first, so every slot the kernels should write is checked.
@@ -288,6 +310,7 @@ Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
   auto centroids = upload(c.centroids, s);
   auto centroid_rows =
       upload(c.centroid_rows.empty() ? std::vector<int32_t>{0} : c.centroid_rows, s);
+  auto size_rows = upload(c.size_rows.empty() ? std::vector<int32_t>{0} : c.size_rows, s);
   auto num_clusters = upload(c.num_clusters, s);
   auto sizes = upload_at(c.sizes, misalign, int32_t{0}, s);
   auto budgets = upload(c.budgets, s);
@@ -305,6 +328,7 @@ Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
   t.centroid_rows = c.centroid_rows.empty() ? nullptr : centroid_rows.get();
   t.num_clusters = num_clusters.get();
   t.cluster_sizes = sizes.get() + misalign;
+  t.cluster_size_rows = c.size_rows.empty() ? nullptr : size_rows.get();
   t.budgets = budgets.get();
   t.scores = scores.get() + misalign;
   t.selected_ids = ids.get() + misalign;
@@ -323,6 +347,15 @@ Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
       cuda::DeviceBuffer<std::byte> logits(std::max<size_t>(bytes, 1), 0);
       launch_score_clusters_split(c.p, t, logits.get(), bytes, s);
       stream.synchronize();  // the logits buffer is freed below
+      break;
+    }
+    case GpuStep::kScoreSelectSplit:
+    case GpuStep::kScoreSelectSplitNoScores: {
+      if (step == GpuStep::kScoreSelectSplitNoScores) t.scores = nullptr;
+      const size_t bytes = score_select_split_workspace_bytes(c.p);
+      cuda::DeviceBuffer<std::byte> split_ws(std::max<size_t>(bytes, 1), 0);
+      launch_score_select_split(c.p, t, split_ws.get(), bytes, s);
+      stream.synchronize();  // the workspace is freed below
       break;
     }
     case GpuStep::kSelect:
@@ -648,6 +681,80 @@ TEST_P(ClusterSelectGpuScore, SplitPathMatchesReferenceWithinTolerance) {
     EXPECT_EQ(got.nonfinite_problem, -1) << c.describe();
     expect_scores_close(c, ref_scores(c).scores, got.scores);
   }
+#endif
+}
+
+TEST_P(ClusterSelectGpuScore, SplitScoreSelectEqualsReferenceOnItsScores) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Scores aggregated inside the selection block: within the split tolerance of the reference,
+  // and the selection exactly the reference's on those scores (every block tier).
+  const auto [head_dim, G, agg] = GetParam();
+  for (const int32_t k : {1, 37, 300, 1000, 2050, 4096}) {
+    for (const auto overflow : {BudgetOverflow::kTruncate, BudgetOverflow::kSkip}) {
+      Case c = make_case(6, G, head_dim, k, agg, overflow,
+                         test::test_seed() + head_dim + G * 1000 + k + 13);
+      const Result got = run_on_gpu(c, GpuStep::kScoreSelectSplit);
+      EXPECT_EQ(got.nonfinite_problem, -1) << c.describe();
+      expect_scores_close(c, ref_scores(c).scores, with_padding(c, got.scores));
+      expect_same_selection(c, ref_select(c, got.scores), got);
+    }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuScoreEdge, SplitScoreSelectIdsEqualReferenceOnExactLogits) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // As IdsEqualReferenceOnExactLogits: integer data, scale 1/8, so the ranking is exact.
+  for (const auto agg : {ScoreAggregation::kSoftmaxSum, ScoreAggregation::kMax}) {
+    for (const int32_t k : {300, 4096}) {
+      const int32_t G = agg == ScoreAggregation::kMax ? 8 : 1;
+      Case c = make_case(12, G, 128, k, agg, BudgetOverflow::kTruncate, test::test_seed() + k,
+                         Data::kSmallIntegers);
+      c.p.scale = 0.125f;
+      const Result got = run_on_gpu(c, GpuStep::kScoreSelectSplitNoScores);
+      EXPECT_EQ(got.nonfinite_problem, -1);
+      expect_same_selection(c, ref_pipeline(c), got);
+    }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuScoreEdge, SplitScoreSelectReadsSizeRowsAndFlagsNonFinite) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  Case c = make_case(5, 4, 128, 700, ScoreAggregation::kSoftmaxSum, BudgetOverflow::kTruncate,
+                     test::test_seed() + 17);
+  const Result want = run_on_gpu(c, GpuStep::kScoreSelectSplit);
+  // The same sizes as rows of a larger table, read through size_rows (rows 0 and 1 unused).
+  Case d = c;
+  const size_t row = static_cast<size_t>(c.p.max_clusters);
+  std::vector<int32_t> table((c.p.num_problems + 2) * row, 999);
+  for (int32_t p = 0; p < c.p.num_problems; ++p) {
+    d.size_rows.push_back(c.p.num_problems + 1 - p);
+    std::copy_n(c.sizes.begin() + p * row, row, table.begin() + d.size_rows[p] * row);
+  }
+  d.sizes = table;
+  const Result got = run_on_gpu(d, GpuStep::kScoreSelectSplitNoScores);
+  EXPECT_EQ(got.nonfinite_problem, -1);
+  expect_same_selection(c, want, got);
+  EXPECT_EQ(got.scores, std::vector<float>(c.p.num_problems * row, 7.f));  // not written
+  // A non-finite query: that problem selects nothing and is flagged; the others are unchanged.
+  c.queries[2 * 4 * 128 + 5] = kInf;
+  const Result bad = run_on_gpu(c, GpuStep::kScoreSelectSplit);
+  EXPECT_EQ(bad.nonfinite_problem, 2);
+  EXPECT_EQ(bad.num_selected[2], 0);
+  EXPECT_EQ(bad.total_rows[2], 0);
+  for (const int32_t p : {0, 1, 3, 4}) {
+    EXPECT_EQ(bad.num_selected[p], want.num_selected[p]) << "problem " << p;
+    EXPECT_EQ(bad.total_rows[p], want.total_rows[p]) << "problem " << p;
+  }
+  // Limits are checked on the host.
+  Case big = make_case(1, 4, 128, kMaxBlockSortClusters + 4, ScoreAggregation::kSoftmaxSum,
+                       BudgetOverflow::kTruncate, 1);
+  ClusterSelectTensors t;
+  EXPECT_THROW(launch_score_select_split(big.p, t, nullptr, 0, nullptr), InvalidArgumentError);
 #endif
 }
 

@@ -472,6 +472,34 @@ TEST(ClusterSelectCentroidRows, IndirectRowsScoreLikeContiguousRows) {
   }
 }
 
+// Likewise for cluster sizes read through cluster_size_rows: the same selection on both CPU
+// paths as with the contiguous sizes (the unused rows hold -1, which would be an error).
+TEST(ClusterSelectCentroidRows, IndirectSizeRowsSelectLikeContiguousRows) {
+  Case c = make_case(6, 4, 128, 50, ScoreAggregation::kSoftmaxSum, BudgetOverflow::kTruncate,
+                     test::test_seed() + 98);
+  Result want;
+  score_and_select_clusters_ref(c.p, tensors(c, want));
+  const size_t row = static_cast<size_t>(c.p.max_clusters);
+  const int32_t P = c.p.num_problems;
+  std::vector<int32_t> table((P + 2) * row, -1), rows(P);
+  for (int32_t p = 0; p < P; ++p) {
+    rows[p] = P + 1 - p;
+    std::copy_n(c.sizes.begin() + p * row, row, table.begin() + rows[p] * row);
+  }
+  for (const bool fast : {false, true}) {
+    Result got;
+    ClusterSelectTensors t = tensors(c, got);
+    t.cluster_sizes = table.data();
+    t.cluster_size_rows = rows.data();
+    if (fast) {
+      score_and_select_clusters_cpu(c.p, t);
+    } else {
+      score_and_select_clusters_ref(c.p, t);
+    }
+    expect_same_selection(want, got, (fast ? "cpu " : "ref ") + c.describe());
+  }
+}
+
 class ClusterSelectCpu
     : public ::testing::TestWithParam<std::tuple<int, int, ScoreAggregation, BudgetOverflow>> {};
 
