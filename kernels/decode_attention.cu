@@ -228,7 +228,7 @@ void launch_decode_attention(const DecodeAttentionParams& p, const DecodeAttenti
                              cudaStream_t stream) {
   const Plan plan = make_plan(p, max_rows_per_problem);
   detail::check_decode_attention_tensors(p, t);
-  const ChunkedRows rows{t.chunks, t.chunk_indptr};
+  const ChunkedRows rows{t.chunks, t.chunk_indptr, t.chunk_end};
   launch_impl(p, plan, rows, t.q, t.out, t.lse, workspace, workspace_bytes, stream);
 }
 

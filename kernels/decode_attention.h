@@ -61,6 +61,10 @@ struct DecodeAttentionTensors {
   const int32_t* chunk_indptr = nullptr;
   void* out = nullptr;   ///< [num_seqs, num_q_heads, head_dim] of dtype
   float* lse = nullptr;  ///< optional [num_seqs, num_q_heads]; see below
+  /// Optional [num_seqs * num_kv_heads]: problem p's chunks are [indptr[p], chunk_end[p]) instead,
+  /// so the problems' lists need not be adjacent (a builder that writes each problem's list into
+  /// a fixed region of its own needs no scan over the problems; indptr[p + 1] is then not read).
+  const int32_t* chunk_end = nullptr;
 };
 
 /// The arrays of a dense call: every problem's rows are contiguous at a fixed stride.
@@ -94,9 +98,10 @@ float decode_attention_scale(const DecodeAttentionParams& p);
 // ---- CPU (host pointers) ----
 //
 // Both CPU paths validate the chunk lists before reading anything: indptr[0] >= 0 and
-// non-decreasing, chunk num_rows >= 0, k and v non-null for a non-empty chunk. A bad value throws
-// InvalidArgumentError naming the problem and chunk ("problem 3: chunk 17 has num_rows -2").
-// Fused copies (k_copy/v_copy) are done by both: each row exactly once.
+// non-decreasing (with chunk_end: each indptr[p] >= 0 and chunk_end[p] >= indptr[p]), chunk
+// num_rows >= 0, k and v non-null for a non-empty chunk. A bad value throws InvalidArgumentError
+// naming the problem and chunk ("problem 3: chunk 17 has num_rows -2"). Fused copies
+// (k_copy/v_copy) are done by both: each row exactly once.
 
 /// Reference: every (sequence, query head) separately, logits and sums in double.
 void decode_attention_ref(const DecodeAttentionParams& p, const DecodeAttentionTensors& t);
@@ -151,6 +156,10 @@ void launch_dense_decode_attention(const DecodeAttentionParams& p, const DenseDe
 #endif
 
 namespace detail {
+/// End of problem p's chunk list: chunk_end[p] when given, else chunk_indptr[p + 1].
+inline int32_t chunk_list_end(const DecodeAttentionTensors& t, int32_t problem) {
+  return t.chunk_end != nullptr ? t.chunk_end[problem] : t.chunk_indptr[problem + 1];
+}
 /// Throws InvalidArgumentError when q, out, chunks or chunk_indptr is null while there is work.
 void check_decode_attention_tensors(const DecodeAttentionParams& p,
                                     const DecodeAttentionTensors& t);

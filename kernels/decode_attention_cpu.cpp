@@ -70,7 +70,7 @@ void run_piece(const DecodeAttentionParams& p, const DecodeAttentionTensors& t, 
   }
   int64_t chunk_begin = 0;  // first row of chunk c within the problem
   for (int32_t c = t.chunk_indptr[pc.problem];
-       c < t.chunk_indptr[pc.problem + 1] && chunk_begin < pc.end; ++c) {
+       c < detail::chunk_list_end(t, pc.problem) && chunk_begin < pc.end; ++c) {
     const KvChunk& ch = t.chunks[c];
     const int64_t lo = std::max(pc.begin, chunk_begin);
     const int64_t hi = std::min(pc.end, chunk_begin + ch.num_rows);

@@ -31,7 +31,8 @@ struct AttentionKernelParams {
 /// Rows from a chunk list (KvChunk, chunk_indptr).
 struct ChunkedRows {
   const KvChunk* chunks;        // all problems' chunks
-  const int32_t* chunk_indptr;  // [num_problems + 1]
+  const int32_t* chunk_indptr;  // [num_problems + 1] ([num_problems] with chunk_end)
+  const int32_t* chunk_end;     // [num_problems] or null: ends of the lists
 };
 
 /// Rows from a dense layout.
@@ -189,7 +190,7 @@ class ChunkCursor {
                          int lane)
       : chunks_(src.chunks), lane_(lane) {
     begin_ = __ldg(src.chunk_indptr + problem);
-    end_ = __ldg(src.chunk_indptr + problem + 1);
+    end_ = __ldg((src.chunk_end != nullptr ? src.chunk_end : src.chunk_indptr + 1) + problem);
     if (end_ < begin_) end_ = begin_;
   }
 

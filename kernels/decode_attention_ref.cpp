@@ -54,10 +54,17 @@ void check_chunk_lists(const DecodeAttentionParams& p, const DecodeAttentionTens
   const int32_t* indptr = t.chunk_indptr;
   KVTIER_CHECK(indptr[0] >= 0, "chunk_indptr[0] must be >= 0, got ", indptr[0]);
   for (int32_t i = 0; i < problems; ++i) {
-    KVTIER_CHECK(indptr[i + 1] >= indptr[i], "chunk_indptr[", i + 1, "] = ", indptr[i + 1],
-                 " is below chunk_indptr[", i, "] = ", indptr[i], " (problem ", i, ")");
+    const int32_t end = chunk_list_end(t, i);
+    if (t.chunk_end != nullptr) {
+      KVTIER_CHECK(indptr[i] >= 0, "chunk_indptr[", i, "] must be >= 0, got ", indptr[i]);
+      KVTIER_CHECK(end >= indptr[i], "chunk_end[", i, "] = ", end, " is below chunk_indptr[", i,
+                   "] = ", indptr[i]);
+    } else {
+      KVTIER_CHECK(end >= indptr[i], "chunk_indptr[", i + 1, "] = ", end, " is below chunk_indptr[",
+                   i, "] = ", indptr[i], " (problem ", i, ")");
+    }
     int64_t rows = 0;
-    for (int32_t c = indptr[i]; c < indptr[i + 1]; ++c) {
+    for (int32_t c = indptr[i]; c < end; ++c) {
       const KvChunk& ch = t.chunks[c];
       KVTIER_CHECK(ch.num_rows >= 0, "problem ", i, ": chunk ", c, " has num_rows ", ch.num_rows);
       KVTIER_CHECK(ch.num_rows == 0 || (ch.k != nullptr && ch.v != nullptr), "problem ", i,
@@ -129,7 +136,7 @@ void decode_attention_ref(const DecodeAttentionParams& p, const DecodeAttentionT
     // The problem's rows, in chunk order.
     k_rows.clear();
     v_rows.clear();
-    for (int32_t c = t.chunk_indptr[i]; c < t.chunk_indptr[i + 1]; ++c) {
+    for (int32_t c = t.chunk_indptr[i]; c < detail::chunk_list_end(t, i); ++c) {
       const KvChunk& ch = t.chunks[c];
       for (int32_t r = 0; r < ch.num_rows; ++r) {
         k_rows.push_back(static_cast<const std::byte*>(ch.k) + static_cast<size_t>(r) * row_bytes);
@@ -171,7 +178,7 @@ void decode_attention_ref(const DecodeAttentionParams& p, const DecodeAttentionT
   }
   // Fused fetch: every row of a chunk with a destination lands there, once.
   for (int32_t i = 0; i < problems; ++i) {
-    for (int32_t c = t.chunk_indptr[i]; c < t.chunk_indptr[i + 1]; ++c) {
+    for (int32_t c = t.chunk_indptr[i]; c < detail::chunk_list_end(t, i); ++c) {
       const KvChunk& ch = t.chunks[c];
       const size_t bytes = static_cast<size_t>(ch.num_rows) * row_bytes;
       if (ch.k_copy != nullptr && bytes > 0) std::memcpy(ch.k_copy, ch.k, bytes);

@@ -53,7 +53,8 @@ struct Case {
   std::vector<std::byte> q, k_pool, v_pool;
   std::vector<KvChunk> chunks;
   std::vector<int32_t> indptr;
-  std::vector<int64_t> rows;  // per problem
+  std::vector<int32_t> chunk_end;  // optional: list ends (lists in separate regions)
+  std::vector<int64_t> rows;       // per problem
 
   int64_t max_rows() const {
     return rows.empty() ? 0 : *std::max_element(rows.begin(), rows.end());
@@ -181,6 +182,7 @@ Result run_ref(const Case& c) {
   t.q = c.q.data();
   t.chunks = c.chunks.data();
   t.chunk_indptr = c.indptr.data();
+  t.chunk_end = c.chunk_end.empty() ? nullptr : c.chunk_end.data();
   t.out = r.out.data();
   t.lse = r.lse.data();
   decode_attention_ref(c.p, t);
@@ -273,6 +275,7 @@ Result launch(const Case& c, const DeviceCase& d, const std::vector<KvChunk>& de
   const cudaStream_t s = stream.get();
   auto chunks = upload(device_chunks, s);
   auto indptr = upload(c.indptr, s);
+  auto ends = upload(c.chunk_end.empty() ? std::vector<int32_t>{0} : c.chunk_end, s);
   cuda::DeviceBuffer<std::byte> out(std::max<size_t>(c.out_elems() * dtype_size(c.p.dtype), 1), 0);
   cuda::DeviceBuffer<float> lse(std::max<size_t>(c.out_rows(), 1), 0);
   cuda::memset_async(out.get(), 0xff, out.size_bytes(), s);
@@ -284,6 +287,7 @@ Result launch(const Case& c, const DeviceCase& d, const std::vector<KvChunk>& de
   t.q = d.q.get();
   t.chunks = chunks.get();
   t.chunk_indptr = indptr.get();
+  t.chunk_end = c.chunk_end.empty() ? nullptr : ends.get();
   t.out = out.get();
   t.lse = lse.get();
   launch_decode_attention(c.p, t, c.max_rows(), ws_bytes ? ws.get() : nullptr, ws_bytes, s);
@@ -343,6 +347,37 @@ TEST(DecodeAttentionGpuLayouts, PagedBatchOfSparseProblems) {
   for (const int32_t splits : {0, 1, 3}) {
     c.p.num_splits = splits;
     expect_close(c, want, run_on_gpu(c), "gpu vs ref");
+  }
+#endif
+}
+
+TEST(DecodeAttentionGpuLayouts, ListsInSeparateRegionsWithEnds) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Each problem's list in a region of its own, in reverse problem order, with poison chunks
+  // (rows but no data) between them: through chunk_indptr + chunk_end, the same results as the
+  // adjacent lists, on the reference and the GPU.
+  Case c = make_case(3, 4, 4, 128, DType::kBF16, Layout::kPages, 900, test::test_seed() + 5, 2.f);
+  const Result want = run_ref(c);
+  Case d = c;
+  const int32_t problems = c.p.num_seqs * c.p.num_kv_heads;
+  KvChunk poison = c.chunks[0];  // a valid address, far too many rows
+  poison.num_rows = 1 << 20;
+  d.chunks.clear();
+  d.indptr.assign(problems, 0);
+  d.chunk_end.assign(problems, 0);
+  for (int32_t i = problems - 1; i >= 0; --i) {
+    d.chunks.insert(d.chunks.end(), 3, poison);
+    d.indptr[i] = static_cast<int32_t>(d.chunks.size());
+    d.chunks.insert(d.chunks.end(), c.chunks.begin() + c.indptr[i],
+                    c.chunks.begin() + c.indptr[i + 1]);
+    d.chunk_end[i] = static_cast<int32_t>(d.chunks.size());
+  }
+  d.chunks.push_back(poison);
+  expect_close(d, want, run_ref(d), "ref with chunk_end vs adjacent lists");
+  for (const int32_t splits : {0, 1, 4}) {
+    d.p.num_splits = splits;
+    expect_close(d, want, run_on_gpu(d), "gpu with chunk_end vs adjacent lists");
   }
 #endif
 }
