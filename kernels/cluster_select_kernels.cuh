@@ -927,7 +927,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 /// Grid: block.x = problem, 256 threads striding over its max_clusters slots. Writes the keys of
 /// the segmented sort (0 for padding), the segment offsets, and whether a valid score is not
 /// finite.
-__global__ void __launch_bounds__(256)
+static __global__ void __launch_bounds__(256)
     build_select_keys_kernel(SelectKernelParams kp, int num_problems, uint64_t* keys,
                              int32_t* offsets, int32_t* problem_bad) {
   using namespace cluster_select_device;

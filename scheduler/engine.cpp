@@ -501,8 +501,8 @@ struct Engine::Impl {
   std::shared_ptr<Job> step_append;         // the previous step's append job
 
   // Decode scratch (device on kCuda, host on kCpu), grown on demand.
-  Buffer q32, sizes_batch, scores, sel_ids, sel_rows, num_sel, total_rows, select_ws, attn_ws,
-      segments_dev, chunk_buf, build_misc, policy_dev;
+  Buffer q32, scores, sel_ids, sel_rows, num_sel, total_rows, select_ws, attn_ws, segments_dev,
+      chunk_buf, build_misc, policy_dev;
   // kCuda recall decode (fixed once allocated): the call upload, the queries and output in
   // engine memory, the attention workspace, and one graph per (layer, batch problems).
   Buffer call_params, q_own, out_own, rattn_ws;
@@ -1967,7 +1967,6 @@ void Engine::Impl::ensure_recall_scratch() {
   out_own = alloc(qn * dtype_size(dtype));
   q32 = alloc(qn * 4);
   const size_t slots = mp * cap_c;
-  sizes_batch = alloc(slots * 4);
   scores = alloc(slots * 4);
   sel_ids = alloc(slots * 4);
   sel_rows = alloc(slots * 4);
@@ -1977,7 +1976,8 @@ void Engine::Impl::ensure_recall_scratch() {
   for (int32_t B = 1; B <= cfg.max_batch; ++B) {
     const kernels::ClusterSelectParams sp = select_params(B * Hkv);
     sws = std::max({sws, kernels::score_clusters_split_workspace_bytes(sp),
-                    kernels::select_clusters_workspace_bytes(sp)});
+                    kernels::select_clusters_workspace_bytes(sp),
+                    kernels::score_select_split_workspace_bytes(sp)});
     const kernels::DecodeAttentionParams ap = attention_params(B);
     aws = std::max(aws, kernels::decode_attention_workspace_bytes(ap, recall_max_rows()));
   }
@@ -1998,36 +1998,45 @@ void Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t str
   t.centroids = centroid_table.as<float>();
   t.centroid_rows = r.crow;
   t.num_clusters = r.ncl;
-  t.cluster_sizes = sizes_batch.as<int32_t>();
+  t.cluster_sizes = size_table.as<int32_t>();  // the layer's table, read in place
+  t.cluster_size_rows = r.crow;
   t.budgets = r.budgets;
-  t.scores = scores.as<float>();
   t.selected_ids = sel_ids.as<int32_t>();
   t.selected_rows = sel_rows.as<int32_t>();
   t.num_selected = num_sel.as<int32_t>();
   t.total_rows = total_rows.as<int32_t>();
-  // Scoring split over many blocks per problem (a batch of one sequence has only Hkv problems),
-  // then selection.
-  kernels::launch_score_clusters_split(r.sp, t, select_ws.get(), select_ws.size(), stream);
-  kernels::launch_select_clusters(r.sp, t, select_ws.get(), select_ws.size(), stream);
-  // Chunks on the device; the step record for the cache policy.
+  // Chunks on the device, each problem's list in its own region; the step record for the cache
+  // policy.
   scheduler::ChunkBuildParams bp = r.bp;
   bp.problems = r.problems;
   bp.num_sel = num_sel.as<int32_t>();
   bp.sel_ids = sel_ids.as<int32_t>();
   bp.sel_rows = sel_rows.as<int32_t>();
-  bp.counts = build_misc.as<int32_t>();
+  bp.chunk_end = build_misc.as<int32_t>();
   bp.stats = build_misc.as<int32_t>() + P;
   bp.indptr = build_misc.as<int32_t>() + 5 * P;
   bp.chunks = chunk_buf.as<kernels::KvChunk>();
+  bp.chunk_stride = static_cast<int32_t>(chunks_per_problem());
   bp.record =
       rec_dev.as<int32_t>() + static_cast<size_t>(recall_index[r.layer]) * max_problems * rec_cols;
   bp.record_base = &r.call->record_base;
   bp.record_cols = rec_cols;
-  scheduler::launch_build_recall_chunks(bp, stream);
+  if (cap_c <= kernels::kMaxBlockSortClusters) {
+    // Scoring split over many blocks per problem (a batch of one sequence has only Hkv problems);
+    // the scores are aggregated, the clusters selected and the chunks built by one block per
+    // problem.
+    scheduler::launch_recall_select_build(r.sp, t, select_ws.get(), select_ws.size(), bp, stream);
+  } else {  // more clusters than one block selects: scores, a segmented sort, then the chunks
+    t.scores = scores.as<float>();
+    kernels::launch_score_clusters_split(r.sp, t, select_ws.get(), select_ws.size(), stream);
+    kernels::launch_select_clusters(r.sp, t, select_ws.get(), select_ws.size(), stream);
+    scheduler::launch_build_recall_chunks(bp, stream);
+  }
   kernels::DecodeAttentionTensors at;
   at.q = q_own.get();
   at.chunks = bp.chunks;
   at.chunk_indptr = bp.indptr;
+  at.chunk_end = bp.chunk_end;
   at.out = out_own.get();
   kernels::launch_decode_attention(r.ap, at, recall_max_rows(), rattn_ws.get(), rattn_ws.size(),
                                    stream);
@@ -2040,14 +2049,11 @@ scheduler::RecallPrologueParams Engine::Impl::prologue_params(const RecallLaunch
   pp.num_problems = r.P;
   pp.q_per_problem = G * D;
   pp.row_bytes = static_cast<int32_t>(rowb);
-  pp.cols = cap_c;
   pp.dtype = dtype;
   pp.call_bytes = r.call_bytes;
   pp.off_rows = r.off_rows;
   pp.off_dst = r.off_dst;
   pp.call_block = call_params.get();
-  pp.size_table = size_table.as<int32_t>();
-  pp.sizes_out = sizes_batch.as<int32_t>();
   pp.q_copy = q_own.get();
   pp.q32 = q32.as<float>();
   return pp;

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cluster_select_kernels.cuh"
 #include "memory/core/check.h"
 #include "scheduler/engine_kernels.h"
 
@@ -24,22 +25,6 @@ __device__ __forceinline__ float as_float(T v) {
   } else {
     return v;
   }
-}
-
-template <typename T>
-__global__ void to_f32_kernel(const T* __restrict__ q, int64_t count, float* __restrict__ out) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = as_float(q[i]);
-}
-
-// grid: (num_rows), block 256.
-__global__ void gather_table_rows_kernel(const int32_t* __restrict__ table,
-                                         const int32_t* __restrict__ rows, int32_t cols,
-                                         int32_t* __restrict__ out) {
-  const int32_t* src = table + static_cast<size_t>(rows[blockIdx.x]) * cols;
-  int32_t* dst = out + static_cast<size_t>(blockIdx.x) * cols;
-  for (int j = threadIdx.x; j < cols; j += blockDim.x) dst[j] = src[j];
 }
 
 // grid: (count, 2), block 64: 16-byte pieces of one row.
@@ -75,7 +60,6 @@ __global__ void __launch_bounds__(256)
   }
   const RecallCall& c = *reinterpret_cast<const RecallCall*>(src);
   void* const* dst = reinterpret_cast<void* const*>(src + p.off_dst);
-  const int32_t row = reinterpret_cast<const int32_t*>(src + p.off_rows)[pi];
   const size_t q0 = static_cast<size_t>(pi) * p.q_per_problem;
   const T* q = static_cast<const T*>(c.q) + q0;
   T* qc = static_cast<T*>(p.q_copy) + q0;
@@ -98,9 +82,6 @@ __global__ void __launch_bounds__(256)
     ksd[i] = a;
     vsd[i] = b;
   }
-  const int32_t* sizes = p.size_table + static_cast<size_t>(row) * p.cols;
-  int32_t* out = p.sizes_out + static_cast<size_t>(pi) * p.cols;
-  for (int j = threadIdx.x; j < p.cols; j += blockDim.x) out[j] = sizes[j];
 }
 
 // grid: enough blocks of 256 for out_bytes / 16.
@@ -228,30 +209,6 @@ void launch_recall_epilogue(const RecallCall* call, const void* src, size_t out_
   KVTIER_CUDA_CHECK_LAUNCH("engine recall_epilogue_kernel");
 }
 
-void launch_to_f32(const void* q, DType dtype, int64_t count, float* out, cudaStream_t stream) {
-  if (count == 0) return;
-  const int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 1024));
-  switch (dtype) {
-    case DType::kF32:
-      to_f32_kernel<<<blocks, 256, 0, stream>>>(static_cast<const float*>(q), count, out);
-      break;
-    case DType::kF16:
-      to_f32_kernel<<<blocks, 256, 0, stream>>>(static_cast<const __half*>(q), count, out);
-      break;
-    case DType::kBF16:
-      to_f32_kernel<<<blocks, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(q), count, out);
-      break;
-  }
-  KVTIER_CUDA_CHECK_LAUNCH("engine to_f32_kernel");
-}
-
-void launch_gather_table_rows(const int32_t* table, const int32_t* rows, int32_t num_rows,
-                              int32_t cols, int32_t* out, cudaStream_t stream) {
-  if (num_rows == 0) return;
-  gather_table_rows_kernel<<<num_rows, 256, 0, stream>>>(table, rows, cols, out);
-  KVTIER_CUDA_CHECK_LAUNCH("engine gather_table_rows_kernel");
-}
-
 void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, int32_t count,
                         int32_t row_bytes, void* const* k_dst, void* const* v_dst,
                         cudaStream_t stream) {
@@ -271,93 +228,87 @@ namespace {
 
 constexpr int kBuildThreads = 256;
 
-// grid: (P), block kBuildThreads: chunk count and stats of problem p.
-__global__ void __launch_bounds__(kBuildThreads) count_chunks_kernel(ChunkBuildParams p) {
-  const int pi = blockIdx.x;
+/// Problem pi's chunk list, built by a whole block of kThreads threads after its selection is
+/// written: [resident rows | each selected cluster's cache pages (a hit) or host pages (a miss) |
+/// the window's ring runs] at chunks + pi * chunk_stride, indptr[pi] and chunk_end[pi] its
+/// bounds; then the problem's row of the step record. Begins with a barrier (the selection may
+/// have been written by other threads of the block).
+template <int kThreads>
+__device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
+  using Scan = cub::BlockScan<int32_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int32_t s_base, s_stats[4];
+  __syncthreads();
   const RecallProblem pr = p.problems[pi];
-  const int32_t n = p.num_sel[pi];
-  int32_t chunks = 0, hits = 0, misses = 0, host_rows = 0, rows_total = 0;
-  for (int32_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const size_t si = static_cast<size_t>(pi) * p.sel_stride + j;
-    const int32_t rows = p.sel_rows[si];
-    bool hit = false;
-    chunks += detail::cluster_chunks(p, pr, p.sel_ids[si], rows, nullptr, &hit);
-    hits += hit ? 1 : 0;
-    misses += hit ? 0 : 1;
-    host_rows += hit ? 0 : rows;
-    rows_total += rows;
-  }
-  using Reduce = cub::BlockReduce<int32_t, kBuildThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  const int32_t c = Reduce(tmp).Sum(chunks);
-  __syncthreads();
-  const int32_t h = Reduce(tmp).Sum(hits);
-  __syncthreads();
-  const int32_t m = Reduce(tmp).Sum(misses);
-  __syncthreads();
-  const int32_t hr = Reduce(tmp).Sum(host_rows);
-  __syncthreads();
-  const int32_t rt = Reduce(tmp).Sum(rows_total);
+  kernels::KvChunk* out = p.chunks + static_cast<size_t>(pi) * p.chunk_stride;
+  if (threadIdx.x < 4) s_stats[threadIdx.x] = 0;
   if (threadIdx.x == 0) {
-    p.counts[pi] = c + (pr.res_rows > 0 ? 1 : 0) + detail::window_chunks(p, pr, nullptr);
-    int32_t* st = p.stats + 4 * pi;
-    st[0] = h;
-    st[1] = m;
-    st[2] = hr;
-    st[3] = rt + static_cast<int32_t>(pr.res_rows + pr.win_rows);
-  }
-}
-
-// grid: (P), block kBuildThreads: writes problem p's chunks after those of problems < p.
-__global__ void __launch_bounds__(kBuildThreads) write_chunks_kernel(ChunkBuildParams p) {
-  const int pi = blockIdx.x;
-  const RecallProblem pr = p.problems[pi];
-  using Reduce = cub::BlockReduce<int32_t, kBuildThreads>;
-  using Scan = cub::BlockScan<int32_t, kBuildThreads>;
-  __shared__ union {
-    typename Reduce::TempStorage reduce;
-    typename Scan::TempStorage scan;
-  } tmp;
-  __shared__ int32_t base;
-  int32_t before = 0;
-  for (int q = threadIdx.x; q < pi; q += blockDim.x) before += p.counts[q];
-  const int32_t off = Reduce(tmp.reduce).Sum(before);
-  if (threadIdx.x == 0) {
-    p.indptr[pi] = off;
-    if (pi == p.num_problems - 1) p.indptr[pi + 1] = off + p.counts[pi];
-    base = off;
-    if (pr.res_rows > 0) p.chunks[base++] = detail::make_chunk(pr.res_k, pr.res_v, pr.res_rows);
+    s_base = 0;
+    if (pr.res_rows > 0) out[s_base++] = detail::make_chunk(pr.res_k, pr.res_v, pr.res_rows);
   }
   __syncthreads();
   const int32_t n = p.num_sel[pi];
-  for (int32_t t0 = 0; t0 < n; t0 += blockDim.x) {
-    const int32_t j = t0 + threadIdx.x;
+  const size_t sel = static_cast<size_t>(pi) * p.sel_stride;
+  int32_t hits = 0, misses = 0, host_rows = 0, rows_total = 0;
+  for (int32_t t0 = 0; t0 < n; t0 += kThreads) {  // block-uniform trip count
+    const int32_t j = t0 + static_cast<int32_t>(threadIdx.x);
     int32_t c = 0, rows = 0, id = 0;
     bool hit = false;
     if (j < n) {
-      const size_t si = static_cast<size_t>(pi) * p.sel_stride + j;
-      rows = p.sel_rows[si];
-      id = p.sel_ids[si];
+      rows = p.sel_rows[sel + j];
+      id = p.sel_ids[sel + j];
       c = detail::cluster_chunks(p, pr, id, rows, nullptr, &hit);
+      hits += hit ? 1 : 0;
+      misses += hit ? 0 : 1;
+      host_rows += hit ? 0 : rows;
+      rows_total += rows;
     }
     int32_t excl, total;
+    __syncthreads();  // scan is free again (after the first tile)
+    Scan(scan).ExclusiveSum(c, excl, total);
+    if (j < n) detail::cluster_chunks(p, pr, id, rows, out + s_base + excl, &hit);
     __syncthreads();
-    Scan(tmp.scan).ExclusiveSum(c, excl, total);
-    if (j < n) detail::cluster_chunks(p, pr, id, rows, p.chunks + base + excl, &hit);
-    __syncthreads();
-    if (threadIdx.x == 0) base += total;
-    __syncthreads();
+    if (threadIdx.x == 0) s_base += total;
   }
-  if (threadIdx.x == 0) detail::window_chunks(p, pr, p.chunks + base);
+  const int32_t v[4] = {hits, misses, host_rows, rows_total};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int32_t w =
+        static_cast<int32_t>(__reduce_add_sync(0xffffffffu, static_cast<unsigned>(v[i])));
+    if ((threadIdx.x & 31) == 0 && w != 0) atomicAdd(&s_stats[i], w);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int32_t count = s_base + detail::window_chunks(p, pr, out + s_base);
+    const int32_t begin = static_cast<int32_t>(static_cast<int64_t>(pi) * p.chunk_stride);
+    p.indptr[pi] = begin;
+    p.chunk_end[pi] = begin + count;
+    s_stats[3] += static_cast<int32_t>(pr.res_rows + pr.win_rows);
+    for (int i = 0; i < 4; ++i) p.stats[4 * pi + i] = s_stats[i];
+  }
   if (p.record != nullptr) {
+    __syncthreads();
     int32_t* rec = p.record + static_cast<size_t>(*p.record_base + pi) * p.record_cols;
     if (threadIdx.x == 0) rec[0] = n;
-    if (threadIdx.x < 4) rec[1 + threadIdx.x] = p.stats[4 * pi + threadIdx.x];
+    if (threadIdx.x < 4) rec[1 + threadIdx.x] = s_stats[threadIdx.x];
     const int32_t ids = n < p.record_cols - 5 ? n : p.record_cols - 5;
-    for (int32_t j = threadIdx.x; j < ids; j += blockDim.x)
-      rec[5 + j] = p.sel_ids[static_cast<size_t>(pi) * p.sel_stride + j];
+    for (int32_t j = threadIdx.x; j < ids; j += kThreads) rec[5 + j] = p.sel_ids[sel + j];
   }
 }
+
+// grid: (P), block kBuildThreads.
+__global__ void __launch_bounds__(kBuildThreads) build_chunks_kernel(ChunkBuildParams p) {
+  build_problem_chunks<kBuildThreads>(p, static_cast<int>(blockIdx.x));
+}
+
+/// The chunk builder as the epilogue of the selection block (one launch for both).
+struct BuildChunksEpilogue {
+  ChunkBuildParams p;
+  template <int kThreads>
+  __device__ void run(const kernels::SelectKernelParams&, int problem) const {
+    build_problem_chunks<kThreads>(p, problem);
+  }
+};
 
 // grid: (min(count, 4096)), block 128: items strided over blocks; 16-byte pieces over threads.
 __global__ void copy_rows_kernel(const kernels::KvChunk* items, int32_t count,
@@ -387,10 +338,16 @@ __global__ void scatter_i32_kernel(int32_t* dst, const int32_t* idx, const int32
 
 void launch_build_recall_chunks(const ChunkBuildParams& p, cudaStream_t stream) {
   if (p.num_problems == 0) return;
-  count_chunks_kernel<<<p.num_problems, kBuildThreads, 0, stream>>>(p);
-  KVTIER_CUDA_CHECK_LAUNCH("engine count_chunks_kernel");
-  write_chunks_kernel<<<p.num_problems, kBuildThreads, 0, stream>>>(p);
-  KVTIER_CUDA_CHECK_LAUNCH("engine write_chunks_kernel");
+  build_chunks_kernel<<<p.num_problems, kBuildThreads, 0, stream>>>(p);
+  KVTIER_CUDA_CHECK_LAUNCH("engine build_chunks_kernel");
+}
+
+void launch_recall_select_build(const kernels::ClusterSelectParams& sp,
+                                const kernels::ClusterSelectTensors& t, void* workspace,
+                                size_t workspace_bytes, const ChunkBuildParams& bp,
+                                cudaStream_t stream) {
+  kernels::detail::launch_score_select_split_with(sp, t, workspace, workspace_bytes,
+                                                  BuildChunksEpilogue{bp}, stream);
 }
 
 void launch_copy_rows(const kernels::KvChunk* items, int32_t count, int32_t row_bytes,

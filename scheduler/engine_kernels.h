@@ -1,11 +1,12 @@
-// Small device kernels of the engine's decode path (CUDA builds only): query conversion for
-// scoring, a batch's rows of the cluster-size table, appending the step's K/V rows, the fused
-// prologue of a recall layer, and the chunk builder.
+// Small device kernels of the engine's decode path (CUDA builds only): appending the step's K/V
+// rows, the fused prologue of a recall layer, the chunk builder (alone, or as the epilogue of the
+// cluster selection), and the cache policy's row copies and scatters.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cluster_select.h"
 #include "kernels/decode_attention.h"
 #include "memory/core/cuda_fwd.h"
 #include "memory/core/dtype.h"
@@ -15,13 +16,6 @@ namespace kvtier::scheduler {
 struct RecallCall;
 
 #if KVTIER_WITH_CUDA
-/// out[i] = float(q[i]) for i < count; q of `dtype`.
-void launch_to_f32(const void* q, DType dtype, int64_t count, float* out, cudaStream_t stream);
-
-/// out[p, j] = table[rows[p], j] for p < num_rows, j < cols.
-void launch_gather_table_rows(const int32_t* table, const int32_t* rows, int32_t num_rows,
-                              int32_t cols, int32_t* out, cudaStream_t stream);
-
 /// Row p % src_rows (row_bytes, a multiple of 16) of k_src / v_src goes to k_dst[p] / v_dst[p],
 /// p < count. The pointer arrays are device-readable.
 void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, int32_t count,
@@ -30,8 +24,8 @@ void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, 
 
 /// One kernel for everything a recall layer's decode needs before scoring: the queries copied
 /// (for attention) and widened to fp32 (for scoring), the new K/V rows appended to their ring or
-/// resident rows and to the step rows bound for the host tier, and the batch's rows of the
-/// cluster-size table. One block per problem p = (sequence, KV head).
+/// resident rows and to the step rows bound for the host tier. One block per problem p =
+/// (sequence, KV head).
 ///
 /// Its inputs are the call block [RecallCall | ... | table rows at off_rows | 4P row targets at
 /// off_dst], passed by value as a kernel argument (up to kRecallBlobMax bytes; block 0 also
@@ -42,16 +36,13 @@ struct RecallPrologueParams {
   int32_t num_problems = 0;
   int32_t q_per_problem = 0;  ///< G * head_dim elements
   int32_t row_bytes = 0;      ///< a multiple of 16
-  int32_t cols = 0;           ///< size-table columns
   DType dtype = DType::kBF16;
   int32_t call_bytes = 0;  ///< size of the call block (a multiple of 16)
-  int32_t off_rows = 0;    ///< byte offset of the table rows [P] in the block
+  int32_t off_rows = 0;    ///< byte offset of the table rows [P] in the block (read by scoring)
   int32_t off_dst = 0;     ///< byte offset of the row targets [4P]: K, V ring/resident, K, V step
   void* call_block = nullptr;  ///< device copy of the block
-  const int32_t* size_table = nullptr;
-  int32_t* sizes_out = nullptr;  ///< [P, cols]
-  void* q_copy = nullptr;        ///< [P, G, head_dim], model dtype
-  float* q32 = nullptr;          ///< [P, G, head_dim]
+  void* q_copy = nullptr;      ///< [P, G, head_dim], model dtype
+  float* q32 = nullptr;        ///< [P, G, head_dim]
 };
 inline constexpr size_t kRecallBlobMax = 32 * 1024 - 1024;
 /// `blob` of p.call_bytes bytes (<= kRecallBlobMax), or null to read p.call_block.
@@ -117,12 +108,17 @@ struct ChunkBuildParams {
   const int32_t* cluster_slot = nullptr;  ///< [rows, dir_stride]: first host slot
   const std::byte* k_pool = nullptr;
   const std::byte* v_pool = nullptr;
-  int32_t* counts = nullptr;  ///< [num_problems] chunks (written by the count pass)
+  int32_t* counts = nullptr;  ///< [num_problems] chunks (host builder only)
   /// [num_problems, 4]: clusters found in the cache, not found, rows read from the host, rows
   /// attended.
   int32_t* stats = nullptr;
   kernels::KvChunk* chunks = nullptr;  ///< out
-  int32_t* indptr = nullptr;           ///< out [num_problems + 1]
+  /// out: the host builder writes the lists adjacently, indptr [num_problems + 1]; the device
+  /// builder writes problem p's list at chunks + p * chunk_stride, with indptr[p] and chunk_end[p]
+  /// its bounds ([num_problems] each: attention reads them as chunk_indptr and chunk_end).
+  int32_t* indptr = nullptr;
+  int32_t* chunk_end = nullptr;  ///< device builder only
+  int32_t chunk_stride = 0;      ///< device builder only: chunks per problem's region
   /// Optional (device builder only): the layer's step record, rows of record_cols ints, one per
   /// problem from row *record_base on: [selected count, the 4 stats, selected ids...]. The
   /// record is what the background cache policy reads after the step.
@@ -202,9 +198,19 @@ KVTIER_HD int32_t window_chunks(const ChunkBuildParams& p, const RecallProblem& 
 void build_recall_chunks_host(const ChunkBuildParams& p);
 
 #if KVTIER_WITH_CUDA
-/// Two kernels on `stream`: per problem, count its chunks; then write them at the offsets the
-/// counts give. `chunks` must hold the total (the caller bounds it).
+/// One block per problem builds its chunk list in its region (chunk_stride chunks; the caller
+/// bounds a list by it) and its step-record row.
 void launch_build_recall_chunks(const ChunkBuildParams& p, cudaStream_t stream);
+
+/// A recall layer's scoring, selection and chunk lists in two launches: the split logits, then
+/// per problem one block that aggregates the scores, selects, and builds the chunks
+/// (kernels::launch_score_select_split with the builder as its epilogue). Requires what that
+/// requires (group_size <= 32, max_clusters <= kMaxBlockSortClusters); t's selection outputs
+/// must be bp's sel_ids / sel_rows / num_sel.
+void launch_recall_select_build(const kernels::ClusterSelectParams& sp,
+                                const kernels::ClusterSelectTensors& t, void* workspace,
+                                size_t workspace_bytes, const ChunkBuildParams& bp,
+                                cudaStream_t stream);
 
 /// For each item: copy num_rows rows (row_bytes each, a multiple of 16) from k to k_copy and
 /// from v to v_copy (sources may be mapped host memory). One launch for any number of items.
