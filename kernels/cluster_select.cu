@@ -326,7 +326,8 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
                p.max_clusters);
   const SplitLayout l = split_layout(p);
   if (p.num_problems == 0) return l;
-  check_score_tensors(p, t);
+  KVTIER_CHECK(t.queries != nullptr && t.centroids != nullptr,
+               "split score-and-select: queries and centroids must not be null");
   KVTIER_CHECK(
       t.num_clusters != nullptr && t.cluster_sizes != nullptr && t.budgets != nullptr &&
           t.selected_ids != nullptr && t.selected_rows != nullptr && t.num_selected != nullptr &&

@@ -357,11 +357,13 @@ TEST(DecodeAttentionGpuLayouts, ListsInSeparateRegionsWithEnds) {
   // Each problem's list in a region of its own, in reverse problem order, with poison chunks
   // (rows but no data) between them: through chunk_indptr + chunk_end, the same results as the
   // adjacent lists, on the reference and the GPU.
-  Case c = make_case(3, 4, 4, 128, DType::kBF16, Layout::kPages, 900, test::test_seed() + 5, 2.f);
-  const Result want = run_ref(c);
-  Case d = c;
-  const int32_t problems = c.p.num_seqs * c.p.num_kv_heads;
-  KvChunk poison = c.chunks[0];  // a valid address, far too many rows
+  // (The lists are rebuilt in place: chunks point into the case's own pools.)
+  Case d = make_case(3, 4, 4, 128, DType::kBF16, Layout::kPages, 900, test::test_seed() + 5, 2.f);
+  const Result want = run_ref(d);
+  const std::vector<KvChunk> chunks = d.chunks;
+  const std::vector<int32_t> indptr = d.indptr;
+  const int32_t problems = d.p.num_seqs * d.p.num_kv_heads;
+  KvChunk poison = chunks[0];  // a valid address, far too many rows
   poison.num_rows = 1 << 20;
   d.chunks.clear();
   d.indptr.assign(problems, 0);
@@ -369,8 +371,7 @@ TEST(DecodeAttentionGpuLayouts, ListsInSeparateRegionsWithEnds) {
   for (int32_t i = problems - 1; i >= 0; --i) {
     d.chunks.insert(d.chunks.end(), 3, poison);
     d.indptr[i] = static_cast<int32_t>(d.chunks.size());
-    d.chunks.insert(d.chunks.end(), c.chunks.begin() + c.indptr[i],
-                    c.chunks.begin() + c.indptr[i + 1]);
+    d.chunks.insert(d.chunks.end(), chunks.begin() + indptr[i], chunks.begin() + indptr[i + 1]);
     d.chunk_end[i] = static_cast<int32_t>(d.chunks.size());
   }
   d.chunks.push_back(poison);
