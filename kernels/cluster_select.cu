@@ -353,8 +353,8 @@ void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensor
                   static_cast<unsigned>((p.max_clusters + kSplitTile - 1) / kSplitTile));
   dispatch_head_dim(p.head_dim, [&](auto dim) {
     constexpr int kDim = decltype(dim)::value;
-    split_logits_kernel<kDim><<<grid, kSplitThreads, p.group_size * kDim * sizeof(float), stream>>>(
-        kp, logits, static_cast<float2*>(partials));
+    launch_pdl(split_logits_kernel<kDim>, grid, kSplitThreads, p.group_size * kDim * sizeof(float),
+               stream, kp, logits, static_cast<float2*>(partials));
   });
   KVTIER_CUDA_CHECK_LAUNCH("split_logits_kernel");
 }

@@ -11,6 +11,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/cluster_select.h"
+#include "kernels/launch.cuh"
 #include "memory/core/check.h"
 
 namespace kvtier::kernels {
@@ -745,6 +746,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   __shared__ unsigned long long s_found_above, s_found_bucket;
   __shared__ int s_found_digit, s_num_candidates, s_count, s_rows;
   __shared__ float s_head_m[kMaxSplitGroup], s_head_inv[kMaxSplitGroup];
+  pdl_wait();
+  pdl_launch_dependents();
 
   const int problem = blockIdx.x;
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
@@ -1016,6 +1019,8 @@ __global__ void __launch_bounds__(cluster_select_device::kSplitThreads)
   static_assert(kWarps * (32 / kLanes) * kRounds == kSplitTile, "one tile per block");
   extern __shared__ float4 q4[];  // [G][kDim / 4]
   __shared__ float2 s_part[kWarps][kMaxSplitGroup];
+  pdl_wait();
+  pdl_launch_dependents();
   const int p = blockIdx.x, G = kp.group_size, tile = blockIdx.y;
   const int n = clamp_clusters(kp.num_clusters[p], kp.max_clusters);
   const int j0 = tile * kSplitTile;
@@ -1120,13 +1125,13 @@ inline SelectKernelParams select_kernel_params(const ClusterSelectParams& p,
 template <typename Epilogue>
 void launch_select_block(const ClusterSelectParams& p, const SelectKernelParams& kp,
                          const Epilogue& epi, cudaStream_t stream) {
-  const int grid = p.num_problems;
+  const dim3 grid(static_cast<unsigned>(p.num_problems));
   if (p.max_clusters <= 256) {
-    select_clusters_block_kernel<128, 2><<<grid, 128, 0, stream>>>(kp, epi);
+    launch_pdl(select_clusters_block_kernel<128, 2, Epilogue>, grid, 128, 0, stream, kp, epi);
   } else if (p.max_clusters <= 1024) {
-    select_clusters_block_kernel<256, 4><<<grid, 256, 0, stream>>>(kp, epi);
+    launch_pdl(select_clusters_block_kernel<256, 4, Epilogue>, grid, 256, 0, stream, kp, epi);
   } else {
-    select_clusters_block_kernel<512, 8><<<grid, 512, 0, stream>>>(kp, epi);
+    launch_pdl(select_clusters_block_kernel<512, 8, Epilogue>, grid, 512, 0, stream, kp, epi);
   }
   KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel");
 }

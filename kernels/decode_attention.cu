@@ -190,8 +190,8 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
       constexpr int kDim = decltype(dim)::value;
       dispatch_tile_heads(plan.group_size, [&](auto tile) {
         constexpr int kG = decltype(tile)::value;
-        decode_attention_kernel<T, kDim, kG, Rows>
-            <<<static_cast<unsigned>(plan.blocks), kThreads, 0, stream>>>(kp, rows);
+        launch_pdl(decode_attention_kernel<T, kDim, kG, Rows>,
+                   dim3(static_cast<unsigned>(plan.blocks)), kThreads, 0, stream, kp, rows);
         KVTIER_CUDA_CHECK_LAUNCH("decode_attention_kernel");
       });
       if (plan.num_splits > 1) {
@@ -203,9 +203,10 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
         const int64_t rows_per_block = kMergeWarps / warps_per_row;
         const auto grid =
             static_cast<unsigned>((plan.out_rows + rows_per_block - 1) / rows_per_block);
-        merge_splits_kernel<T, kDim><<<grid, kMergeWarps * 32, 0, stream>>>(
-            kp.part_out, kp.part_lse, static_cast<int32_t>(plan.out_rows), plan.num_splits,
-            warps_per_row, static_cast<T*>(out), lse);
+        launch_pdl(merge_splits_kernel<T, kDim>, dim3(grid), kMergeWarps * 32, 0, stream,
+                   static_cast<const float*>(kp.part_out), static_cast<const float*>(kp.part_lse),
+                   static_cast<int32_t>(plan.out_rows), plan.num_splits, warps_per_row,
+                   static_cast<T*>(out), lse);
         KVTIER_CUDA_CHECK_LAUNCH("merge_splits_kernel");
       }
     });

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels/decode_attention.h"
+#include "kernels/launch.cuh"
 
 namespace kvtier::kernels {
 
@@ -472,6 +473,8 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
   constexpr int kLanesPerHead = kLanesPerRow / kG;  // lanes of a row that own one head's score
   using Cursor = typename CursorOf<Rows, kRowBytes>::type;
   __shared__ BlockSmem<kG, kHeadDim> sm;
+  pdl_wait();
+  pdl_launch_dependents();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slot = lane / kLanesPerRow;  // row of the step
@@ -693,6 +696,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   constexpr int kBatch = 4;
   __shared__ float4 sm_acc[kMergeWarps][kVecs];
   __shared__ float sm_m[kMergeWarps], sm_sum[kMergeWarps];
+  pdl_wait();
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int first_warp = warp - warp % warps_per_row;  // of this warp's row
   const int64_t row =

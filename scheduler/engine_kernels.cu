@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/cluster_select_kernels.cuh"
+#include "kernels/launch.cuh"
 #include "memory/core/check.h"
 #include "scheduler/engine_kernels.h"
 
@@ -31,6 +32,8 @@ __device__ __forceinline__ float as_float(T v) {
 __global__ void append_rows_kernel(const int4* __restrict__ k_src, const int4* __restrict__ v_src,
                                    int32_t src_rows, int32_t vec_per_row, void* const* k_dst,
                                    void* const* v_dst) {
+  kernels::pdl_wait();
+  kernels::pdl_launch_dependents();
   const int p = blockIdx.x;
   const int4* src =
       (blockIdx.y == 0 ? k_src : v_src) + static_cast<size_t>(p % src_rows) * vec_per_row;
@@ -48,6 +51,8 @@ template <typename T, int kBytes>
 __global__ void __launch_bounds__(256)
     recall_prologue_kernel(const RecallPrologueParams p,
                            const __grid_constant__ RecallBlob<kBytes == 0 ? 16 : kBytes> blob) {
+  kernels::pdl_wait();
+  kernels::pdl_launch_dependents();
   const int pi = blockIdx.x;
   const unsigned char* src = static_cast<const unsigned char*>(p.call_block);
   if constexpr (kBytes > 0) {
@@ -86,6 +91,8 @@ __global__ void __launch_bounds__(256)
 
 // grid: enough blocks of 256 for out_bytes / 16.
 __global__ void recall_epilogue_kernel(const RecallCall* call, const int4* src, int64_t vecs) {
+  kernels::pdl_wait();
+  kernels::pdl_launch_dependents();
   int4* out = static_cast<int4*>(call->out);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vecs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -166,7 +173,8 @@ void launch_recall_prologue(const RecallPrologueParams& p, const void* blob, cud
   dispatch_prologue(p.dtype, bytes, [&](auto kernel, auto size) {
     constexpr int kBytes = decltype(size)::value;
     const PaddedBlob<kBytes> arg(blob, bytes);
-    kernel<<<p.num_problems, 256, 0, stream>>>(p, arg.b);
+    kernels::launch_pdl(kernel, dim3(static_cast<unsigned>(p.num_problems)), 256, 0, stream, p,
+                        arg.b);
   });
   KVTIER_CUDA_CHECK_LAUNCH("engine recall_prologue_kernel");
 }
@@ -205,7 +213,8 @@ void launch_recall_epilogue(const RecallCall* call, const void* src, size_t out_
   KVTIER_CHECK(out_bytes % 16 == 0, "recall_epilogue: ", out_bytes, " bytes, not a multiple of 16");
   const int64_t vecs = static_cast<int64_t>(out_bytes / 16);
   const int blocks = static_cast<int>(std::min<int64_t>((vecs + 255) / 256, 256));
-  recall_epilogue_kernel<<<blocks, 256, 0, stream>>>(call, static_cast<const int4*>(src), vecs);
+  kernels::launch_pdl(recall_epilogue_kernel, dim3(blocks), 256, 0, stream, call,
+                      static_cast<const int4*>(src), vecs);
   KVTIER_CUDA_CHECK_LAUNCH("engine recall_epilogue_kernel");
 }
 
@@ -215,9 +224,9 @@ void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, 
   if (count == 0) return;
   KVTIER_CHECK(src_rows > 0, "append_rows: src_rows must be > 0");
   KVTIER_CHECK(row_bytes % 16 == 0, "append_rows: row_bytes ", row_bytes, " not a multiple of 16");
-  append_rows_kernel<<<dim3(count, 2), 64, 0, stream>>>(static_cast<const int4*>(k_src),
-                                                        static_cast<const int4*>(v_src), src_rows,
-                                                        row_bytes / 16, k_dst, v_dst);
+  kernels::launch_pdl(append_rows_kernel, dim3(count, 2), 64, 0, stream,
+                      static_cast<const int4*>(k_src), static_cast<const int4*>(v_src), src_rows,
+                      row_bytes / 16, k_dst, v_dst);
   KVTIER_CUDA_CHECK_LAUNCH("engine append_rows_kernel");
 }
 
@@ -298,6 +307,8 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
 
 // grid: (P), block kBuildThreads.
 __global__ void __launch_bounds__(kBuildThreads) build_chunks_kernel(ChunkBuildParams p) {
+  kernels::pdl_wait();
+  kernels::pdl_launch_dependents();
   build_problem_chunks<kBuildThreads>(p, static_cast<int>(blockIdx.x));
 }
 
@@ -338,7 +349,8 @@ __global__ void scatter_i32_kernel(int32_t* dst, const int32_t* idx, const int32
 
 void launch_build_recall_chunks(const ChunkBuildParams& p, cudaStream_t stream) {
   if (p.num_problems == 0) return;
-  build_chunks_kernel<<<p.num_problems, kBuildThreads, 0, stream>>>(p);
+  kernels::launch_pdl(build_chunks_kernel, dim3(static_cast<unsigned>(p.num_problems)),
+                      kBuildThreads, 0, stream, p);
   KVTIER_CUDA_CHECK_LAUNCH("engine build_chunks_kernel");
 }
 

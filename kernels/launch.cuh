@@ -1,0 +1,64 @@
+// Programmatic dependent launch (PDL, Hopper and later) for the kernels of the decode path.
+//
+// A decode step is a chain of small kernels (a recall layer: split logits, selection with its
+// chunk lists, attention, the split merge), each a few microseconds, so the time between one
+// kernel's end and the next one's first instruction is a large share of the step. Launched with
+// launch_pdl, a kernel may be scheduled while its predecessor in the stream still runs: its blocks
+// become resident and wait in pdl_wait() until the predecessor has finished and its memory is
+// visible. Captured into a CUDA graph, the launches become programmatic edges.
+//
+// The contract, for every kernel launched with launch_pdl: call pdl_wait() before the first
+// access to global memory that an earlier kernel may write or read (the kernels here call it
+// first thing), then pdl_launch_dependents() to let the next kernel be scheduled. Without a
+// programmatic launch, or on devices before sm_90, both are no-ops and the launch is an ordinary
+// one.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "memory/core/check.h"
+
+namespace kvtier::kernels {
+
+/// Waits until the grids this one depends on have completed and their writes are visible.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/// Lets the next kernel of the stream be scheduled once every block of this one has called it
+/// (or exited).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+namespace detail {
+/// Whether the current device takes programmatic launches (compute capability 9.0 or later);
+/// looked up once per device.
+bool pdl_supported();
+}  // namespace detail
+
+/// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch where the
+/// device supports it (see the contract above), else an ordinary launch.
+template <typename... Params, typename... Args>
+void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = detail::pdl_supported() ? 1 : 0;
+  KVTIER_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+}  // namespace kvtier::kernels
