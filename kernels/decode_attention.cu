@@ -158,11 +158,11 @@ void check_aligned(const void* ptr, const char* name) {
 
 template <typename Rows>
 void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& rows, const void* q,
-                 void* out, float* lse, void* workspace, size_t workspace_bytes,
-                 cudaStream_t stream) {
+                 void* out, void* const* out_at, int32_t* counters, float* lse, void* workspace,
+                 size_t workspace_bytes, cudaStream_t stream) {
   if (plan.blocks == 0) return;
   check_aligned(q, "q");
-  check_aligned(out, "out");
+  if (out_at == nullptr) check_aligned(out, "out");
   const WorkspaceLayout w = workspace_layout(p, plan);
   if (w.total > 0) {
     KVTIER_CHECK(workspace != nullptr && workspace_bytes >= w.total, "workspace of ",
@@ -184,6 +184,10 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
   kp.num_tiles = plan.num_tiles;
   kp.num_splits = plan.num_splits;
   kp.qk_scale = decode_attention_scale(p) * decode_attention_device::kLog2e;
+  kp.out_at = out_at;
+  const bool fused_merge =
+      counters != nullptr && plan.num_splits <= decode_attention_device::kFusedMergeMaxSplits;
+  kp.counters = fused_merge ? counters : nullptr;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_head_dim(p.head_dim, [&](auto dim) {
@@ -194,7 +198,7 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
                    dim3(static_cast<unsigned>(plan.blocks)), kThreads, 0, stream, kp, rows);
         KVTIER_CUDA_CHECK_LAUNCH("decode_attention_kernel");
       });
-      if (plan.num_splits > 1) {
+      if (plan.num_splits > 1 && !fused_merge) {
         // Enough warps per row for about 4 splits each (one batch of loads in flight).
         const int32_t warps_per_row = plan.num_splits <= 4    ? 1
                                       : plan.num_splits <= 8  ? 2
@@ -206,7 +210,7 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
         launch_pdl(merge_splits_kernel<T, kDim>, dim3(grid), kMergeWarps * 32, 0, stream,
                    static_cast<const float*>(kp.part_out), static_cast<const float*>(kp.part_lse),
                    static_cast<int32_t>(plan.out_rows), plan.num_splits, warps_per_row,
-                   static_cast<T*>(out), lse);
+                   static_cast<T*>(out), reinterpret_cast<T* const*>(out_at), lse);
         KVTIER_CUDA_CHECK_LAUNCH("merge_splits_kernel");
       }
     });
@@ -230,7 +234,8 @@ void launch_decode_attention(const DecodeAttentionParams& p, const DecodeAttenti
   const Plan plan = make_plan(p, max_rows_per_problem);
   detail::check_decode_attention_tensors(p, t);
   const ChunkedRows rows{t.chunks, t.chunk_indptr, t.chunk_end};
-  launch_impl(p, plan, rows, t.q, t.out, t.lse, workspace, workspace_bytes, stream);
+  launch_impl(p, plan, rows, t.q, t.out, t.out_at, t.merge_counters, t.lse, workspace,
+              workspace_bytes, stream);
 }
 
 void launch_dense_decode_attention(const DecodeAttentionParams& p, const DenseDecodeTensors& t,
@@ -243,7 +248,8 @@ void launch_dense_decode_attention(const DecodeAttentionParams& p, const DenseDe
   }
   const DenseRows rows{static_cast<const char*>(t.k), static_cast<const char*>(t.v), t.seq_lens,
                        t.max_len};
-  launch_impl(p, plan, rows, t.q, t.out, t.lse, workspace, workspace_bytes, stream);
+  launch_impl(p, plan, rows, t.q, t.out, nullptr, nullptr, t.lse, workspace, workspace_bytes,
+              stream);
 }
 
 }  // namespace kvtier::kernels

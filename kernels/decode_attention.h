@@ -65,6 +65,15 @@ struct DecodeAttentionTensors {
   /// so the problems' lists need not be adjacent (a builder that writes each problem's list into
   /// a fixed region of its own needs no scan over the problems; indptr[p + 1] is then not read).
   const int32_t* chunk_end = nullptr;
+  /// GPU only, optional: a device address holding the output pointer, read when the kernels run
+  /// instead of `out` (a captured CUDA graph then writes to whatever buffer the caller put there
+  /// before the replay). The CPU paths write `out`.
+  void* const* out_at = nullptr;
+  /// GPU only, optional [num_seqs * num_q_heads] int32, all zero before the first launch that
+  /// uses them (every launch leaves them zero): with several splits, the last split block of each
+  /// (problem, head tile) merges the tile's splits itself (up to 256 splits), instead of a second
+  /// kernel. Calls that may run concurrently need counters of their own.
+  int32_t* merge_counters = nullptr;
 };
 
 /// The arrays of a dense call: every problem's rows are contiguous at a fixed stride.

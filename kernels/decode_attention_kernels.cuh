@@ -26,7 +26,9 @@ struct AttentionKernelParams {
   int32_t group_size;  // G = num_q_heads / num_kv_heads
   int32_t num_tiles;   // ceil(G / kMaxTileHeads)
   int32_t num_splits;
-  float qk_scale;  // scale * log2(e): logits are kept in base 2
+  float qk_scale;       // scale * log2(e): logits are kept in base 2
+  void* const* out_at;  // or null: out is read from here at run time
+  int32_t* counters;    // [num_seqs * num_q_heads] or null: the last split of a tile merges
 };
 
 /// Rows from a chunk list (KvChunk, chunk_indptr).
@@ -60,6 +62,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 /// 1 KiB of K and V per warp, so a block keeps up to 28 KiB of loads in flight: the register
 /// version (3 steps) reached only 2.0-2.2 TB/s on an H100, being limited by bytes in flight.
 constexpr int kStages = 8;
+/// Most splits the attention kernel merges itself (the merge weights of a tile's heads live in
+/// its shared memory); more go through merge_splits_kernel.
+constexpr int kFusedMergeMaxSplits = 256;
 /// Blocks per SM the register budget is set for (__launch_bounds__).
 template <int kG>
 constexpr int min_blocks_for() {
@@ -446,6 +451,67 @@ union BlockSmem {
 
 }  // namespace decode_attention_device
 
+namespace decode_attention_device {
+
+/// The log-sum-exp merge of the kp.num_splits partials of query heads [row0, row0 + heads) (one
+/// head tile of one sequence), by one block: per head, the splits' weights 2^(lse_s - max) / sum
+/// in shared memory (one warp per head), then each thread folds float4 columns over the splits,
+/// eight loads in flight. Writes out (and lse); the partials were written by this kernel's blocks
+/// and made visible by the caller's fences. w: shared memory for kG x kFusedMergeMaxSplits floats.
+template <typename T, int kHeadDim, int kG>
+__device__ void merge_tile_splits(const AttentionKernelParams& kp, size_t row0, int heads, T* out,
+                                  float (*w)[kFusedMergeMaxSplits]) {
+  constexpr int kVecs = kHeadDim / 4;
+  const int S = kp.num_splits, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int g = warp; g < heads; g += kWarps) {
+    const float* pl = kp.part_lse + (row0 + g) * S;
+    float m = -INFINITY;
+    for (int s = lane; s < S; s += 32) m = fmaxf(m, pl[s]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+    float sum = 0.f;
+    for (int s = lane; s < S; s += 32) {
+      const float e = m == -INFINITY || pl[s] == -INFINITY ? 0.f : expf(pl[s] - m);
+      w[g][s] = e;
+      sum += e;
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no rows in any split: zeros
+    __syncwarp();
+    for (int s = lane; s < S; s += 32) w[g][s] *= inv;
+    if (lane == 0 && kp.lse != nullptr) kp.lse[row0 + g] = sum > 0.f ? m + logf(sum) : -INFINITY;
+  }
+  __syncthreads();
+  const float4* po = reinterpret_cast<const float4*>(kp.part_out);
+  for (int idx = threadIdx.x; idx < heads * kVecs; idx += kThreads) {
+    const int g = idx / kVecs, c = idx % kVecs;
+    const float4* src = po + (row0 + g) * S * kVecs + c;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < S; s0 += 8) {
+      float4 x[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        x[u] = s0 + u < S ? __ldcg(src + static_cast<size_t>(s0 + u) * kVecs)
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const float f = s0 + u < S ? w[g][s0 + u] : 0.f;
+        acc.x = fmaf(f, x[u].x, acc.x);
+        acc.y = fmaf(f, x[u].y, acc.y);
+        acc.z = fmaf(f, x[u].z, acc.z);
+        acc.w = fmaf(f, x[u].w, acc.w);
+      }
+    }
+    T* dst = out + (row0 + g) * kHeadDim + c * 4;
+    store_elem(dst + 0, acc.x);
+    store_elem(dst + 1, acc.y);
+    store_elem(dst + 2, acc.z);
+    store_elem(dst + 3, acc.w);
+  }
+}
+
+}  // namespace decode_attention_device
+
 /// Decode attention over the rows of `rows`: one block per (problem, head tile, split).
 /// Grid: blockIdx.x = (problem * num_tiles + tile) * num_splits + split; problem =
 /// seq * num_kv_heads + kv_head; the tile holds query heads [tile * 8, tile * 8 + 8) of the
@@ -663,12 +729,35 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
     const float lse = lsum > 0.f ? (mx + log2f(lsum)) * kLn2 : -INFINITY;
     const size_t row = static_cast<size_t>(seq) * kp.num_q_heads + head0 + g;
     if (kp.num_splits == 1) {
-      store_elem(static_cast<T*>(kp.out) + row * kHeadDim + d, o);
+      T* out = static_cast<T*>(kp.out_at != nullptr ? *kp.out_at : kp.out);
+      store_elem(out + row * kHeadDim + d, o);
       if (d == 0 && kp.lse != nullptr) kp.lse[row] = lse;
     } else {
       const size_t part = row * kp.num_splits + split;
       kp.part_out[part * kHeadDim + d] = o;
       if (d == 0) kp.part_lse[part] = lse;
+    }
+  }
+  if (kp.num_splits > 1 && kp.counters != nullptr) {
+    // The last split block of this (problem, tile) to finish merges the tile: its partials and
+    // everyone else's are visible after the fences around the counter.
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      s_last = atomicAdd(kp.counters + problem_tile, 1) == kp.num_splits - 1 ? 1 : 0;
+    }
+    __syncthreads();
+    if (s_last) {
+      __threadfence();
+      T* out = static_cast<T*>(kp.out_at != nullptr ? *kp.out_at : kp.out);
+      // The weights reuse the warps' merge area (every warp is past it).
+      static_assert(sizeof(sm.merge.acc) >= sizeof(float) * kG * kFusedMergeMaxSplits,
+                    "merge weights fit the merge area");
+      merge_tile_splits<T, kHeadDim, kG>(
+          kp, static_cast<size_t>(seq) * kp.num_q_heads + head0, heads, out,
+          reinterpret_cast<float(*)[kFusedMergeMaxSplits]>(&sm.merge.acc[0][0][0]));
+      if (threadIdx.x == 0) kp.counters[problem_tile] = 0;  // ready for the next launch
     }
   }
 }
@@ -687,7 +776,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     merge_splits_kernel(const float* __restrict__ part_out,  // [rows, splits, kHeadDim]
                         const float* __restrict__ part_lse,  // [rows, splits]
                         int32_t num_rows, int32_t num_splits, int32_t warps_per_row,
-                        T* __restrict__ out,     // [rows, kHeadDim]
+                        T* out,                  // [rows, kHeadDim]
+                        T* const* out_at,        // or null: out is read from here
                         float* __restrict__ lse  // [rows] or null
     ) {
   using namespace decode_attention_device;
@@ -770,7 +860,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     if (sm_m[w] != -INFINITY) total += sm_sum[w] * expf(sm_m[w] - mx);
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;  // no rows in any split: zeros
-  T* dst = out + row * kHeadDim;
+  T* dst = (out_at != nullptr ? *out_at : out) + row * kHeadDim;
   for (int c = (warp - first_warp) * 32 + lane; c < kVecs; c += warps_per_row * 32) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int w = first_warp; w < first_warp + warps_per_row; ++w) {

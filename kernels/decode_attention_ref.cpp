@@ -42,7 +42,7 @@ void check_decode_attention_tensors(const DecodeAttentionParams& p,
                                     const DecodeAttentionTensors& t) {
   if (p.num_seqs == 0) return;
   KVTIER_CHECK(t.q != nullptr, "q is null");
-  KVTIER_CHECK(t.out != nullptr, "out is null");
+  KVTIER_CHECK(t.out != nullptr || t.out_at != nullptr, "out is null");
   KVTIER_CHECK(t.chunks != nullptr, "chunks is null");
   KVTIER_CHECK(t.chunk_indptr != nullptr, "chunk_indptr is null");
 }

@@ -505,7 +505,8 @@ struct Engine::Impl {
       chunk_buf, build_misc, policy_dev;
   // kCuda recall decode (fixed once allocated): the call upload, the queries and output in
   // engine memory, the attention workspace, and one graph per (layer, batch problems).
-  Buffer call_params, q_own, out_own, rattn_ws;
+  Buffer call_params, q_own, rattn_ws, merge_counters;  // recall layers' scratch
+  Buffer dense_counters;  // the split merge counters of the other layers' attention
 #if KVTIER_WITH_CUDA
   struct RecallGraph {
     cudaGraph_t graph = nullptr;
@@ -681,7 +682,7 @@ struct Engine::Impl {
                      const std::vector<void*>& dst, cudaStream_t stream);
   // kCuda recall decode: fixed scratch (allocated once for max_batch, so captured graphs stay
   // valid), the launches, and the graphs that replay them.
-  void ensure_recall_scratch();
+  void ensure_recall_scratch(cudaStream_t stream);
   struct RecallLaunch {
     int32_t layer = 0, P = 0;
     kernels::ClusterSelectParams sp;
@@ -1741,6 +1742,11 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
       t.out = b.out;
       const size_t ws = kernels::decode_attention_workspace_bytes(ap, max_rows);
       grow(attn_ws, std::max<size_t>(ws, 16));
+      if (dense_counters.size() == 0) {  // zero once; every launch leaves them zero
+        dense_counters = alloc(static_cast<size_t>(cfg.max_batch) * Hq * 4);
+        cuda::memset_async(dense_counters.get(), 0, dense_counters.size(), stream);
+      }
+      t.merge_counters = dense_counters.as<int32_t>();
       kernels::launch_decode_attention(ap, t, max_rows, attn_ws.get(), ws, stream);
     }
 #endif
@@ -1861,7 +1867,7 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
   }
 #if KVTIER_WITH_CUDA
   KVTIER_ASSERT(max_rows <= recall_max_rows());
-  ensure_recall_scratch();
+  ensure_recall_scratch(stream);
   // The call block: [call | problems | centroid rows | cluster counts | budgets | row targets],
   // passed to the prologue kernel by value (uploaded instead when too large).
   RecallLaunch r;
@@ -1956,7 +1962,7 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
 #if KVTIER_WITH_CUDA
 // Allocated once for max_batch sequences: graphs captured from these launches hold the
 // addresses, so nothing here is ever reallocated.
-void Engine::Impl::ensure_recall_scratch() {
+void Engine::Impl::ensure_recall_scratch(cudaStream_t stream) {
   if (call_params.size() > 0) return;
   const size_t mp = static_cast<size_t>(max_problems);
   call_params = alloc(align16(sizeof(scheduler::RecallCall)) +
@@ -1964,7 +1970,9 @@ void Engine::Impl::ensure_recall_scratch() {
                       align16(4 * mp * sizeof(void*)));
   const size_t qn = mp * G * D;
   q_own = alloc(qn * dtype_size(dtype));
-  out_own = alloc(qn * dtype_size(dtype));
+  // Split-merge counters: zero once, and every attention launch leaves them zero.
+  merge_counters = alloc(std::max<size_t>(qn / D * 4, 16));
+  cuda::memset_async(merge_counters.get(), 0, merge_counters.size(), stream);
   q32 = alloc(qn * 4);
   const size_t slots = mp * cap_c;
   scores = alloc(slots * 4);
@@ -2037,11 +2045,10 @@ void Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t str
   at.chunks = bp.chunks;
   at.chunk_indptr = bp.indptr;
   at.chunk_end = bp.chunk_end;
-  at.out = out_own.get();
+  at.out_at = &r.call->out;  // the caller's buffer of this call, read from the call block
+  at.merge_counters = merge_counters.as<int32_t>();
   kernels::launch_decode_attention(r.ap, at, recall_max_rows(), rattn_ws.get(), rattn_ws.size(),
                                    stream);
-  scheduler::launch_recall_epilogue(r.call, out_own.get(),
-                                    static_cast<size_t>(P) * G * D * dtype_size(dtype), stream);
 }
 
 scheduler::RecallPrologueParams Engine::Impl::prologue_params(const RecallLaunch& r) const {

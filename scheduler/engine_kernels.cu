@@ -89,16 +89,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// grid: enough blocks of 256 for out_bytes / 16.
-__global__ void recall_epilogue_kernel(const RecallCall* call, const int4* src, int64_t vecs) {
-  kernels::pdl_wait();
-  kernels::pdl_launch_dependents();
-  int4* out = static_cast<int4*>(call->out);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < vecs;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = src[i];
-}
-
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -205,17 +195,6 @@ void update_recall_prologue_node(cudaGraphExec_t exec, cudaGraphNode_t node,
     kp.kernelParams = args;
     KVTIER_CUDA_CHECK(cudaGraphExecKernelNodeSetParams(exec, node, &kp));
   });
-}
-
-void launch_recall_epilogue(const RecallCall* call, const void* src, size_t out_bytes,
-                            cudaStream_t stream) {
-  if (out_bytes == 0) return;
-  KVTIER_CHECK(out_bytes % 16 == 0, "recall_epilogue: ", out_bytes, " bytes, not a multiple of 16");
-  const int64_t vecs = static_cast<int64_t>(out_bytes / 16);
-  const int blocks = static_cast<int>(std::min<int64_t>((vecs + 255) / 256, 256));
-  kernels::launch_pdl(recall_epilogue_kernel, dim3(blocks), 256, 0, stream, call,
-                      static_cast<const int4*>(src), vecs);
-  KVTIER_CUDA_CHECK_LAUNCH("engine recall_epilogue_kernel");
 }
 
 void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, int32_t count,

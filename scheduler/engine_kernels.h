@@ -53,10 +53,6 @@ bool is_recall_prologue_node(cudaGraphNode_t node);
 void update_recall_prologue_node(cudaGraphExec_t exec, cudaGraphNode_t node,
                                  const RecallPrologueParams& p, const void* blob);
 
-/// out_bytes bytes from `src` to the `out` of the RecallCall at `call` (device memory): the
-/// attention output delivered to the caller's buffer from inside the graph.
-void launch_recall_epilogue(const RecallCall* call, const void* src, size_t out_bytes,
-                            cudaStream_t stream);
 #endif
 
 }  // namespace kvtier::scheduler

@@ -268,10 +268,14 @@ struct DeviceCase {
   }
 };
 
+/// How launch() hands over the output: `out` directly, or through out_at and merge counters
+/// (the fused split merge), the counters checked to be left zero.
+enum class Output { kDirect, kIndirectFusedMerge };
+
 /// Launches the chunked kernel on `device_chunks` (already rebased) with outputs poisoned, and
 /// waits for it.
 Result launch(const Case& c, const DeviceCase& d, const std::vector<KvChunk>& device_chunks,
-              cuda::Stream& stream) {
+              cuda::Stream& stream, Output mode = Output::kDirect) {
   const cudaStream_t s = stream.get();
   auto chunks = upload(device_chunks, s);
   auto indptr = upload(c.indptr, s);
@@ -290,7 +294,22 @@ Result launch(const Case& c, const DeviceCase& d, const std::vector<KvChunk>& de
   t.chunk_end = c.chunk_end.empty() ? nullptr : ends.get();
   t.out = out.get();
   t.lse = lse.get();
+  const size_t num_counters = std::max<size_t>(c.out_rows(), 1);
+  cuda::DeviceBuffer<void*> out_at(1, 0);
+  cuda::DeviceBuffer<int32_t> counters(num_counters, 0);
+  if (mode == Output::kIndirectFusedMerge) {
+    void* const target = out.get();
+    cuda::memcpy_async(out_at.get(), &target, sizeof(void*), s);
+    cuda::memset_async(counters.get(), 0, counters.size_bytes(), s);
+    t.out = nullptr;
+    t.out_at = out_at.get();
+    t.merge_counters = counters.get();
+  }
   launch_decode_attention(c.p, t, c.max_rows(), ws_bytes ? ws.get() : nullptr, ws_bytes, s);
+  if (mode == Output::kIndirectFusedMerge) {
+    EXPECT_EQ(download(counters, num_counters, s), std::vector<int32_t>(num_counters, 0))
+        << "the merge counters must be left zero";
+  }
   Result r;
   r.out = download(out, c.out_elems() * dtype_size(c.p.dtype), s);
   r.lse = download(lse, c.out_rows(), s);
@@ -298,12 +317,12 @@ Result launch(const Case& c, const DeviceCase& d, const std::vector<KvChunk>& de
   return r;
 }
 
-Result run_on_gpu(const Case& c) {
+Result run_on_gpu(const Case& c, Output mode = Output::kDirect) {
   cuda::Stream stream(0);
   const DeviceCase d(c, stream.get(), false);
   std::vector<KvChunk> chunks(c.chunks.size());
   for (size_t j = 0; j < chunks.size(); ++j) chunks[j] = d.rebase(c, j, Residence::kDevice);
-  return launch(c, d, chunks, stream);
+  return launch(c, d, chunks, stream, mode);
 }
 
 #endif  // KVTIER_WITH_CUDA
@@ -379,6 +398,25 @@ TEST(DecodeAttentionGpuLayouts, ListsInSeparateRegionsWithEnds) {
   for (const int32_t splits : {0, 1, 4}) {
     d.p.num_splits = splits;
     expect_close(d, want, run_on_gpu(d), "gpu with chunk_end vs adjacent lists");
+  }
+#endif
+}
+
+TEST(DecodeAttentionGpuLayouts, FusedMergeThroughOutAt) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // The output pointer read from device memory, and the splits merged by each tile's last block
+  // (counters left zero); above 256 splits the merge kernel runs and reads out_at too. G = 12
+  // has two head tiles, the second one partial.
+  for (const int32_t group : {4, 12}) {
+    Case c = make_case(3, 2, group, 128, DType::kBF16, Layout::kPages, 3000,
+                       test::test_seed() + 40 + group, 2.f);
+    const Result want = run_ref(c);
+    for (const int32_t splits : {1, 2, 7, 40, 0, 300}) {
+      c.p.num_splits = splits;
+      expect_close(c, want, run_on_gpu(c, Output::kIndirectFusedMerge),
+                   "fused merge, splits " + std::to_string(splits));
+    }
   }
 #endif
 }
