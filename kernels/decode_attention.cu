@@ -158,8 +158,9 @@ void check_aligned(const void* ptr, const char* name) {
 
 template <typename Rows>
 void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& rows, const void* q,
-                 void* out, void* const* out_at, int32_t* counters, float* lse, void* workspace,
-                 size_t workspace_bytes, cudaStream_t stream) {
+                 void* out, void* const* out_at, int32_t* counters, float* lse,
+                 float* const* lse_at, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream) {
   if (plan.blocks == 0) return;
   check_aligned(q, "q");
   if (out_at == nullptr) check_aligned(out, "out");
@@ -185,6 +186,7 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
   kp.num_splits = plan.num_splits;
   kp.qk_scale = decode_attention_scale(p) * decode_attention_device::kLog2e;
   kp.out_at = out_at;
+  kp.lse_at = lse_at;
   const bool fused_merge =
       counters != nullptr && plan.num_splits <= decode_attention_device::kFusedMergeMaxSplits;
   kp.counters = fused_merge ? counters : nullptr;
@@ -210,7 +212,7 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
         launch_pdl(merge_splits_kernel<T, kDim>, dim3(grid), kMergeWarps * 32, 0, stream,
                    static_cast<const float*>(kp.part_out), static_cast<const float*>(kp.part_lse),
                    static_cast<int32_t>(plan.out_rows), plan.num_splits, warps_per_row,
-                   static_cast<T*>(out), reinterpret_cast<T* const*>(out_at), lse);
+                   static_cast<T*>(out), reinterpret_cast<T* const*>(out_at), lse, lse_at);
         KVTIER_CUDA_CHECK_LAUNCH("merge_splits_kernel");
       }
     });
@@ -234,7 +236,7 @@ void launch_decode_attention(const DecodeAttentionParams& p, const DecodeAttenti
   const Plan plan = make_plan(p, max_rows_per_problem);
   detail::check_decode_attention_tensors(p, t);
   const ChunkedRows rows{t.chunks, t.chunk_indptr, t.chunk_end};
-  launch_impl(p, plan, rows, t.q, t.out, t.out_at, t.merge_counters, t.lse, workspace,
+  launch_impl(p, plan, rows, t.q, t.out, t.out_at, t.merge_counters, t.lse, t.lse_at, workspace,
               workspace_bytes, stream);
 }
 
@@ -248,8 +250,8 @@ void launch_dense_decode_attention(const DecodeAttentionParams& p, const DenseDe
   }
   const DenseRows rows{static_cast<const char*>(t.k), static_cast<const char*>(t.v), t.seq_lens,
                        t.max_len};
-  launch_impl(p, plan, rows, t.q, t.out, nullptr, nullptr, t.lse, workspace, workspace_bytes,
-              stream);
+  launch_impl(p, plan, rows, t.q, t.out, nullptr, nullptr, t.lse, nullptr, workspace,
+              workspace_bytes, stream);
 }
 
 }  // namespace kvtier::kernels

@@ -69,6 +69,8 @@ struct DecodeAttentionTensors {
   /// instead of `out` (a captured CUDA graph then writes to whatever buffer the caller put there
   /// before the replay). The CPU paths write `out`.
   void* const* out_at = nullptr;
+  /// GPU only, optional: likewise for lse (the address read there may be null: no lse).
+  float* const* lse_at = nullptr;
   /// GPU only, optional [num_seqs * num_q_heads] int32, all zero before the first launch that
   /// uses them (every launch leaves them zero): with several splits, the last split block of each
   /// (problem, head tile) merges the tile's splits itself (up to 256 splits), instead of a second

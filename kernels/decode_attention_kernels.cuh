@@ -26,9 +26,10 @@ struct AttentionKernelParams {
   int32_t group_size;  // G = num_q_heads / num_kv_heads
   int32_t num_tiles;   // ceil(G / kMaxTileHeads)
   int32_t num_splits;
-  float qk_scale;       // scale * log2(e): logits are kept in base 2
-  void* const* out_at;  // or null: out is read from here at run time
-  int32_t* counters;    // [num_seqs * num_q_heads] or null: the last split of a tile merges
+  float qk_scale;        // scale * log2(e): logits are kept in base 2
+  void* const* out_at;   // or null: out is read from here at run time
+  float* const* lse_at;  // or null: lse is read from here at run time (and may be null there)
+  int32_t* counters;     // [num_seqs * num_q_heads] or null: the last split of a tile merges
 };
 
 /// Rows from a chunk list (KvChunk, chunk_indptr).
@@ -460,7 +461,7 @@ namespace decode_attention_device {
 /// and made visible by the caller's fences. w: shared memory for kG x kFusedMergeMaxSplits floats.
 template <typename T, int kHeadDim, int kG>
 __device__ void merge_tile_splits(const AttentionKernelParams& kp, size_t row0, int heads, T* out,
-                                  float (*w)[kFusedMergeMaxSplits]) {
+                                  float* lse, float (*w)[kFusedMergeMaxSplits]) {
   constexpr int kVecs = kHeadDim / 4;
   const int S = kp.num_splits, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int g = warp; g < heads; g += kWarps) {
@@ -478,7 +479,7 @@ __device__ void merge_tile_splits(const AttentionKernelParams& kp, size_t row0, 
     const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no rows in any split: zeros
     __syncwarp();
     for (int s = lane; s < S; s += 32) w[g][s] *= inv;
-    if (lane == 0 && kp.lse != nullptr) kp.lse[row0 + g] = sum > 0.f ? m + logf(sum) : -INFINITY;
+    if (lane == 0 && lse != nullptr) lse[row0 + g] = sum > 0.f ? m + logf(sum) : -INFINITY;
   }
   __syncthreads();
   const float4* po = reinterpret_cast<const float4*>(kp.part_out);
@@ -730,8 +731,9 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
     const size_t row = static_cast<size_t>(seq) * kp.num_q_heads + head0 + g;
     if (kp.num_splits == 1) {
       T* out = static_cast<T*>(kp.out_at != nullptr ? *kp.out_at : kp.out);
+      float* lse_out = kp.lse_at != nullptr ? *kp.lse_at : kp.lse;
       store_elem(out + row * kHeadDim + d, o);
-      if (d == 0 && kp.lse != nullptr) kp.lse[row] = lse;
+      if (d == 0 && lse_out != nullptr) lse_out[row] = lse;
     } else {
       const size_t part = row * kp.num_splits + split;
       kp.part_out[part * kHeadDim + d] = o;
@@ -751,11 +753,12 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
     if (s_last) {
       __threadfence();
       T* out = static_cast<T*>(kp.out_at != nullptr ? *kp.out_at : kp.out);
+      float* lse_out = kp.lse_at != nullptr ? *kp.lse_at : kp.lse;
       // The weights reuse the warps' merge area (every warp is past it).
       static_assert(sizeof(sm.merge.acc) >= sizeof(float) * kG * kFusedMergeMaxSplits,
                     "merge weights fit the merge area");
       merge_tile_splits<T, kHeadDim, kG>(
-          kp, static_cast<size_t>(seq) * kp.num_q_heads + head0, heads, out,
+          kp, static_cast<size_t>(seq) * kp.num_q_heads + head0, heads, out, lse_out,
           reinterpret_cast<float(*)[kFusedMergeMaxSplits]>(&sm.merge.acc[0][0][0]));
       if (threadIdx.x == 0) kp.counters[problem_tile] = 0;  // ready for the next launch
     }
@@ -776,9 +779,10 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     merge_splits_kernel(const float* __restrict__ part_out,  // [rows, splits, kHeadDim]
                         const float* __restrict__ part_lse,  // [rows, splits]
                         int32_t num_rows, int32_t num_splits, int32_t warps_per_row,
-                        T* out,                  // [rows, kHeadDim]
-                        T* const* out_at,        // or null: out is read from here
-                        float* __restrict__ lse  // [rows] or null
+                        T* out,               // [rows, kHeadDim]
+                        T* const* out_at,     // or null: out is read from here
+                        float* lse,           // [rows] or null
+                        float* const* lse_at  // or null: lse is read from here
     ) {
   using namespace decode_attention_device;
   constexpr int kVecs = kHeadDim / 4;
@@ -877,8 +881,9 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     store_elem(dst + c * 4 + 2, o.z * inv);
     store_elem(dst + c * 4 + 3, o.w * inv);
   }
-  if (warp == first_warp && lane == 0 && lse != nullptr) {
-    lse[row] = total > 0.f ? mx + logf(total) : -INFINITY;
+  float* const lse_out = lse_at != nullptr ? *lse_at : lse;
+  if (warp == first_warp && lane == 0 && lse_out != nullptr) {
+    lse_out[row] = total > 0.f ? mx + logf(total) : -INFINITY;
   }
 }
 

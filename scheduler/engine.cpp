@@ -437,6 +437,9 @@ struct Engine::Impl {
   // selection is new (no temporal locality), misses are not filled into the cache: the fill
   // would only double their PCIe bytes.
   std::vector<std::unordered_set<memory::ClusterKey, memory::ClusterKeyHash>> prev_selected;
+  // Per recall layer: each sequence's selection of the last step, per KV head (last_selection);
+  // written by that step's policy job.
+  std::vector<std::unordered_map<SeqId, std::vector<std::vector<int32_t>>>> last_selected;
   std::shared_ptr<Job> policy_job;  // decides `policy` for the previous step
   mutable std::mutex stats_mu;      // the counters below, written by policy jobs
   int64_t recall_hits = 0, recall_misses = 0, host_read_bytes = 0, fill_bytes = 0;
@@ -807,6 +810,7 @@ Engine::Impl::Impl(const EngineConfig& c)
     if (backend == Backend::kCuda) rec_dev = alloc(num_recall_layers * layer_ints * 4);
     policy.resize(num_recall_layers);
     prev_selected.resize(num_recall_layers);
+    last_selected.resize(num_recall_layers);
     memory::ClusterCacheConfig cc;
     cc.backend = backend;
     cc.device = device;
@@ -1711,6 +1715,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
       t.chunks = chunks.data();
       t.chunk_indptr = indptr.data();
       t.out = b.out;
+      t.lse = b.lse;
       kernels::decode_attention_cpu(ap, t);
     }
 #if KVTIER_WITH_CUDA
@@ -1740,6 +1745,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
       t.chunks = reinterpret_cast<const kernels::KvChunk*>(segments_dev.get() + dst_bytes);
       t.chunk_indptr = reinterpret_cast<const int32_t*>(segments_dev.get() + dst_bytes + ch_bytes);
       t.out = b.out;
+      t.lse = b.lse;
       const size_t ws = kernels::decode_attention_workspace_bytes(ap, max_rows);
       grow(attn_ws, std::max<size_t>(ws, 16));
       if (dense_counters.size() == 0) {  // zero once; every launch leaves them zero
@@ -1861,6 +1867,7 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
     at.chunks = chunks.data();
     at.chunk_indptr = indptr.data();
     at.out = b.out;
+    at.lse = b.lse;
     kernels::decode_attention_cpu(ap, at);
     (void)dst;  // the CPU backend appended in decode()
     return;
@@ -1889,6 +1896,7 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
   call.k_new = b.k_new;
   call.v_new = b.v_new;
   call.out = b.out;
+  call.lse = b.lse;
   call.record_base = base;
   std::memcpy(up, &call, sizeof call);
   std::memcpy(up + off_prob, probs.data(), P * sizeof(scheduler::RecallProblem));
@@ -2045,7 +2053,8 @@ void Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t str
   at.chunks = bp.chunks;
   at.chunk_indptr = bp.indptr;
   at.chunk_end = bp.chunk_end;
-  at.out_at = &r.call->out;  // the caller's buffer of this call, read from the call block
+  at.out_at = &r.call->out;  // the caller's buffers of this call, read from the call block
+  at.lse_at = &r.call->lse;
   at.merge_counters = merge_counters.as<int32_t>();
   kernels::launch_decode_attention(r.ap, at, recall_max_rows(), rattn_ws.get(), rattn_ws.size(),
                                    stream);
@@ -2205,10 +2214,15 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         std::vector<memory::CacheRequest> req;
         std::vector<int32_t> req_row;
         int64_t hits = 0, misses = 0, read = 0;
+        auto& selected = last_selected[ri];
+        selected.clear();
         for (int32_t p = 0; p < rec.problems; ++p) {
           const int32_t h = (rec.row[p]) % Hkv;
           const int32_t* rr = rec.rows + static_cast<size_t>(p) * rec_cols;
           const int32_t num = rr[0], *stats = rr + 1, *ids = rr + 5;
+          auto& heads = selected[rec.seq[p]];
+          heads.resize(Hkv);
+          heads[h].assign(ids, ids + std::min(num, rec_cols - 5));
           Event e;
           e.kind = EventKind::kCacheLookup;
           e.step = decided;
@@ -2956,6 +2970,17 @@ EngineStats Engine::stats() const {
 
 const EngineConfig& Engine::config() const { return impl_->cfg; }
 scheduler::Telemetry& Engine::telemetry() { return impl_->telemetry; }
+std::vector<std::vector<int32_t>> Engine::last_selection(SeqId seq, int32_t layer) const {
+  const Impl& m = *impl_;
+  KVTIER_CHECK(layer >= 0 && layer < m.L, "last_selection: layer ", layer, " out of [0, ", m.L,
+               ")");
+  if (m.recall_index[layer] < 0) return {};
+  if (m.policy_job) m.policy_job->future.wait();
+  const auto& selected = m.last_selected[m.recall_index[layer]];
+  const auto it = selected.find(seq);
+  return it == selected.end() ? std::vector<std::vector<int32_t>>{} : it->second;
+}
+
 bool Engine::is_recall_layer(int32_t layer) const {
   KVTIER_CHECK(layer >= 0 && layer < impl_->L, "layer ", layer, " out of [0, ", impl_->L, ")");
   return impl_->recall_index[layer] >= 0;

@@ -139,6 +139,10 @@ struct DecodeBatch {
   const void* k_new = nullptr;  ///< [num_seqs, num_kv_heads, head_dim]: this step's token
   const void* v_new = nullptr;
   void* out = nullptr;  ///< [num_seqs, num_q_heads, head_dim]
+  /// Optional [num_seqs, num_q_heads] fp32 (device memory on the CUDA backend): the log-sum-exp
+  /// (natural log) of the scaled logits over the rows the layer attended, so that exp(lse -
+  /// lse_full) is the share of full attention's weight those rows hold.
+  float* lse = nullptr;
 };
 
 struct EngineStats {
@@ -234,6 +238,12 @@ class Engine {
   scheduler::Telemetry& telemetry();
   /// True if `layer` is served by recall (clusterkv and not a dense layer).
   bool is_recall_layer(int32_t layer) const;
+  /// The clusters `layer` selected for `seq` in the last step that ended (end_step): one vector
+  /// per KV head, in selection order (descending score), of the head's cluster ids in that
+  /// layer (prompt clusters first, then the window's as they are clustered). Empty when `layer`
+  /// is not a recall layer or `seq` was not decoded in that step. Waits for that step's cache
+  /// policy job, which reads the selections on the host.
+  std::vector<std::vector<int32_t>> last_selection(SeqId seq, int32_t layer) const;
 
  private:
   struct Impl;

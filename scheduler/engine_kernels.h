@@ -68,6 +68,8 @@ struct RecallCall {
   void* out = nullptr;      ///< [P, G, head_dim] the caller's output
   int32_t record_base = 0;  ///< record row of this call's first problem (the layer's step record)
   int32_t reserved = 0;
+  float* lse = nullptr;  ///< [P / Hkv, Hq] the caller's log-sum-exp output, or null
+  void* reserved2 = nullptr;
 };
 
 /// One (sequence, KV head) of a recall layer, as the chunk builder sees it.

@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -98,8 +99,9 @@ struct Oracle {
     V.swap(nv);
     rows[id][l] = old + n;
   }
-  // out [Hq, D] for query q [Hq, D].
-  std::vector<float> attend(SeqId id, int32_t l, const float* q) const {
+  // out [Hq, D] for query q [Hq, D]; lse [Hq] (natural log of the scaled logits' exp sum).
+  std::vector<float> attend(SeqId id, int32_t l, const float* q,
+                            std::vector<double>* lse = nullptr) const {
     const int32_t G = s.Hq / s.Hkv;
     const int64_t n = rows.at(id)[l];
     const std::vector<float>& K = k.at(id)[l];
@@ -119,6 +121,7 @@ struct Oracle {
       }
       double sum = 0;
       for (int64_t r = 0; r < n; ++r) sum += std::exp(logit[r] - mx);
+      if (lse) lse->push_back(n > 0 ? mx + std::log(sum) : -INFINITY);
       for (int32_t d = 0; d < s.D; ++d) {
         double acc = 0;
         for (int64_t r = 0; r < n; ++r) acc += std::exp(logit[r] - mx) * V[(h * n + r) * s.D + d];
@@ -257,13 +260,23 @@ class Driver {
             std::vector<float>(v.begin() + i * s_.Hkv * s_.D, v.begin() + (i + 1) * s_.Hkv * s_.D),
             1);
       }
-      const std::vector<float> out = decode(l, batch, q, k, v);
+      std::vector<float> lse;
+      const std::vector<float> out = decode(l, batch, q, k, v, &lse);
       outputs_.insert(outputs_.end(), out.begin(), out.end());
       for (int32_t i = 0; i < B; ++i) {
-        const std::vector<float> want = oracle_.attend(batch[i], l, &q[i * s_.Hq * s_.D]);
+        std::vector<double> want_lse;
+        const std::vector<float> want =
+            oracle_.attend(batch[i], l, &q[i * s_.Hq * s_.D], &want_lse);
         for (size_t j = 0; j < want.size(); ++j) {
           worst =
               std::max(worst, static_cast<double>(std::fabs(want[j] - out[i * s_.Hq * s_.D + j])));
+        }
+        // The log-sum-exp the engine reports, over the same rows (scaled by 1/8 so that the
+        // tolerance compares like the outputs'; it is fp32 either way).
+        for (int32_t h = 0; h < s_.Hq; ++h) {
+          const double got = lse[static_cast<size_t>(i) * s_.Hq + h], w = want_lse[h];
+          const double err = std::isinf(w) && got == w ? 0.0 : std::fabs(got - w) / 8;
+          worst = std::max(worst, std::isnan(err) ? 1e9 : err);
         }
       }
     }
@@ -293,8 +306,11 @@ class Driver {
     e_.prefill_layer(id, l, rows);
   }
   std::vector<float> decode(int32_t l, const std::vector<SeqId>& batch, const std::vector<float>& q,
-                            const std::vector<float>& k, const std::vector<float>& v) {
+                            const std::vector<float>& k, const std::vector<float>& v,
+                            std::vector<float>* lse) {
     DecodeBatch b;
+    lse->assign(batch.size() * static_cast<size_t>(s_.Hq), std::nanf(""));
+    b.lse = lse->data();
     b.seqs = batch.data();
     b.num_seqs = static_cast<int32_t>(batch.size());
     std::vector<float> out(q.size());
@@ -308,14 +324,19 @@ class Driver {
     b.out = o16.data();
 #if KVTIER_WITH_CUDA
     if (cfg_.backend == Backend::kCuda) {
-      Dev dq(q16), dk(k16), dv(v16), dout(o16);
+      std::vector<std::byte> lse_bytes(lse->size() * sizeof(float));
+      std::memcpy(lse_bytes.data(), lse->data(), lse_bytes.size());
+      Dev dq(q16), dk(k16), dv(v16), dout(o16), dlse(lse_bytes);
       b.q = dq.get();
       b.k_new = dk.get();
       b.v_new = dv.get();
       b.out = dout.get();
+      b.lse = static_cast<float*>(dlse.get());
       e_.decode_layer(l, b, stream());
       KVTIER_CUDA_CHECK(cudaStreamSynchronize(stream()));
       dout.download(o16);
+      dlse.download(lse_bytes);
+      std::memcpy(lse->data(), lse_bytes.data(), lse_bytes.size());
     } else {
       e_.decode_layer(l, b);
     }
@@ -351,6 +372,44 @@ class Driver {
   Gen gen_;
   Oracle oracle_;
 };
+
+/// last_selection: per KV head, the clusters of the last step in selection order, each once
+/// (budget 4096 covers the context: every non-empty cluster; run_churn's lse checks cover that
+/// attention used all their rows); dense layers and sequences not decoded in that step have
+/// none; a layer out of range throws.
+inline void check_last_selection(Backend backend) {
+  for (const int32_t budget : {4096, 40}) {
+    EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+    c.backend = backend;
+    c.budget = budget;
+    Driver d(c, test::test_seed() + 60);
+    d.add(7, 150, false);
+    d.add(8, 90, true);
+    EXPECT_LT(d.step({7, 8}), budget == 4096 ? kTol : 10.0);
+    d.step({7});
+    const Engine& e = d.engine();
+    bool any_recall = false;
+    for (int32_t l = 0; l < c.model.num_layers; ++l) {
+      const auto sel7 = e.last_selection(7, l), sel8 = e.last_selection(8, l);
+      EXPECT_TRUE(sel8.empty()) << "sequence 8 was not decoded in the last step; layer " << l;
+      if (!e.is_recall_layer(l)) {
+        EXPECT_TRUE(sel7.empty()) << "dense layer " << l;
+        continue;
+      }
+      any_recall = true;
+      ASSERT_EQ(sel7.size(), static_cast<size_t>(c.model.num_kv_heads)) << "layer " << l;
+      for (const auto& ids : sel7) {
+        EXPECT_FALSE(ids.empty()) << "layer " << l;
+        const std::set<int32_t> unique(ids.begin(), ids.end());
+        EXPECT_EQ(unique.size(), ids.size()) << "layer " << l;
+        EXPECT_GE(*unique.begin(), 0) << "layer " << l;
+      }
+    }
+    EXPECT_TRUE(any_recall);
+    EXPECT_TRUE(e.last_selection(999, c.num_dense_layers).empty());
+    EXPECT_THROW((void)e.last_selection(7, c.model.num_layers), InvalidArgumentError);
+  }
+}
 
 /// Sequences join (prompts of 0 to 150 rows, both layouts) and leave; ragged batches; many
 /// steps, so windows are clustered and appended several times.

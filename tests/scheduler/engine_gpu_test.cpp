@@ -33,6 +33,11 @@ TEST(EngineGpu, ClusterKVWithBudgetCoveringTheContextEqualsDense) {
   EXPECT_LT(run_churn(c, test::test_seed() + 1, 60), kTol);
 }
 
+TEST(EngineGpu, LastSelectionListsEachHeadsClusters) {
+  KVTIER_REQUIRE_GPU();
+  check_last_selection(Backend::kCuda);
+}
+
 TEST(EngineGpu, NoDenseLayers) {
   KVTIER_REQUIRE_GPU();
   EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});

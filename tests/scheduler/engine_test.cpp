@@ -72,6 +72,8 @@ TEST(Engine, SmallBudgetRecallsTheClustersThatMatter) {
   EXPECT_GT(st.window_clusterings, 0);
 }
 
+TEST(Engine, LastSelectionListsEachHeadsClusters) { check_last_selection(Backend::kCpu); }
+
 TEST(Engine, StatsAndTelemetryAddUp) {
   EngineConfig c = make_config(Mode::kClusterKV, Shape{});
   c.budget = 24;

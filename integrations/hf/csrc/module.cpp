@@ -157,7 +157,8 @@ class PyEngine {
   /// q, out: [B, num_q_heads, head_dim]; k_new, v_new: [B, num_kv_heads, head_dim]; all
   /// contiguous. seqs: the B sequence ids, in batch order.
   void decode_layer(int32_t layer, const std::vector<SeqId>& seqs, const Tensor& q,
-                    const Tensor& k_new, const Tensor& v_new, const Tensor& out, uintptr_t stream) {
+                    const Tensor& k_new, const Tensor& v_new, const Tensor& out, uintptr_t stream,
+                    std::optional<Tensor> lse) {
     const ModelShape& m = config().model;
     const int64_t b = static_cast<int64_t>(seqs.size());
     if (b == 0) bad("decode_layer: seqs is empty");
@@ -172,8 +173,16 @@ class PyEngine {
     batch.k_new = k_new.data();
     batch.v_new = v_new.data();
     batch.out = out.data();
+    if (lse) {
+      check_tensor("lse", *lse, {b, m.num_q_heads}, true, DType::kF32);
+      batch.lse = static_cast<float*>(lse->data());
+    }
     Scope s(*this);
     engine_->decode_layer(layer, batch, to_stream(stream));
+  }
+
+  std::vector<std::vector<int32_t>> last_selection(SeqId seq, int32_t layer) const {
+    return get().last_selection(seq, layer);
   }
 
   void end_step(uintptr_t stream) {
@@ -224,13 +233,15 @@ class PyEngine {
   static cudaStream_t to_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
   /// Checks dtype, device, shape (-1: any extent) and, if `contiguous`, a row-major layout.
+  /// `dtype`: the one the tensor must have, when not the model's.
   void check_tensor(const char* name, const Tensor& t, std::initializer_list<int64_t> shape,
-                    bool contiguous) const {
+                    bool contiguous, std::optional<DType> dtype = std::nullopt) const {
     const EngineConfig& c = get().config();
-    const nb::dlpack::dtype want = dlpack_dtype(c.model.dtype);
-    if (t.dtype() != want) {
-      bad(std::string(name) + ": dtype " + describe_dtype(t.dtype()) + " does not match the " +
-          "engine's " + dtype_name(c.model.dtype));
+    const DType want_dtype = dtype.value_or(c.model.dtype);
+    if (t.dtype() != dlpack_dtype(want_dtype)) {
+      bad(std::string(name) + ": dtype " + describe_dtype(t.dtype()) + " does not match " +
+          (dtype ? std::string("the required ") : std::string("the engine's ")) +
+          dtype_name(want_dtype));
     }
     if (c.backend == Backend::kCpu) {
       if (t.device_type() != nb::device::cpu::value) {
@@ -406,8 +417,13 @@ NB_MODULE(_core, m) {
            "q_window"_a = nb::none(), "stream"_a = 0,
            "One layer's prompt K and V of one sequence ([num_kv_heads, rows, head_dim]).")
       .def("decode_layer", &PyEngine::decode_layer, "layer"_a, "seqs"_a, "q"_a, "k_new"_a,
-           "v_new"_a, "out"_a, "stream"_a = 0,
-           "Appends each sequence's new K/V row and writes attention over all its rows to out.")
+           "v_new"_a, "out"_a, "stream"_a = 0, "lse"_a = nb::none(),
+           "Appends each sequence's new K/V row and writes attention over its rows to out; lse "
+           "([B, num_q_heads] float32), if given, receives the log-sum-exp of the scaled logits "
+           "over the rows attended.")
+      .def("last_selection", &PyEngine::last_selection, "seq"_a, "layer"_a,
+           "Cluster ids per KV head that `layer` selected for `seq` in the last step that ended "
+           "(empty for a layer that does not recall, or a sequence not decoded then).")
       .def("end_step", &PyEngine::end_step, "stream"_a = 0)
       .def("synchronize", &PyEngine::synchronize)
       .def("stats", &PyEngine::stats)

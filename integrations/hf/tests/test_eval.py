@@ -325,9 +325,11 @@ def test_fidelity_is_exact_at_a_covering_budget_and_lossy_below():
             assert r["rel_error"] < 1e-4, r
             if "mass" in r:
                 assert r["mass"] == pytest.approx(1.0, abs=1e-5), r
-    small = [r for r in heads if r["budget"] == 32 and r["method"] == "streaming"]
-    assert small and all(0 < r["mass"] < 1 for r in small)
-    assert max(r["rel_error"] for r in small) > 1e-3
+    for method in ("streaming", "clusterkv"):  # the engine reports its mass from its lse
+        small = [r for r in heads if r["budget"] == 32 and r["method"] == method]
+        assert small and all(0 < r["mass"] < 1 + 1e-6 for r in small), method
+        assert min(r["mass"] for r in small) < 0.999, method
+        assert max(r["rel_error"] for r in small) > 1e-3, method
     # Every layer and query head of the model is reported for each method and budget.
     for method in methods:
         assert len([r for r in heads if r["method"] == method and r["budget"] == 32]) == 4 * 8
@@ -338,14 +340,15 @@ def test_fidelity_is_exact_at_a_covering_budget_and_lossy_below():
         ("clusterkv", 1),
         ("clusterkv", 4),
     }
-    # A longer memory of past selections can only hold more of this step's pages.
-    for layer in range(4):
-        q = {
-            r["retention"]: r["hit_rate"]
-            for r in hits
-            if r["method"] == "quest" and r["layer"] == layer and r["budget"] == 32
-        }
-        assert q[4] >= q[1]
+    # A longer memory of past selections can only hold more of this step's pages (clusters).
+    for method in ("quest", "clusterkv"):
+        for layer in range(4):
+            q = {
+                r["retention"]: r["hit_rate"]
+                for r in hits
+                if r["method"] == method and r["layer"] == layer and r["budget"] == 32
+            }
+            assert 0 <= q[1] <= q[4] <= 1, (method, layer, q)
 
 
 def test_eval_rows_round_trip_for_resume(tmp_path):

@@ -260,6 +260,11 @@ class KvtierCache(Cache):
         self._of_layer: dict[int, _DeviceEngine] = {}
         self._batch = 0
         self._starts: list[int] | None = None  # first real (unpadded) prompt position per row
+        # With record_lse set, each decode step keeps, per layer, the log-sum-exp of the scaled
+        # logits over the rows the engine attended ([B, num_q_heads] float32) in last_lse: with
+        # the full cache's log-sum-exp L, exp(lse - L) is the share of attention weight they hold.
+        self.record_lse = False
+        self.last_lse: dict[int, torch.Tensor] = {}
         # During prefill(): the sequence (batch row) the model's batch-1 forward belongs to.
         self._row_prefill: int | None = None
         # Check everything the engines will check, now rather than at the first forward: mode,
@@ -363,6 +368,14 @@ class KvtierCache(Cache):
     def engine_stats(self) -> dict[str, _core.EngineStats]:
         """EngineStats of each engine, by device ("cpu", "cuda:0", ...)."""
         return {str(d): g.engine.stats() for d, g in self._engines.items()}
+
+    def last_selection(self, layer_idx: int, row: int = 0) -> list[list[int]]:
+        """The cluster ids, per KV head in selection order, that model layer `layer_idx` recalled
+        for batch row `row` in the last decode step (empty for a layer that does not recall)."""
+        group = self._of_layer.get(layer_idx)
+        if group is None:
+            return []
+        return group.engine.last_selection(row, group.local[layer_idx])
 
     def engines(self) -> dict[str, _core.Engine]:
         """The engines made so far, by device."""
@@ -510,8 +523,12 @@ class KvtierCache(Cache):
         v = value.detach()[:, :, 0, :].contiguous()
         out = torch.empty_like(q)
         stream = group.stream()
+        lse = None
+        if self.record_lse:
+            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+            self.last_lse[layer.layer_idx] = lse
         group.engine.decode_layer(
-            group.local[layer.layer_idx], list(range(batch)), q, k, v, out, stream
+            group.local[layer.layer_idx], list(range(batch)), q, k, v, out, stream, lse
         )
         if layer.layer_idx == group.last_layer:
             group.engine.end_step(stream)

@@ -22,9 +22,10 @@ each KV head attended per decode step.
 
 With --fidelity-steps N it also measures attention fidelity per layer and query head over N
 teacher-forced steps (``fidelity``): for the peers, the share of the full attention mass on the
-selected tokens and the output's relative error; for kvtier's modes, the engine output's relative
-error against dense attention; and how often a step's selection was already selected within the
-previous R steps (Quest) or hit the cluster cache with retention R (clusterkv, hybrid).
+selected tokens and the output's relative error; for kvtier's modes, the same two from the
+engine's output and the log-sum-exp it reports over the rows it attended; and how often a step's
+selection was already selected within the previous R steps (Quest's pages; the clusters the
+engine reports for clusterkv and hybrid).
 
 Writes ``eval.csv`` (one row per case and method), ``summary.csv``, ``needle.png`` and
 ``perplexity.png`` under --out, and prints the summary table with the targets of issue 6
@@ -589,6 +590,8 @@ class _Capture:
         self.keys: dict[int, list] = {}  # layer -> [k [Hkv, T, D] chunks]
         self.values: dict[int, list] = {}
         self.window: dict[int, object] = {}  # layer -> the prompt's queries [Hq, L, D]
+        self.lse: dict[int, list] = {}  # layer -> [lse [Hq] per step] (kvtier runs)
+        self.selections: dict[int, list] = {}  # layer -> [cluster ids per KV head, per step]
 
 
 def _dense(q, k, v, scale):
@@ -598,6 +601,25 @@ def _dense(q, k, v, scale):
     vv = v.float().repeat_interleave(g, dim=0)
     w = ((kk @ q.float()[:, :, None])[..., 0] * scale).softmax(dim=-1)
     return w, (w[:, :, None] * vv).sum(dim=1)
+
+
+def _selection_hit_rates(steps: list, retentions) -> dict:
+    """For each R: of the ids a step selected (per head, pooled over heads and steps from the
+    second on), the share that one of the previous R steps also selected."""
+    rates = {}
+    for r in retentions:
+        hit = total = 0
+        for t in range(1, len(steps)):
+            for h, ids in enumerate(steps[t]):
+                seen = set()
+                for old in steps[max(0, t - r) : t]:
+                    if h < len(old):
+                        seen.update(old[h])
+                hit += sum(1 for j in ids if j in seen)
+                total += len(ids)
+        if total:
+            rates[r] = hit / total
+    return rates
 
 
 def _scale(model) -> float:
@@ -615,10 +637,11 @@ def fidelity(
       attention weight on the tokens the method selects, and `rel_error`, |o_sel - o| / |o| of
       the output;
     - kvtier's modes: `rel_error` of the engine's own output against dense attention over the
-      same run's rows (the engine does not report which rows it read, so no mass);
-    - `hit_rate` at retention R (head -1): for Quest, the share of selected pages that one of the
-      previous R steps also selected; for clusterkv and hybrid, the engine's cluster-cache hit
-      rate with retention_steps = R (layer -1).
+      same run's rows, and `mass`, exp(lse - lse_full) from the log-sum-exp the engine reports
+      over the rows it attended (the share of the full attention weight on them);
+    - `hit_rate` at retention R (head -1), per layer: the share of a step's selection that one of
+      the previous R steps also selected: Quest's pages; the clusters the engine reports
+      (last_selection) for clusterkv and hybrid.
 
     `profiled(budget)`: the kvtier.profile options for a budget (as in the needle runs).
     """
@@ -687,35 +710,39 @@ def fidelity(
                         add(method, budget, i, -1, retention=r, hit_rate=hit / total)
     for method in [m for m in methods if m in KVTIER_MODES]:
         for budget in budgets:
-            runs = (None,) if method == "clusterattn" else retentions
-            for r in runs:
-                cache = make_cache(model, method, budget, profiled(budget) if profiled else None)
-                if r is not None:
-                    cache.settings.options["retention_steps"] = r
-                kcap = _capture_kvtier(cache)
-                try:
-                    _teacher_force(model, ids, context, cache)
-                    stats = list(cache.engine_stats().values())
-                finally:
-                    cache.reset()
-                if r == runs[0]:
-                    for i in sorted(kcap.queries):
-                        k = torch.cat(kcap.keys[i], dim=1)
-                        v = torch.cat(kcap.values[i], dim=1)
-                        err = 0.0
-                        for t, (q, o_eng) in enumerate(zip(kcap.queries[i], kcap.outputs[i])):
-                            _, o = _dense(
-                                q, k[:, : context + t + 1], v[:, : context + t + 1], scale
-                            )
-                            err = err + (o_eng - o).norm(dim=-1) / o.norm(dim=-1)
-                        n = len(kcap.queries[i])
-                        for h in range(err.shape[0]):
-                            add(method, budget, i, h, rel_error=float(err[h] / n))
-                if r is not None:
-                    hit = sum(s.recall_hits for s in stats)
-                    miss = sum(s.recall_misses for s in stats)
-                    rate = hit / (hit + miss) if hit + miss else math.nan
-                    add(method, budget, -1, -1, retention=r, hit_rate=rate)
+            cache = make_cache(model, method, budget, profiled(budget) if profiled else None)
+            cache.record_lse = True
+            kcap = _capture_kvtier(cache)
+            try:
+                _teacher_force(model, ids, context, cache)
+            finally:
+                cache.reset()
+            for i in sorted(kcap.queries):
+                k = torch.cat(kcap.keys[i], dim=1)
+                v = torch.cat(kcap.values[i], dim=1)
+                g = kcap.queries[i][0].shape[0] // k.shape[0]
+                err = mass = 0.0
+                for t, (q, o_eng) in enumerate(zip(kcap.queries[i], kcap.outputs[i])):
+                    kt, vt = k[:, : context + t + 1], v[:, : context + t + 1]
+                    _, o = _dense(q, kt, vt, scale)
+                    err = err + (o_eng - o).norm(dim=-1) / o.norm(dim=-1)
+                    logits = (kt.float().repeat_interleave(g, dim=0) @ q.float()[:, :, None])[
+                        ..., 0
+                    ]
+                    lse_full = (logits * scale).logsumexp(dim=-1)
+                    mass = mass + (kcap.lse[i][t] - lse_full).exp()
+                n = len(kcap.queries[i])
+                for h in range(err.shape[0]):
+                    add(
+                        method,
+                        budget,
+                        i,
+                        h,
+                        mass=float(mass[h] / n),
+                        rel_error=float(err[h] / n),
+                    )
+                for r, rate in _selection_hit_rates(kcap.selections.get(i, []), retentions).items():
+                    add(method, budget, i, -1, retention=r, hit_rate=rate)
     return rows
 
 
@@ -748,9 +775,11 @@ def _capture_peer(cache) -> _Capture:
 
 
 def _capture_kvtier(cache) -> _Capture:
-    """Records the rows, queries and the engine's outputs of a KvtierCache run."""
+    """Records the rows, queries, the engine's outputs and log-sum-exps (with cache.record_lse)
+    of a KvtierCache run, and each step's selections of its recall layers."""
     cap = _Capture()
     prefill, decode = cache._prefill_layer, cache._decode_layer
+    last = cache.spec.num_layers - 1  # its decode ends the step
 
     def prefill_(layer, query, key, value, mask):
         cap.keys.setdefault(layer.layer_idx, []).append(key[0].detach().float())
@@ -764,6 +793,13 @@ def _capture_kvtier(cache) -> _Capture:
         cap.outputs.setdefault(i, []).append(out[0, 0].detach().float())
         cap.keys[i].append(key[0].detach().float())
         cap.values[i].append(value[0].detach().float())
+        if i in cache.last_lse:
+            cap.lse.setdefault(i, []).append(cache.last_lse[i][0].detach().float())
+        if i == last:  # the step has ended: its selections are final
+            for j in range(cache.spec.num_layers):
+                sel = cache.last_selection(j)
+                if sel:
+                    cap.selections.setdefault(j, []).append(sel)
         return out
 
     cache._prefill_layer, cache._decode_layer = prefill_, decode_
