@@ -88,6 +88,8 @@ void validate(const EngineConfig& c) {
                c.observation_window);
   KVTIER_CHECK(c.budget > 0, "budget must be > 0, got ", c.budget);
   KVTIER_CHECK(c.resident_budget >= 0, "resident_budget must be >= 0, got ", c.resident_budget);
+  KVTIER_CHECK(c.dbac_recent_share >= 0.f && c.dbac_recent_share < 1.f,
+               "dbac_recent_share must be in [0, 1), got ", c.dbac_recent_share);
   KVTIER_CHECK(c.sink >= 0, "sink must be >= 0, got ", c.sink);
   KVTIER_CHECK(c.window > 0, "window must be > 0, got ", c.window);
   KVTIER_CHECK(c.tokens_per_cluster > 0, "tokens_per_cluster must be > 0, got ",
@@ -1221,8 +1223,13 @@ std::vector<std::vector<int64_t>> Engine::Impl::dbac_keep(int32_t layer, const K
     dp.window = w;
     dp.eps = cfg.dbac_eps;
     dp.min_density_ratio = cfg.dbac_min_density_ratio;
+    const int64_t per_head = cfg.resident_budget > 0 ? cfg.resident_budget : cfg.budget;
+    // In clusterattn a share of the budget may be held back for the most recent prompt rows (the
+    // fill below gives it to them).
+    const double dbac_share =
+        cfg.mode == Mode::kClusterAttn && cfg.dbac_fill_recent ? 1.0 - cfg.dbac_recent_share : 1.0;
     dp.total_budget =
-        static_cast<int64_t>(cfg.resident_budget > 0 ? cfg.resident_budget : cfg.budget) * Hkv;
+        std::max<int64_t>(1, std::llround(static_cast<double>(per_head) * dbac_share)) * Hkv;
     dp.coverage = cfg.dbac_coverage;
     dp.floor_fraction = cfg.dbac_floor_fraction;
     const int64_t rcap = kernels::dbac_range_capacity(dp), kcap = kernels::dbac_kept_capacity(dp);

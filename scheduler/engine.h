@@ -99,6 +99,11 @@ struct EngineConfig {
   /// the prompt rows just before the observation window instead, so a layer keeps `budget` rows
   /// per KV head on average.
   bool dbac_fill_recent = true;
+  /// clusterattn: the share of the budget kept for the prompt rows just before the observation
+  /// window, whatever DBAC picks: DBAC chooses within (1 - share) of it (and the fill above gives
+  /// the rest to recent rows). 0: DBAC may use all of it. Continuing a text rewards recent rows;
+  /// retrieval rewards DBAC's ranges; kvtier.profile searches it.
+  float dbac_recent_share = 0.f;
 
   // ---- capacity ----
   size_t host_bytes_limit = 0;  ///< host tier (pinned arena) cap; required

@@ -235,6 +235,23 @@ TEST(Engine, ClusterAttnFillsTheBudgetWithRecentRows) {
   EXPECT_LT(off.rows_attended, on.rows_attended);
 }
 
+// dbac_recent_share holds part of the budget for the most recent prompt rows: as many rows are
+// kept, but DBAC picks from fewer of the segments the queries aim at, so attention moves away
+// from the dense result; an out-of-range share is refused.
+TEST(Engine, ClusterAttnRecentShareKeepsTheTotalAndTakesFromDbac) {
+  EngineConfig c = make_config(Mode::kClusterAttn, Shape{});
+  c.budget = 400;
+  EngineStats all_dbac, mostly_recent;
+  const double err_dbac = run_clusterattn(c, test::test_seed() + 25, &all_dbac);
+  c.dbac_recent_share = 0.9f;
+  const double err_recent = run_clusterattn(c, test::test_seed() + 25, &mostly_recent);
+  EXPECT_EQ(mostly_recent.rows_attended, all_dbac.rows_attended);
+  EXPECT_LT(err_dbac, 0.05);
+  EXPECT_GT(err_recent, 2 * err_dbac);
+  c.dbac_recent_share = 1.f;
+  EXPECT_THROW(validate(c), InvalidArgumentError);
+}
+
 TEST(Engine, HybridWithARecallBudgetCoveringTheContextEqualsDense) {
   // DBAC's rows stay resident and every other row is recalled: each row is attended once.
   EngineConfig c = make_config(Mode::kHybrid, Shape{});

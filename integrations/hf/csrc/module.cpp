@@ -372,6 +372,7 @@ NB_MODULE(_core, m) {
       .def_rw("dbac_min_density_ratio", &EngineConfig::dbac_min_density_ratio)
       .def_rw("dbac_coverage", &EngineConfig::dbac_coverage)
       .def_rw("dbac_floor_fraction", &EngineConfig::dbac_floor_fraction)
+      .def_rw("dbac_recent_share", &EngineConfig::dbac_recent_share)
       .def_rw("dbac_fill_recent", &EngineConfig::dbac_fill_recent)
       .def_rw("host_bytes_limit", &EngineConfig::host_bytes_limit)
       .def_rw("cache_bytes", &EngineConfig::cache_bytes)

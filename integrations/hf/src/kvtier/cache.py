@@ -53,6 +53,7 @@ ENGINE_OPTIONS = (
     "dbac_min_density_ratio",
     "dbac_coverage",
     "dbac_floor_fraction",
+    "dbac_recent_share",
     "dbac_fill_recent",
     "cache_bytes",
     "telemetry_path",

@@ -2,7 +2,8 @@
 
 ClusterAttn's density clustering (DBAC, docs/dbac.md) has parameters its paper profiles per model
 rather than fixes: the neighbourhood ``eps`` (dbac_eps), the density threshold
-(dbac_min_density_ratio) and the observation window (observation_window); ClusterKV's cluster
+(dbac_min_density_ratio) and the observation window (observation_window), and how much of the
+budget clusterattn keeps for the most recent prompt rows (dbac_recent_share); ClusterKV's cluster
 size (tokens_per_cluster: prompt rows per k-means cluster) is one too. This command scores every
 combination of the given values on the calibration split of kvtier.eval's needle cases (about 20%
 of them, spread over lengths and depths, see ``calibration``; the config lists them, and eval
@@ -34,7 +35,7 @@ from . import generate as g
 
 #: Engine options a profile config may set: DBAC's (clusterattn, hybrid) and recall's
 #: (clusterkv, hybrid).
-DBAC_KEYS = ("dbac_eps", "dbac_min_density_ratio", "observation_window")
+DBAC_KEYS = ("dbac_eps", "dbac_min_density_ratio", "observation_window", "dbac_recent_share")
 RECALL_KEYS = ("tokens_per_cluster",)
 CONFIG_KEYS = DBAC_KEYS + RECALL_KEYS
 
@@ -171,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", nargs="+", type=float, default=[0.5, 1.0, 2.0])
     p.add_argument("--windows", nargs="+", type=int, default=[16, 32, 64])
     p.add_argument(
+        "--recent-shares",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="clusterattn: share of the budget kept for the most recent prompt rows",
+    )
+    p.add_argument(
         "--tokens-per-cluster",
         nargs="+",
         type=int,
@@ -229,6 +237,8 @@ def main(argv=None) -> int:
         dict(dbac_eps=e, dbac_min_density_ratio=r, observation_window=w)
         for e, r, w in itertools.product(args.eps, args.density, args.windows)
     ]
+    if args.mode == "clusterattn":
+        dbac = [{**d, "dbac_recent_share": s} for d in dbac for s in args.recent_shares]
     recall = [dict(tokens_per_cluster=t) for t in args.tokens_per_cluster]
     if args.mode == "clusterattn":
         grid = dbac
