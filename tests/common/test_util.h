@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <random>
@@ -21,6 +22,23 @@ uint64_t test_seed();
 std::vector<std::byte> random_bytes(size_t n, std::mt19937_64& rng);
 /// Index of the first differing byte, or -1.
 int64_t first_difference(const void* a, const void* b, size_t n);
+
+/// `rows` consecutive rows of `row` values each, placed in a table of rows + spare rows in
+/// reverse order (row p at table row rows + spare - 1 - p; the first `spare` rows hold `fill`);
+/// `index` receives each row's table row. Tests of kernels that read per-problem rows of an
+/// engine's table in place.
+template <typename T>
+std::vector<T> reversed_table(const std::vector<T>& data, size_t row, int32_t rows, int32_t spare,
+                              T fill, std::vector<int32_t>& index) {
+  std::vector<T> table(static_cast<size_t>(rows + spare) * row, fill);
+  index.clear();
+  for (int32_t p = 0; p < rows; ++p) {
+    index.push_back(rows + spare - 1 - p);
+    std::copy_n(data.begin() + static_cast<std::ptrdiff_t>(p * row), row,
+                table.begin() + static_cast<std::ptrdiff_t>(index.back() * row));
+  }
+  return table;
+}
 
 }  // namespace kvtier::test
 

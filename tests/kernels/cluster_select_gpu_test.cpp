@@ -730,12 +730,7 @@ TEST(ClusterSelectGpuScoreEdge, SplitScoreSelectReadsSizeRowsAndFlagsNonFinite) 
   // The same sizes as rows of a larger table, read through size_rows (rows 0 and 1 unused).
   Case d = c;
   const size_t row = static_cast<size_t>(c.p.max_clusters);
-  std::vector<int32_t> table((c.p.num_problems + 2) * row, 999);
-  for (int32_t p = 0; p < c.p.num_problems; ++p) {
-    d.size_rows.push_back(c.p.num_problems + 1 - p);
-    std::copy_n(c.sizes.begin() + p * row, row, table.begin() + d.size_rows[p] * row);
-  }
-  d.sizes = table;
+  d.sizes = test::reversed_table(c.sizes, row, c.p.num_problems, 2, 999, d.size_rows);
   const Result got = run_on_gpu(d, GpuStep::kScoreSelectSplitNoScores);
   EXPECT_EQ(got.nonfinite_problem, -1);
   expect_same_selection(c, want, got);
@@ -766,12 +761,7 @@ TEST(ClusterSelectGpuScoreEdge, SplitPathFlagsNonFiniteInputAndReadsIndirectRows
   const Result want = run_on_gpu(c, GpuStep::kScore);
   Case d = c;
   const size_t row = static_cast<size_t>(d.p.max_clusters) * d.p.head_dim;
-  std::vector<float> table((d.p.num_problems + 1) * row, std::numeric_limits<float>::quiet_NaN());
-  for (int32_t p = 0; p < d.p.num_problems; ++p) {
-    d.centroid_rows.push_back(d.p.num_problems - p);
-    std::copy_n(c.centroids.begin() + p * row, row, table.begin() + d.centroid_rows[p] * row);
-  }
-  d.centroids = table;
+  d.centroids = test::reversed_table(c.centroids, row, d.p.num_problems, 1, kNaN, d.centroid_rows);
   const Result split = run_on_gpu(d, GpuStep::kScoreSplit);
   EXPECT_EQ(split.nonfinite_problem, -1);
   expect_scores_close(c, want.scores, split.scores);
@@ -790,13 +780,8 @@ TEST(ClusterSelectGpuScoreEdge, IndirectCentroidRows) {
                      test::test_seed() + 7);
   const Result want = run_on_gpu(c, GpuStep::kScore);
   const size_t row = static_cast<size_t>(c.p.max_clusters) * c.p.head_dim;
-  const int32_t P = c.p.num_problems;
-  std::vector<float> table((P + 2) * row, std::numeric_limits<float>::quiet_NaN());
-  for (int32_t p = 0; p < P; ++p) {
-    c.centroid_rows.push_back(P + 1 - p);  // rows 0 and 1 stay NaN
-    std::copy_n(c.centroids.begin() + p * row, row, table.begin() + c.centroid_rows[p] * row);
-  }
-  c.centroids = table;
+  // Rows 0 and 1 stay NaN: reading them would poison the scores.
+  c.centroids = test::reversed_table(c.centroids, row, c.p.num_problems, 2, kNaN, c.centroid_rows);
   const Result got = run_on_gpu(c, GpuStep::kScore);
   EXPECT_EQ(got.nonfinite_problem, -1);
   EXPECT_EQ(got.scores, want.scores);

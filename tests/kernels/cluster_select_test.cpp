@@ -450,13 +450,9 @@ TEST(ClusterSelectCentroidRows, IndirectRowsScoreLikeContiguousRows) {
   Result want;
   score_clusters_ref(c.p, tensors(c, want));
   const size_t row = static_cast<size_t>(c.p.max_clusters) * c.p.head_dim;
-  const int32_t P = c.p.num_problems;
-  std::vector<float> table((P + 1) * row, std::numeric_limits<float>::quiet_NaN());
-  std::vector<int32_t> rows(P);
-  for (int32_t p = 0; p < P; ++p) {
-    rows[p] = P - p;  // row 0 stays NaN: reading it would poison the scores
-    std::copy_n(c.centroids.begin() + p * row, row, table.begin() + rows[p] * row);
-  }
+  std::vector<int32_t> rows;  // row 0 stays NaN: reading it would poison the scores
+  const std::vector<float> table = test::reversed_table(
+      c.centroids, row, c.p.num_problems, 1, std::numeric_limits<float>::quiet_NaN(), rows);
   for (const bool fast : {false, true}) {
     Result got;
     ClusterSelectTensors t = tensors(c, got);
@@ -479,13 +475,9 @@ TEST(ClusterSelectCentroidRows, IndirectSizeRowsSelectLikeContiguousRows) {
                      test::test_seed() + 98);
   Result want;
   score_and_select_clusters_ref(c.p, tensors(c, want));
-  const size_t row = static_cast<size_t>(c.p.max_clusters);
-  const int32_t P = c.p.num_problems;
-  std::vector<int32_t> table((P + 2) * row, -1), rows(P);
-  for (int32_t p = 0; p < P; ++p) {
-    rows[p] = P + 1 - p;
-    std::copy_n(c.sizes.begin() + p * row, row, table.begin() + rows[p] * row);
-  }
+  std::vector<int32_t> rows;
+  std::vector<int32_t> table = test::reversed_table(c.sizes, static_cast<size_t>(c.p.max_clusters),
+                                                    c.p.num_problems, 2, -1, rows);
   for (const bool fast : {false, true}) {
     Result got;
     ClusterSelectTensors t = tensors(c, got);
