@@ -247,6 +247,10 @@ void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSele
   check_score_params(p);
   detail::check_score_tensors(p, t);
   KVTIER_CHECK(p.group_size <= 32, "split scoring supports group_size <= 32, got ", p.group_size);
+  if (p.num_problems > 0) {
+    check_aligned(t.queries, "queries");  // 16-byte loads
+    check_aligned(t.centroids, "centroids");
+  }
   reset_nonfinite_flag(t.nonfinite_problem, stream);
   if (p.num_problems == 0) return;
   const size_t need = score_clusters_split_workspace_bytes(p);

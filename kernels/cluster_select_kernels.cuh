@@ -539,6 +539,7 @@ __device__ __forceinline__ bool load_select_items(const SelectKernelParams& kp, 
     // round trip per pair of heads; more would spill under the 64-register cap).
     const float* logits = kp.logits + row * kp.group_size;
     const bool max_agg = kp.aggregation == ScoreAggregation::kMax;
+    uint32_t nonfinite = 0;  // bit i: a logit of item i is NaN or infinite (fmaxf would drop NaN)
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int j = select_item_cluster<kThreads, kItems>(i);
@@ -561,8 +562,13 @@ __device__ __forceinline__ bool load_select_items(const SelectKernelParams& kp, 
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
           s[i] = max_agg ? fmaxf(s[i], l[h][i]) : s[i] + __expf(l[h][i] - head_m[g]) * head_inv[g];
+          nonfinite |= isfinite(l[h][i]) ? 0u : 1u << i;
         }
       }
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (nonfinite & (1u << i)) s[i] = NAN;  // the problem is flagged and selects nothing
     }
     if (kp.scores_out != nullptr) {
 #pragma unroll

@@ -467,11 +467,12 @@ __device__ void merge_tile_splits(const AttentionKernelParams& kp, size_t row0, 
   for (int g = warp; g < heads; g += kWarps) {
     const float* pl = kp.part_lse + (row0 + g) * S;
     float m = -INFINITY;
-    for (int s = lane; s < S; s += 32) m = fmaxf(m, pl[s]);
+    for (int s = lane; s < S; s += 32) m = fmaxf(m, __ldcg(pl + s));
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
     float sum = 0.f;
     for (int s = lane; s < S; s += 32) {
-      const float e = m == -INFINITY || pl[s] == -INFINITY ? 0.f : expf(pl[s] - m);
+      const float ls = __ldcg(pl + s);  // written by other blocks of this grid: from L2
+      const float e = m == -INFINITY || ls == -INFINITY ? 0.f : expf(ls - m);
       w[g][s] = e;
       sum += e;
     }

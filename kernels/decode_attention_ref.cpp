@@ -51,6 +51,7 @@ void check_chunk_lists(const DecodeAttentionParams& p, const DecodeAttentionTens
                        int64_t* problem_rows) {
   const int32_t problems = p.num_seqs * p.num_kv_heads;
   if (problems == 0) return;
+  KVTIER_CHECK(t.out != nullptr, "out is null (out_at is read by the GPU path only)");
   const int32_t* indptr = t.chunk_indptr;
   KVTIER_CHECK(indptr[0] >= 0, "chunk_indptr[0] must be >= 0, got ", indptr[0]);
   for (int32_t i = 0; i < problems; ++i) {

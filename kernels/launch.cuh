@@ -38,9 +38,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 
 namespace detail {
-/// Whether the current device takes programmatic launches (compute capability 9.0 or later);
-/// looked up once per device.
-bool pdl_supported();
+/// Whether `kernel` may be launched programmatically: the current device takes such launches
+/// (compute capability 9.0 or later) and the kernel's code was compiled for sm_90 or later, so
+/// its pdl_wait() is really there (a build for an older target, JIT-compiled on a Hopper, has it
+/// compiled out and must launch in order). Looked up once per device and kernel.
+bool pdl_enabled(const void* kernel);
 }  // namespace detail
 
 /// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch where the
@@ -57,7 +59,7 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
-  config.numAttrs = detail::pdl_supported() ? 1 : 0;
+  config.numAttrs = detail::pdl_enabled(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
   KVTIER_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 

@@ -769,6 +769,9 @@ Engine::Impl::Impl(const EngineConfig& c)
   sc.host.device = device;
   if (backend == Backend::kCpu) sc.host.pin = memory::PinMode::kPageable;
   store = std::make_unique<memory::TieredStore>(sc);
+  // chunks_per_problem() bounds a problem's chunk list (the device builder writes each into a
+  // region of that many) with a missed cluster split over host pages of at least this many rows.
+  KVTIER_ASSERT(store->rows_per_page() >= std::min<int64_t>(cfg.page_size, 16));
   for (int32_t i = cfg.max_sequences - 1; i >= 0; --i) free_slots.push_back(i);
   step_rows_per_layer.assign(L, 0);
   step_layer_done.resize(L);
@@ -1936,23 +1939,28 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
       // lazily initialized state (attributes, occupancy) outside capture.
       cudaStream_t cs = capture->get();
       KVTIER_CUDA_CHECK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+      bool captured = true;
       try {
         launch_recall_kernels(r, cs);
       } catch (...) {
+        // A launch this runtime cannot capture (or any error): no graphs from now on; the
+        // launches below, one by one, throw again if the error is not the capture's.
         cudaGraph_t partial = nullptr;
         cudaStreamEndCapture(cs, &partial);
         if (partial) cudaGraphDestroy(partial);
-        throw;
+        (void)cudaGetLastError();
+        captured = false;
+        graphs_ok = false;
       }
-      if (cudaStreamEndCapture(cs, &g.graph) != cudaSuccess || g.graph == nullptr) {
-        (void)cudaGetLastError();  // nothing was launched: fall back to launching one by one
-      } else {
+      if (captured && cudaStreamEndCapture(cs, &g.graph) == cudaSuccess && g.graph != nullptr) {
         size_t n = 0;
         KVTIER_CUDA_CHECK(cudaGraphGetNodes(g.graph, nullptr, &n));
         std::vector<cudaGraphNode_t> nodes(n);
         KVTIER_CUDA_CHECK(cudaGraphGetNodes(g.graph, nodes.data(), &n));
         for (cudaGraphNode_t node : nodes)
           if (scheduler::is_recall_prologue_node(node)) g.prologue = node;
+      } else {
+        (void)cudaGetLastError();  // nothing was launched: fall back to launching one by one
       }
       if (g.graph == nullptr || g.prologue == nullptr ||
           cudaGraphInstantiate(&g.exec, g.graph, 0) != cudaSuccess) {
@@ -2791,6 +2799,7 @@ void Engine::remove_sequence(SeqId seq) {
   m.wait_sequence(s);
   m.store->remove_sequence(seq);
   for (const auto& c : m.caches) c->erase_sequence(seq);
+  for (auto& selected : m.last_selected) selected.erase(seq);  // an id may be reused
   m.purge_slot(s.slot);
   m.free_slots.push_back(s.slot);
   m.seqs.erase(seq);

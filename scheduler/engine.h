@@ -246,8 +246,9 @@ class Engine {
   /// The clusters `layer` selected for `seq` in the last step that ended (end_step): one vector
   /// per KV head, in selection order (descending score), of the head's cluster ids in that
   /// layer (prompt clusters first, then the window's as they are clustered). Empty when `layer`
-  /// is not a recall layer or `seq` was not decoded in that step. Waits for that step's cache
-  /// policy job, which reads the selections on the host.
+  /// is not a recall layer or `seq` was not decoded in that step (or was removed since). Waits
+  /// for that step's cache policy job, which reads the selections on the host; like every other
+  /// call, not to be made while another thread is inside this engine (end_step starts that job).
   std::vector<std::vector<int32_t>> last_selection(SeqId seq, int32_t layer) const;
 
  private:

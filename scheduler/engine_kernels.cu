@@ -337,6 +337,8 @@ void launch_recall_select_build(const kernels::ClusterSelectParams& sp,
                                 const kernels::ClusterSelectTensors& t, void* workspace,
                                 size_t workspace_bytes, const ChunkBuildParams& bp,
                                 cudaStream_t stream) {
+  KVTIER_CHECK(t.nonfinite_problem == nullptr,
+               "launch_recall_select_build: nonfinite_problem is not supported (it is not reset)");
   kernels::detail::launch_score_select_split_with(sp, t, workspace, workspace_bytes,
                                                   BuildChunksEpilogue{bp}, stream);
 }

@@ -735,15 +735,24 @@ TEST(ClusterSelectGpuScoreEdge, SplitScoreSelectReadsSizeRowsAndFlagsNonFinite) 
   EXPECT_EQ(got.nonfinite_problem, -1);
   expect_same_selection(c, want, got);
   EXPECT_EQ(got.scores, std::vector<float>(c.p.num_problems * row, 7.f));  // not written
-  // A non-finite query: that problem selects nothing and is flagged; the others are unchanged.
-  c.queries[2 * 4 * 128 + 5] = kInf;
-  const Result bad = run_on_gpu(c, GpuStep::kScoreSelectSplit);
-  EXPECT_EQ(bad.nonfinite_problem, 2);
-  EXPECT_EQ(bad.num_selected[2], 0);
-  EXPECT_EQ(bad.total_rows[2], 0);
-  for (const int32_t p : {0, 1, 3, 4}) {
-    EXPECT_EQ(bad.num_selected[p], want.num_selected[p]) << "problem " << p;
-    EXPECT_EQ(bad.total_rows[p], want.total_rows[p]) << "problem " << p;
+  // A non-finite query (Inf, or NaN in one head, which a max over the heads would drop): that
+  // problem selects nothing and is flagged, under either aggregation; the others are unchanged.
+  for (const auto agg : {ScoreAggregation::kSoftmaxSum, ScoreAggregation::kMax}) {
+    for (const float poison : {kInf, kNaN}) {
+      Case e = c;
+      e.p.aggregation = agg;
+      const Result clean = run_on_gpu(e, GpuStep::kScoreSelectSplit);
+      e.queries[2 * 4 * 128 + 5] = poison;
+      const Result bad = run_on_gpu(e, GpuStep::kScoreSelectSplit);
+      const std::string what = aggregation_name(agg) + (std::isnan(poison) ? " nan" : " inf");
+      EXPECT_EQ(bad.nonfinite_problem, 2) << what;
+      EXPECT_EQ(bad.num_selected[2], 0) << what;
+      EXPECT_EQ(bad.total_rows[2], 0) << what;
+      for (const int32_t p : {0, 1, 3, 4}) {
+        EXPECT_EQ(bad.num_selected[p], clean.num_selected[p]) << what << " problem " << p;
+        EXPECT_EQ(bad.total_rows[p], clean.total_rows[p]) << what << " problem " << p;
+      }
+    }
   }
   // Limits are checked on the host.
   Case big = make_case(1, 4, 128, kMaxBlockSortClusters + 4, ScoreAggregation::kSoftmaxSum,

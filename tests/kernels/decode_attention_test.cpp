@@ -633,6 +633,9 @@ TEST(DecodeAttentionErrors, NullArraysAndBadChunkListsAreNamed) {
       t = base.tensors(r.out, r.lse);
       t.out = nullptr;
       EXPECT_TRUE(names(error_of([&] { fn(base.p, t); }), "out is null"));
+      void* const holder = r.out.data();
+      t.out_at = &holder;  // read by the GPU path only: the CPU paths still need out
+      EXPECT_TRUE(names(error_of([&] { fn(base.p, t); }), "out is null (out_at"));
       t = base.tensors(r.out, r.lse);
       t.chunks = nullptr;
       EXPECT_TRUE(names(error_of([&] { fn(base.p, t); }), "chunks is null"));

@@ -181,8 +181,9 @@ class PyEngine {
     engine_->decode_layer(layer, batch, to_stream(stream));
   }
 
-  std::vector<std::vector<int32_t>> last_selection(SeqId seq, int32_t layer) const {
-    return get().last_selection(seq, layer);
+  std::vector<std::vector<int32_t>> last_selection(SeqId seq, int32_t layer) {
+    Scope s(*this);  // it may wait for the step's policy job: without the GIL
+    return engine_->last_selection(seq, layer);
   }
 
   void end_step(uintptr_t stream) {
