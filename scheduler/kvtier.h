@@ -98,6 +98,21 @@ kvtier_status kvtier_decode_layer(kvtier_engine* engine, int32_t layer, const kv
                                   int32_t num_seqs, const void* q, const void* k_new,
                                   const void* v_new, void* out, void* stream);
 
+/* The same, also writing lse [num_seqs, num_q_heads] float (device memory on the CUDA backend):
+ * the log-sum-exp (natural log) of the scaled logits over the rows each head attended. */
+kvtier_status kvtier_decode_layer_lse(kvtier_engine* engine, int32_t layer,
+                                      const kvtier_seq_id* seqs, int32_t num_seqs, const void* q,
+                                      const void* k_new, const void* v_new, void* out, float* lse,
+                                      void* stream);
+
+/* The clusters `layer` selected for `seq` and KV head `kv_head` in the last step that ended, in
+ * selection order: up to `capacity` ids into `ids` (may be null when capacity is 0), and their
+ * count into *count (0 for a layer that does not recall, or a sequence not decoded then). A
+ * count above capacity means the list was cut; call again with a larger buffer. */
+kvtier_status kvtier_last_selection(const kvtier_engine* engine, kvtier_seq_id seq, int32_t layer,
+                                    int32_t kv_head, int32_t* ids, int32_t capacity,
+                                    int32_t* count);
+
 kvtier_status kvtier_end_step(kvtier_engine* engine, void* stream);
 kvtier_status kvtier_synchronize(kvtier_engine* engine);
 /* Starts writing every telemetry event to `path` (truncated; JSON Lines, docs/telemetry.md, read

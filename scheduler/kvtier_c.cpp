@@ -1,8 +1,10 @@
 // The C API (kvtier.h) over kvtier::Engine: exceptions become status codes and a thread-local
 // message.
+#include <algorithm>
 #include <exception>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "memory/core/check.h"
 #include "memory/core/status.h"
@@ -186,6 +188,34 @@ kvtier_status kvtier_decode_layer(kvtier_engine* e, int32_t layer, const kvtier_
   return guarded([&] {
     kvtier::DecodeBatch b{seqs, num_seqs, q, k_new, v_new, out};
     e->engine.decode_layer(layer, b, static_cast<cudaStream_t>(stream));
+  });
+}
+
+kvtier_status kvtier_decode_layer_lse(kvtier_engine* e, int32_t layer, const kvtier_seq_id* seqs,
+                                      int32_t num_seqs, const void* q, const void* k_new,
+                                      const void* v_new, void* out, float* lse, void* stream) {
+  if (!e) return null_arg("engine");
+  if (!lse) return null_arg("lse");
+  return guarded([&] {
+    kvtier::DecodeBatch b{seqs, num_seqs, q, k_new, v_new, out, lse};
+    e->engine.decode_layer(layer, b, static_cast<cudaStream_t>(stream));
+  });
+}
+
+kvtier_status kvtier_last_selection(const kvtier_engine* e, kvtier_seq_id seq, int32_t layer,
+                                    int32_t kv_head, int32_t* ids, int32_t capacity,
+                                    int32_t* count) {
+  if (!e) return null_arg("engine");
+  if (!count) return null_arg("count");
+  if (capacity > 0 && !ids) return null_arg("ids");
+  return guarded([&] {
+    const int32_t heads = e->engine.config().model.num_kv_heads;
+    KVTIER_CHECK(kv_head >= 0 && kv_head < heads, "kv_head ", kv_head, " out of [0, ", heads, ")");
+    const std::vector<std::vector<int32_t>> sel = e->engine.last_selection(seq, layer);
+    const std::vector<int32_t> none;
+    const std::vector<int32_t>& mine = sel.empty() ? none : sel[static_cast<size_t>(kv_head)];
+    *count = static_cast<int32_t>(mine.size());
+    std::copy_n(mine.begin(), std::min<size_t>(mine.size(), std::max(capacity, 0)), ids);
   });
 }
 

@@ -89,17 +89,41 @@ TEST(CApi, SameOutputsAsTheCppEngine) {
       const auto q = random_f16(2 * 8 * 64, rng), k = random_f16(2 * 2 * 64, rng),
                  v = random_f16(2 * 2 * 64, rng);
       std::vector<uint16_t> out_c(q.size()), out_cpp(q.size());
-      ASSERT_EQ(
-          kvtier_decode_layer(ce, l, ids, 2, q.data(), k.data(), v.data(), out_c.data(), nullptr),
-          KVTIER_OK)
-          << kvtier_last_error();
-      DecodeBatch b{ids, 2, q.data(), k.data(), v.data(), out_cpp.data()};
+      std::vector<float> lse_c(2 * 8, -1.f), lse_cpp(2 * 8, -2.f);
+      if (step % 2 == 0) {
+        ASSERT_EQ(
+            kvtier_decode_layer(ce, l, ids, 2, q.data(), k.data(), v.data(), out_c.data(), nullptr),
+            KVTIER_OK)
+            << kvtier_last_error();
+      } else {  // with the log-sum-exp
+        ASSERT_EQ(kvtier_decode_layer_lse(ce, l, ids, 2, q.data(), k.data(), v.data(), out_c.data(),
+                                          lse_c.data(), nullptr),
+                  KVTIER_OK)
+            << kvtier_last_error();
+      }
+      DecodeBatch b{ids, 2, q.data(), k.data(), v.data(), out_cpp.data(), lse_cpp.data()};
       e.decode_layer(l, b);
       ASSERT_EQ(std::memcmp(out_c.data(), out_cpp.data(), out_c.size() * 2), 0)
           << "step " << step << " layer " << l;
+      if (step % 2 == 1) {
+        ASSERT_EQ(std::memcmp(lse_c.data(), lse_cpp.data(), lse_c.size() * 4), 0)
+            << "step " << step << " layer " << l;
+      }
     }
     ASSERT_EQ(kvtier_end_step(ce, nullptr), KVTIER_OK);
     e.end_step();
+    // The step's selections, through the C API, as the C++ engine reports them.
+    for (int32_t l = 0; l < 3; ++l) {
+      const auto want = e.last_selection(ids[1], l);
+      for (int32_t h = 0; h < 2; ++h) {
+        int32_t count = -1;
+        ASSERT_EQ(kvtier_last_selection(ce, ids[1], l, h, nullptr, 0, &count), KVTIER_OK);
+        std::vector<int32_t> got(static_cast<size_t>(count));
+        ASSERT_EQ(kvtier_last_selection(ce, ids[1], l, h, got.data(), count, &count), KVTIER_OK);
+        EXPECT_EQ(got, want.empty() ? std::vector<int32_t>{} : want[h]) << "layer " << l;
+        EXPECT_EQ(want.empty(), l < 1) << "layer " << l;  // layer 0 is dense
+      }
+    }
   }
   kvtier_stats s;
   ASSERT_EQ(kvtier_get_stats(ce, &s), KVTIER_OK);
@@ -144,6 +168,17 @@ TEST(CApi, ErrorsAreStatusCodesWithMessages) {
   EXPECT_EQ(
       kvtier_decode_layer(nullptr, 0, &one, 1, x.data(), x.data(), x.data(), x.data(), nullptr),
       KVTIER_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvtier_decode_layer_lse(ce, 0, &one, 1, x.data(), x.data(), x.data(), x.data(), nullptr,
+                                    nullptr),
+            KVTIER_ERR_INVALID_ARGUMENT);  // lse is null
+  int32_t count = 0, id = 0;
+  EXPECT_EQ(kvtier_last_selection(ce, 1, 1, 0, nullptr, 0, nullptr), KVTIER_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvtier_last_selection(ce, 1, 1, 0, nullptr, 1, &count), KVTIER_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvtier_last_selection(ce, 1, 1, 2, &id, 1, &count), KVTIER_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvtier_last_error()).find("kv_head 2"), std::string::npos);
+  EXPECT_EQ(kvtier_last_selection(ce, 1, 7, 0, &id, 1, &count), KVTIER_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvtier_last_selection(ce, 1, 1, 0, &id, 1, &count), KVTIER_OK);  // no step yet
+  EXPECT_EQ(count, 0);
   EXPECT_EQ(kvtier_get_stats(ce, nullptr), KVTIER_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(kvtier_start_trace(ce, nullptr), KVTIER_ERR_INVALID_ARGUMENT);
   EXPECT_NE(kvtier_start_trace(ce, "/nonexistent-dir/trace.jsonl"), KVTIER_OK);
