@@ -63,6 +63,12 @@ void reset_nonfinite_flag(int32_t* flag, cudaStream_t stream) {
   if (flag != nullptr) KVTIER_CUDA_CHECK(cudaMemsetAsync(flag, 0xff, sizeof(int32_t), stream));
 }
 
+ScoreKernelParams score_kernel_params(const ClusterSelectParams& p, const ClusterSelectTensors& t) {
+  return ScoreKernelParams{t.queries,       t.centroids,    t.num_clusters,
+                           t.centroid_rows, t.scores,       t.nonfinite_problem,
+                           p.group_size,    p.max_clusters, cluster_score_scale(p)};
+}
+
 void check_aligned(const void* ptr, const char* name) {
   KVTIER_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0, name, " must be 16-byte aligned, got ",
                ptr);
@@ -71,9 +77,7 @@ void check_aligned(const void* ptr, const char* name) {
 void score_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, cudaStream_t stream) {
   check_aligned(t.queries, "queries");
   check_aligned(t.centroids, "centroids");
-  const ScoreKernelParams kp{t.queries,       t.centroids,    t.num_clusters,
-                             t.centroid_rows, t.scores,       t.nonfinite_problem,
-                             p.group_size,    p.max_clusters, cluster_score_scale(p)};
+  const ScoreKernelParams kp = score_kernel_params(p, t);
   const size_t G = static_cast<size_t>(p.group_size);
   const size_t base_smem = (2 * kScoreWarps * G + 2 * G) * sizeof(float);
   const size_t cache_smem =
@@ -256,9 +260,7 @@ void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSele
   const size_t need = score_clusters_split_workspace_bytes(p);
   KVTIER_CHECK(workspace != nullptr && workspace_bytes >= need, "split scoring needs ", need,
                " bytes of workspace, got ", workspace_bytes);
-  const ScoreKernelParams kp{t.queries,       t.centroids,    t.num_clusters,
-                             t.centroid_rows, t.scores,       t.nonfinite_problem,
-                             p.group_size,    p.max_clusters, cluster_score_scale(p)};
+  const ScoreKernelParams kp = score_kernel_params(p, t);
   float* logits = static_cast<float*>(workspace);
   detail::launch_split_logits(p, t, logits, nullptr, stream);
   if (p.aggregation == ScoreAggregation::kMax) {
@@ -332,12 +334,7 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
   if (p.num_problems == 0) return l;
   KVTIER_CHECK(t.queries != nullptr && t.centroids != nullptr,
                "split score-and-select: queries and centroids must not be null");
-  KVTIER_CHECK(
-      t.num_clusters != nullptr && t.cluster_sizes != nullptr && t.budgets != nullptr &&
-          t.selected_ids != nullptr && t.selected_rows != nullptr && t.num_selected != nullptr &&
-          t.total_rows != nullptr,
-      "split score-and-select: num_clusters, cluster_sizes, budgets and the four selection "
-      "outputs must not be null");
+  check_select_inputs_and_outputs(p, t);
   check_aligned(t.queries, "queries");
   check_aligned(t.centroids, "centroids");
   KVTIER_CHECK(workspace != nullptr && workspace_bytes >= l.total, "split score-and-select needs ",
@@ -350,9 +347,7 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
 void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensors& t, float* logits,
                          void* partials, cudaStream_t stream) {
   if (p.num_problems == 0) return;
-  const ScoreKernelParams kp{t.queries,       t.centroids,    t.num_clusters,
-                             t.centroid_rows, t.scores,       t.nonfinite_problem,
-                             p.group_size,    p.max_clusters, cluster_score_scale(p)};
+  const ScoreKernelParams kp = score_kernel_params(p, t);
   const dim3 grid(static_cast<unsigned>(p.num_problems),
                   static_cast<unsigned>((p.max_clusters + kSplitTile - 1) / kSplitTile));
   dispatch_head_dim(p.head_dim, [&](auto dim) {

@@ -208,6 +208,8 @@ inline size_t size_row_offset(const ClusterSelectParams& p, const ClusterSelectT
 /// num_problems > 0. Shared by _ref and _cpu.
 void check_score_tensors(const ClusterSelectParams& p, const ClusterSelectTensors& t);
 void check_select_tensors(const ClusterSelectParams& p, const ClusterSelectTensors& t);
+/// check_select_tensors without the scores (the split score-and-select aggregates them itself).
+void check_select_inputs_and_outputs(const ClusterSelectParams& p, const ClusterSelectTensors& t);
 /// Validation of one problem's scoring inputs, in the order the CPU paths report: num_clusters,
 /// then queries (head, dim), then valid centroids (cluster, dim). Shared by _ref and _cpu.
 Status check_score_problem(const ClusterSelectParams& p, const ClusterSelectTensors& t,

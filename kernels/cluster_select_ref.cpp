@@ -146,6 +146,11 @@ void check_score_tensors(const ClusterSelectParams& p, const ClusterSelectTensor
 void check_select_tensors(const ClusterSelectParams& p, const ClusterSelectTensors& t) {
   if (p.num_problems == 0) return;
   KVTIER_CHECK(t.scores != nullptr, "scores is null");
+  check_select_inputs_and_outputs(p, t);
+}
+
+void check_select_inputs_and_outputs(const ClusterSelectParams& p, const ClusterSelectTensors& t) {
+  if (p.num_problems == 0) return;
   KVTIER_CHECK(t.num_clusters != nullptr, "num_clusters is null");
   KVTIER_CHECK(t.cluster_sizes != nullptr, "cluster_sizes is null");
   KVTIER_CHECK(t.budgets != nullptr, "budgets is null");

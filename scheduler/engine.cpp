@@ -439,9 +439,13 @@ struct Engine::Impl {
   // selection is new (no temporal locality), misses are not filled into the cache: the fill
   // would only double their PCIe bytes.
   std::vector<std::unordered_set<memory::ClusterKey, memory::ClusterKeyHash>> prev_selected;
-  // Per recall layer: each sequence's selection of the last step, per KV head (last_selection);
-  // written by that step's policy job.
-  std::vector<std::unordered_map<SeqId, std::vector<std::vector<int32_t>>>> last_selected;
+  // Per recall layer: each sequence's selection of the step it was last decoded in, per KV head
+  // (last_selection); written by that step's policy job into the same vectors every step.
+  struct StepSelection {
+    int64_t step = -1;
+    std::vector<std::vector<int32_t>> heads;
+  };
+  std::vector<std::unordered_map<SeqId, StepSelection>> last_selected;
   std::shared_ptr<Job> policy_job;  // decides `policy` for the previous step
   mutable std::mutex stats_mu;      // the counters below, written by policy jobs
   int64_t recall_hits = 0, recall_misses = 0, host_read_bytes = 0, fill_bytes = 0;
@@ -1998,7 +2002,7 @@ void Engine::Impl::ensure_recall_scratch(cudaStream_t stream) {
   cuda::memset_async(merge_counters.get(), 0, merge_counters.size(), stream);
   q32 = alloc(qn * 4);
   const size_t slots = mp * cap_c;
-  scores = alloc(slots * 4);
+  if (cap_c > kernels::kMaxBlockSortClusters) scores = alloc(slots * 4);  // the fallback's
   sel_ids = alloc(slots * 4);
   sel_rows = alloc(slots * 4);
   num_sel = alloc(mp * 4);
@@ -2229,15 +2233,17 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         std::vector<memory::CacheRequest> req;
         std::vector<int32_t> req_row;
         int64_t hits = 0, misses = 0, read = 0;
-        auto& selected = last_selected[ri];
-        selected.clear();
         for (int32_t p = 0; p < rec.problems; ++p) {
           const int32_t h = (rec.row[p]) % Hkv;
           const int32_t* rr = rec.rows + static_cast<size_t>(p) * rec_cols;
           const int32_t num = rr[0], *stats = rr + 1, *ids = rr + 5;
-          auto& heads = selected[rec.seq[p]];
-          heads.resize(Hkv);
-          heads[h].assign(ids, ids + std::min(num, rec_cols - 5));
+          StepSelection& sel = last_selected[ri][rec.seq[p]];
+          if (sel.step != decided) {
+            sel.step = decided;
+            sel.heads.resize(Hkv);
+            for (auto& ids_of_head : sel.heads) ids_of_head.clear();
+          }
+          sel.heads[h].assign(ids, ids + std::min(num, rec_cols - 5));
           Event e;
           e.kind = EventKind::kCacheLookup;
           e.step = decided;
@@ -2994,7 +3000,8 @@ std::vector<std::vector<int32_t>> Engine::last_selection(SeqId seq, int32_t laye
   if (m.policy_job) m.policy_job->future.wait();
   const auto& selected = m.last_selected[m.recall_index[layer]];
   const auto it = selected.find(seq);
-  return it == selected.end() ? std::vector<std::vector<int32_t>>{} : it->second;
+  const bool last_step = it != selected.end() && it->second.step == m.steps - 1;
+  return last_step ? it->second.heads : std::vector<std::vector<int32_t>>{};
 }
 
 bool Engine::is_recall_layer(int32_t layer) const {

@@ -604,8 +604,9 @@ def _dense(q, k, v, scale):
 
 
 def _selection_hit_rates(steps: list, retentions) -> dict:
-    """For each R: of the ids a step selected (per head, pooled over heads and steps from the
-    second on), the share that one of the previous R steps also selected."""
+    """For each R: of the ids (Quest's pages, kvtier's clusters) a step selected, per head and
+    pooled over heads and steps from the second on, the share that one of the previous R steps
+    also selected. `steps`: per step, a list of id lists, one per KV head."""
     rates = {}
     for r in retentions:
         hit = total = 0
@@ -672,8 +673,7 @@ def fidelity(
                         i, cap.window[i][None], keys[i][None, :, :context], None, scale
                     )
                 mass = err = 0.0
-                history: list = []
-                hits = {r: [0, 0] for r in retentions}
+                pages_selected: list = []  # Quest: per step, each KV head's selected page ids
                 for t in range(steps):
                     length = context + t + 1
                     q = cap.queries[i][t]
@@ -688,14 +688,7 @@ def fidelity(
                     err = err + (o_sel - o).norm(dim=-1) / o.norm(dim=-1)
                     if method == "quest":
                         pages = sel[:, :: probe.page]  # [Hkv, pages]: page selected
-                        if history:
-                            for r in retentions:
-                                seen = torch.zeros_like(pages)
-                                for old in history[-r:]:
-                                    seen[:, : old.shape[1]] |= old
-                                hits[r][0] += int((pages & seen).sum())
-                                hits[r][1] += int(pages.sum())
-                        history.append(pages)
+                        pages_selected.append([row.nonzero().flatten().tolist() for row in pages])
                 for h in range(mass.shape[0]):
                     add(
                         method,
@@ -705,9 +698,8 @@ def fidelity(
                         mass=float(mass[h] / steps),
                         rel_error=float(err[h] / steps),
                     )
-                for r, (hit, total) in hits.items():
-                    if total:
-                        add(method, budget, i, -1, retention=r, hit_rate=hit / total)
+                for r, rate in _selection_hit_rates(pages_selected, retentions).items():
+                    add(method, budget, i, -1, retention=r, hit_rate=rate)
     for method in [m for m in methods if m in KVTIER_MODES]:
         for budget in budgets:
             cache = make_cache(model, method, budget, profiled(budget) if profiled else None)
