@@ -33,6 +33,37 @@ TEST(EngineGpu, ClusterKVWithBudgetCoveringTheContextEqualsDense) {
   EXPECT_LT(run_churn(c, test::test_seed() + 1, 60), kTol);
 }
 
+// More clusters per head than one block selects (one row per cluster: 4100 > 4096): the
+// prologue, then scoring, a segmented sort and the chunk builder as separate launches.
+TEST(EngineGpu, ClusterKVWithMoreClustersThanOneBlockSelectsEqualsDense) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});
+  c.budget = 4096;
+  c.tokens_per_cluster = 1;
+  EXPECT_LT(run_churn(c, test::test_seed() + 11, 30), kTol);
+}
+
+// A batch whose call block is larger than a kernel argument holds (72 sequences x 4 KV heads):
+// the block is uploaded and the entry kernel reads it from device memory (no graph).
+TEST(EngineGpu, ABatchTooLargeToPassByValueEqualsDense) {
+  KVTIER_REQUIRE_GPU();
+  EngineConfig c = gpu_config(Mode::kClusterKV, Shape{2, 8, 4, 64});
+  c.budget = 4096;
+  c.max_sequences = 72;
+  c.max_batch = 72;
+  c.host_bytes_limit = 256 << 20;
+  Driver d(c, test::test_seed() + 12);
+  std::vector<SeqId> all;
+  for (SeqId id = 1; id <= 72; ++id) {
+    d.add(id, 24 + static_cast<int64_t>(id % 5) * 7, id % 2 == 0);
+    all.push_back(id);
+  }
+  double worst = 0;
+  for (int t = 0; t < 6; ++t) worst = std::max(worst, d.step(all));
+  EXPECT_LT(worst, kTol);
+  EXPECT_EQ(d.engine().stats().graph_launches, 0);
+}
+
 TEST(EngineGpu, LastSelectionListsEachHeadsClusters) {
   KVTIER_REQUIRE_GPU();
   check_last_selection(Backend::kCuda);
