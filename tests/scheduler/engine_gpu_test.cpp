@@ -44,7 +44,7 @@ TEST(EngineGpu, ClusterKVWithMoreClustersThanOneBlockSelectsEqualsDense) {
 }
 
 // A batch whose call block is larger than a kernel argument holds (72 sequences x 4 KV heads):
-// the block is uploaded and the entry kernel reads it from device memory (no graph).
+// the block is uploaded and the prologue reads it from device memory (no graph).
 TEST(EngineGpu, ABatchTooLargeToPassByValueEqualsDense) {
   KVTIER_REQUIRE_GPU();
   EngineConfig c = gpu_config(Mode::kClusterKV, Shape{2, 8, 4, 64});
