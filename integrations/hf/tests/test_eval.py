@@ -203,6 +203,7 @@ def test_eval_on_smollm2_keeps_the_full_caches_score_at_a_generous_budget(tmp_pa
             "--methods", "full", "streaming", "snapkv", "quest", "clusterkv", "hybrid",
             "--ppl-context", "512",
             "--ppl-tokens", "24",
+            "--ppl-spans", "2",
             "--fidelity-steps", "4",
             "--new-tokens", "8",
             "--out", str(tmp_path),
@@ -222,6 +223,10 @@ def test_eval_on_smollm2_keeps_the_full_caches_score_at_a_generous_budget(tmp_pa
             assert float(s["needle"]) >= 0.9 * float(full["needle"]), (method, out)
         assert float(s["perplexity"]) < 2 * float(full["perplexity"]), (method, out)
         assert 0 < float(s["rows"]) <= 600, (method, out)
+        assert int(s["spans"]) == 2, (method, out)
+    with open(tmp_path / "eval.csv") as f:
+        spans = {int(r["case"]) for r in csv.DictReader(f) if r["task"] == "perplexity"}
+    assert spans == {0, 1}
     for name in ("eval.csv", "needle.png", "perplexity.png", "fidelity.csv"):
         assert (tmp_path / name).stat().st_size > 0
     assert "target: " in out and "attention fidelity" in out
@@ -349,6 +354,44 @@ def test_fidelity_is_exact_at_a_covering_budget_and_lossy_below():
                 if r["method"] == method and r["layer"] == layer and r["budget"] == 32
             }
             assert 0 <= q[1] <= q[4] <= 1, (method, layer, q)
+
+
+class _CharTokenizer:
+    """One token per character (ids are code points): enough for text_spans."""
+
+    def __call__(self, text, return_tensors=None):
+        import torch
+
+        return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) for c in text]]))
+
+
+def test_perplexity_spans_are_disjoint_and_do_not_move_with_their_count():
+    text = "".join(chr(ord("a") + i % 26) for i in range(100))
+    tok = _CharTokenizer()
+    spans = kv_eval.text_spans(tok, text, 30, 3, "cpu")
+    assert [s.shape for s in spans] == [(1, 30)] * 3
+    assert ["".join(map(chr, s[0].tolist())) for s in spans] == [
+        text[0:30],
+        text[30:60],
+        text[60:90],
+    ]
+    # Span i is the same text whatever the count (so --resume keeps the rows of a shorter run).
+    assert kv_eval.text_spans(tok, text, 30, 1, "cpu")[0].equal(spans[0])
+    # kvtier.profile's come from the end: disjoint from eval's while the text holds both.
+    tail = kv_eval.text_spans(tok, text, 30, 1, "cpu", from_end=True)
+    assert "".join(map(chr, tail[0][0].tolist())) == text[70:100]
+    with pytest.raises(ValueError, match="need 120 tokens; the text has 100"):
+        kv_eval.text_spans(tok, text, 30, 4, "cpu")
+
+
+def test_pooled_perplexity_is_the_perplexity_of_all_the_spans_tokens():
+    # Two spans of equal length with mean NLLs a and b: exp((a + b) / 2).
+    a, b = math.log(10.0), math.log(40.0)
+    assert kv_eval.pooled_perplexity([math.exp(a), math.exp(b)]) == pytest.approx(20.0)
+    assert kv_eval.pooled_perplexity([12.5]) == pytest.approx(12.5)
+    assert math.isnan(kv_eval.pooled_perplexity([]))
+    assert math.isnan(kv_eval.pooled_perplexity([10.0, math.nan]))
+    assert kv_eval.pooled_perplexity([10.0, math.inf]) == math.inf
 
 
 def test_eval_rows_round_trip_for_resume(tmp_path):

@@ -168,6 +168,36 @@ def text_ids(tokenizer, text: str, tokens: int, device):
     return ids[:, :tokens].to(device)
 
 
+def text_spans(tokenizer, text: str, length: int, count: int, device, from_end: bool = False):
+    """`count` disjoint spans of `length` tokens of `text`, [1, length] each on `device`: the
+    i-th starts at i * length (from_end: the i-th ends at total - i * length), so a span is the
+    same text whatever `count` is. kvtier.eval scores spans from the start and kvtier.profile
+    from the end, which keeps calibration text apart from evaluation text. Raises ValueError when
+    the text holds fewer than `count` spans."""
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    total = ids.shape[1]
+    if count * length > total:
+        raise ValueError(
+            f"{count} perplexity span(s) of {length} tokens need {count * length} tokens; "
+            f"the text has {total}"
+        )
+    starts = [total - (i + 1) * length if from_end else i * length for i in range(count)]
+    return [ids[:, s : s + length].to(device) for s in starts]
+
+
+def pooled_perplexity(values) -> float:
+    """Perplexity over several spans of equal length: exp of the mean NLL of all their tokens,
+    i.e. the geometric mean of the spans' perplexities."""
+    values = list(values)
+    if not values:
+        return math.nan
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    if any(math.isinf(v) for v in values):
+        return math.inf
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def needle_case(
     model, tokenizer, prompt, method, budget, new_tokens: int, profiled: dict | None = None
 ) -> tuple[bool, str, float]:
@@ -260,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-context", type=int, default=4096, help="0: no perplexity")
     p.add_argument("--ppl-tokens", type=int, default=256, help="0: no perplexity")
     p.add_argument(
+        "--ppl-spans",
+        type=int,
+        default=4,
+        help="disjoint spans of the text, each --ppl-context + --ppl-tokens tokens from the "
+        "start on, whose perplexities are pooled (exp of the mean NLL of all scored tokens)",
+    )
+    p.add_argument(
         "--fidelity-steps",
         type=int,
         default=0,
@@ -307,7 +344,8 @@ def summarize(rows: list[Row], methods, budgets) -> list[dict]:
                     budget=budget,
                     needle=sum(r.score for r in needles) / len(needles) if needles else math.nan,
                     cases=len(needles),
-                    perplexity=ppl[0].score if ppl else math.nan,
+                    perplexity=pooled_perplexity(r.score for r in ppl),
+                    spans=len(ppl),
                     rows=sum(r.rows for r in mine) / len(mine),
                 )
             )
@@ -487,32 +525,39 @@ def main(argv=None) -> int:
                     f"{method} {budget or ''} {'ok' if ok else 'miss'}"
                 )
         write_rows(out / "eval.csv", rows)  # each case as it ends: --resume goes on from here
-    if args.ppl_context > 0 and args.ppl_tokens > 0:
-        ids = text_ids(tokenizer, haystack, args.ppl_context + args.ppl_tokens, device)
-        for method in methods:
-            for budget in runs(method):
-                if ("perplexity", method, budget, args.ppl_context, -1.0, 0) in done:
-                    continue
-                t0 = time.perf_counter()
-                ppl, attended = perplexity(
-                    model, ids, args.ppl_context, method, budget, profiled(budget)
-                )
-                rows.append(
-                    Row(
-                        "perplexity",
-                        method,
-                        budget,
-                        args.ppl_context,
-                        -1.0,
-                        0,
-                        ppl,
-                        attended,
-                        "",
-                        time.perf_counter() - t0,
+    if args.ppl_context > 0 and args.ppl_tokens > 0 and args.ppl_spans > 0:
+        try:
+            spans = text_spans(
+                tokenizer, haystack, args.ppl_context + args.ppl_tokens, args.ppl_spans, device
+            )
+        except ValueError as e:
+            print(f"kvtier.eval: {e}", file=sys.stderr)
+            return 2
+        for span, ids in enumerate(spans):
+            for method in methods:
+                for budget in runs(method):
+                    if ("perplexity", method, budget, args.ppl_context, -1.0, span) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    ppl, attended = perplexity(
+                        model, ids, args.ppl_context, method, budget, profiled(budget)
                     )
-                )
-                progress.update(f"perplexity {method} {budget or ''}: {ppl:.3f}")
-                write_rows(out / "eval.csv", rows)
+                    rows.append(
+                        Row(
+                            "perplexity",
+                            method,
+                            budget,
+                            args.ppl_context,
+                            -1.0,
+                            span,
+                            ppl,
+                            attended,
+                            "",
+                            time.perf_counter() - t0,
+                        )
+                    )
+                    progress.update(f"perplexity span {span} {method} {budget or ''}: {ppl:.3f}")
+                    write_rows(out / "eval.csv", rows)
     fid = []
     if args.fidelity_steps > 0:
         progress.update("attention fidelity ...")
@@ -529,7 +574,7 @@ def main(argv=None) -> int:
     summary = summarize(rows, methods, args.budgets)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(
-            f, fieldnames=["method", "budget", "needle", "cases", "perplexity", "rows"]
+            f, fieldnames=["method", "budget", "needle", "cases", "perplexity", "spans", "rows"]
         )
         w.writeheader()
         for s in summary:
@@ -538,7 +583,8 @@ def main(argv=None) -> int:
     print(
         f"kvtier.eval: {source.name} on {device} ({str(dtype).replace('torch.', '')}); needle "
         f"lengths {args.lengths}, depths {args.depths}, {args.cases} case(s) each; perplexity "
-        f"of {args.ppl_tokens} tokens after {args.ppl_context}"
+        f"of {args.ppl_tokens} tokens after {args.ppl_context}, pooled over {args.ppl_spans} "
+        f"span(s) of the text"
     )
     print(f"{'method':<12} {'budget':>6} {'needle':>8} {'cases':>5} {'perplexity':>10} {'rows':>8}")
     for s in summary:

@@ -17,7 +17,9 @@ JSON config. clusterattn searches DBAC's options, clusterkv the cluster size, hy
     python -m kvtier.generate --config kvtier-dbac.json --mode clusterattn ...
 
 The score is needle accuracy on the calibration cases; ties go to the lower perplexity of
---ppl-tokens tokens after --ppl-context (0 skips it), then to the earlier combination in the grid.
+--ppl-tokens tokens after --ppl-context (0 skips it), pooled over --ppl-spans spans taken from the
+end of the text (kvtier.eval scores its spans from the start, so the two read different text), then
+to the earlier combination in the grid.
 """
 
 from __future__ import annotations
@@ -185,8 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[64],
         help="prompt rows per k-means cluster (clusterkv, hybrid)",
     )
-    p.add_argument("--ppl-context", type=int, default=2048, help="0: no perplexity tie-break")
-    p.add_argument("--ppl-tokens", type=int, default=64)
+    p.add_argument("--ppl-context", type=int, default=4096, help="0: no perplexity tie-break")
+    p.add_argument("--ppl-tokens", type=int, default=128)
+    p.add_argument(
+        "--ppl-spans",
+        type=int,
+        default=1,
+        help="spans of the text from its end (kvtier.eval's come from its start), pooled",
+    )
     p.add_argument("--new-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="kvtier-dbac.json")
@@ -210,9 +218,20 @@ def main(argv=None) -> int:
         g.fit_prompt(haystack, kv_eval.passkey_for(args.seed, n, d, c), d, n, encode)
         for n, d, c in cases
     ]
-    ids = None
-    if args.ppl_context > 0:
-        ids = kv_eval.text_ids(tokenizer, haystack, args.ppl_context + args.ppl_tokens, device)
+    spans = []
+    if args.ppl_context > 0 and args.ppl_tokens > 0 and args.ppl_spans > 0:
+        try:
+            spans = kv_eval.text_spans(
+                tokenizer,
+                haystack,
+                args.ppl_context + args.ppl_tokens,
+                args.ppl_spans,
+                device,
+                from_end=True,
+            )
+        except ValueError as e:
+            print(f"kvtier.profile: {e}", file=sys.stderr)
+            return 2
 
     def score(options: dict) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -222,11 +241,10 @@ def main(argv=None) -> int:
                 model, tokenizer, prompt, args.mode, args.budget, args.new_tokens, options
             )
             hits += ok
-        ppl = float("nan")
-        if ids is not None:
-            ppl, _ = kv_eval.perplexity(
-                model, ids, args.ppl_context, args.mode, args.budget, options
-            )
+        ppl = kv_eval.pooled_perplexity(
+            kv_eval.perplexity(model, ids, args.ppl_context, args.mode, args.budget, options)[0]
+            for ids in spans
+        )
         progress.update(
             f"{options}: needle {hits}/{len(prompts)}, perplexity {ppl:.3f} "
             f"({time.perf_counter() - t0:.1f} s)"
@@ -261,6 +279,12 @@ def main(argv=None) -> int:
                 lengths=args.lengths,
                 depths=args.depths,
                 cases=args.cases,
+                perplexity={
+                    "context": args.ppl_context,
+                    "tokens": args.ppl_tokens,
+                    "spans": len(spans),
+                    "from_end": True,
+                },
                 results=results,
             ),
             indent=1,
