@@ -2,6 +2,8 @@
 // scoring kernel, the block tiers (radix select) and the segmented-sort fallback for selection.
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <limits>
 #include <type_traits>
@@ -343,6 +345,13 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
                "split score-and-select: the workspace must be 256-byte aligned");
   return l;
 }
+
+bool cluster_select_allowed() {
+  const char* v = std::getenv("KVTIER_CLUSTER_SELECT");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+size_t max_dynamic_smem_optin() { return max_dynamic_smem_bytes(); }
 
 void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensors& t, float* logits,
                          void* partials, cudaStream_t stream) {

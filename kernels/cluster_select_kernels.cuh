@@ -3,6 +3,8 @@
 // row-weighted radix select that sorts only the clusters near the budget's threshold.
 #pragma once
 
+#include <cooperative_groups.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -11,6 +13,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/cluster_select.h"
+#include "kernels/dispatch.h"
 #include "kernels/launch.cuh"
 #include "memory/core/check.h"
 
@@ -702,13 +705,36 @@ __device__ __forceinline__ void take_candidates(const ulonglong2* __restrict__ c
   }
 }
 
-}  // namespace cluster_select_device
+/// Shared memory of block_select.
+template <int kThreads, int kItems>
+struct BlockSelectShared {
+  using Shape = SelectShape<kThreads, kItems>;
+  using Sort = cub::BlockRadixSort<uint64_t, kThreads, kItems>;
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  struct Histogram {
+    alignas(16) uint32_t rows_lo[Shape::kBuckets];  // rows of the live clusters, mod 2^32
+    alignas(16) uint32_t counts[Shape::kBuckets];   // count | (carries out of rows_lo << 16)
+  };
+  struct RadixSelect {
+    Histogram hist[2];  // by level parity: the next level's is cleared while this one is read
+    typename Scan::TempStorage scan;
+    ulonglong2 candidates[Shape::kMaxCandidates];  // {key, rows}
+  };
+  union {
+    typename Sort::TempStorage sort;
+    RadixSelect select;
+  } storage;
+  uint2 and_or[Shape::kWarps];
+  unsigned long long found_above, found_bucket;
+  int found_digit, num_candidates, count, rows;
+};
 
-/// Grid: block.x = problem; kThreads * kItems >= max_clusters, each thread holds kItems clusters
-/// in registers (load_select_items). A row-weighted radix select over the 64-bit (score, id) keys
-/// finds a threshold key T such that every cluster the scan of the sorted order visits until the
-/// budget is met (up to and including the first one at which the rows reach the budget) has a key
-/// >= T, then ranks only the live (valid, non-empty) clusters with keys >= T, the candidates:
+/// The selection of one problem by the whole block, from the problem's clusters in registers
+/// (item i is cluster select_item_cluster(i); see load_select_items): a row-weighted radix select
+/// over the 64-bit (score, id) keys finds a threshold key T such that every cluster the scan of
+/// the sorted order visits until the budget is met (up to and including the first one at which
+/// the rows reach the budget) has a key >= T, then ranks only the live (valid, non-empty)
+/// clusters with keys >= T, the candidates:
 ///   1. The AND and OR of the live ordered scores give the leading key bits they all share.
 ///   2. Per level, a histogram of the next kDigitBits key bits below the fixed prefix (4 buckets
 ///      per thread: 11 bits for 512 threads) accumulates rows and counts of the live clusters in
@@ -725,50 +751,21 @@ __device__ __forceinline__ void take_candidates(const ulonglong2* __restrict__ c
 /// candidates. Selections are exactly the reference's: the candidates' ranks and preceding rows
 /// are those of the full sorted scan. __launch_bounds__ caps registers at 64 so two 512-thread
 /// blocks fit an SM: 256 problems then run in one wave on an H100's 132 SMs.
-/// In logits mode (kp.logits set) the scores are aggregated from split scoring's logits first.
-/// `epi.run<kThreads>(kp, problem)` runs last, by the whole block, once the selection is written
-/// (see NoSelectEpilogue): a caller can build on the selection without another launch.
-template <int kThreads, int kItems, typename Epilogue>
-__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
-    select_clusters_block_kernel(SelectKernelParams kp, Epilogue epi) {
-  using namespace cluster_select_device;
+/// `reload(ordered)` loads the items' ordered scores again (the full sort's path). Ends with the
+/// problem's outputs written (finish_selection).
+template <int kThreads, int kItems, typename Reload>
+__device__ __forceinline__ void block_select(const SelectKernelParams& kp, int problem, int n,
+                                             const uint32_t (&ordered)[kItems],
+                                             const uint32_t (&sizes)[kItems], bool bad,
+                                             BlockSelectShared<kThreads, kItems>& sh,
+                                             const Reload& reload) {
   using Shape = SelectShape<kThreads, kItems>;
-  using Sort = cub::BlockRadixSort<uint64_t, kThreads, kItems>;
-  using Scan = cub::BlockScan<unsigned long long, kThreads>;
-  struct Histogram {
-    alignas(16) uint32_t rows_lo[Shape::kBuckets];  // rows of the live clusters, mod 2^32
-    alignas(16) uint32_t counts[Shape::kBuckets];   // count | (carries out of rows_lo << 16)
-  };
-  struct RadixSelect {
-    Histogram hist[2];  // by level parity: the next level's is cleared while this one is read
-    typename Scan::TempStorage scan;
-    ulonglong2 candidates[Shape::kMaxCandidates];  // {key, rows}
-  };
-  __shared__ union {
-    typename Sort::TempStorage sort;
-    RadixSelect select;
-  } storage;
-  __shared__ uint2 s_and_or[Shape::kWarps];
-  __shared__ unsigned long long s_found_above, s_found_bucket;
-  __shared__ int s_found_digit, s_num_candidates, s_count, s_rows;
-  __shared__ float s_head_m[kMaxSplitGroup], s_head_inv[kMaxSplitGroup];
-  pdl_wait();
-  pdl_launch_dependents();
-
-  const int problem = blockIdx.x;
+  using Shared = BlockSelectShared<kThreads, kItems>;
+  using Sort = typename Shared::Sort;
+  using Scan = typename Shared::Scan;
+  using Histogram = typename Shared::Histogram;
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  const int n = clamp_clusters(kp.num_clusters[problem], kp.max_clusters);
   const size_t row = static_cast<size_t>(problem) * kp.max_clusters;
-  if (kp.logits != nullptr) {  // block-uniform
-    if (kp.aggregation == ScoreAggregation::kSoftmaxSum) {
-      split_head_stats(kp, problem, n, s_head_m, s_head_inv);
-    }
-    __syncthreads();
-  }
-  uint32_t ordered[kItems];
-  uint32_t sizes[kItems];
-  const bool bad =
-      load_select_items<kThreads, kItems>(kp, problem, n, s_head_m, s_head_inv, ordered, sizes);
   // The sort key of item i, rebuilt where needed: id_mask - j in 32 bits from one per-thread base
   // (the item's offset is a constant), so that no per-item 64-bit value is kept.
   const uint32_t id_base = static_cast<uint32_t>((uint64_t{1} << kp.id_bits) - 1) -
@@ -790,21 +787,21 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   }
   ordered_and = __reduce_and_sync(0xffffffffu, ordered_and);
   ordered_or = __reduce_or_sync(0xffffffffu, ordered_or);
-  if (lane == 0) s_and_or[warp] = make_uint2(ordered_and, ordered_or);
+  if (lane == 0) sh.and_or[warp] = make_uint2(ordered_and, ordered_or);
   if (threadIdx.x == 0) {
-    s_num_candidates = 0;
-    s_count = 0;
-    s_rows = 0;
+    sh.num_candidates = 0;
+    sh.count = 0;
+    sh.rows = 0;
   }
-  reinterpret_cast<uint4*>(storage.select.hist[0].rows_lo)[threadIdx.x] = make_uint4(0, 0, 0, 0);
-  reinterpret_cast<uint4*>(storage.select.hist[0].counts)[threadIdx.x] = make_uint4(0, 0, 0, 0);
+  reinterpret_cast<uint4*>(sh.storage.select.hist[0].rows_lo)[threadIdx.x] = make_uint4(0, 0, 0, 0);
+  reinterpret_cast<uint4*>(sh.storage.select.hist[0].counts)[threadIdx.x] = make_uint4(0, 0, 0, 0);
   int64_t budget = kp.budgets[problem] > 0 ? kp.budgets[problem] : 0;
   if (__syncthreads_or(bad)) {
     if (threadIdx.x == 0) flag_nonfinite(kp.nonfinite_problem, problem);
     budget = 0;  // a problem with a non-finite score selects nothing
   }
   {
-    const uint2 v = s_and_or[lane % Shape::kWarps];  // kWarps <= 32; AND, OR are idempotent
+    const uint2 v = sh.and_or[lane % Shape::kWarps];  // kWarps <= 32; AND, OR are idempotent
     ordered_and = __reduce_and_sync(0xffffffffu, v.x);
     ordered_or = __reduce_or_sync(0xffffffffu, v.y);
   }
@@ -820,8 +817,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     unsigned long long above = 0;  // (rows << 16) | count of live keys above prefix's bucket
     int bucket_count = 1;  // live keys in prefix's bucket (shift == 0: one cluster, the only one)
     for (int level = 0; shift > 0; ++level) {
-      Histogram& hist = storage.select.hist[level & 1];
-      Histogram& next_hist = storage.select.hist[(level + 1) & 1];
+      Histogram& hist = sh.storage.select.hist[level & 1];
+      Histogram& next_hist = sh.storage.select.hist[(level + 1) & 1];
       const int bits = shift < Shape::kDigitBits ? shift : Shape::kDigitBits;
       const int next = shift - bits;
 #pragma unroll
@@ -841,7 +838,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       // (rows << 16) | count per bucket: rows < 2^43, count <= 4096.
       const int quad = Shape::kBuckets / 4 - 1 - static_cast<int>(threadIdx.x);
       unsigned long long before = 0, total = 0;
-      Scan(storage.select.scan)
+      Scan(sh.storage.select.scan)
           .ExclusiveSum(bucket_quad_sum(hist.rows_lo, hist.counts, quad), before, total);
       const int64_t above_rows = static_cast<int64_t>(above >> 16);
       if (above_rows + static_cast<int64_t>(total >> 16) < budget) {
@@ -855,17 +852,17 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
         const unsigned long long incl = before + v;
         if (above_rows + static_cast<int64_t>(before >> 16) < budget &&
             budget <= above_rows + static_cast<int64_t>(incl >> 16)) {  // exactly one bucket
-          s_found_digit = 4 * quad + 3 - q;
-          s_found_above = above + before;
-          s_found_bucket = v;
+          sh.found_digit = 4 * quad + 3 - q;
+          sh.found_above = above + before;
+          sh.found_bucket = v;
         }
         before = incl;
       }
       __syncthreads();
-      prefix |= static_cast<uint64_t>(s_found_digit) << next;
+      prefix |= static_cast<uint64_t>(sh.found_digit) << next;
       shift = next;
-      above = s_found_above;
-      bucket_count = static_cast<int>(s_found_bucket & 0xffffu);
+      above = sh.found_above;
+      bucket_count = static_cast<int>(sh.found_bucket & 0xffffu);
       const int above_count = static_cast<int>(above & 0xffffu);
       if (above_count + bucket_count <= kSelectRefineTarget || bucket_count == 1 ||
           above_count >= Shape::kMaxCandidates) {
@@ -892,25 +889,24 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
         if (lane >= offset) inclusive += other;
       }
       int slot = 0;
-      if (lane == 31 && inclusive > 0) slot = atomicAdd(&s_num_candidates, inclusive);
+      if (lane == 31 && inclusive > 0) slot = atomicAdd(&sh.num_candidates, inclusive);
       slot = __shfl_sync(0xffffffffu, slot, 31) + inclusive - mine;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const uint64_t k = key(i);
         if (sizes[i] != 0 && k >= prefix) {
-          storage.select.candidates[slot++] = make_ulonglong2(k, sizes[i]);
+          sh.storage.select.candidates[slot++] = make_ulonglong2(k, sizes[i]);
         }
       }
       __syncthreads();
-      take_candidates<kThreads>(storage.select.candidates, m, budget, kp.overflow, kp.id_bits, ids,
-                                rows, s_count, s_rows);
+      take_candidates<kThreads>(sh.storage.select.candidates, m, budget, kp.overflow, kp.id_bits,
+                                ids, rows, sh.count, sh.rows);
     } else {
       // ---- 3'. too many candidates: sort every key ----
       // The scores are loaded again (from L1 or L2): keys kept in registers across the sort would
       // make the path above spill.
-      uint32_t all_ordered[kItems], unused_sizes[kItems];
-      load_select_items<kThreads, kItems>(kp, problem, n, s_head_m, s_head_inv, all_ordered,
-                                          unused_sizes);
+      uint32_t all_ordered[kItems];
+      reload(all_ordered);
       uint64_t all_keys[kItems];
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
@@ -919,18 +915,240 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
                             : 0;  // padding sorts last
       }
       __syncthreads();  // the sort reuses the histograms' shared memory
-      Sort(storage.sort).SortDescending(all_keys, 0, 32 + kp.id_bits);
+      Sort(sh.storage.sort).SortDescending(all_keys, 0, 32 + kp.id_bits);
       __syncthreads();  // the scan reuses the sort's shared memory
       int64_t carry_rows = 0;
       int carry_count = 0;
       apply_budget_tile<kThreads, kItems>(all_keys, 0, n, sizes_of(kp, problem), budget,
                                           kp.overflow, kp.id_bits, ids, rows, carry_rows,
-                                          carry_count, storage.select.scan, s_count, s_rows);
+                                          carry_count, sh.storage.select.scan, sh.count, sh.rows);
     }
   }
   __syncthreads();
-  finish_selection(kp, problem, s_count, s_rows, unselected_from);
+  finish_selection(kp, problem, sh.count, sh.rows, unselected_from);
+}
+
+}  // namespace cluster_select_device
+
+/// Grid: block.x = problem; kThreads * kItems >= max_clusters, each thread holds kItems clusters
+/// in registers (load_select_items), selected by block_select.
+/// In logits mode (kp.logits set) the scores are aggregated from split scoring's logits first.
+/// `epi.run<kThreads>(kp, problem)` runs last, by the whole block, once the selection is written
+/// (see NoSelectEpilogue): a caller can build on the selection without another launch.
+template <int kThreads, int kItems, typename Epilogue>
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
+    select_clusters_block_kernel(SelectKernelParams kp, Epilogue epi) {
+  using namespace cluster_select_device;
+  __shared__ BlockSelectShared<kThreads, kItems> sh;
+  __shared__ float s_head_m[kMaxSplitGroup], s_head_inv[kMaxSplitGroup];
+  pdl_wait();
+  pdl_launch_dependents();
+
+  const int problem = blockIdx.x;
+  const int n = clamp_clusters(kp.num_clusters[problem], kp.max_clusters);
+  if (kp.logits != nullptr) {  // block-uniform
+    if (kp.aggregation == ScoreAggregation::kSoftmaxSum) {
+      split_head_stats(kp, problem, n, s_head_m, s_head_inv);
+    }
+    __syncthreads();
+  }
+  uint32_t ordered[kItems];
+  uint32_t sizes[kItems];
+  const bool bad =
+      load_select_items<kThreads, kItems>(kp, problem, n, s_head_m, s_head_inv, ordered, sizes);
+  block_select<kThreads, kItems>(kp, problem, n, ordered, sizes, bad, sh,
+                                 [&](uint32_t(&again)[kItems]) {
+                                   uint32_t unused_sizes[kItems];
+                                   load_select_items<kThreads, kItems>(
+                                       kp, problem, n, s_head_m, s_head_inv, again, unused_sizes);
+                                 });
   epi.template run<kThreads>(kp, problem);
+}
+
+/// Dynamic shared memory of score_select_cluster_kernel, in bytes from its start: the problem's
+/// queries [G][kDim] (float), the per-CTA, per-head (max, sum of exp) partials [cluster][G]
+/// (float2), this CTA's logits [G][slice], and, read in CTA 0 only, the problem's scores and
+/// cluster sizes [max_clusters] each.
+struct ClusterSelectSmem {
+  int32_t partials, logits, scores, sizes, total;
+  __host__ __device__ static ClusterSelectSmem of(int group_size, int head_dim, int cluster,
+                                                  int slice, int max_clusters) {
+    ClusterSelectSmem l;
+    l.partials = group_size * head_dim * 4;
+    l.logits = l.partials + cluster * group_size * 8;
+    l.scores = l.logits + group_size * slice * 4;
+    l.sizes = l.scores + max_clusters * 4;
+    l.total = l.sizes + max_clusters * 4;
+    return l;
+  }
+};
+
+/// Scoring, aggregation and selection of each problem by a thread block cluster (sm_90):
+/// grid.x = problem * cluster + rank, cluster dims (cluster, 1, 1), kThreads threads, dynamic
+/// shared memory ClusterSelectSmem. The CTAs of a problem split its valid centroids into
+/// contiguous slices of at most `slice`, compute the slice's logits into shared memory (eight
+/// lanes per centroid, 16-byte loads, as split_logits_kernel) and each head's (max, sum of exp)
+/// over it, and send those partials to every CTA of the cluster; after a cluster barrier each CTA
+/// aggregates its slice's scores and writes them into CTA 0's shared memory; after a second
+/// barrier CTA 0 selects (block_select) and runs the epilogue, while its cluster sizes have been
+/// copied to shared memory in the background (cp.async) since the kernel began. The logits and
+/// scores never travel through global memory, and one kernel replaces split_logits_kernel and the
+/// selection block with its grid-wide dependency. Scores are those of the split path within
+/// rounding (the heads' statistics are combined from other partitions).
+template <int kDim, int kThreads, int kItems, typename Epilogue>
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
+    score_select_cluster_kernel(ScoreKernelParams sk, SelectKernelParams kp, Epilogue epi,
+                                int slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using namespace cluster_select_device;
+  constexpr int kLanes = 8;                      // lanes per centroid
+  constexpr int kPerLane = kDim / (4 * kLanes);  // float4 pieces of a centroid per lane
+  constexpr int kRounds = kDim > 128 ? 1 : 2;    // centroids per lane group and pass
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kPass = kWarps * (32 / kLanes) * kRounds;  // centroids per pass of the block
+  __shared__ BlockSelectShared<kThreads, kItems> sh;
+  __shared__ float s_head_m[kMaxSplitGroup], s_head_inv[kMaxSplitGroup];
+  extern __shared__ float4 smem4[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(smem4);
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  // Remote shared memory may be written only once its CTA runs: arrive now, wait before the first
+  // remote store.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  const int cs = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int problem = static_cast<int>(blockIdx.x) / cs;
+  const int G = kp.group_size;
+  const ClusterSelectSmem lay = ClusterSelectSmem::of(G, kDim, cs, slice, kp.max_clusters);
+  float4* q4 = reinterpret_cast<float4*>(smem);
+  float2* part = reinterpret_cast<float2*>(smem + lay.partials);
+  float* logits = reinterpret_cast<float*>(smem + lay.logits);
+  float* scores = reinterpret_cast<float*>(smem + lay.scores);
+  int32_t* sizes_s = reinterpret_cast<int32_t*>(smem + lay.sizes);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  pdl_wait();
+  pdl_launch_dependents();
+
+  const int n = clamp_clusters(kp.num_clusters[problem], kp.max_clusters);
+  const int per = (n + cs - 1) / cs;
+  const int b = min(n, rank * per), e = min(n, b + per), cnt = e - b;
+  if (rank == 0) {  // the sizes, in the background until the selection
+    const int32_t* zs = sizes_of(kp, problem);
+    for (int j = static_cast<int>(threadIdx.x); j < n; j += kThreads) {
+      __pipeline_memcpy_async(sizes_s + j, zs + j, sizeof(int32_t));
+    }
+    __pipeline_commit();
+  }
+
+  // ---- the slice's logits ----
+  const int sub = lane % kLanes, grp = lane / kLanes;
+  const size_t crow = sk.centroid_rows ? static_cast<size_t>(sk.centroid_rows[problem])
+                                       : static_cast<size_t>(problem);
+  const float4* cb = reinterpret_cast<const float4*>(sk.centroids) +
+                     crow * static_cast<size_t>(kp.max_clusters) * (kDim / 4);
+  const float4* qsrc =
+      reinterpret_cast<const float4*>(sk.queries) + static_cast<size_t>(problem) * G * (kDim / 4);
+  for (int i = static_cast<int>(threadIdx.x); i < G * kDim / 4; i += kThreads) q4[i] = qsrc[i];
+  __syncthreads();
+  for (int base = b; base < e; base += kPass) {  // block-uniform
+    float4 c[kRounds][kPerLane];
+    int js[kRounds];
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      js[r] = base + (warp * kRounds + r) * (32 / kLanes) + grp;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        c[r][k] = js[r] < e ? __ldg(cb + static_cast<size_t>(js[r]) * (kDim / 4) + k * kLanes + sub)
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int r = 0; r < kRounds; ++r) {
+        float d = 0.f;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) {
+          const float4 q = q4[g * (kDim / 4) + k * kLanes + sub];
+          d = fmaf(c[r][k].x, q.x, d);
+          d = fmaf(c[r][k].y, q.y, d);
+          d = fmaf(c[r][k].z, q.z, d);
+          d = fmaf(c[r][k].w, q.w, d);
+        }
+#pragma unroll
+        for (int o = kLanes / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        if (js[r] < e && sub == g % kLanes) logits[g * slice + (js[r] - b)] = d * sk.scale;
+      }
+    }
+  }
+  __syncthreads();
+  // ---- each head's (max, sum of exp) over the slice, to every CTA of the cluster ----
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  for (int g = warp; g < G; g += kWarps) {
+    const float* lg = logits + g * slice;
+    float m = -INFINITY;
+    for (int i = lane; i < cnt; i += 32) m = fmaxf(m, lg[i]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float sum = 0.f;
+    if (m != -INFINITY) {
+      for (int i = lane; i < cnt; i += 32) sum += __expf(lg[i] - m);
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane < cs) cluster.map_shared_rank(part, lane)[rank * G + g] = make_float2(m, sum);
+  }
+  cluster.sync();  // every CTA holds every partial
+  for (int g = warp; g < G; g += kWarps) {
+    const float2 v = lane < cs ? part[lane * G + g] : make_float2(-INFINITY, 0.f);
+    float m = v.x;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float sum = v.y > 0.f ? v.y * __expf(v.x - m) : 0.f;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) {
+      s_head_m[g] = m;
+      s_head_inv[g] = 1.f / sum;
+    }
+  }
+  __syncthreads();
+  // ---- the slice's scores, into CTA 0 ----
+  float* scores0 = cluster.map_shared_rank(scores, 0);
+  const bool max_agg = kp.aggregation == ScoreAggregation::kMax;
+  const size_t row = static_cast<size_t>(problem) * kp.max_clusters;
+  for (int i = static_cast<int>(threadIdx.x); i < cnt; i += kThreads) {
+    float s = max_agg ? -INFINITY : 0.f;
+    bool nonfinite = false;  // fmaxf would drop a NaN
+    for (int g = 0; g < G; ++g) {
+      const float l = logits[g * slice + i];
+      s = max_agg ? fmaxf(s, l) : s + __expf(l - s_head_m[g]) * s_head_inv[g];
+      nonfinite |= !isfinite(l);
+    }
+    if (nonfinite) s = NAN;  // the problem is flagged and selects nothing
+    scores0[b + i] = s;
+    if (kp.scores_out != nullptr) kp.scores_out[row + b + i] = s;
+  }
+  cluster.sync();  // CTA 0 holds every score; no CTA touches another's memory after this
+  if (rank != 0) return;
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  auto load = [&](uint32_t(&ordered)[kItems], uint32_t* sizes) {
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int j = select_item_cluster<kThreads, kItems>(i);
+      const bool valid = j < n;
+      const float s = valid ? scores[j] : 0.f;
+      bad |= valid && !isfinite(s);
+      ordered[i] = ordered_score(s);
+      if (sizes != nullptr)
+        sizes[i] = valid && sizes_s[j] > 0 ? static_cast<uint32_t>(sizes_s[j]) : 0u;
+    }
+    return bad;
+  };
+  uint32_t ordered[kItems];
+  uint32_t sizes[kItems];
+  const bool bad = load(ordered, sizes);
+  block_select<kThreads, kItems>(kp, problem, n, ordered, sizes, bad, sh,
+                                 [&](uint32_t(&again)[kItems]) { load(again, nullptr); });
+  epi.template run<kThreads>(kp, problem);
+#endif
 }
 
 /// Grid: block.x = problem, 256 threads striding over its max_clusters slots. Writes the keys of
@@ -1142,6 +1360,70 @@ void launch_select_block(const ClusterSelectParams& p, const SelectKernelParams&
   KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel");
 }
 
+/// Whether score_select_cluster_kernel may run: `KVTIER_CLUSTER_SELECT=0` in the environment
+/// selects the two-kernel path (split logits, then the selection block) instead, for comparison.
+bool cluster_select_allowed();
+
+/// The device's opt-in limit of dynamic shared memory per block.
+size_t max_dynamic_smem_optin();
+
+/// Launches score_select_cluster_kernel for a split score-and-select when the device and the
+/// build take it (sm_90) and its shared memory fits; false (nothing launched) otherwise. The
+/// cluster size is the largest power of two up to 8 with which the problems' clusters fill at
+/// most the multiprocessors once, raised while the slices' logits do not fit.
+template <typename Epilogue>
+bool launch_score_select_cluster(const ClusterSelectParams& p, const ClusterSelectTensors& t,
+                                 const SelectKernelParams& kp, const Epilogue& epi,
+                                 cudaStream_t stream) {
+  if (!cluster_select_allowed()) return false;
+  const ScoreKernelParams sk{t.queries,       t.centroids,    t.num_clusters,
+                             t.centroid_rows, nullptr,        nullptr,
+                             p.group_size,    p.max_clusters, cluster_score_scale(p)};
+  bool launched = false;
+  dispatch_head_dim(p.head_dim, [&](auto dim) {
+    constexpr int kDim = decltype(dim)::value;
+    auto go = [&](auto kernel, int threads) {
+      if (!pdl_enabled(reinterpret_cast<const void*>(kernel))) return;
+      cudaFuncAttributes attr{};
+      KVTIER_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      const size_t limit = max_dynamic_smem_optin() - attr.sharedSizeBytes;
+      const int sms = sm_count();
+      int cs = 1;
+      while (cs < 8 && static_cast<int64_t>(p.num_problems) * cs * 2 <= sms) cs *= 2;
+      int slice = 0;
+      size_t bytes = 0;
+      for (;; cs *= 2) {
+        if (cs > 8) return;
+        slice = ((p.max_clusters + cs - 1) / cs + 3) / 4 * 4;
+        bytes = static_cast<size_t>(
+            ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters).total);
+        if (bytes <= limit) break;
+      }
+      if (bytes + attr.sharedSizeBytes > 48 * 1024) {  // beyond the default: opt in
+        KVTIER_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(bytes)));
+      }
+      if (max_cluster_size(reinterpret_cast<const void*>(kernel), threads, bytes) < cs) return;
+      const cudaError_t err =
+          launch_pdl_cluster(kernel, dim3(static_cast<unsigned>(p.num_problems * cs)), threads,
+                             bytes, stream, static_cast<unsigned>(cs), sk, kp, epi, slice);
+      KVTIER_CHECK(err == cudaSuccess, "score_select_cluster_kernel: ", cudaGetErrorString(err),
+                   " (problems ", p.num_problems, ", cluster ", cs, ", threads ", threads,
+                   ", shared memory ", bytes, " + ", attr.sharedSizeBytes, " bytes, max_clusters ",
+                   p.max_clusters, ", group ", p.group_size, ")");
+      launched = true;
+    };
+    if (p.max_clusters <= 256) {
+      go(score_select_cluster_kernel<kDim, 128, 2, Epilogue>, 128);
+    } else if (p.max_clusters <= 1024) {
+      go(score_select_cluster_kernel<kDim, 256, 4, Epilogue>, 256);
+    } else {
+      go(score_select_cluster_kernel<kDim, 512, 8, Epilogue>, 512);
+    }
+  });
+  return launched;
+}
+
 /// launch_score_select_split with an epilogue run by each problem's selection block once its
 /// selection is written (the engine builds its attention chunk lists there).
 template <typename Epilogue>
@@ -1153,12 +1435,13 @@ void launch_score_select_split_with(const ClusterSelectParams& p, const ClusterS
   auto* base = static_cast<std::byte*>(workspace);
   auto* logits = reinterpret_cast<float*>(base + l.logits);
   auto* partials = reinterpret_cast<float2*>(base + l.partials);
-  launch_split_logits(p, t, logits, partials, stream);
   SelectKernelParams kp = select_kernel_params(p, t);
   kp.logits = logits;
   kp.partials = partials;
   kp.scores = nullptr;
   kp.scores_out = t.scores;
+  if (launch_score_select_cluster(p, t, kp, epi, stream)) return;
+  launch_split_logits(p, t, logits, partials, stream);
   launch_select_block(p, kp, epi, stream);
 }
 

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "kernels/launch.cuh"
+#include "memory/core/log.h"
 
 namespace kvtier::kernels::detail {
 
@@ -45,6 +46,83 @@ bool pdl_enabled(const void* kernel) {
     cudaFuncAttributes attr{};
     KVTIER_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
     it = compiled.emplace(key, attr.ptxVersion >= 90).first;
+  }
+  return it->second;
+}
+
+int sm_count() {
+  int device = 0;
+  KVTIER_CUDA_CHECK(cudaGetDevice(&device));
+  static std::array<std::atomic<int>, 64> known{};
+  if (device < 0 || device >= static_cast<int>(known.size())) {
+    int n = 0;
+    KVTIER_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }
+  int n = known[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    KVTIER_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    known[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+int max_cluster_size(const void* kernel, int threads, size_t smem) {
+  int device = 0;
+  KVTIER_CUDA_CHECK(cudaGetDevice(&device));
+  if (!device_supported(device)) return 0;
+  struct Key {
+    const void* kernel;
+    int device, threads;
+    size_t smem;
+    bool operator==(const Key& o) const {
+      return kernel == o.kernel && device == o.device && threads == o.threads && smem == o.smem;
+    }
+  };
+  struct KeyHash {
+    size_t operator()(const Key& k) const {
+      return std::hash<const void*>()(k.kernel) ^ (static_cast<size_t>(k.device) << 1) ^
+             (static_cast<size_t>(k.threads) << 8) ^ (k.smem << 20);
+    }
+  };
+  static std::mutex mu;
+  static std::unordered_map<Key, int, KeyHash> known;
+  std::lock_guard<std::mutex> lock(mu);
+  const Key key{kernel, device, threads, smem};
+  auto it = known.find(key);
+  if (it == known.end()) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(8);
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = smem;
+    int size = 0;
+    if (cudaOccupancyMaxPotentialClusterSize(&size, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();
+      size = 0;
+    }
+    size = size > 8 ? 8 : size;
+    if (size > 0) {  // the size is possible; is one such cluster resident at all?
+      cudaLaunchAttribute attr;
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = static_cast<unsigned>(size);
+      attr.val.clusterDim.y = 1;
+      attr.val.clusterDim.z = 1;
+      config.gridDim = dim3(static_cast<unsigned>(size));
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();
+        clusters = 0;
+      }
+      if (clusters == 0) size = 0;
+    }
+    if (size == 0) {
+      KVTIER_LOG(kInfo, "no thread block cluster of this kernel fits (", threads, " threads, ",
+                 smem,
+                 " bytes of dynamic shared memory): its caller takes its path without clusters");
+    }
+    it = known.emplace(key, size).first;
   }
   return it->second;
 }

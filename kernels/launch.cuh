@@ -43,6 +43,14 @@ namespace detail {
 /// its pdl_wait() is really there (a build for an older target, JIT-compiled on a Hopper, has it
 /// compiled out and must launch in order). Looked up once per device and kernel.
 bool pdl_enabled(const void* kernel);
+
+/// The current device's multiprocessor count (looked up once per device).
+int sm_count();
+
+/// The largest thread block cluster (along x) with which `kernel` can be launched on the current
+/// device with `threads` threads and `smem` bytes of dynamic shared memory per block, capped at
+/// 8 (the portable size); 0 if none. Looked up once per kernel, device and shape.
+int max_cluster_size(const void* kernel, int threads, size_t smem);
 }  // namespace detail
 
 /// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch where the
@@ -61,6 +69,31 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
   config.attrs = attr;
   config.numAttrs = detail::pdl_enabled(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
   KVTIER_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+/// launch_pdl for a kernel of thread block clusters of `cluster` blocks along x (sm_90 and later:
+/// the caller checks detail::pdl_enabled(kernel) first, which a cluster launch requires too).
+/// Returns the launch's status (cleared from the thread's last error) for the caller to report.
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                               cudaStream_t stream, unsigned cluster, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 2;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
 }
 
 }  // namespace kvtier::kernels
