@@ -346,9 +346,11 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
   return l;
 }
 
-bool cluster_select_allowed() {
+int cluster_select_max_size() {
   const char* v = std::getenv("KVTIER_CLUSTER_SELECT");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v == nullptr || *v == '\0') return 8;
+  const long n = std::strtol(v, nullptr, 10);
+  return n <= 0 ? 0 : (n >= 16 ? 16 : static_cast<int>(n));
 }
 
 size_t max_dynamic_smem_optin() { return max_dynamic_smem_bytes(); }

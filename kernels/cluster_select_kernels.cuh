@@ -1360,22 +1360,26 @@ void launch_select_block(const ClusterSelectParams& p, const SelectKernelParams&
   KVTIER_CUDA_CHECK_LAUNCH("select_clusters_block_kernel");
 }
 
-/// Whether score_select_cluster_kernel may run: `KVTIER_CLUSTER_SELECT=0` in the environment
-/// selects the two-kernel path (split logits, then the selection block) instead, for comparison.
-bool cluster_select_allowed();
+/// The largest cluster size score_select_cluster_kernel may take: `KVTIER_CLUSTER_SELECT=N` in the
+/// environment (default 8, the portable size; at most 16); 0 selects the two-kernel path (split
+/// logits, then the selection block) instead, for comparison.
+int cluster_select_max_size();
 
 /// The device's opt-in limit of dynamic shared memory per block.
 size_t max_dynamic_smem_optin();
 
 /// Launches score_select_cluster_kernel for a split score-and-select when the device and the
 /// build take it (sm_90) and its shared memory fits; false (nothing launched) otherwise. The
-/// cluster size is the largest power of two up to 8 with which the problems' clusters fill at
-/// most the multiprocessors once, raised while the slices' logits do not fit.
+/// cluster size is the largest power of two up to cluster_select_max_size() with which the
+/// problems' clusters fill at most the multiprocessors once (a batch of one sequence with 8 KV
+/// heads: 8 clusters of 8 on an H100's 132), raised while the slices' logits do not fit, and
+/// lowered to what the device schedules.
 template <typename Epilogue>
 bool launch_score_select_cluster(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                  const SelectKernelParams& kp, const Epilogue& epi,
                                  cudaStream_t stream) {
-  if (!cluster_select_allowed()) return false;
+  const int max_size = cluster_select_max_size();
+  if (max_size == 0) return false;
   const ScoreKernelParams sk{t.queries,       t.centroids,    t.num_clusters,
                              t.centroid_rows, nullptr,        nullptr,
                              p.group_size,    p.max_clusters, cluster_score_scale(p)};
@@ -1389,21 +1393,29 @@ bool launch_score_select_cluster(const ClusterSelectParams& p, const ClusterSele
       const size_t limit = max_dynamic_smem_optin() - attr.sharedSizeBytes;
       const int sms = sm_count();
       int cs = 1;
-      while (cs < 8 && static_cast<int64_t>(p.num_problems) * cs * 2 <= sms) cs *= 2;
+      while (cs * 2 <= max_size && static_cast<int64_t>(p.num_problems) * cs * 2 <= sms) cs *= 2;
       int slice = 0;
       size_t bytes = 0;
-      for (;; cs *= 2) {
-        if (cs > 8) return;
+      bool lowered = false;  // to what the device schedules: never raised again
+      for (;;) {
         slice = ((p.max_clusters + cs - 1) / cs + 3) / 4 * 4;
         bytes = static_cast<size_t>(
             ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters).total);
-        if (bytes <= limit) break;
+        if (bytes > limit) {
+          if (lowered || cs * 2 > max_size) return;
+          cs *= 2;
+          continue;
+        }
+        if (bytes + attr.sharedSizeBytes > 48 * 1024) {  // beyond the default: opt in
+          KVTIER_CUDA_CHECK(cudaFuncSetAttribute(
+              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+        }
+        const int most = max_cluster_size(reinterpret_cast<const void*>(kernel), threads, bytes);
+        if (most >= cs) break;
+        if (most == 0) return;
+        while (cs > most) cs /= 2;
+        lowered = true;
       }
-      if (bytes + attr.sharedSizeBytes > 48 * 1024) {  // beyond the default: opt in
-        KVTIER_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(bytes)));
-      }
-      if (max_cluster_size(reinterpret_cast<const void*>(kernel), threads, bytes) < cs) return;
       const cudaError_t err =
           launch_pdl_cluster(kernel, dim3(static_cast<unsigned>(p.num_problems * cs)), threads,
                              bytes, stream, static_cast<unsigned>(cs), sk, kp, epi, slice);

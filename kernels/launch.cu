@@ -96,11 +96,14 @@ int max_cluster_size(const void* kernel, int threads, size_t smem) {
     config.blockDim = dim3(static_cast<unsigned>(threads));
     config.dynamicSmemBytes = smem;
     int size = 0;
-    if (cudaOccupancyMaxPotentialClusterSize(&size, kernel, &config) != cudaSuccess) {
+    // Sizes beyond the portable 8 are allowed where the device schedules them.
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+            cudaSuccess ||
+        cudaOccupancyMaxPotentialClusterSize(&size, kernel, &config) != cudaSuccess) {
       (void)cudaGetLastError();
       size = 0;
     }
-    size = size > 8 ? 8 : size;
+    size = size > 16 ? 16 : size;
     if (size > 0) {  // the size is possible; is one such cluster resident at all?
       cudaLaunchAttribute attr;
       attr.id = cudaLaunchAttributeClusterDimension;

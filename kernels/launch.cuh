@@ -47,9 +47,10 @@ bool pdl_enabled(const void* kernel);
 /// The current device's multiprocessor count (looked up once per device).
 int sm_count();
 
-/// The largest thread block cluster (along x) with which `kernel` can be launched on the current
-/// device with `threads` threads and `smem` bytes of dynamic shared memory per block, capped at
-/// 8 (the portable size); 0 if none. Looked up once per kernel, device and shape.
+/// The largest thread block cluster (along x), at most 16, with which `kernel` can be launched on
+/// the current device with `threads` threads and `smem` bytes of dynamic shared memory per block
+/// (sizes above the portable 8 are allowed for the kernel here); 0 if none. Looked up once per
+/// kernel, device and shape.
 int max_cluster_size(const void* kernel, int threads, size_t smem);
 }  // namespace detail
 

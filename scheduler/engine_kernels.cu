@@ -240,12 +240,13 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
   int32_t hits = 0, misses = 0, host_rows = 0, rows_total = 0;
   for (int32_t t0 = 0; t0 < n; t0 += kThreads) {  // block-uniform trip count
     const int32_t j = t0 + static_cast<int32_t>(threadIdx.x);
-    int32_t c = 0, rows = 0, id = 0;
+    int32_t c = 0, rows = 0;
+    int64_t where = 0;  // looked up once for both passes
     bool hit = false;
     if (j < n) {
       rows = p.sel_rows[sel + j];
-      id = p.sel_ids[sel + j];
-      c = detail::cluster_chunks(p, pr, id, rows, nullptr, &hit);
+      where = detail::cluster_location(p, pr, p.sel_ids[sel + j]);
+      c = detail::cluster_chunks_at(p, pr, where, rows, nullptr, &hit);
       hits += hit ? 1 : 0;
       misses += hit ? 0 : 1;
       host_rows += hit ? 0 : rows;
@@ -254,7 +255,7 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
     int32_t excl, total;
     __syncthreads();  // scan is free again (after the first tile)
     Scan(scan).ExclusiveSum(c, excl, total);
-    if (j < n) detail::cluster_chunks(p, pr, id, rows, out + s_base + excl, &hit);
+    if (j < n) detail::cluster_chunks_at(p, pr, where, rows, out + s_base + excl, &hit);
     __syncthreads();
     if (threadIdx.x == 0) s_base += total;
   }

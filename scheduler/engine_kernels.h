@@ -141,16 +141,23 @@ KVTIER_HD kernels::KvChunk make_chunk(const std::byte* k, const std::byte* v, in
   return c;
 }
 
-/// Chunks of one selected cluster (its first `rows` rows), written to `out` unless null: cache
-/// pages when the directory has the cluster, else host pages (mapped memory). *hit says which.
-KVTIER_HD int32_t cluster_chunks(const ChunkBuildParams& p, const RecallProblem& pr, int32_t id,
-                                 int32_t rows, kernels::KvChunk* out, bool* hit) {
+/// Where a cluster's rows are: its first cache page (>= 0) when the directory has the cluster,
+/// else -1 - its first host slot.
+KVTIER_HD int64_t cluster_location(const ChunkBuildParams& p, const RecallProblem& pr, int32_t id) {
   const size_t di = static_cast<size_t>(pr.table_row) * p.dir_stride + id;
-  int32_t page = p.dir[di];
+  const int32_t page = p.dir[di];
+  return page >= 0 ? page : -1 - static_cast<int64_t>(p.cluster_slot[di]);
+}
+
+/// Chunks of one selected cluster (its first `rows` rows) at `where` (cluster_location), written
+/// to `out` unless null: cache pages for a hit, else host pages (mapped memory). *hit says which.
+KVTIER_HD int32_t cluster_chunks_at(const ChunkBuildParams& p, const RecallProblem& pr,
+                                    int64_t where, int32_t rows, kernels::KvChunk* out, bool* hit) {
   int32_t n = 0;
-  if (page >= 0) {
+  if (where >= 0) {
     *hit = true;
     if (out == nullptr) return (rows + p.page_size - 1) / p.page_size;
+    int32_t page = static_cast<int32_t>(where);
     const size_t page_bytes = static_cast<size_t>(p.page_size) * p.row_bytes;
     for (int32_t left = rows; left > 0; left -= p.page_size, page = p.page_next[page]) {
       out[n++] = make_chunk(p.k_pool + page * page_bytes, p.v_pool + page * page_bytes,
@@ -159,7 +166,7 @@ KVTIER_HD int32_t cluster_chunks(const ChunkBuildParams& p, const RecallProblem&
     return n;
   }
   *hit = false;
-  int64_t slot = p.cluster_slot[di];
+  int64_t slot = -1 - where;
   for (int32_t left = rows; left > 0;) {
     const int64_t pg = slot / p.rows_per_page, off = slot % p.rows_per_page;
     const int64_t r = left < p.rows_per_page - off ? left : p.rows_per_page - off;
@@ -172,6 +179,12 @@ KVTIER_HD int32_t cluster_chunks(const ChunkBuildParams& p, const RecallProblem&
     slot += r;
   }
   return n;
+}
+
+/// cluster_chunks_at the cluster's location.
+KVTIER_HD int32_t cluster_chunks(const ChunkBuildParams& p, const RecallProblem& pr, int32_t id,
+                                 int32_t rows, kernels::KvChunk* out, bool* hit) {
+  return cluster_chunks_at(p, pr, cluster_location(p, pr, id), rows, out, hit);
 }
 
 /// Window ring runs of a problem (0, 1 or 2 chunks), written unless null.

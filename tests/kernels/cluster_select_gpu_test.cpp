@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
 #include <limits>
 #include <random>
 #include <set>
@@ -717,6 +718,41 @@ TEST(ClusterSelectGpuScoreEdge, SplitScoreSelectIdsEqualReferenceOnExactLogits) 
       EXPECT_EQ(got.nonfinite_problem, -1);
       expect_same_selection(c, ref_pipeline(c), got);
     }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuScoreEdge, EveryClusterSizeAndTheTwoKernelPathSelectTheSame) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // On sm_90 split score-and-select runs as one kernel of thread block clusters, each problem's
+  // centroids split over its CTAs; KVTIER_CLUSTER_SELECT caps the cluster size (0: the split
+  // logits kernel and the selection block). Exact logits: every size and the two-kernel path
+  // select what the reference does, across the block tiers and batch sizes that pick different
+  // sizes (2 problems take 16 CTAs each where allowed, 40 take 2).
+  const char* saved = std::getenv("KVTIER_CLUSTER_SELECT");
+  const std::string restore = saved ? saved : "";
+  for (const auto agg : {ScoreAggregation::kSoftmaxSum, ScoreAggregation::kMax}) {
+    for (const int32_t k : {200, 700, 4096}) {
+      for (const int32_t problems : {2, 40}) {
+        const int32_t G = agg == ScoreAggregation::kMax ? 8 : 1;
+        Case c = make_case(problems, G, 128, k, agg, BudgetOverflow::kTruncate,
+                           test::test_seed() + k + problems, Data::kSmallIntegers);
+        c.p.scale = 0.125f;
+        const Result want = ref_pipeline(c);
+        for (const char* size : {"0", "1", "2", "4", "8", "16"}) {
+          setenv("KVTIER_CLUSTER_SELECT", size, 1);
+          const Result got = run_on_gpu(c, GpuStep::kScoreSelectSplitNoScores);
+          EXPECT_EQ(got.nonfinite_problem, -1) << "KVTIER_CLUSTER_SELECT=" << size;
+          expect_same_selection(c, want, got);
+        }
+      }
+    }
+  }
+  if (saved) {
+    setenv("KVTIER_CLUSTER_SELECT", restore.c_str(), 1);
+  } else {
+    unsetenv("KVTIER_CLUSTER_SELECT");
   }
 #endif
 }
