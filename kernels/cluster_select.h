@@ -163,11 +163,13 @@ void launch_select_clusters(const ClusterSelectParams& p, const ClusterSelectTen
 size_t score_clusters_split_workspace_bytes(const ClusterSelectParams& p);
 void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                  void* workspace, size_t workspace_bytes, cudaStream_t stream);
-/// Split scoring folded into selection, for few problems (a decode step of one sequence): tiles of
-/// 64 centroids write their logits and per-head (max, sum of exp) partials to `workspace`, and
-/// each problem's selection block aggregates its clusters' scores from them as it loads them.
-/// Two launches instead of three, and the scores need not be written (t.scores is optional; when
-/// set, the valid scores are written). The selection equals select_clusters_ref on the scores it
+/// Split scoring folded into selection, for few problems (a decode step of one sequence). On sm_90
+/// one kernel of thread block clusters: each problem's CTAs score slices of its centroids into
+/// shared memory and CTA 0 selects from the scores they send it (KVTIER_CLUSTER_SELECT=N caps the
+/// cluster size, default 8; 0 selects the path that follows). Otherwise tiles of 64 centroids
+/// write their logits and per-head (max, sum of exp) partials to `workspace`, and each problem's
+/// selection block aggregates its clusters' scores from them as it loads them. The scores need
+/// not be written (t.scores is optional; when set, the valid scores are written). The selection equals select_clusters_ref on the scores it
 /// aggregates, which are within the split scoring's tolerance of the reference. Requires
 /// group_size <= 32 and max_clusters <= kMaxBlockSortClusters.
 size_t score_select_split_workspace_bytes(const ClusterSelectParams& p);

@@ -1,7 +1,7 @@
 // Programmatic dependent launch (PDL, Hopper and later) for the kernels of the decode path.
 //
-// A decode step is a chain of small kernels (a recall layer: split logits, selection with its
-// chunk lists, attention, the split merge), each a few microseconds, so the time between one
+// A decode step is a chain of small kernels (a recall layer: the prologue, scoring and selection
+// with its chunk lists, attention with its split merge), each a few microseconds, so the time between one
 // kernel's end and the next one's first instruction is a large share of the step. Launched with
 // launch_pdl, a kernel may be scheduled while its predecessor in the stream still runs: its blocks
 // become resident and wait in pdl_wait() until the predecessor has finished and its memory is
