@@ -6,11 +6,13 @@
 #include <cstring>
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 
 #include "kernels/cluster_select_kernels.cuh"
 #include "kernels/dispatch.h"
 #include "memory/core/check.h"
+#include "memory/core/log.h"
 
 namespace kvtier::kernels {
 
@@ -349,11 +351,30 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
 int cluster_select_max_size() {
   const char* v = std::getenv("KVTIER_CLUSTER_SELECT");
   if (v == nullptr || *v == '\0') return 8;
-  const long n = std::strtol(v, nullptr, 10);
-  return n <= 0 ? 0 : (n >= 16 ? 16 : static_cast<int>(n));
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  if (end == v || *end != '\0' || n < 0) {
+    static std::once_flag warned;
+    std::call_once(warned, [&] {
+      KVTIER_LOG(kWarn, "KVTIER_CLUSTER_SELECT=", v,
+                 " is not a cluster size (0 to 16): the default, 8, is used");
+    });
+    return 8;
+  }
+  return n >= 16 ? 16 : static_cast<int>(n);
 }
 
-size_t max_dynamic_smem_optin() { return max_dynamic_smem_bytes(); }
+int score_select_cluster_size(const ClusterSelectParams& p) {
+  int cluster = 0;
+  dispatch_score_select_cluster<cluster_select_device::NoSelectEpilogue>(p, [&](auto dim,
+                                                                                auto kernel,
+                                                                                int threads) {
+    constexpr int kDim = decltype(dim)::value;
+    cluster =
+        plan_score_select_cluster<kDim>(p, reinterpret_cast<const void*>(kernel), threads).cluster;
+  });
+  return cluster;
+}
 
 void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensors& t, float* logits,
                          void* partials, cudaStream_t stream) {

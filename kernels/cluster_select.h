@@ -169,9 +169,9 @@ void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSele
 /// cluster size, default 8; 0 selects the path that follows). Otherwise tiles of 64 centroids
 /// write their logits and per-head (max, sum of exp) partials to `workspace`, and each problem's
 /// selection block aggregates its clusters' scores from them as it loads them. The scores need
-/// not be written (t.scores is optional; when set, the valid scores are written). The selection equals select_clusters_ref on the scores it
-/// aggregates, which are within the split scoring's tolerance of the reference. Requires
-/// group_size <= 32 and max_clusters <= kMaxBlockSortClusters.
+/// not be written (t.scores is optional; when set, the valid scores are written). The selection
+/// equals select_clusters_ref on the scores it aggregates, which are within the split scoring's
+/// tolerance of the reference. Requires group_size <= 32 and max_clusters <= kMaxBlockSortClusters.
 size_t score_select_split_workspace_bytes(const ClusterSelectParams& p);
 void launch_score_select_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
@@ -191,6 +191,9 @@ struct SplitLayout {
 /// workspace layout; throws InvalidArgumentError naming what is wrong.
 SplitLayout check_score_select_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                      const void* workspace, size_t workspace_bytes);
+/// Thread block cluster size with which launch_score_select_split runs p on the current device
+/// (the kernel of thread block clusters); 0: the two-kernel path.
+int score_select_cluster_size(const ClusterSelectParams& p);
 /// The logits kernel of split scoring; `partials` (float2 pairs) may be null.
 void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensors& t, float* logits,
                          void* partials, cudaStream_t stream);

@@ -1365,73 +1365,84 @@ void launch_select_block(const ClusterSelectParams& p, const SelectKernelParams&
 /// logits, then the selection block) instead, for comparison.
 int cluster_select_max_size();
 
-/// The device's opt-in limit of dynamic shared memory per block.
-size_t max_dynamic_smem_optin();
+/// How score_select_cluster_kernel runs a call: `cluster` CTAs per problem (0: it does not run),
+/// each scoring at most `slice` centroids, with `bytes` of dynamic shared memory.
+struct ClusterSelectPlan {
+  int cluster = 0, slice = 0;
+  size_t bytes = 0;
+};
 
-/// Launches score_select_cluster_kernel for a split score-and-select when the device and the
-/// build take it (sm_90) and its shared memory fits; false (nothing launched) otherwise. The
-/// cluster size is the largest power of two up to cluster_select_max_size() with which the
-/// problems' clusters fill at most the multiprocessors once (a batch of one sequence with 8 KV
-/// heads: 8 clusters of 8 on an H100's 132), raised while the slices' logits do not fit, and
-/// lowered to what the device schedules.
+/// The plan of one instantiation: the largest power of two up to cluster_select_max_size() with
+/// which the problems' clusters fill at most the multiprocessors once (a batch of one sequence
+/// with 8 KV heads: 8 clusters of 8 on an H100's 132), raised while the slices' logits do not
+/// fit, and lowered to what the device schedules; cluster 0 without sm_90 code and device.
+template <int kDim>
+ClusterSelectPlan plan_score_select_cluster(const ClusterSelectParams& p, const void* kernel,
+                                            int threads) {
+  ClusterSelectPlan plan;
+  const int max_size = cluster_select_max_size();
+  if (max_size == 0 || !pdl_enabled(kernel)) return plan;
+  const size_t limit = cluster_kernel_info(kernel).max_dynamic;
+  const int sms = sm_count();
+  int cs = 1;
+  while (cs * 2 <= max_size && static_cast<int64_t>(p.num_problems) * cs * 2 <= sms) cs *= 2;
+  bool lowered = false;  // to what the device schedules: never raised again
+  for (;;) {
+    const int slice = ((p.max_clusters + cs - 1) / cs + 3) / 4 * 4;
+    const size_t bytes = static_cast<size_t>(
+        ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters).total);
+    if (bytes > limit) {
+      if (lowered || cs * 2 > max_size) return plan;
+      cs *= 2;
+      continue;
+    }
+    const int most = max_cluster_size(kernel, threads, bytes);
+    if (most >= cs) return ClusterSelectPlan{cs, slice, bytes};
+    if (most == 0) return plan;
+    while (cs > most) cs /= 2;
+    lowered = true;
+  }
+}
+
+/// Calls f(kernel, threads) with the instantiation of score_select_cluster_kernel (as a function
+/// pointer) for the call's head_dim and block tier.
+template <typename Epilogue, typename F>
+void dispatch_score_select_cluster(const ClusterSelectParams& p, F&& f) {
+  dispatch_head_dim(p.head_dim, [&](auto dim) {
+    constexpr int kDim = decltype(dim)::value;
+    if (p.max_clusters <= 256) {
+      f(dim, score_select_cluster_kernel<kDim, 128, 2, Epilogue>, 128);
+    } else if (p.max_clusters <= 1024) {
+      f(dim, score_select_cluster_kernel<kDim, 256, 4, Epilogue>, 256);
+    } else {
+      f(dim, score_select_cluster_kernel<kDim, 512, 8, Epilogue>, 512);
+    }
+  });
+}
+
+/// Launches score_select_cluster_kernel for a split score-and-select when its plan runs it (sm_90,
+/// shared memory that fits, a cluster the device schedules); false (nothing launched) otherwise.
 template <typename Epilogue>
 bool launch_score_select_cluster(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                  const SelectKernelParams& kp, const Epilogue& epi,
                                  cudaStream_t stream) {
-  const int max_size = cluster_select_max_size();
-  if (max_size == 0) return false;
   const ScoreKernelParams sk{t.queries,       t.centroids,    t.num_clusters,
                              t.centroid_rows, nullptr,        nullptr,
                              p.group_size,    p.max_clusters, cluster_score_scale(p)};
   bool launched = false;
-  dispatch_head_dim(p.head_dim, [&](auto dim) {
+  dispatch_score_select_cluster<Epilogue>(p, [&](auto dim, auto kernel, int threads) {
     constexpr int kDim = decltype(dim)::value;
-    auto go = [&](auto kernel, int threads) {
-      if (!pdl_enabled(reinterpret_cast<const void*>(kernel))) return;
-      cudaFuncAttributes attr{};
-      KVTIER_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-      const size_t limit = max_dynamic_smem_optin() - attr.sharedSizeBytes;
-      const int sms = sm_count();
-      int cs = 1;
-      while (cs * 2 <= max_size && static_cast<int64_t>(p.num_problems) * cs * 2 <= sms) cs *= 2;
-      int slice = 0;
-      size_t bytes = 0;
-      bool lowered = false;  // to what the device schedules: never raised again
-      for (;;) {
-        slice = ((p.max_clusters + cs - 1) / cs + 3) / 4 * 4;
-        bytes = static_cast<size_t>(
-            ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters).total);
-        if (bytes > limit) {
-          if (lowered || cs * 2 > max_size) return;
-          cs *= 2;
-          continue;
-        }
-        if (bytes + attr.sharedSizeBytes > 48 * 1024) {  // beyond the default: opt in
-          KVTIER_CUDA_CHECK(cudaFuncSetAttribute(
-              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-        }
-        const int most = max_cluster_size(reinterpret_cast<const void*>(kernel), threads, bytes);
-        if (most >= cs) break;
-        if (most == 0) return;
-        while (cs > most) cs /= 2;
-        lowered = true;
-      }
-      const cudaError_t err =
-          launch_pdl_cluster(kernel, dim3(static_cast<unsigned>(p.num_problems * cs)), threads,
-                             bytes, stream, static_cast<unsigned>(cs), sk, kp, epi, slice);
-      KVTIER_CHECK(err == cudaSuccess, "score_select_cluster_kernel: ", cudaGetErrorString(err),
-                   " (problems ", p.num_problems, ", cluster ", cs, ", threads ", threads,
-                   ", shared memory ", bytes, " + ", attr.sharedSizeBytes, " bytes, max_clusters ",
-                   p.max_clusters, ", group ", p.group_size, ")");
-      launched = true;
-    };
-    if (p.max_clusters <= 256) {
-      go(score_select_cluster_kernel<kDim, 128, 2, Epilogue>, 128);
-    } else if (p.max_clusters <= 1024) {
-      go(score_select_cluster_kernel<kDim, 256, 4, Epilogue>, 256);
-    } else {
-      go(score_select_cluster_kernel<kDim, 512, 8, Epilogue>, 512);
-    }
+    const ClusterSelectPlan plan =
+        plan_score_select_cluster<kDim>(p, reinterpret_cast<const void*>(kernel), threads);
+    if (plan.cluster == 0) return;
+    const cudaError_t err = launch_pdl_cluster(
+        kernel, dim3(static_cast<unsigned>(p.num_problems * plan.cluster)), threads, plan.bytes,
+        stream, static_cast<unsigned>(plan.cluster), sk, kp, epi, plan.slice);
+    KVTIER_CHECK(err == cudaSuccess, "score_select_cluster_kernel: ", cudaGetErrorString(err),
+                 " (problems ", p.num_problems, ", cluster ", plan.cluster, ", threads ", threads,
+                 ", dynamic shared memory ", plan.bytes, " bytes, max_clusters ", p.max_clusters,
+                 ", group ", p.group_size, ")");
+    launched = true;
   });
   return launched;
 }

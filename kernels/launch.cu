@@ -67,10 +67,46 @@ int sm_count() {
   return n;
 }
 
+const ClusterKernelInfo& cluster_kernel_info(const void* kernel) {
+  int device = 0;
+  KVTIER_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mu;
+  static std::unordered_map<std::pair<const void*, int>, ClusterKernelInfo, PairHash> known;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(kernel, device);
+  auto it = known.find(key);
+  if (it == known.end()) {
+    ClusterKernelInfo info;
+    cudaFuncAttributes attr{};
+    KVTIER_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    int optin = 0;
+    KVTIER_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    info.static_smem = attr.sharedSizeBytes;
+    info.max_dynamic = static_cast<size_t>(optin) > attr.sharedSizeBytes
+                           ? static_cast<size_t>(optin) - attr.sharedSizeBytes
+                           : 0;
+    // The attributes are caps, set once to the most the device allows: launches of any shape may
+    // then run concurrently from several threads.
+    KVTIER_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(info.max_dynamic)));
+    if (device_supported(device)) {
+      info.non_portable =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+          cudaSuccess;
+      if (!info.non_portable) (void)cudaGetLastError();  // clusters of up to 8 remain
+    }
+    it = known.emplace(key, info).first;
+  }
+  return it->second;
+}
+
 int max_cluster_size(const void* kernel, int threads, size_t smem) {
   int device = 0;
   KVTIER_CUDA_CHECK(cudaGetDevice(&device));
   if (!device_supported(device)) return 0;
+  const ClusterKernelInfo& info = cluster_kernel_info(kernel);
+  if (smem > info.max_dynamic) return 0;
   struct Key {
     const void* kernel;
     int device, threads;
@@ -89,45 +125,40 @@ int max_cluster_size(const void* kernel, int threads, size_t smem) {
   static std::unordered_map<Key, int, KeyHash> known;
   std::lock_guard<std::mutex> lock(mu);
   const Key key{kernel, device, threads, smem};
-  auto it = known.find(key);
-  if (it == known.end()) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(8);
-    config.blockDim = dim3(static_cast<unsigned>(threads));
-    config.dynamicSmemBytes = smem;
-    int size = 0;
-    // Sizes beyond the portable 8 are allowed where the device schedules them.
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
-            cudaSuccess ||
-        cudaOccupancyMaxPotentialClusterSize(&size, kernel, &config) != cudaSuccess) {
-      (void)cudaGetLastError();
-      size = 0;
-    }
-    size = size > 16 ? 16 : size;
-    if (size > 0) {  // the size is possible; is one such cluster resident at all?
-      cudaLaunchAttribute attr;
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = static_cast<unsigned>(size);
-      attr.val.clusterDim.y = 1;
-      attr.val.clusterDim.z = 1;
-      config.gridDim = dim3(static_cast<unsigned>(size));
-      config.attrs = &attr;
-      config.numAttrs = 1;
-      int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-        (void)cudaGetLastError();
-        clusters = 0;
-      }
-      if (clusters == 0) size = 0;
-    }
-    if (size == 0) {
-      KVTIER_LOG(kInfo, "no thread block cluster of this kernel fits (", threads, " threads, ",
-                 smem,
-                 " bytes of dynamic shared memory): its caller takes its path without clusters");
-    }
-    it = known.emplace(key, size).first;
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(8);
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  int size = 0;
+  cudaError_t err = cudaOccupancyMaxPotentialClusterSize(&size, kernel, &config);
+  const int cap = info.non_portable ? 16 : 8;
+  size = size > cap ? cap : size;
+  if (err == cudaSuccess && size > 0) {  // the size is possible; is one such cluster resident?
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(size);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.gridDim = dim3(static_cast<unsigned>(size));
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    int clusters = 0;
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    if (clusters == 0) size = 0;
   }
-  return it->second;
+  if (err != cudaSuccess) {  // not remembered: a later call asks again
+    (void)cudaGetLastError();
+    KVTIER_LOG(kWarn, "the occupancy of a thread block cluster kernel could not be queried (",
+               cudaGetErrorString(err), "): this launch takes its path without clusters");
+    return 0;
+  }
+  if (size == 0) {
+    KVTIER_LOG(kInfo, "no thread block cluster of this kernel fits (", threads, " threads, ", smem,
+               " bytes of dynamic shared memory): its caller takes its path without clusters");
+  }
+  known.emplace(key, size);
+  return size;
 }
 
 }  // namespace kvtier::kernels::detail

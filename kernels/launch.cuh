@@ -1,11 +1,11 @@
 // Programmatic dependent launch (PDL, Hopper and later) for the kernels of the decode path.
 //
 // A decode step is a chain of small kernels (a recall layer: the prologue, scoring and selection
-// with its chunk lists, attention with its split merge), each a few microseconds, so the time between one
-// kernel's end and the next one's first instruction is a large share of the step. Launched with
-// launch_pdl, a kernel may be scheduled while its predecessor in the stream still runs: its blocks
-// become resident and wait in pdl_wait() until the predecessor has finished and its memory is
-// visible. Captured into a CUDA graph, the launches become programmatic edges.
+// with its chunk lists, attention with its split merge), each a few microseconds, so the time
+// between one kernel's end and the next one's first instruction is a large share of the step.
+// Launched with launch_pdl, a kernel may be scheduled while its predecessor in the stream still
+// runs: its blocks become resident and wait in pdl_wait() until the predecessor has finished and
+// its memory is visible. Captured into a CUDA graph, the launches become programmatic edges.
 //
 // The contract, for every kernel launched with launch_pdl: call pdl_wait() before the first
 // access to global memory that an earlier kernel may write or read (the kernels here call it
@@ -47,10 +47,19 @@ bool pdl_enabled(const void* kernel);
 /// The current device's multiprocessor count (looked up once per device).
 int sm_count();
 
-/// The largest thread block cluster (along x), at most 16, with which `kernel` can be launched on
-/// the current device with `threads` threads and `smem` bytes of dynamic shared memory per block
-/// (sizes above the portable 8 are allowed for the kernel here); 0 if none. Looked up once per
-/// kernel, device and shape.
+/// A kernel launched in thread block clusters, prepared once per device: its dynamic shared
+/// memory cap set to the most the device allows beside its static shared memory (max_dynamic),
+/// and clusters beyond the portable 8 allowed where the device takes that (non_portable).
+struct ClusterKernelInfo {
+  size_t static_smem = 0, max_dynamic = 0;
+  bool non_portable = false;
+};
+const ClusterKernelInfo& cluster_kernel_info(const void* kernel);
+
+/// The largest thread block cluster (along x), at most 16 (8 without non_portable), with which
+/// `kernel` can be launched on the current device with `threads` threads and `smem` bytes of
+/// dynamic shared memory per block; 0 if none (or if the occupancy query fails, which is logged
+/// and asked again next time). Remembered per kernel, device and shape.
 int max_cluster_size(const void* kernel, int threads, size_t smem);
 }  // namespace detail
 
