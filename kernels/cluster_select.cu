@@ -67,12 +67,6 @@ void reset_nonfinite_flag(int32_t* flag, cudaStream_t stream) {
   if (flag != nullptr) KVTIER_CUDA_CHECK(cudaMemsetAsync(flag, 0xff, sizeof(int32_t), stream));
 }
 
-ScoreKernelParams score_kernel_params(const ClusterSelectParams& p, const ClusterSelectTensors& t) {
-  return ScoreKernelParams{t.queries,       t.centroids,    t.num_clusters,
-                           t.centroid_rows, t.scores,       t.nonfinite_problem,
-                           p.group_size,    p.max_clusters, cluster_score_scale(p)};
-}
-
 void check_aligned(const void* ptr, const char* name) {
   KVTIER_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0, name, " must be 16-byte aligned, got ",
                ptr);
@@ -81,7 +75,7 @@ void check_aligned(const void* ptr, const char* name) {
 void score_impl(const ClusterSelectParams& p, const ClusterSelectTensors& t, cudaStream_t stream) {
   check_aligned(t.queries, "queries");
   check_aligned(t.centroids, "centroids");
-  const ScoreKernelParams kp = score_kernel_params(p, t);
+  const ScoreKernelParams kp = detail::score_kernel_params(p, t);
   const size_t G = static_cast<size_t>(p.group_size);
   const size_t base_smem = (2 * kScoreWarps * G + 2 * G) * sizeof(float);
   const size_t cache_smem =
@@ -264,7 +258,7 @@ void launch_score_clusters_split(const ClusterSelectParams& p, const ClusterSele
   const size_t need = score_clusters_split_workspace_bytes(p);
   KVTIER_CHECK(workspace != nullptr && workspace_bytes >= need, "split scoring needs ", need,
                " bytes of workspace, got ", workspace_bytes);
-  const ScoreKernelParams kp = score_kernel_params(p, t);
+  const ScoreKernelParams kp = detail::score_kernel_params(p, t);
   float* logits = static_cast<float*>(workspace);
   detail::launch_split_logits(p, t, logits, nullptr, stream);
   if (p.aggregation == ScoreAggregation::kMax) {
@@ -348,6 +342,12 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
   return l;
 }
 
+ScoreKernelParams score_kernel_params(const ClusterSelectParams& p, const ClusterSelectTensors& t) {
+  return ScoreKernelParams{t.queries,       t.centroids,    t.num_clusters,
+                           t.centroid_rows, t.scores,       t.nonfinite_problem,
+                           p.group_size,    p.max_clusters, cluster_score_scale(p)};
+}
+
 int cluster_select_max_size() {
   const char* v = std::getenv("KVTIER_CLUSTER_SELECT");
   if (v == nullptr || *v == '\0') return 8;
@@ -379,7 +379,7 @@ int score_select_cluster_size(const ClusterSelectParams& p) {
 void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensors& t, float* logits,
                          void* partials, cudaStream_t stream) {
   if (p.num_problems == 0) return;
-  const ScoreKernelParams kp = score_kernel_params(p, t);
+  const ScoreKernelParams kp = detail::score_kernel_params(p, t);
   const dim3 grid(static_cast<unsigned>(p.num_problems),
                   static_cast<unsigned>((p.max_clusters + kSplitTile - 1) / kSplitTile));
   dispatch_head_dim(p.head_dim, [&](auto dim) {

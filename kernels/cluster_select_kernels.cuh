@@ -1365,6 +1365,9 @@ void launch_select_block(const ClusterSelectParams& p, const SelectKernelParams&
 /// logits, then the selection block) instead, for comparison.
 int cluster_select_max_size();
 
+/// Scoring arguments of a call (scores and nonfinite_problem from t).
+ScoreKernelParams score_kernel_params(const ClusterSelectParams& p, const ClusterSelectTensors& t);
+
 /// How score_select_cluster_kernel runs a call: `cluster` CTAs per problem (0: it does not run),
 /// each scoring at most `slice` centroids, with `bytes` of dynamic shared memory.
 struct ClusterSelectPlan {
@@ -1426,9 +1429,7 @@ template <typename Epilogue>
 bool launch_score_select_cluster(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                  const SelectKernelParams& kp, const Epilogue& epi,
                                  cudaStream_t stream) {
-  const ScoreKernelParams sk{t.queries,       t.centroids,    t.num_clusters,
-                             t.centroid_rows, nullptr,        nullptr,
-                             p.group_size,    p.max_clusters, cluster_score_scale(p)};
+  const ScoreKernelParams sk = score_kernel_params(p, t);  // its scores output is not used
   bool launched = false;
   dispatch_score_select_cluster<Epilogue>(p, [&](auto dim, auto kernel, int threads) {
     constexpr int kDim = decltype(dim)::value;

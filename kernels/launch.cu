@@ -126,20 +126,15 @@ int max_cluster_size(const void* kernel, int threads, size_t smem) {
   std::lock_guard<std::mutex> lock(mu);
   const Key key{kernel, device, threads, smem};
   if (auto it = known.find(key); it != known.end()) return it->second;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(8);
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = smem;
+  cudaLaunchConfig_t config =
+      launch_config(dim3(8), dim3(static_cast<unsigned>(threads)), smem, nullptr, nullptr, 0);
   int size = 0;
   cudaError_t err = cudaOccupancyMaxPotentialClusterSize(&size, kernel, &config);
   const int cap = info.non_portable ? 16 : 8;
   size = size > cap ? cap : size;
   if (err == cudaSuccess && size > 0) {  // the size is possible; is one such cluster resident?
     cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = static_cast<unsigned>(size);
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
+    set_cluster(attr, static_cast<unsigned>(size));
     config.gridDim = dim3(static_cast<unsigned>(size));
     config.attrs = &attr;
     config.numAttrs = 1;

@@ -44,6 +44,33 @@ namespace detail {
 /// compiled out and must launch in order). Looked up once per device and kernel.
 bool pdl_enabled(const void* kernel);
 
+/// A launch configuration with `count` attributes from `attrs` (which must outlive the launch).
+inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                        cudaLaunchAttribute* attrs, unsigned count) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attrs;
+  config.numAttrs = count;
+  return config;
+}
+
+/// The launch attribute of a programmatic dependent launch.
+inline void set_pdl(cudaLaunchAttribute& a) {
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+}
+
+/// The launch attribute of thread block clusters of `x` blocks along x.
+inline void set_cluster(cudaLaunchAttribute& a, unsigned x) {
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = x;
+  a.val.clusterDim.y = 1;
+  a.val.clusterDim.z = 1;
+}
+
 /// The current device's multiprocessor count (looked up once per device).
 int sm_count();
 
@@ -68,16 +95,11 @@ int max_cluster_size(const void* kernel, int threads, size_t smem);
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                 Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = detail::pdl_enabled(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
+  detail::set_pdl(attr[0]);
+  cudaLaunchConfig_t config =
+      detail::launch_config(grid, block, smem, stream, attr,
+                            detail::pdl_enabled(reinterpret_cast<const void*>(kernel)) ? 1 : 0);
   KVTIER_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
@@ -87,20 +109,10 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
 template <typename... Params, typename... Args>
 cudaError_t launch_pdl_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                                cudaStream_t stream, unsigned cluster, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
   cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 2;
+  detail::set_cluster(attr[0], cluster);
+  detail::set_pdl(attr[1]);
+  cudaLaunchConfig_t config = detail::launch_config(grid, block, smem, stream, attr, 2);
   const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
   if (err != cudaSuccess) (void)cudaGetLastError();
   return err;

@@ -215,9 +215,9 @@ void launch_build_recall_chunks(const ChunkBuildParams& p, cudaStream_t stream);
 
 /// A recall layer's scoring, selection and chunk lists (kernels::launch_score_select_split with the
 /// builder as its epilogue): one kernel of thread block clusters on sm_90, else the split logits
-/// and then per problem one block that aggregates the scores, selects, and builds the chunks. Requires what that
-/// requires (group_size <= 32, max_clusters <= kMaxBlockSortClusters); t's selection outputs
-/// must be bp's sel_ids / sel_rows / num_sel.
+/// and then per problem one block that aggregates the scores, selects, and builds the chunks.
+/// Requires what that requires (group_size <= 32, max_clusters <= kMaxBlockSortClusters); t's
+/// selection outputs must be bp's sel_ids / sel_rows / num_sel.
 void launch_recall_select_build(const kernels::ClusterSelectParams& sp,
                                 const kernels::ClusterSelectTensors& t, void* workspace,
                                 size_t workspace_bytes, const ChunkBuildParams& bp,
