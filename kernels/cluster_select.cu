@@ -364,6 +364,17 @@ int cluster_select_max_size() {
   return n >= 16 ? 16 : static_cast<int>(n);
 }
 
+bool select_attend_enabled() {
+  const char* v = std::getenv("KVTIER_SELECT_ATTEND");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return true;
+  if (std::strcmp(v, "0") == 0) return false;
+  static std::once_flag warned;
+  std::call_once(warned, [&] {
+    KVTIER_LOG(kWarn, "KVTIER_SELECT_ATTEND=", v, " is neither 0 nor 1: 1 is used");
+  });
+  return true;
+}
+
 int score_select_cluster_size(const ClusterSelectParams& p) {
   int cluster = 0;
   dispatch_score_select_cluster<cluster_select_device::NoSelectEpilogue>(p, [&](auto dim,

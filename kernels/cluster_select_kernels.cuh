@@ -983,22 +983,15 @@ struct ClusterSelectSmem {
   }
 };
 
-/// Scoring, aggregation and selection of each problem by a thread block cluster (sm_90):
-/// grid.x = problem * cluster + rank, cluster dims (cluster, 1, 1), kThreads threads, dynamic
-/// shared memory ClusterSelectSmem. The CTAs of a problem split its valid centroids into
-/// contiguous slices of at most `slice`, compute the slice's logits into shared memory (eight
-/// lanes per centroid, 16-byte loads, as split_logits_kernel) and each head's (max, sum of exp)
-/// over it, and send those partials to every CTA of the cluster; after a cluster barrier each CTA
-/// aggregates its slice's scores and writes them into CTA 0's shared memory; after a second
-/// barrier CTA 0 selects (block_select) and runs the epilogue, while its cluster sizes have been
-/// copied to shared memory in the background (cp.async) since the kernel began. The logits and
-/// scores never travel through global memory, and one kernel replaces split_logits_kernel and the
-/// selection block with its grid-wide dependency. Scores are those of the split path within
-/// rounding (the heads' statistics are combined from other partitions).
+/// The body of score_select_cluster_kernel (below), for kernels that go on after it: CTA 0 of
+/// each cluster returns once its epilogue has run, the other CTAs after the scores reached CTA 0.
+/// `smem` is the dynamic shared memory (ClusterSelectSmem; the queries stay at its start), sh and
+/// s_head_* static shared memory of the calling kernel. sm_90 only.
 template <int kDim, int kThreads, int kItems, typename Epilogue>
-__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
-    score_select_cluster_kernel(ScoreKernelParams sk, SelectKernelParams kp, Epilogue epi,
-                                int slice) {
+__device__ __forceinline__ void score_select_in_cluster(
+    const ScoreKernelParams& sk, const SelectKernelParams& kp, const Epilogue& epi, int slice,
+    cluster_select_device::BlockSelectShared<kThreads, kItems>& sh, float* s_head_m,
+    float* s_head_inv, unsigned char* smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using namespace cluster_select_device;
   constexpr int kLanes = 8;                      // lanes per centroid
@@ -1006,10 +999,6 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   constexpr int kRounds = kDim > 128 ? 1 : 2;    // centroids per lane group and pass
   constexpr int kWarps = kThreads / 32;
   constexpr int kPass = kWarps * (32 / kLanes) * kRounds;  // centroids per pass of the block
-  __shared__ BlockSelectShared<kThreads, kItems> sh;
-  __shared__ float s_head_m[kMaxSplitGroup], s_head_inv[kMaxSplitGroup];
-  extern __shared__ float4 smem4[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(smem4);
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   // Remote shared memory may be written only once its CTA runs: arrive now, wait before the first
@@ -1148,6 +1137,32 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   block_select<kThreads, kItems>(kp, problem, n, ordered, sizes, bad, sh,
                                  [&](uint32_t(&again)[kItems]) { load(again, nullptr); });
   epi.template run<kThreads>(kp, problem);
+#endif
+}
+
+/// Scoring, aggregation and selection of each problem by a thread block cluster (sm_90):
+/// grid.x = problem * cluster + rank, cluster dims (cluster, 1, 1), kThreads threads, dynamic
+/// shared memory ClusterSelectSmem. The CTAs of a problem split its valid centroids into
+/// contiguous slices of at most `slice`, compute the slice's logits into shared memory (eight
+/// lanes per centroid, 16-byte loads, as split_logits_kernel) and each head's (max, sum of exp)
+/// over it, and send those partials to every CTA of the cluster; after a cluster barrier each CTA
+/// aggregates its slice's scores and writes them into CTA 0's shared memory; after a second
+/// barrier CTA 0 selects (block_select) and runs the epilogue, while its cluster sizes have been
+/// copied to shared memory in the background (cp.async) since the kernel began. The logits and
+/// scores never travel through global memory, and one kernel replaces split_logits_kernel and the
+/// selection block with its grid-wide dependency. Scores are those of the split path within
+/// rounding (the heads' statistics are combined from other partitions).
+template <int kDim, int kThreads, int kItems, typename Epilogue>
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
+    score_select_cluster_kernel(ScoreKernelParams sk, SelectKernelParams kp, Epilogue epi,
+                                int slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ cluster_select_device::BlockSelectShared<kThreads, kItems> sh;
+  __shared__ float s_head_m[cluster_select_device::kMaxSplitGroup],
+      s_head_inv[cluster_select_device::kMaxSplitGroup];
+  extern __shared__ float4 smem4[];
+  score_select_in_cluster<kDim, kThreads, kItems>(sk, kp, epi, slice, sh, s_head_m, s_head_inv,
+                                                  reinterpret_cast<unsigned char*>(smem4));
 #endif
 }
 
@@ -1364,6 +1379,11 @@ void launch_select_block(const ClusterSelectParams& p, const SelectKernelParams&
 /// environment (default 8, the portable size; at most 16); 0 selects the two-kernel path (split
 /// logits, then the selection block) instead, for comparison.
 int cluster_select_max_size();
+
+/// Whether a recall layer's attention may run inside the clustered score-and-select
+/// (select_attend_kernels.cuh): `KVTIER_SELECT_ATTEND=0` in the environment keeps it a kernel of
+/// its own (default 1).
+bool select_attend_enabled();
 
 /// Scoring arguments of a call (scores and nonfinite_problem from t).
 ScoreKernelParams score_kernel_params(const ClusterSelectParams& p, const ClusterSelectTensors& t);

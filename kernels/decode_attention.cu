@@ -14,6 +14,8 @@ namespace kvtier::kernels {
 
 namespace {
 
+using decode_attention_device::dispatch_dtype;
+using decode_attention_device::dispatch_tile_heads;
 using decode_attention_device::kMaxTileHeads;
 using decode_attention_device::kThreads;
 
@@ -25,41 +27,6 @@ constexpr int64_t kMinRowsPerSplit = 64;
 /// list) plus its share of the merge.
 constexpr int64_t kSplitOverheadRows = 64;
 constexpr int64_t kMaxAutoSplits = 1024;
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kF16:
-      f(TypeTag<__half>{});
-      break;
-    case DType::kBF16:
-      f(TypeTag<__nv_bfloat16>{});
-      break;
-    default:
-      KVTIER_CHECK(false, "dtype ", dtype_name(dtype),
-                   " is not supported by the GPU decode attention (fp16, bf16)");
-  }
-}
-
-/// Heads per block: the group rounded up to a power of two, at most kMaxTileHeads (larger groups
-/// are cut into tiles of 8).
-template <typename F>
-void dispatch_tile_heads(int group_size, F&& f) {
-  if (group_size <= 1) {
-    f(std::integral_constant<int, 1>{});
-  } else if (group_size <= 2) {
-    f(std::integral_constant<int, 2>{});
-  } else if (group_size <= 4) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
-  }
-}
 
 /// Blocks of the chunked kernel variant resident on the whole current device. Cached per
 /// variant at first use (kv_gather does the same): a process is assumed to use one device type.

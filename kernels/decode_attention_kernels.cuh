@@ -8,9 +8,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/decode_attention.h"
 #include "kernels/launch.cuh"
+#include "memory/core/check.h"
 
 namespace kvtier::kernels {
 
@@ -70,6 +72,43 @@ constexpr int kFusedMergeMaxSplits = 256;
 template <int kG>
 constexpr int min_blocks_for() {
   return kG <= 4 ? 4 : 2;
+}
+
+/// dtype dispatch of the kernels: f(TypeTag<__half>{}) or f(TypeTag<__nv_bfloat16>{}); any other
+/// dtype throws.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kF16:
+      f(TypeTag<__half>{});
+      break;
+    case DType::kBF16:
+      f(TypeTag<__nv_bfloat16>{});
+      break;
+    default:
+      KVTIER_CHECK(false, "dtype ", dtype_name(dtype),
+                   " is not supported by the GPU decode attention (fp16, bf16)");
+  }
+}
+
+/// Heads per block: the group rounded up to a power of two, at most kMaxTileHeads (larger groups
+/// are cut into tiles of 8).
+template <typename F>
+void dispatch_tile_heads(int group_size, F&& f) {
+  if (group_size <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (group_size <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (group_size <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
 }
 
 // ---- element conversion: a 16-byte vector holds 8 elements ----
@@ -185,10 +224,23 @@ struct Step {
 
 // ---- row sources: warp-collective cursors over one problem's rows ----
 
+/// A load of chunk-list data: through the read-only cache, or, for lists written earlier in the
+/// same kernel (kCoherent), from L2.
+template <bool kCoherent, typename V>
+__device__ __forceinline__ V load_list(const V* p) {
+  if constexpr (kCoherent) {
+    return __ldcg(p);
+  } else {
+    return __ldg(p);
+  }
+}
+
 /// Walks a chunk list. The warp's lanes cache 32 consecutive descriptors (lane j holds chunk
 /// window + j); the cursor's current chunk is read from its lane by shuffles, and the next
-/// non-empty one is found with one ballot, so runs of empty chunks cost nothing.
-template <int kRowBytes>
+/// non-empty one is found with one ballot, so runs of empty chunks cost nothing. kCoherent: the
+/// list was written by other blocks of the running kernel (read from L2, not the read-only
+/// cache).
+template <int kRowBytes, bool kCoherent = false>
 class ChunkCursor {
  public:
   static constexpr bool kHasCopy = true;
@@ -196,8 +248,9 @@ class ChunkCursor {
   __device__ ChunkCursor(const ChunkedRows& src, int problem, int /*seq*/, int /*kv_head*/,
                          int lane)
       : chunks_(src.chunks), lane_(lane) {
-    begin_ = __ldg(src.chunk_indptr + problem);
-    end_ = __ldg((src.chunk_end != nullptr ? src.chunk_end : src.chunk_indptr + 1) + problem);
+    begin_ = load_list<kCoherent>(src.chunk_indptr + problem);
+    end_ = load_list<kCoherent>((src.chunk_end != nullptr ? src.chunk_end : src.chunk_indptr + 1) +
+                                problem);
     if (end_ < begin_) end_ = begin_;
   }
 
@@ -290,7 +343,7 @@ class ChunkCursor {
 
   __device__ int rows_of(int chunk) const {
     if (chunk >= end_) return 0;
-    const int n = __ldg(&chunks_[chunk].num_rows);
+    const int n = load_list<kCoherent>(&chunks_[chunk].num_rows);
     return n > 0 ? n : 0;
   }
 
@@ -306,7 +359,8 @@ class ChunkCursor {
     const int c = window + lane_;
     if (c < end_) {
       const int4* d = reinterpret_cast<const int4*>(chunks_ + c);
-      const int4 a = __ldg(d), b = __ldg(d + 1), e = __ldg(d + 2);
+      const int4 a = load_list<kCoherent>(d), b = load_list<kCoherent>(d + 1),
+                 e = load_list<kCoherent>(d + 2);
       w_k_ = reinterpret_cast<const char*>(static_cast<uintptr_t>(
           static_cast<uint32_t>(a.x) | (static_cast<uint64_t>(static_cast<uint32_t>(a.y)) << 32)));
       w_v_ = reinterpret_cast<const char*>(static_cast<uintptr_t>(
@@ -435,20 +489,207 @@ struct StepRecord {
   int nrows;
 };
 
-/// Shared memory of a block: the warps' pipelines while rows stream, then the warps' partial
-/// results for the merge (the two are never live together).
-template <int kG, int kHeadDim>
+/// Shared memory of a block of kW warps: the warps' pipelines of kS stages while rows stream,
+/// then the warps' partial results for the merge (the two are never live together).
+template <int kG, int kHeadDim, int kW = kWarps, int kS = kStages>
 union BlockSmem {
   struct {
-    uint4 kv[kWarps][kStages][2][32];  // [warp][stage][K, V][lane]: each lane's own 16 bytes
-    StepRecord rec[kWarps][kStages];
+    uint4 kv[kW][kS][2][32];  // [warp][stage][K, V][lane]: each lane's own 16 bytes
+    StepRecord rec[kW][kS];
   } ring;
   struct {
-    float acc[kWarps][kG][kHeadDim];
-    float m[kWarps][kG];
-    float l[kWarps][kG];
+    float acc[kW][kG][kHeadDim];
+    float m[kW][kG];
+    float l[kW][kG];
   } merge;
 };
+
+/// A warp's online-softmax state over its rows. acc: this lane's 8 columns for every head of its
+/// row slot. m_own and l_own belong to the lane's own head (col / kLanesPerHead): m_own is the
+/// same in every lane that owns the head (the max runs over all rows of the warp), l_own sums
+/// this row slot's weights.
+template <int kG>
+struct WarpSoftmax {
+  float m_own, l_own, acc[kG][8];
+  __device__ __forceinline__ void init() {
+    m_own = -INFINITY;
+    l_own = 0.f;
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+    }
+  }
+};
+
+/// A warp's rows [w0, w1) of its problem (w1 > w0) through the cursor, folded into st: the row
+/// pipeline of decode_attention_kernel (kS stages of one step each, cp.async into the warp's ring
+/// at `ring`, this lane's slot of stage 0; `rec`, the warp's kS step records). q: the lane's 8
+/// columns of each head, fp32, pre-scaled by qk_scale. Returns with every load landed.
+template <typename T, int kHeadDim, int kG, int kS, typename Cursor>
+__device__ __forceinline__ void attend_warp_rows(Cursor& cur, int64_t w0, int64_t w1,
+                                                 const float (&q)[kG][8], const uint4* ring,
+                                                 StepRecord* rec, int lane, WarpSoftmax<kG>& st) {
+  constexpr int kLanesPerRow = kHeadDim / 8;
+  constexpr int kRowsPerStep = 32 / kLanesPerRow;
+  constexpr int kRowBytes = kHeadDim * 2;
+  constexpr int kLanesPerHead = kLanesPerRow / kG;  // lanes of a row that own one head's score
+  constexpr uint32_t kStageBytes = 2 * 32 * 16;     // K then V, 512 bytes each
+  static_assert((kS & (kS - 1)) == 0, "stages: a power of two");
+  const int slot = lane / kLanesPerRow;              // row of the step
+  const int col = lane % kLanesPerRow;               // 16-byte column of the row
+  const int row_lane0 = lane & ~(kLanesPerRow - 1);  // first lane of this lane's row slot
+  float& m_own = st.m_own;
+  float& l_own = st.l_own;
+  float(&acc)[kG][8] = st.acc;
+  cur.seek(w0, w1 - w0);
+  const size_t lane_off = static_cast<size_t>(slot) * kRowBytes + col * 16;
+  const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  // Issues the next step's loads into ring stage s (nothing once the range is walked).
+  auto produce = [&](int s) {
+    const Step step = cur.next(kRowsPerStep);
+    if constexpr (Cursor::kHasCopy) {
+      if (lane == 0) rec[s] = StepRecord{step.k_copy, step.v_copy, step.nrows};
+    }
+    if (step.nrows > 0) {
+      const bool valid = slot < step.nrows;
+      const size_t off = valid ? lane_off : 0;  // a zero-filled lane reads nothing
+      const uint32_t dst = ring_addr + s * kStageBytes;
+      cp_async16(dst, step.k + off, valid);
+      cp_async16(dst + kStageBytes / 2, step.v + off, valid);
+    }
+    cp_async_commit();
+  };
+  int64_t left = w1 - w0;  // rows not yet consumed (dense steps)
+#pragma unroll 1
+  for (int i = 0; i < kS - 1; ++i) produce(i);
+#pragma unroll 1
+  for (int t = 0;; ++t) {
+    // Orders lane 0's record writes before the reads below, and this step's reads of the stage
+    // refilled next before its refill.
+    __syncwarp();
+    produce((t + kS - 1) & (kS - 1));
+    cp_async_wait<kS - 1>();  // step t's group has landed
+    const int s = t & (kS - 1);
+    int nrows;
+    char* k_copy = nullptr;
+    char* v_copy = nullptr;
+    if constexpr (Cursor::kHasCopy) {
+      const StepRecord r = rec[s];
+      nrows = r.nrows;
+      k_copy = r.k_copy;
+      v_copy = r.v_copy;
+    } else {
+      nrows = left < kRowsPerStep ? static_cast<int>(left) : kRowsPerStep;
+      left -= nrows;
+    }
+    if (nrows == 0) break;
+    const uint4 kraw = ring[s * (kStageBytes / 16)];
+    const uint4 vraw = ring[s * (kStageBytes / 16) + kStageBytes / 32];
+    const bool valid = slot < nrows;
+    if constexpr (Cursor::kHasCopy) {
+      if (valid && k_copy != nullptr) store16(k_copy + lane_off, kraw);
+      if (valid && v_copy != nullptr) store16(v_copy + lane_off, vraw);
+    }
+    float kf[8];
+    to_float8<T>(kraw, kf);
+    float sc[kG];
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      float a = q[g][0] * kf[0];
+#pragma unroll
+      for (int i = 1; i < 8; ++i) a = fmaf(q[g][i], kf[i], a);
+      sc[g] = a;
+    }
+    // This lane's head's logit of this lane's row, then its max over the step's rows.
+    const float s_own = reduce_transpose<kG, kLanesPerRow>(sc, lane);
+    float mx = valid ? s_own : -INFINITY;
+#pragma unroll
+    for (int o = 16; o >= kLanesPerRow; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
+    if (__any_sync(kFullMask, mx > m_own)) {  // rare once the maxima settle
+      const float mn = fmaxf(m_own, mx);
+      const float corr = ex2(m_own - mn);  // 0 while m is -inf, 1 if unchanged
+      m_own = mn;
+      l_own *= corr;
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        const float c =
+            kG == 1 ? corr : __shfl_sync(kFullMask, corr, row_lane0 + g * kLanesPerHead);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] *= c;
+      }
+    }
+    const float p_own = valid ? ex2(s_own - m_own) : 0.f;
+    l_own += p_own;
+    float vf[8];
+    to_float8<T>(vraw, vf);
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      const float pr =
+          kG == 1 ? p_own : __shfl_sync(kFullMask, p_own, row_lane0 + g * kLanesPerHead);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pr, vf[i], acc[g][i]);
+    }
+  }
+  cp_async_wait_all();
+}
+
+/// The merge of a block's kW warps: a barrier (every warp is done with the ring, which the merge
+/// area m overlays), the row slots of each warp summed (m_own is the same in every row slot, so
+/// no rescaling), the warps' partials into m, a barrier, then for each (head g < heads, column d)
+/// over the block's threads out = sum_w acc_w 2^(m_w - M) / sum_w l_w 2^(m_w - M) and
+/// emit(g, d, out, lse2), lse2 the log-sum-exp in base 2 of the block's logits (-inf without
+/// rows, out then 0).
+template <int kHeadDim, int kG, int kW, typename Merge, typename Emit>
+__device__ __forceinline__ void merge_block_warps(WarpSoftmax<kG>& st, Merge& m, int heads,
+                                                  int lane, int warp, Emit&& emit) {
+  constexpr int kLanesPerRow = kHeadDim / 8;
+  constexpr int kLanesPerHead = kLanesPerRow / kG;
+  const int slot = lane / kLanesPerRow, col = lane % kLanesPerRow;
+  __syncthreads();  // every warp is done with the ring before it becomes the merge area
+#pragma unroll
+  for (int o = 16; o >= kLanesPerRow; o >>= 1) {
+    st.l_own += __shfl_xor_sync(kFullMask, st.l_own, o);
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) st.acc[g][i] += __shfl_xor_sync(kFullMask, st.acc[g][i], o);
+    }
+  }
+  if (slot == 0) {
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      float4* dst = reinterpret_cast<float4*>(&m.acc[warp][g][col * 8]);
+      dst[0] = make_float4(st.acc[g][0], st.acc[g][1], st.acc[g][2], st.acc[g][3]);
+      dst[1] = make_float4(st.acc[g][4], st.acc[g][5], st.acc[g][6], st.acc[g][7]);
+    }
+  }
+  if (slot == 0 && col % kLanesPerHead == 0) {
+    m.m[warp][col / kLanesPerHead] = st.m_own;
+    m.l[warp][col / kLanesPerHead] = st.l_own;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < heads * kHeadDim; idx += kW * 32) {
+    const int g = idx / kHeadDim, d = idx % kHeadDim;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) mx = fmaxf(mx, m.m[w][g]);
+    float o = 0.f, lsum = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kW; ++w) {
+        const float mw = m.m[w][g];
+        if (mw != -INFINITY) {
+          const float f = ex2(mw - mx);
+          lsum += m.l[w][g] * f;
+          o += m.acc[w][g][d] * f;
+        }
+      }
+      o /= lsum;
+    }
+    emit(g, d, o, lsum > 0.f ? mx + log2f(lsum) : -INFINITY);
+  }
+}
 
 }  // namespace decode_attention_device
 
@@ -535,18 +776,14 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
                                   decode_attention_device::min_blocks_for<kG>())
     decode_attention_kernel(AttentionKernelParams kp, Rows rows) {
   using namespace decode_attention_device;
-  constexpr int kLanesPerRow = kHeadDim / 8;
-  constexpr int kRowsPerStep = 32 / kLanesPerRow;
   constexpr int kRowBytes = kHeadDim * 2;
-  constexpr int kLanesPerHead = kLanesPerRow / kG;  // lanes of a row that own one head's score
   using Cursor = typename CursorOf<Rows, kRowBytes>::type;
   __shared__ BlockSmem<kG, kHeadDim> sm;
   pdl_wait();
   pdl_launch_dependents();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int slot = lane / kLanesPerRow;  // row of the step
-  const int col = lane % kLanesPerRow;   // 16-byte column of the row
+  const int col = lane % (kHeadDim / 8);  // 16-byte column of a row
   const int split = static_cast<int>(blockIdx.x % static_cast<unsigned>(kp.num_splits));
   const int problem_tile = static_cast<int>(blockIdx.x / static_cast<unsigned>(kp.num_splits));
   const int tile = problem_tile % kp.num_tiles, problem = problem_tile / kp.num_tiles;
@@ -569,178 +806,33 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
     }
   }
 
-  // Online-softmax state. acc: this lane's 8 columns for every head of its row slot. m and l
-  // belong to the lane's own head (col / kLanesPerHead): m is the same in every lane that owns
-  // the head (the max runs over all rows of the warp), l sums this row slot's weights.
-  float m_own = -INFINITY, l_own = 0.f, acc[kG][8];
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
-  }
-  const int row_lane0 = lane & ~(kLanesPerRow - 1);  // first lane of this lane's row slot
-
+  WarpSoftmax<kG> st;
+  st.init();
   Cursor cur(rows, problem, seq, kv_head, lane);
   const int64_t total = cur.total_rows();
   const int64_t s0 = aligned_bound(total, split, kp.num_splits);
   const int64_t s1 = aligned_bound(total, split + 1, kp.num_splits);
   const int64_t w0 = s0 + aligned_bound(s1 - s0, warp, kWarps);
   const int64_t w1 = s0 + aligned_bound(s1 - s0, warp + 1, kWarps);
-
   if (w1 > w0) {
-    cur.seek(w0, w1 - w0);
-    const size_t lane_off = static_cast<size_t>(slot) * kRowBytes + col * 16;
-    constexpr uint32_t kStageBytes = sizeof(sm.ring.kv[0][0]);  // K then V, 512 bytes each
-    const uint4* ring = &sm.ring.kv[warp][0][0][lane];          // this lane's slots
-    const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-    // Issues the next step's loads into ring stage s (nothing once the range is walked).
-    auto produce = [&](int s) {
-      const Step step = cur.next(kRowsPerStep);
-      if constexpr (Cursor::kHasCopy) {
-        if (lane == 0) sm.ring.rec[warp][s] = StepRecord{step.k_copy, step.v_copy, step.nrows};
-      }
-      if (step.nrows > 0) {
-        const bool valid = slot < step.nrows;
-        const size_t off = valid ? lane_off : 0;  // a zero-filled lane reads nothing
-        const uint32_t dst = ring_addr + s * kStageBytes;
-        cp_async16(dst, step.k + off, valid);
-        cp_async16(dst + kStageBytes / 2, step.v + off, valid);
-      }
-      cp_async_commit();
-    };
-    int64_t left = w1 - w0;  // rows not yet consumed (dense steps)
-#pragma unroll 1
-    for (int i = 0; i < kStages - 1; ++i) produce(i);
-#pragma unroll 1
-    for (int t = 0;; ++t) {
-      // Orders lane 0's record writes before the reads below, and this step's reads of the stage
-      // refilled next before its refill.
-      __syncwarp();
-      produce((t + kStages - 1) & (kStages - 1));
-      cp_async_wait<kStages - 1>();  // step t's group has landed
-      const int s = t & (kStages - 1);
-      int nrows;
-      char* k_copy = nullptr;
-      char* v_copy = nullptr;
-      if constexpr (Cursor::kHasCopy) {
-        const StepRecord rec = sm.ring.rec[warp][s];
-        nrows = rec.nrows;
-        k_copy = rec.k_copy;
-        v_copy = rec.v_copy;
-      } else {
-        nrows = left < kRowsPerStep ? static_cast<int>(left) : kRowsPerStep;
-        left -= nrows;
-      }
-      if (nrows == 0) break;
-      const uint4 kraw = ring[s * (kStageBytes / 16)];
-      const uint4 vraw = ring[s * (kStageBytes / 16) + kStageBytes / 32];
-      const bool valid = slot < nrows;
-      if constexpr (Cursor::kHasCopy) {
-        if (valid && k_copy != nullptr) store16(k_copy + lane_off, kraw);
-        if (valid && v_copy != nullptr) store16(v_copy + lane_off, vraw);
-      }
-      float kf[8];
-      to_float8<T>(kraw, kf);
-      float sc[kG];
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        float a = q[g][0] * kf[0];
-#pragma unroll
-        for (int i = 1; i < 8; ++i) a = fmaf(q[g][i], kf[i], a);
-        sc[g] = a;
-      }
-      // This lane's head's logit of this lane's row, then its max over the step's rows.
-      const float s_own = reduce_transpose<kG, kLanesPerRow>(sc, lane);
-      float mx = valid ? s_own : -INFINITY;
-#pragma unroll
-      for (int o = 16; o >= kLanesPerRow; o >>= 1)
-        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
-      if (__any_sync(kFullMask, mx > m_own)) {  // rare once the maxima settle
-        const float mn = fmaxf(m_own, mx);
-        const float corr = ex2(m_own - mn);  // 0 while m is -inf, 1 if unchanged
-        m_own = mn;
-        l_own *= corr;
-#pragma unroll
-        for (int g = 0; g < kG; ++g) {
-          const float c =
-              kG == 1 ? corr : __shfl_sync(kFullMask, corr, row_lane0 + g * kLanesPerHead);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][i] *= c;
+    attend_warp_rows<T, kHeadDim, kG, kStages>(cur, w0, w1, q, &sm.ring.kv[warp][0][0][lane],
+                                               sm.ring.rec[warp], lane, st);
+  }
+  merge_block_warps<kHeadDim, kG, kWarps>(
+      st, sm.merge, heads, lane, warp, [&](int g, int d, float o, float lse2) {
+        const float lse = lse2 * kLn2;
+        const size_t row = static_cast<size_t>(seq) * kp.num_q_heads + head0 + g;
+        if (kp.num_splits == 1) {
+          T* out = static_cast<T*>(kp.out_at != nullptr ? *kp.out_at : kp.out);
+          float* lse_out = kp.lse_at != nullptr ? *kp.lse_at : kp.lse;
+          store_elem(out + row * kHeadDim + d, o);
+          if (d == 0 && lse_out != nullptr) lse_out[row] = lse;
+        } else {
+          const size_t part = row * kp.num_splits + split;
+          kp.part_out[part * kHeadDim + d] = o;
+          if (d == 0) kp.part_lse[part] = lse;
         }
-      }
-      const float p_own = valid ? ex2(s_own - m_own) : 0.f;
-      l_own += p_own;
-      float vf[8];
-      to_float8<T>(vraw, vf);
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        const float pr =
-            kG == 1 ? p_own : __shfl_sync(kFullMask, p_own, row_lane0 + g * kLanesPerHead);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pr, vf[i], acc[g][i]);
-      }
-    }
-    cp_async_wait_all();
-  }
-  __syncthreads();  // every warp is done with the ring before it becomes the merge area
-
-  // Rows of a step went to different lanes: sum them (m is the same in every row slot, so no
-  // rescaling).
-#pragma unroll
-  for (int o = 16; o >= kLanesPerRow; o >>= 1) {
-    l_own += __shfl_xor_sync(kFullMask, l_own, o);
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[g][i] += __shfl_xor_sync(kFullMask, acc[g][i], o);
-    }
-  }
-  if (slot == 0) {
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      float4* dst = reinterpret_cast<float4*>(&sm.merge.acc[warp][g][col * 8]);
-      dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-      dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
-    }
-  }
-  if (slot == 0 && col % kLanesPerHead == 0) {
-    sm.merge.m[warp][col / kLanesPerHead] = m_own;
-    sm.merge.l[warp][col / kLanesPerHead] = l_own;
-  }
-  __syncthreads();
-
-  // Merge the warps: out = sum_w acc_w 2^(m_w - M) / sum_w l_w 2^(m_w - M).
-  for (int idx = threadIdx.x; idx < heads * kHeadDim; idx += kThreads) {
-    const int g = idx / kHeadDim, d = idx % kHeadDim;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm.merge.m[w][g]);
-    float o = 0.f, lsum = 0.f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float mw = sm.merge.m[w][g];
-        if (mw != -INFINITY) {
-          const float f = ex2(mw - mx);
-          lsum += sm.merge.l[w][g] * f;
-          o += sm.merge.acc[w][g][d] * f;
-        }
-      }
-      o /= lsum;
-    }
-    const float lse = lsum > 0.f ? (mx + log2f(lsum)) * kLn2 : -INFINITY;
-    const size_t row = static_cast<size_t>(seq) * kp.num_q_heads + head0 + g;
-    if (kp.num_splits == 1) {
-      T* out = static_cast<T*>(kp.out_at != nullptr ? *kp.out_at : kp.out);
-      float* lse_out = kp.lse_at != nullptr ? *kp.lse_at : kp.lse;
-      store_elem(out + row * kHeadDim + d, o);
-      if (d == 0 && lse_out != nullptr) lse_out[row] = lse;
-    } else {
-      const size_t part = row * kp.num_splits + split;
-      kp.part_out[part * kHeadDim + d] = o;
-      if (d == 0) kp.part_lse[part] = lse;
-    }
-  }
+      });
   if (kp.num_splits > 1 && kp.counters != nullptr) {
     // The last split block of this (problem, tile) to finish merges the tile: its partials and
     // everyone else's are visible after the fences around the counter.

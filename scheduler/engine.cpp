@@ -522,6 +522,7 @@ struct Engine::Impl {
     cudaGraphExec_t exec = nullptr;
     cudaGraphNode_t prologue = nullptr;  // its call block changes every launch
     int32_t uses = 0;
+    bool select_attend = false;  // attention runs inside the selection kernel
     RecallGraph() = default;
     RecallGraph(const RecallGraph&) = delete;
     RecallGraph& operator=(const RecallGraph&) = delete;
@@ -538,6 +539,7 @@ struct Engine::Impl {
   int64_t steps = 0, decode_calls = 0, window_clusterings = 0;
   double decode_host_ms = 0;  // CPU time of the caller's thread in decode_layer and end_step
   int64_t graph_launches = 0;
+  int64_t select_attend_layers = 0;
   std::atomic<int64_t> rows_attended{0};  // decode (dense layers) and policy jobs (recall layers)
   std::atomic<int64_t> prefill_cluster_us{0};
 
@@ -710,7 +712,8 @@ struct Engine::Impl {
     unsigned char b[16];
   };
   std::vector<Block16> call_blob;
-  void launch_recall_kernels(const RecallLaunch& r, cudaStream_t stream);
+  /// Returns whether attention ran inside the selection kernel.
+  bool launch_recall_kernels(const RecallLaunch& r, cudaStream_t stream);
   // Chunks per problem: sink, window (2), and per selected cluster its pages or host runs.
   int64_t chunks_per_problem() const {
     return 4 + 2 * static_cast<int64_t>(sel_cols) +
@@ -1945,7 +1948,7 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
       KVTIER_CUDA_CHECK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
       bool captured = true;
       try {
-        launch_recall_kernels(r, cs);
+        g.select_attend = launch_recall_kernels(r, cs);
       } catch (...) {
         // A launch this runtime cannot capture (or any error): no graphs from now on; the
         // launches below, one by one, throw again if the error is not the capture's.
@@ -1979,10 +1982,11 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
       KVTIER_CUDA_CHECK(cudaGraphLaunch(g.exec, stream));
       launched = true;
       ++graph_launches;
+      select_attend_layers += g.select_attend ? 1 : 0;
     }
   }
 #endif
-  if (!launched) launch_recall_kernels(r, stream);
+  if (!launched) select_attend_layers += launch_recall_kernels(r, stream) ? 1 : 0;
 #endif
 }
 
@@ -2025,7 +2029,7 @@ void Engine::Impl::ensure_recall_scratch(cudaStream_t stream) {
 
 // Everything a recall layer's decode runs on the device, in order; reads only device memory
 // (the call's upload and the engine's tables), so it can be captured once and replayed.
-void Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t stream) {
+bool Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t stream) {
   const int32_t P = r.P;
   scheduler::launch_recall_prologue(prologue_params(r), r.blob, stream);
   kernels::ClusterSelectTensors t;
@@ -2056,17 +2060,6 @@ void Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t str
       rec_dev.as<int32_t>() + static_cast<size_t>(recall_index[r.layer]) * max_problems * rec_cols;
   bp.record_base = &r.call->record_base;
   bp.record_cols = rec_cols;
-  if (cap_c <= kernels::kMaxBlockSortClusters) {
-    // Scoring split over many blocks per problem (a batch of one sequence has only Hkv problems);
-    // the scores are aggregated, the clusters selected and the chunks built by one block per
-    // problem.
-    scheduler::launch_recall_select_build(r.sp, t, select_ws.get(), select_ws.size(), bp, stream);
-  } else {  // more clusters than one block selects: scores, a segmented sort, then the chunks
-    t.scores = scores.as<float>();
-    kernels::launch_score_clusters_split(r.sp, t, select_ws.get(), select_ws.size(), stream);
-    kernels::launch_select_clusters(r.sp, t, select_ws.get(), select_ws.size(), stream);
-    scheduler::launch_build_recall_chunks(bp, stream);
-  }
   kernels::DecodeAttentionTensors at;
   at.q = q_own.get();
   at.chunks = bp.chunks;
@@ -2075,8 +2068,25 @@ void Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t str
   at.out_at = &r.call->out;  // the caller's buffers of this call, read from the call block
   at.lse_at = &r.call->lse;
   at.merge_counters = merge_counters.as<int32_t>();
+  if (cap_c <= kernels::kMaxBlockSortClusters) {
+    // On sm_90 one kernel of thread block clusters scores, selects, builds the chunks and
+    // attends; otherwise scoring is split over many blocks per problem (a batch of one sequence
+    // has only Hkv problems), and the scores are aggregated, the clusters selected and the chunks
+    // built by one block per problem before attention.
+    if (scheduler::launch_recall_select_attend(r.sp, t, select_ws.get(), select_ws.size(), bp, r.ap,
+                                               at, stream)) {
+      return true;
+    }
+    scheduler::launch_recall_select_build(r.sp, t, select_ws.get(), select_ws.size(), bp, stream);
+  } else {  // more clusters than one block selects: scores, a segmented sort, then the chunks
+    t.scores = scores.as<float>();
+    kernels::launch_score_clusters_split(r.sp, t, select_ws.get(), select_ws.size(), stream);
+    kernels::launch_select_clusters(r.sp, t, select_ws.get(), select_ws.size(), stream);
+    scheduler::launch_build_recall_chunks(bp, stream);
+  }
   kernels::launch_decode_attention(r.ap, at, recall_max_rows(), rattn_ws.get(), rattn_ws.size(),
                                    stream);
+  return false;
 }
 
 scheduler::RecallPrologueParams Engine::Impl::prologue_params(const RecallLaunch& r) const {
@@ -2986,6 +2996,7 @@ EngineStats Engine::stats() const {
   s.rows_attended = m.rows_attended.load();
   s.decode_host_ms = m.decode_host_ms;
   s.graph_launches = m.graph_launches;
+  s.select_attend_layers = m.select_attend_layers;
   s.decode_blocked_ms = m.staging.blocked_ms();
   return s;
 }

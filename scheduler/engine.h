@@ -171,6 +171,9 @@ struct EngineStats {
   double decode_host_ms = 0;
   double decode_blocked_ms = 0;
   int64_t graph_launches = 0;  ///< recall-layer decodes replayed as a CUDA graph
+  /// Recall-layer decodes whose attention ran inside the scoring-and-selection kernel (sm_90;
+  /// KVTIER_SELECT_ATTEND, docs/engine.md).
+  int64_t select_attend_layers = 0;
   /// Recall layers, as attention saw them: selected clusters found in the GPU cache or not (a
   /// miss is read from pinned host memory by attention itself), bytes so read, and bytes
   /// gathered into the cache afterwards for later steps (K and V).

@@ -12,6 +12,7 @@
 #include "kernels/cluster_select_kernels.cuh"
 #include "kernels/launch.cuh"
 #include "memory/core/check.h"
+#include "scheduler/engine_chunks.cuh"
 #include "scheduler/engine_kernels.h"
 
 namespace kvtier::scheduler {
@@ -214,76 +215,9 @@ void launch_append_rows(const void* k_src, const void* v_src, int32_t src_rows, 
 namespace kvtier::scheduler {
 namespace {
 
-constexpr int kBuildThreads = 256;
-
-/// Problem pi's chunk list, built by a whole block of kThreads threads after its selection is
-/// written: [resident rows | each selected cluster's cache pages (a hit) or host pages (a miss) |
-/// the window's ring runs] at chunks + pi * chunk_stride, indptr[pi] and chunk_end[pi] its
-/// bounds; then the problem's row of the step record. Begins with a barrier (the selection may
-/// have been written by other threads of the block).
-template <int kThreads>
-__device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
-  using Scan = cub::BlockScan<int32_t, kThreads>;
-  __shared__ typename Scan::TempStorage scan;
-  __shared__ int32_t s_base, s_stats[4];
-  __syncthreads();
-  const RecallProblem pr = p.problems[pi];
-  kernels::KvChunk* out = p.chunks + static_cast<size_t>(pi) * p.chunk_stride;
-  if (threadIdx.x < 4) s_stats[threadIdx.x] = 0;
-  if (threadIdx.x == 0) {
-    s_base = 0;
-    if (pr.res_rows > 0) out[s_base++] = detail::make_chunk(pr.res_k, pr.res_v, pr.res_rows);
-  }
-  __syncthreads();
-  const int32_t n = p.num_sel[pi];
-  const size_t sel = static_cast<size_t>(pi) * p.sel_stride;
-  int32_t hits = 0, misses = 0, host_rows = 0, rows_total = 0;
-  for (int32_t t0 = 0; t0 < n; t0 += kThreads) {  // block-uniform trip count
-    const int32_t j = t0 + static_cast<int32_t>(threadIdx.x);
-    int32_t c = 0, rows = 0;
-    int64_t where = 0;  // looked up once for both passes
-    bool hit = false;
-    if (j < n) {
-      rows = p.sel_rows[sel + j];
-      where = detail::cluster_location(p, pr, p.sel_ids[sel + j]);
-      c = detail::cluster_chunks_at(p, pr, where, rows, nullptr, &hit);
-      hits += hit ? 1 : 0;
-      misses += hit ? 0 : 1;
-      host_rows += hit ? 0 : rows;
-      rows_total += rows;
-    }
-    int32_t excl, total;
-    __syncthreads();  // scan is free again (after the first tile)
-    Scan(scan).ExclusiveSum(c, excl, total);
-    if (j < n) detail::cluster_chunks_at(p, pr, where, rows, out + s_base + excl, &hit);
-    __syncthreads();
-    if (threadIdx.x == 0) s_base += total;
-  }
-  const int32_t v[4] = {hits, misses, host_rows, rows_total};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int32_t w =
-        static_cast<int32_t>(__reduce_add_sync(0xffffffffu, static_cast<unsigned>(v[i])));
-    if ((threadIdx.x & 31) == 0 && w != 0) atomicAdd(&s_stats[i], w);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int32_t count = s_base + detail::window_chunks(p, pr, out + s_base);
-    const int32_t begin = static_cast<int32_t>(static_cast<int64_t>(pi) * p.chunk_stride);
-    p.indptr[pi] = begin;
-    p.chunk_end[pi] = begin + count;
-    s_stats[3] += static_cast<int32_t>(pr.res_rows + pr.win_rows);
-    for (int i = 0; i < 4; ++i) p.stats[4 * pi + i] = s_stats[i];
-  }
-  if (p.record != nullptr) {
-    __syncthreads();
-    int32_t* rec = p.record + static_cast<size_t>(*p.record_base + pi) * p.record_cols;
-    if (threadIdx.x == 0) rec[0] = n;
-    if (threadIdx.x < 4) rec[1 + threadIdx.x] = s_stats[threadIdx.x];
-    const int32_t ids = n < p.record_cols - 5 ? n : p.record_cols - 5;
-    for (int32_t j = threadIdx.x; j < ids; j += kThreads) rec[5 + j] = p.sel_ids[sel + j];
-  }
-}
+using chunks_device::build_problem_chunks;
+using chunks_device::BuildChunksEpilogue;
+using chunks_device::kBuildThreads;
 
 // grid: (P), block kBuildThreads.
 __global__ void __launch_bounds__(kBuildThreads) build_chunks_kernel(ChunkBuildParams p) {
@@ -291,15 +225,6 @@ __global__ void __launch_bounds__(kBuildThreads) build_chunks_kernel(ChunkBuildP
   kernels::pdl_launch_dependents();
   build_problem_chunks<kBuildThreads>(p, static_cast<int>(blockIdx.x));
 }
-
-/// The chunk builder as the epilogue of the selection block (one launch for both).
-struct BuildChunksEpilogue {
-  ChunkBuildParams p;
-  template <int kThreads>
-  __device__ void run(const kernels::SelectKernelParams&, int problem) const {
-    build_problem_chunks<kThreads>(p, problem);
-  }
-};
 
 // grid: (min(count, 4096)), block 128: items strided over blocks; 16-byte pieces over threads.
 __global__ void copy_rows_kernel(const kernels::KvChunk* items, int32_t count,

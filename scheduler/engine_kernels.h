@@ -223,6 +223,16 @@ void launch_recall_select_build(const kernels::ClusterSelectParams& sp,
                                 size_t workspace_bytes, const ChunkBuildParams& bp,
                                 cudaStream_t stream);
 
+/// launch_recall_select_build and the layer's attention over the lists it builds (ap, at: chunks,
+/// chunk_indptr and chunk_end those of bp) in one kernel of thread block clusters
+/// (kernels/select_attend_kernels.cuh), when the device, the shapes and KVTIER_SELECT_ATTEND allow
+/// it; false, with nothing launched, otherwise.
+bool launch_recall_select_attend(const kernels::ClusterSelectParams& sp,
+                                 const kernels::ClusterSelectTensors& t, void* workspace,
+                                 size_t workspace_bytes, const ChunkBuildParams& bp,
+                                 const kernels::DecodeAttentionParams& ap,
+                                 const kernels::DecodeAttentionTensors& at, cudaStream_t stream);
+
 /// For each item: copy num_rows rows (row_bytes each, a multiple of 16) from k to k_copy and
 /// from v to v_copy (sources may be mapped host memory). One launch for any number of items.
 void launch_copy_rows(const kernels::KvChunk* items, int32_t count, int32_t row_bytes,

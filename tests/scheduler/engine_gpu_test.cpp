@@ -5,10 +5,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "scheduler/engine.h"
 #include "tests/scheduler/engine_driver.h"
+
+#if KVTIER_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace kvtier {
 namespace {
@@ -140,6 +146,111 @@ TEST(EngineGpu, CudaGraphsGiveTheOutputsOfLaunchesOneByOne) {
     worst = std::max(worst, static_cast<double>(std::fabs(graphs[i] - eager[i])));
   }
   EXPECT_LT(worst, 2e-3);
+}
+
+// Sets an environment variable for a scope (restored or unset at its end).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had_) {
+      setenv(name_, old_.c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::string old_;
+  bool had_ = false;
+};
+
+// Attention inside the scoring-and-selection kernel (sm_90: each problem's cluster attends the
+// chunk lists its CTA 0 just built, and merges its splits in shared memory) against the separate
+// attention kernel (KVTIER_SELECT_ATTEND=0), over sequences joining and leaving, with a budget
+// covering the context: both equal dense attention, and each other within a few fp16 / bf16 ulps
+// (their splits differ). Groups of 1, 4 and 5 query heads (5: a tile of 8 with padding),
+// head_dim 64 and 128, fp16 and bf16. Then recall with a small budget, where the fused kernel
+// reads the misses from host memory (and copies them into the cache): it keeps the attention
+// mass as the separate kernel does. (Small-budget selections depend on when the background
+// window clustering lands, so the two runs are compared by their error, not row by row.)
+TEST(EngineGpu, AttentionInsideTheSelectionKernelGivesTheOutputsOfTheSeparateKernel) {
+  KVTIER_REQUIRE_GPU();
+  int major = 0;
+#if KVTIER_WITH_CUDA
+  int device = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+#endif
+  const auto expect_fused = [&](const EngineStats& with, const EngineStats& without) {
+    if (major >= 9) {
+      EXPECT_GT(with.select_attend_layers, 0);
+    } else {
+      EXPECT_EQ(with.select_attend_layers, 0);
+    }
+    EXPECT_EQ(without.select_attend_layers, 0);
+  };
+  struct Case {
+    Shape shape;
+    DType dtype;
+    double tol;  // against dense, and between the two
+  };
+  const Case cases[] = {
+      {Shape{}, DType::kF16, kTol},
+      {Shape{2, 8, 8, 64}, DType::kF16, kTol},
+      {Shape{2, 10, 2, 128}, DType::kBF16, 2e-2},
+      {Shape{2, 16, 4, 128}, DType::kBF16, 2e-2},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE("Hq " + std::to_string(k.shape.Hq) + " Hkv " + std::to_string(k.shape.Hkv) +
+                 " D " + std::to_string(k.shape.D));
+    EngineConfig c = gpu_config(Mode::kClusterKV, k.shape, k.dtype);
+    c.budget = 4096;
+    std::vector<float> fused, apart;
+    EngineStats with, without;
+    {
+      ScopedEnv env("KVTIER_SELECT_ATTEND", "1");
+      EXPECT_LT(run_churn(c, test::test_seed() + 30, 40, &fused, &with), k.tol);
+    }
+    {
+      ScopedEnv env("KVTIER_SELECT_ATTEND", "0");
+      EXPECT_LT(run_churn(c, test::test_seed() + 30, 40, &apart, &without), k.tol);
+    }
+    expect_fused(with, without);
+    ASSERT_EQ(fused.size(), apart.size());
+    double worst = 0;
+    for (size_t i = 0; i < fused.size(); ++i) {
+      worst = std::max(worst, static_cast<double>(std::fabs(fused[i] - apart[i])));
+    }
+    EXPECT_LT(worst, k.tol);
+  }
+  // run_peaked's window clusters hold one row each: a context of 2560 keeps the clusters per head
+  // within what one block selects (4096), where the fused kernel runs.
+  EngineConfig peaked = gpu_config(Mode::kClusterKV, Shape{});
+  peaked.max_context = 2560;
+  EngineStats with, without;
+  double fused = 0, apart = 0;
+  {
+    ScopedEnv env("KVTIER_SELECT_ATTEND", "1");
+    fused = run_peaked(peaked, test::test_seed() + 31, &with);
+  }
+  {
+    ScopedEnv env("KVTIER_SELECT_ATTEND", "0");
+    apart = run_peaked(peaked, test::test_seed() + 31, &without);
+  }
+  EXPECT_LT(fused, 0.05);
+  EXPECT_LT(apart, 0.05);
+  EXPECT_GT(with.recall_misses, 0);
+  EXPECT_GT(with.recall_hits, 0);
+  expect_fused(with, without);
 }
 
 TEST(EngineGpu, ClusterAttnKeepingEveryRowEqualsDense) {

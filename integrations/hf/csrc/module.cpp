@@ -401,6 +401,7 @@ NB_MODULE(_core, m) {
       .def_ro("decode_host_ms", &EngineStats::decode_host_ms)
       .def_ro("decode_blocked_ms", &EngineStats::decode_blocked_ms)
       .def_ro("graph_launches", &EngineStats::graph_launches)
+      .def_ro("select_attend_layers", &EngineStats::select_attend_layers)
       .def_ro("recall_hits", &EngineStats::recall_hits)
       .def_ro("recall_misses", &EngineStats::recall_misses)
       .def_ro("host_read_bytes", &EngineStats::host_read_bytes)

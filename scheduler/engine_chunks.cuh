@@ -1,0 +1,98 @@
+// Device code of the engine's chunk builder (CUDA builds only): one problem's attention chunk
+// list and step record, built by a whole thread block, alone (build_chunks_kernel) or as the
+// epilogue of the cluster selection. Included by the engine's .cu files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+
+#include "kernels/cluster_select_kernels.cuh"
+#include "scheduler/engine_kernels.h"
+
+namespace kvtier::scheduler {
+namespace chunks_device {
+
+constexpr int kBuildThreads = 256;
+
+/// Problem pi's chunk list, built by a whole block of kThreads threads after its selection is
+/// written: [resident rows | each selected cluster's cache pages (a hit) or host pages (a miss) |
+/// the window's ring runs] at chunks + pi * chunk_stride, indptr[pi] and chunk_end[pi] its
+/// bounds; then the problem's row of the step record. Begins with a barrier (the selection may
+/// have been written by other threads of the block).
+template <int kThreads>
+__device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
+  using Scan = cub::BlockScan<int32_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int32_t s_base, s_stats[4];
+  __syncthreads();
+  const RecallProblem pr = p.problems[pi];
+  kernels::KvChunk* out = p.chunks + static_cast<size_t>(pi) * p.chunk_stride;
+  if (threadIdx.x < 4) s_stats[threadIdx.x] = 0;
+  if (threadIdx.x == 0) {
+    s_base = 0;
+    if (pr.res_rows > 0) out[s_base++] = detail::make_chunk(pr.res_k, pr.res_v, pr.res_rows);
+  }
+  __syncthreads();
+  const int32_t n = p.num_sel[pi];
+  const size_t sel = static_cast<size_t>(pi) * p.sel_stride;
+  int32_t hits = 0, misses = 0, host_rows = 0, rows_total = 0;
+  for (int32_t t0 = 0; t0 < n; t0 += kThreads) {  // block-uniform trip count
+    const int32_t j = t0 + static_cast<int32_t>(threadIdx.x);
+    int32_t c = 0, rows = 0;
+    int64_t where = 0;  // looked up once for both passes
+    bool hit = false;
+    if (j < n) {
+      rows = p.sel_rows[sel + j];
+      where = detail::cluster_location(p, pr, p.sel_ids[sel + j]);
+      c = detail::cluster_chunks_at(p, pr, where, rows, nullptr, &hit);
+      hits += hit ? 1 : 0;
+      misses += hit ? 0 : 1;
+      host_rows += hit ? 0 : rows;
+      rows_total += rows;
+    }
+    int32_t excl, total;
+    __syncthreads();  // scan is free again (after the first tile)
+    Scan(scan).ExclusiveSum(c, excl, total);
+    if (j < n) detail::cluster_chunks_at(p, pr, where, rows, out + s_base + excl, &hit);
+    __syncthreads();
+    if (threadIdx.x == 0) s_base += total;
+  }
+  const int32_t v[4] = {hits, misses, host_rows, rows_total};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int32_t w =
+        static_cast<int32_t>(__reduce_add_sync(0xffffffffu, static_cast<unsigned>(v[i])));
+    if ((threadIdx.x & 31) == 0 && w != 0) atomicAdd(&s_stats[i], w);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int32_t count = s_base + detail::window_chunks(p, pr, out + s_base);
+    const int32_t begin = static_cast<int32_t>(static_cast<int64_t>(pi) * p.chunk_stride);
+    p.indptr[pi] = begin;
+    p.chunk_end[pi] = begin + count;
+    s_stats[3] += static_cast<int32_t>(pr.res_rows + pr.win_rows);
+    for (int i = 0; i < 4; ++i) p.stats[4 * pi + i] = s_stats[i];
+  }
+  if (p.record != nullptr) {
+    __syncthreads();
+    int32_t* rec = p.record + static_cast<size_t>(*p.record_base + pi) * p.record_cols;
+    if (threadIdx.x == 0) rec[0] = n;
+    if (threadIdx.x < 4) rec[1 + threadIdx.x] = s_stats[threadIdx.x];
+    const int32_t ids = n < p.record_cols - 5 ? n : p.record_cols - 5;
+    for (int32_t j = threadIdx.x; j < ids; j += kThreads) rec[5 + j] = p.sel_ids[sel + j];
+  }
+}
+
+/// The chunk builder as the epilogue of the selection block (one launch for both).
+struct BuildChunksEpilogue {
+  ChunkBuildParams p;
+  template <int kThreads>
+  __device__ void run(const kernels::SelectKernelParams&, int problem) const {
+    build_problem_chunks<kThreads>(p, problem);
+  }
+};
+
+}  // namespace chunks_device
+}  // namespace kvtier::scheduler
