@@ -29,21 +29,6 @@ constexpr int kWalkItems = 4;
 
 constexpr size_t kDefaultSmemBytes = 48 << 10;
 
-/// Heads per centroid read: the group rounded up to a power of two, at most 8 (Llama-3 70B has
-/// G = 8; above that the registers holding the query slices would spill).
-template <typename F>
-void dispatch_head_tile(int group_size, F&& f) {
-  if (group_size <= 1) {
-    f(std::integral_constant<int, 1>{});
-  } else if (group_size <= 2) {
-    f(std::integral_constant<int, 2>{});
-  } else if (group_size <= 4) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
-  }
-}
-
 size_t max_dynamic_smem_bytes() {
   int device = 0, bytes = 0;
   KVTIER_CUDA_CHECK(cudaGetDevice(&device));

@@ -15,7 +15,6 @@ namespace kvtier::kernels {
 namespace {
 
 using decode_attention_device::dispatch_dtype;
-using decode_attention_device::dispatch_tile_heads;
 using decode_attention_device::kMaxTileHeads;
 using decode_attention_device::kThreads;
 
@@ -83,7 +82,7 @@ Plan make_plan(const DecodeAttentionParams& p, int64_t max_rows) {
     using T = typename decltype(tag)::type;
     dispatch_head_dim(p.head_dim, [&](auto dim) {
       constexpr int kDim = decltype(dim)::value;
-      dispatch_tile_heads(plan.group_size, [&](auto tile) {
+      dispatch_head_tile(plan.group_size, [&](auto tile) {
         constexpr int kG = decltype(tile)::value;
         if (p.num_splits > 0) {
           plan.num_splits = p.num_splits;
@@ -161,7 +160,7 @@ void launch_impl(const DecodeAttentionParams& p, const Plan& plan, const Rows& r
     using T = typename decltype(tag)::type;
     dispatch_head_dim(p.head_dim, [&](auto dim) {
       constexpr int kDim = decltype(dim)::value;
-      dispatch_tile_heads(plan.group_size, [&](auto tile) {
+      dispatch_head_tile(plan.group_size, [&](auto tile) {
         constexpr int kG = decltype(tile)::value;
         launch_pdl(decode_attention_kernel<T, kDim, kG, Rows>,
                    dim3(static_cast<unsigned>(plan.blocks)), kThreads, 0, stream, kp, rows);

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "kernels/decode_attention.h"
+#include "kernels/dispatch.h"
 #include "kernels/launch.cuh"
 #include "memory/core/check.h"
 
@@ -93,21 +94,6 @@ void dispatch_dtype(DType dtype, F&& f) {
     default:
       KVTIER_CHECK(false, "dtype ", dtype_name(dtype),
                    " is not supported by the GPU decode attention (fp16, bf16)");
-  }
-}
-
-/// Heads per block: the group rounded up to a power of two, at most kMaxTileHeads (larger groups
-/// are cut into tiles of 8).
-template <typename F>
-void dispatch_tile_heads(int group_size, F&& f) {
-  if (group_size <= 1) {
-    f(std::integral_constant<int, 1>{});
-  } else if (group_size <= 2) {
-    f(std::integral_constant<int, 2>{});
-  } else if (group_size <= 4) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
   }
 }
 

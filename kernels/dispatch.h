@@ -27,4 +27,21 @@ void dispatch_head_dim(int head_dim, F&& f) {
   }
 }
 
+/// Calls f(std::integral_constant<int, T>{}) with T the group of query heads per KV head rounded
+/// up to a power of two, at most 8: the heads a kernel keeps in registers at once (decode
+/// attention's head tile, scoring's heads per centroid read; larger groups are cut into tiles of
+/// 8, and more would spill).
+template <typename F>
+void dispatch_head_tile(int group_size, F&& f) {
+  if (group_size <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (group_size <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (group_size <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
 }  // namespace kvtier::kernels

@@ -201,7 +201,7 @@ void dispatch_score_select_attend(const ClusterSelectParams& p, DType dtype, F&&
     using T = typename decltype(tag)::type;
     dispatch_head_dim(p.head_dim, [&](auto dim) {
       constexpr int kDim = decltype(dim)::value;
-      decode_attention_device::dispatch_tile_heads(p.group_size, [&](auto tile) {
+      dispatch_head_tile(p.group_size, [&](auto tile) {
         constexpr int kG = decltype(tile)::value;
         if (p.max_clusters <= 256) {
           f(dim, tile, std::integral_constant<int, 128>{},
