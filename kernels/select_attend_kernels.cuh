@@ -192,7 +192,8 @@ SelectAttendPlan plan_score_select_attend(const ClusterSelectParams& p, const vo
 
 /// Calls f(dim, tile, threads, kernel) with the instantiation of score_select_attend_kernel (as a
 /// function pointer; dim, tile and threads as integral constants) for the call's dtype, head_dim,
-/// group and block tier; nothing for a group above 8 heads or a dtype other than fp16 / bf16.
+/// group and block tier; nothing for a group above 8 heads, a group above 4 with more than 1024
+/// clusters (the 512-thread tier), or a dtype other than fp16 / bf16.
 template <typename Epilogue, typename F>
 void dispatch_score_select_attend(const ClusterSelectParams& p, DType dtype, F&& f) {
   if (p.group_size > decode_attention_device::kMaxTileHeads) return;
@@ -209,7 +210,9 @@ void dispatch_score_select_attend(const ClusterSelectParams& p, DType dtype, F&&
         } else if (p.max_clusters <= 1024) {
           f(dim, tile, std::integral_constant<int, 256>{},
             score_select_attend_kernel<T, kDim, 256, 4, kG, Epilogue>);
-        } else {
+        } else if constexpr (kG <= 4) {
+          // At 512 threads a thread has 128 registers: queries and accumulators of 8 heads alone
+          // take them all (the loop would run from local memory), so such groups attend apart.
           f(dim, tile, std::integral_constant<int, 512>{},
             score_select_attend_kernel<T, kDim, 512, 8, kG, Epilogue>);
         }
