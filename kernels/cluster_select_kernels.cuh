@@ -1395,13 +1395,15 @@ struct ClusterSelectPlan {
   size_t bytes = 0;
 };
 
-/// The plan of one instantiation: the largest power of two up to cluster_select_max_size() with
+/// The cluster plan of a kernel that runs score_select_in_cluster, whose dynamic shared memory
+/// is bytes_of(cluster, slice): the largest power of two up to cluster_select_max_size() with
 /// which the problems' clusters fill at most the multiprocessors once (a batch of one sequence
-/// with 8 KV heads: 8 clusters of 8 on an H100's 132), raised while the slices' logits do not
-/// fit, and lowered to what the device schedules; cluster 0 without sm_90 code and device.
-template <int kDim>
-ClusterSelectPlan plan_score_select_cluster(const ClusterSelectParams& p, const void* kernel,
-                                            int threads) {
+/// with 8 KV heads: 8 clusters of 8 on an H100's 132), raised while the shared memory does not
+/// fit (more CTAs, shorter slices of logits), and lowered to what the device schedules; cluster 0
+/// without sm_90 code and device.
+template <typename BytesOf>
+ClusterSelectPlan plan_cluster_kernel(const ClusterSelectParams& p, const void* kernel, int threads,
+                                      BytesOf&& bytes_of) {
   ClusterSelectPlan plan;
   const int max_size = cluster_select_max_size();
   if (max_size == 0 || !pdl_enabled(kernel)) return plan;
@@ -1412,8 +1414,7 @@ ClusterSelectPlan plan_score_select_cluster(const ClusterSelectParams& p, const 
   bool lowered = false;  // to what the device schedules: never raised again
   for (;;) {
     const int slice = ((p.max_clusters + cs - 1) / cs + 3) / 4 * 4;
-    const size_t bytes = static_cast<size_t>(
-        ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters).total);
+    const size_t bytes = bytes_of(cs, slice);
     if (bytes > limit) {
       if (lowered || cs * 2 > max_size) return plan;
       cs *= 2;
@@ -1425,6 +1426,17 @@ ClusterSelectPlan plan_score_select_cluster(const ClusterSelectParams& p, const 
     while (cs > most) cs /= 2;
     lowered = true;
   }
+}
+
+/// The plan of one instantiation of score_select_cluster_kernel (plan_cluster_kernel with its
+/// ClusterSelectSmem).
+template <int kDim>
+ClusterSelectPlan plan_score_select_cluster(const ClusterSelectParams& p, const void* kernel,
+                                            int threads) {
+  return plan_cluster_kernel(p, kernel, threads, [&](int cs, int slice) {
+    return static_cast<size_t>(
+        ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters).total);
+  });
 }
 
 /// Calls f(kernel, threads) with the instantiation of score_select_cluster_kernel (as a function

@@ -155,39 +155,20 @@ namespace detail {
 /// How score_select_attend_kernel runs a call (cluster 0: it does not run).
 using SelectAttendPlan = ClusterSelectPlan;
 
-/// The plan of one instantiation: the cluster size of plan_score_select_cluster's rule (the
-/// largest power of two up to cluster_select_max_size() with which the problems' clusters fill
-/// at most the multiprocessors once), lowered to what the device schedules with the attention's
-/// shared memory; cluster 0 where the grid would not run in one wave (more problems than
-/// multiprocessors), the shared memory does not fit, or without sm_90.
+/// The plan of one instantiation: plan_cluster_kernel with the attention's shared memory
+/// (SelectAttendSmem); cluster 0 with KVTIER_SELECT_ATTEND=0 or more problems than
+/// multiprocessors.
 template <int kDim, int kG, int kThreads>
 SelectAttendPlan plan_score_select_attend(const ClusterSelectParams& p, const void* kernel) {
   using Attend =
       decode_attention_device::BlockSmem<kG, kDim, kThreads / 32, select_attend_device::kStages>;
-  SelectAttendPlan plan;
-  const int max_size = cluster_select_max_size();
-  if (max_size == 0 || !select_attend_enabled() || !pdl_enabled(kernel)) return plan;
-  const int sms = sm_count();
-  if (p.num_problems > sms) return plan;
-  const size_t limit = cluster_kernel_info(kernel).max_dynamic;
-  int cs = 1;
-  while (cs * 2 <= max_size && static_cast<int64_t>(p.num_problems) * cs * 2 <= sms) cs *= 2;
-  for (;;) {
-    const int slice = ((p.max_clusters + cs - 1) / cs + 3) / 4 * 4;
-    const size_t bytes = static_cast<size_t>(
+  if (!select_attend_enabled() || p.num_problems > sm_count()) return SelectAttendPlan{};
+  return plan_cluster_kernel(p, kernel, kThreads, [&](int cs, int slice) {
+    return static_cast<size_t>(
         SelectAttendSmem::of(ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters),
                              p.group_size, kDim, cs, kG, static_cast<int>(sizeof(Attend)))
             .total);
-    if (bytes > limit) {
-      if (cs == 1) return plan;
-      cs /= 2;
-      continue;
-    }
-    const int most = max_cluster_size(kernel, kThreads, bytes);
-    if (most >= cs) return SelectAttendPlan{cs, slice, bytes};
-    if (most == 0) return plan;
-    while (cs > most) cs /= 2;
-  }
+  });
 }
 
 /// Calls f(dim, tile, threads, kernel) with the instantiation of score_select_attend_kernel (as a
