@@ -10,6 +10,22 @@ bool gpu_required() {
   return v != nullptr && std::strcmp(v, "0") != 0 && v[0] != '\0';
 }
 
+ScopedEnv::ScopedEnv(const char* name, const std::string& value) : name_(name) {
+  if (const char* old = std::getenv(name)) {
+    had_ = true;
+    old_ = old;
+  }
+  setenv(name, value.c_str(), 1);
+}
+
+ScopedEnv::~ScopedEnv() {
+  if (had_) {
+    setenv(name_.c_str(), old_.c_str(), 1);
+  } else {
+    unsetenv(name_.c_str());
+  }
+}
+
 uint64_t test_seed() {
   if (const char* v = std::getenv("KVTIER_TEST_SEED")) return std::strtoull(v, nullptr, 10);
   return 20261122;

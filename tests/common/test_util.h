@@ -40,6 +40,20 @@ std::vector<T> reversed_table(const std::vector<T>& data, size_t row, int32_t ro
   return table;
 }
 
+/// Sets an environment variable for a scope; restores (or unsets) it at the end. For tests of
+/// switches the library reads from the environment at each call.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value);
+  ~ScopedEnv();
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
 }  // namespace kvtier::test
 
 #define KVTIER_REQUIRE_GPU()                                                       \

@@ -738,8 +738,6 @@ TEST(ClusterSelectGpuScoreEdge, EveryClusterSizeAndTheTwoKernelPathSelectTheSame
   // - with four query heads under softmax, the scores (whose per-head statistics are combined
   //   across the cluster's CTAs) are within the split tolerance of the reference and the
   //   selection is the reference's on them.
-  const char* saved = std::getenv("KVTIER_CLUSTER_SELECT");
-  const std::string restore = saved ? saved : "";
   int device = 0, major = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
@@ -759,7 +757,7 @@ TEST(ClusterSelectGpuScoreEdge, EveryClusterSizeAndTheTwoKernelPathSelectTheSame
       for (const int size : {0, 1, 2, 4, 8, 16}) {
         const std::string name = "KVTIER_CLUSTER_SELECT=" + std::to_string(size);
         SCOPED_TRACE(name);
-        setenv("KVTIER_CLUSTER_SELECT", std::to_string(size).c_str(), 1);
+        const test::ScopedEnv env("KVTIER_CLUSTER_SELECT", std::to_string(size));
         for (const auto& [c, exact] : cases) {
           SCOPED_TRACE(c.describe());
           const int32_t planned = detail::score_select_cluster_size(c.p);
@@ -783,11 +781,6 @@ TEST(ClusterSelectGpuScoreEdge, EveryClusterSizeAndTheTwoKernelPathSelectTheSame
         }
       }
     }
-  }
-  if (saved) {
-    setenv("KVTIER_CLUSTER_SELECT", restore.c_str(), 1);
-  } else {
-    unsetenv("KVTIER_CLUSTER_SELECT");
   }
 #endif
 }

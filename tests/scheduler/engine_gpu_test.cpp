@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -148,31 +147,6 @@ TEST(EngineGpu, CudaGraphsGiveTheOutputsOfLaunchesOneByOne) {
   EXPECT_LT(worst, 2e-3);
 }
 
-// Sets an environment variable for a scope (restored or unset at its end).
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    setenv(name, value, 1);
-  }
-  ~ScopedEnv() {
-    if (had_) {
-      setenv(name_, old_.c_str(), 1);
-    } else {
-      unsetenv(name_);
-    }
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  std::string old_;
-  bool had_ = false;
-};
-
 // Attention inside the scoring-and-selection kernel (sm_90: each problem's cluster attends the
 // chunk lists its CTA 0 just built, and merges its splits in shared memory) against the separate
 // attention kernel (KVTIER_SELECT_ATTEND=0), over sequences joining and leaving, with a budget
@@ -217,11 +191,11 @@ TEST(EngineGpu, AttentionInsideTheSelectionKernelGivesTheOutputsOfTheSeparateKer
     std::vector<float> fused, apart;
     EngineStats with, without;
     {
-      ScopedEnv env("KVTIER_SELECT_ATTEND", "1");
+      test::ScopedEnv env("KVTIER_SELECT_ATTEND", "1");
       EXPECT_LT(run_churn(c, test::test_seed() + 30, 40, &fused, &with), k.tol);
     }
     {
-      ScopedEnv env("KVTIER_SELECT_ATTEND", "0");
+      test::ScopedEnv env("KVTIER_SELECT_ATTEND", "0");
       EXPECT_LT(run_churn(c, test::test_seed() + 30, 40, &apart, &without), k.tol);
     }
     expect_fused(with, without);
@@ -239,11 +213,11 @@ TEST(EngineGpu, AttentionInsideTheSelectionKernelGivesTheOutputsOfTheSeparateKer
   EngineStats with, without;
   double fused = 0, apart = 0;
   {
-    ScopedEnv env("KVTIER_SELECT_ATTEND", "1");
+    test::ScopedEnv env("KVTIER_SELECT_ATTEND", "1");
     fused = run_peaked(peaked, test::test_seed() + 31, &with);
   }
   {
-    ScopedEnv env("KVTIER_SELECT_ATTEND", "0");
+    test::ScopedEnv env("KVTIER_SELECT_ATTEND", "0");
     apart = run_peaked(peaked, test::test_seed() + 31, &without);
   }
   EXPECT_LT(fused, 0.05);
