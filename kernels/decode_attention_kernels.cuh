@@ -55,8 +55,8 @@ namespace decode_attention_device {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxTileHeads = 8;  // query heads per block: q and acc live in registers
-/// Split and warp ranges start at multiples of this many rows, so 16-row cache pages are never
-/// cut into partial steps.
+/// Split ranges start at multiples of this many rows, and warp ranges at multiples of a step's
+/// rows, so 16-row cache pages are never cut into partial steps.
 constexpr int kRowAlign = 16;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -191,11 +191,18 @@ __device__ __forceinline__ P* shfl_ptr(P* ptr, int src_lane) {
       kFullMask, static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(ptr)), src_lane));
 }
 
-/// Row bounds of piece i of n of a range of `total` rows: multiples of kRowAlign except the end.
-__device__ __forceinline__ int64_t aligned_bound(int64_t total, int i, int n) {
+/// Row bounds of piece i of n of a range of `total` rows: multiples of `align` except the end.
+__device__ __forceinline__ int64_t aligned_bound(int64_t total, int i, int n,
+                                                 int align = kRowAlign) {
   if (i >= n) return total;
   const int64_t b = total * i / n;
-  return b - b % kRowAlign;
+  return b - b % align;
+}
+
+/// Rows of one step of a warp's row pipeline: 16 bytes of a row per lane.
+template <int kHeadDim>
+constexpr int rows_per_step() {
+  return 32 / (kHeadDim / 8);
 }
 
 /// One step of a warp: up to R consecutive rows of one chunk. Pointers are those of the step's
@@ -517,7 +524,7 @@ __device__ __forceinline__ void attend_warp_rows(Cursor& cur, int64_t w0, int64_
                                                  const float (&q)[kG][8], const uint4* ring,
                                                  StepRecord* rec, int lane, WarpSoftmax<kG>& st) {
   constexpr int kLanesPerRow = kHeadDim / 8;
-  constexpr int kRowsPerStep = 32 / kLanesPerRow;
+  constexpr int kRowsPerStep = rows_per_step<kHeadDim>();
   constexpr int kRowBytes = kHeadDim * 2;
   constexpr int kLanesPerHead = kLanesPerRow / kG;  // lanes of a row that own one head's score
   constexpr uint32_t kStageBytes = 2 * 32 * 16;     // K then V, 512 bytes each
@@ -798,8 +805,10 @@ __global__ void __launch_bounds__(decode_attention_device::kThreads,
   const int64_t total = cur.total_rows();
   const int64_t s0 = aligned_bound(total, split, kp.num_splits);
   const int64_t s1 = aligned_bound(total, split + 1, kp.num_splits);
-  const int64_t w0 = s0 + aligned_bound(s1 - s0, warp, kWarps);
-  const int64_t w1 = s0 + aligned_bound(s1 - s0, warp + 1, kWarps);
+  // Warps at step boundaries, not at kRowAlign: a split of a few hundred rows would otherwise
+  // give some warps twice the rows of others.
+  const int64_t w0 = s0 + aligned_bound(s1 - s0, warp, kWarps, rows_per_step<kHeadDim>());
+  const int64_t w1 = s0 + aligned_bound(s1 - s0, warp + 1, kWarps, rows_per_step<kHeadDim>());
   if (w1 > w0) {
     attend_warp_rows<T, kHeadDim, kG, kStages>(cur, w0, w1, q, &sm.ring.kv[warp][0][0][lane],
                                                sm.ring.rec[warp], lane, st);

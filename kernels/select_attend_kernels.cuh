@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t total = cur.total_rows();
   const int64_t s0 = aligned_bound(total, rank, cs);
   const int64_t s1 = aligned_bound(total, rank + 1, cs);
-  const int64_t w0 = s0 + aligned_bound(s1 - s0, warp, kW);
-  const int64_t w1 = s0 + aligned_bound(s1 - s0, warp + 1, kW);
+  const int64_t w0 = s0 + aligned_bound(s1 - s0, warp, kW, rows_per_step<kDim>());
+  const int64_t w1 = s0 + aligned_bound(s1 - s0, warp + 1, kW, rows_per_step<kDim>());
   if (w1 > w0) {
     attend_warp_rows<T, kDim, kG, kS>(cur, w0, w1, q, &am.ring.kv[warp][0][0][lane],
                                       am.ring.rec[warp], lane, st);
