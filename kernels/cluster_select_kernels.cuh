@@ -444,12 +444,21 @@ __device__ __forceinline__ void finish_selection(const SelectKernelParams& kp, i
   write_unselected(kp, static_cast<size_t>(problem) * kp.max_clusters, count, end);
 }
 
-/// The default epilogue of select_clusters_block_kernel: nothing. An epilogue's run() is called by
-/// every thread of the block after the selection's last writes (selected ids and rows,
-/// num_selected, total_rows) and must begin with a barrier before it reads them.
+/// The default epilogue of the selection kernels: nothing. An epilogue's run() is called by
+/// every thread of the selecting block after the selection's last writes (selected ids and rows,
+/// num_selected, total_rows) and must begin with a barrier before it reads them. In a kernel of
+/// thread block clusters it may stage what it will read in the selecting CTA's shared memory while
+/// the cluster aggregates and selects: stage_bytes() bytes (a multiple of 16) at `stage`, 16-byte
+/// aligned, which prefetch() fills with cp.async (the kernel commits and waits; n: the problem's
+/// clusters; key: what stage_key() returned, read when the kernel begins so that its load has
+/// landed by then) and run() reads; elsewhere run() gets a null `stage`.
 struct NoSelectEpilogue {
+  __host__ __device__ int stage_bytes() const { return 0; }
+  __device__ int stage_key(int) const { return 0; }
   template <int kThreads>
-  __device__ void run(const SelectKernelParams&, int) const {}
+  __device__ void prefetch(const SelectKernelParams&, int, int, int, void*) const {}
+  template <int kThreads>
+  __device__ void run(const SelectKernelParams&, int, const void*) const {}
 };
 
 // ---- radix select (select_clusters_block_kernel) ----
@@ -933,8 +942,8 @@ __device__ __forceinline__ void block_select(const SelectKernelParams& kp, int p
 /// Grid: block.x = problem; kThreads * kItems >= max_clusters, each thread holds kItems clusters
 /// in registers (load_select_items), selected by block_select.
 /// In logits mode (kp.logits set) the scores are aggregated from split scoring's logits first.
-/// `epi.run<kThreads>(kp, problem)` runs last, by the whole block, once the selection is written
-/// (see NoSelectEpilogue): a caller can build on the selection without another launch.
+/// `epi.run<kThreads>(kp, problem, nullptr)` runs last, by the whole block, once the selection is
+/// written (see NoSelectEpilogue): a caller can build on the selection without another launch.
 template <int kThreads, int kItems, typename Epilogue>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     select_clusters_block_kernel(SelectKernelParams kp, Epilogue epi) {
@@ -962,23 +971,26 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
                                    load_select_items<kThreads, kItems>(
                                        kp, problem, n, s_head_m, s_head_inv, again, unused_sizes);
                                  });
-  epi.template run<kThreads>(kp, problem);
+  epi.template run<kThreads>(kp, problem, nullptr);
 }
 
 /// Dynamic shared memory of score_select_cluster_kernel, in bytes from its start: the problem's
 /// queries [G][kDim] (float), the per-CTA, per-head (max, sum of exp) partials [cluster][G]
 /// (float2), this CTA's logits [G][slice], and, read in CTA 0 only, the problem's scores and
-/// cluster sizes [max_clusters] each.
+/// cluster sizes [max_clusters] each, then (16-byte aligned) the epilogue's stage_bytes, which CTA
+/// 0 fills once its logits are done.
 struct ClusterSelectSmem {
-  int32_t partials, logits, scores, sizes, total;
+  int32_t partials, logits, scores, sizes, stage, total;
   __host__ __device__ static ClusterSelectSmem of(int group_size, int head_dim, int cluster,
-                                                  int slice, int max_clusters) {
+                                                  int slice, int max_clusters,
+                                                  int stage_bytes = 0) {
     ClusterSelectSmem l;
     l.partials = group_size * head_dim * 4;
     l.logits = l.partials + cluster * group_size * 8;
     l.scores = l.logits + group_size * slice * 4;
     l.sizes = l.scores + max_clusters * 4;
-    l.total = l.sizes + max_clusters * 4;
+    l.stage = (l.sizes + max_clusters * 4 + 15) / 16 * 16;
+    l.total = l.stage + stage_bytes;
     return l;
   }
 };
@@ -1008,7 +1020,8 @@ __device__ __forceinline__ void score_select_in_cluster(
   const int rank = static_cast<int>(cluster.block_rank());
   const int problem = static_cast<int>(blockIdx.x) / cs;
   const int G = kp.group_size;
-  const ClusterSelectSmem lay = ClusterSelectSmem::of(G, kDim, cs, slice, kp.max_clusters);
+  const ClusterSelectSmem lay =
+      ClusterSelectSmem::of(G, kDim, cs, slice, kp.max_clusters, epi.stage_bytes());
   float4* q4 = reinterpret_cast<float4*>(smem);
   float2* part = reinterpret_cast<float2*>(smem + lay.partials);
   float* logits = reinterpret_cast<float*>(smem + lay.logits);
@@ -1021,6 +1034,7 @@ __device__ __forceinline__ void score_select_in_cluster(
   const int n = clamp_clusters(kp.num_clusters[problem], kp.max_clusters);
   const int per = (n + cs - 1) / cs;
   const int b = min(n, rank * per), e = min(n, b + per), cnt = e - b;
+  const int stage_key = rank == 0 ? epi.stage_key(problem) : 0;
   if (rank == 0) {  // the sizes, in the background until the selection
     const int32_t* zs = sizes_of(kp, problem);
     for (int j = static_cast<int>(threadIdx.x); j < n; j += kThreads) {
@@ -1070,6 +1084,10 @@ __device__ __forceinline__ void score_select_in_cluster(
     }
   }
   __syncthreads();
+  if (rank == 0) {  // the epilogue's stage, in the background until it runs
+    epi.template prefetch<kThreads>(kp, problem, n, stage_key, smem + lay.stage);
+    __pipeline_commit();
+  }
   // ---- each head's (max, sum of exp) over the slice, to every CTA of the cluster ----
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   for (int g = warp; g < G; g += kWarps) {
@@ -1115,7 +1133,7 @@ __device__ __forceinline__ void score_select_in_cluster(
   }
   cluster.sync();  // CTA 0 holds every score; no CTA touches another's memory after this
   if (rank != 0) return;
-  __pipeline_wait_prior(0);
+  __pipeline_wait_prior(0);  // the sizes and the epilogue's stage
   __syncthreads();
   auto load = [&](uint32_t(&ordered)[kItems], uint32_t* sizes) {
     bool bad = false;
@@ -1136,7 +1154,7 @@ __device__ __forceinline__ void score_select_in_cluster(
   const bool bad = load(ordered, sizes);
   block_select<kThreads, kItems>(kp, problem, n, ordered, sizes, bad, sh,
                                  [&](uint32_t(&again)[kItems]) { load(again, nullptr); });
-  epi.template run<kThreads>(kp, problem);
+  epi.template run<kThreads>(kp, problem, smem + lay.stage);
 #endif
 }
 
@@ -1432,10 +1450,10 @@ ClusterSelectPlan plan_cluster_kernel(const ClusterSelectParams& p, const void* 
 /// ClusterSelectSmem).
 template <int kDim>
 ClusterSelectPlan plan_score_select_cluster(const ClusterSelectParams& p, const void* kernel,
-                                            int threads) {
+                                            int threads, int stage_bytes = 0) {
   return plan_cluster_kernel(p, kernel, threads, [&](int cs, int slice) {
     return static_cast<size_t>(
-        ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters).total);
+        ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters, stage_bytes).total);
   });
 }
 
@@ -1465,8 +1483,8 @@ bool launch_score_select_cluster(const ClusterSelectParams& p, const ClusterSele
   bool launched = false;
   dispatch_score_select_cluster<Epilogue>(p, [&](auto dim, auto kernel, int threads) {
     constexpr int kDim = decltype(dim)::value;
-    const ClusterSelectPlan plan =
-        plan_score_select_cluster<kDim>(p, reinterpret_cast<const void*>(kernel), threads);
+    const ClusterSelectPlan plan = plan_score_select_cluster<kDim>(
+        p, reinterpret_cast<const void*>(kernel), threads, epi.stage_bytes());
     if (plan.cluster == 0) return;
     const cudaError_t err = launch_pdl_cluster(
         kernel, dim3(static_cast<unsigned>(p.num_problems * plan.cluster)), threads, plan.bytes,

@@ -263,9 +263,37 @@ class ChunkCursor {
     return total;
   }
 
+  /// Chunks in the problem's list, and the rows of its i-th (0 if negative).
+  __device__ int num_chunks() const { return end_ - begin_; }
+  __device__ int chunk_rows(int i) const { return rows_of(begin_ + i); }
+
+  /// Has seek() search `prefix` (shared memory, num_chunks() entries: prefix[i] the rows of
+  /// chunks 0..i) instead of loading the list's row counts: a block that computed the prefix once
+  /// spares each warp a pass over the list (and many warps the same lines of L2).
+  __device__ void use_prefix(const int32_t* prefix) { prefix_ = prefix; }
+
   /// Positions the cursor at `row` (< total_rows()) with `count` rows to walk.
   __device__ void seek(int64_t row, int64_t count) {
     left_ = count;
+    if (prefix_ != nullptr) {  // the first chunk whose inclusive prefix passes row
+      int lo = 0, hi = num_chunks();
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (prefix_[mid] <= row) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      if (lo == num_chunks()) {
+        left_ = 0;  // row beyond the problem
+        return;
+      }
+      load_window(begin_ + lo);
+      select(0);
+      off_ = static_cast<int>(row - (lo > 0 ? prefix_[lo - 1] : 0));
+      return;
+    }
     int64_t prefix = 0;  // rows before chunk `base`
     for (int base = begin_; base < end_; base += 32 * kBatch) {
       int n[kBatch];
@@ -403,6 +431,7 @@ class ChunkCursor {
   const KvChunk* chunks_;
   int lane_;
   int begin_ = 0, end_ = 0;
+  const int32_t* prefix_ = nullptr;  // see use_prefix
   int64_t left_ = 0;
   // The window of descriptors (lane j: chunk window_ + j).
   int window_ = 0;

@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cub/block/block_scan.cuh>
 #include <type_traits>
 
 #include "kernels/cluster_select_kernels.cuh"
@@ -27,15 +28,19 @@ namespace select_attend_device {
 /// Row pipeline stages per warp: a block has up to 16 warps, each with kStages steps (1 KiB of K
 /// and V) in flight, which keeps HBM and the host link busy with one block per multiprocessor.
 constexpr int kStages = 4;
+/// Chunks of a list whose row prefix a CTA keeps in shared memory; a longer list is walked from
+/// global memory by each warp.
+constexpr int kPrefixChunks = 1024;
 }  // namespace select_attend_device
 
 /// Dynamic shared memory of score_select_attend_kernel, in bytes from its start: the problem's
 /// queries [G][head_dim] floats (as in ClusterSelectSmem, which overlays everything after them
-/// until the selection is done); at `attend` the block's attention area (BlockSmem: the warps'
+/// until the chunk list is built); at `attend` the block's attention area (BlockSmem: the warps'
 /// rings, then their partials); at `parts` the CTAs' split outputs [cluster][kG][head_dim] floats
-/// and at `parts_lse` their base-2 log-sum-exps [cluster][kG], read by CTA 0.
+/// and at `parts_lse` their base-2 log-sum-exps [cluster][kG], read by CTA 0; at `prefix` the
+/// chunk list's row prefix [kPrefixChunks] (int32).
 struct SelectAttendSmem {
-  int32_t attend, parts, parts_lse, total;
+  int32_t attend, parts, parts_lse, prefix, total;
   __host__ __device__ static SelectAttendSmem of(const ClusterSelectSmem& sel, int group_size,
                                                  int head_dim, int cluster, int tile_heads,
                                                  int attend_bytes) {
@@ -43,7 +48,8 @@ struct SelectAttendSmem {
     l.attend = (group_size * head_dim * 4 + 15) / 16 * 16;
     l.parts = l.attend + (attend_bytes + 15) / 16 * 16;
     l.parts_lse = l.parts + cluster * tile_heads * head_dim * 4;
-    const int32_t end = l.parts_lse + cluster * tile_heads * 4;
+    l.prefix = (l.parts_lse + cluster * tile_heads * 4 + 15) / 16 * 16;
+    const int32_t end = l.prefix + select_attend_device::kPrefixChunks * 4;
     l.total = end > sel.total ? end : sel.total;
     return l;
   }
@@ -82,9 +88,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int seq = problem / ap.num_kv_heads, kv_head = problem % ap.num_kv_heads;
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int col = lane % (kDim / 8);
-  const SelectAttendSmem lay =
-      SelectAttendSmem::of(ClusterSelectSmem::of(heads, kDim, cs, slice, kp.max_clusters), heads,
-                           kDim, cs, kG, static_cast<int>(sizeof(Attend)));
+  const SelectAttendSmem lay = SelectAttendSmem::of(
+      ClusterSelectSmem::of(heads, kDim, cs, slice, kp.max_clusters, epi.stage_bytes()), heads,
+      kDim, cs, kG, static_cast<int>(sizeof(Attend)));
 
   // The queries the scoring used: the prologue's fp32 copy of the caller's T values, so these are
   // the values decode_attention_kernel converts.
@@ -101,7 +107,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   WarpSoftmax<kG> st;
   st.init();
   ChunkCursor<kDim * 2, true> cur(rows, problem, seq, kv_head, lane);
-  const int64_t total = cur.total_rows();
+  // The list's row prefix, once per CTA: the warps seek in shared memory.
+  int64_t total = 0;
+  const int chunks = cur.num_chunks();
+  if (chunks <= select_attend_device::kPrefixChunks) {  // block-uniform
+    // The scan's storage is the selection's (done; the static shared memory is at its limit).
+    using PrefixScan = cub::BlockScan<int32_t, kThreads>;
+    static_assert(sizeof(typename PrefixScan::TempStorage) <= sizeof(sh), "scan storage");
+    auto& prefix_scan = reinterpret_cast<typename PrefixScan::TempStorage&>(sh);
+    int32_t* prefix = reinterpret_cast<int32_t*>(smem + lay.prefix);
+    int32_t carry = 0;
+    for (int base = 0; base < chunks; base += kThreads) {
+      const int i = base + static_cast<int>(threadIdx.x);
+      int32_t incl = 0, tile = 0;
+      PrefixScan(prefix_scan).InclusiveSum(i < chunks ? cur.chunk_rows(i) : 0, incl, tile);
+      if (i < chunks) prefix[i] = carry + incl;
+      carry += tile;
+      __syncthreads();  // the prefix is complete and the scan's storage free again
+    }
+    cur.use_prefix(prefix);
+    total = carry;
+  } else {
+    total = cur.total_rows();
+  }
   const int64_t s0 = aligned_bound(total, rank, cs);
   const int64_t s1 = aligned_bound(total, rank + 1, cs);
   const int64_t w0 = s0 + aligned_bound(s1 - s0, warp, kW, rows_per_step<kDim>());
@@ -159,14 +187,16 @@ using SelectAttendPlan = ClusterSelectPlan;
 /// (SelectAttendSmem); cluster 0 with KVTIER_SELECT_ATTEND=0 or more problems than
 /// multiprocessors.
 template <int kDim, int kG, int kThreads>
-SelectAttendPlan plan_score_select_attend(const ClusterSelectParams& p, const void* kernel) {
+SelectAttendPlan plan_score_select_attend(const ClusterSelectParams& p, const void* kernel,
+                                          int stage_bytes) {
   using Attend =
       decode_attention_device::BlockSmem<kG, kDim, kThreads / 32, select_attend_device::kStages>;
   if (!select_attend_enabled() || p.num_problems > sm_count()) return SelectAttendPlan{};
   return plan_cluster_kernel(p, kernel, kThreads, [&](int cs, int slice) {
     return static_cast<size_t>(
-        SelectAttendSmem::of(ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters),
-                             p.group_size, kDim, cs, kG, static_cast<int>(sizeof(Attend)))
+        SelectAttendSmem::of(
+            ClusterSelectSmem::of(p.group_size, kDim, cs, slice, p.max_clusters, stage_bytes),
+            p.group_size, kDim, cs, kG, static_cast<int>(sizeof(Attend)))
             .total);
   });
 }
@@ -237,8 +267,8 @@ bool launch_score_select_attend(const ClusterSelectParams& p, const ClusterSelec
         constexpr int kDim = decltype(dim)::value;
         constexpr int kG = decltype(tile)::value;
         constexpr int threads = decltype(tier)::value;
-        const SelectAttendPlan plan =
-            plan_score_select_attend<kDim, kG, threads>(p, reinterpret_cast<const void*>(kernel));
+        const SelectAttendPlan plan = plan_score_select_attend<kDim, kG, threads>(
+            p, reinterpret_cast<const void*>(kernel), epi.stage_bytes());
         if (plan.cluster == 0) return;
         const cudaError_t err = launch_pdl_cluster(
             kernel, dim3(static_cast<unsigned>(p.num_problems * plan.cluster)), threads, plan.bytes,

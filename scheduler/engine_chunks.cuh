@@ -16,18 +16,51 @@ namespace chunks_device {
 
 constexpr int kBuildThreads = 256;
 
+/// What build_problem_chunks can read from shared memory instead of global memory, staged while
+/// the selection runs (BuildChunksEpilogue::prefetch): [the problem's RecallProblem | its
+/// directory row (first cache page per cluster) | its host-slot row | the layer's page_next],
+/// 16-byte aligned; the rows hold the problem's clusters (dir_stride entries each).
+struct ChunkStage {
+  int32_t dir, slot, pages, total;
+  __host__ __device__ static ChunkStage of(const ChunkBuildParams& p) {
+    ChunkStage s;
+    s.dir = static_cast<int32_t>((sizeof(RecallProblem) + 15) / 16 * 16);
+    s.slot = s.dir + p.dir_stride * 4;
+    s.pages = s.slot + p.dir_stride * 4;
+    s.total = (s.pages + p.num_pages * 4 + 15) / 16 * 16;
+    return s;
+  }
+  /// At most this many bytes are staged; a larger layer reads global memory.
+  static constexpr int32_t kMaxBytes = 64 * 1024;
+};
+
 /// Problem pi's chunk list, built by a whole block of kThreads threads after its selection is
 /// written: [resident rows | each selected cluster's cache pages (a hit) or host pages (a miss) |
 /// the window's ring runs] at chunks + pi * chunk_stride, indptr[pi] and chunk_end[pi] its
 /// bounds; then the problem's row of the step record. Begins with a barrier (the selection may
-/// have been written by other threads of the block).
+/// have been written by other threads of the block). `stage`: null, or the problem's ChunkStage
+/// in shared memory, landed: the directory lookups and page chains then cost no global round trip.
 template <int kThreads>
-__device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
+__device__ void build_problem_chunks(const ChunkBuildParams& p, int pi,
+                                     const unsigned char* stage = nullptr) {
   using Scan = cub::BlockScan<int32_t, kThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int32_t s_base, s_stats[4];
   __syncthreads();
-  const RecallProblem pr = p.problems[pi];
+  ChunkBuildParams q = p;  // where the directory lookups read
+  RecallProblem pr, at;    // the problem, and its row in q's tables
+  if (stage != nullptr) {
+    const ChunkStage l = ChunkStage::of(p);
+    pr = *reinterpret_cast<const RecallProblem*>(stage);
+    q.dir = reinterpret_cast<const int32_t*>(stage + l.dir);
+    q.cluster_slot = reinterpret_cast<const int32_t*>(stage + l.slot);
+    if (p.num_pages > 0) q.page_next = reinterpret_cast<const int32_t*>(stage + l.pages);
+    at = pr;
+    at.table_row = 0;  // the staged rows are the problem's own
+  } else {
+    pr = p.problems[pi];
+    at = pr;
+  }
   kernels::KvChunk* out = p.chunks + static_cast<size_t>(pi) * p.chunk_stride;
   if (threadIdx.x < 4) s_stats[threadIdx.x] = 0;
   if (threadIdx.x == 0) {
@@ -45,8 +78,8 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
     bool hit = false;
     if (j < n) {
       rows = p.sel_rows[sel + j];
-      where = detail::cluster_location(p, pr, p.sel_ids[sel + j]);
-      c = detail::cluster_chunks_at(p, pr, where, rows, nullptr, &hit);
+      where = detail::cluster_location(q, at, p.sel_ids[sel + j]);
+      c = detail::cluster_chunks_at(q, pr, where, rows, nullptr, &hit);
       hits += hit ? 1 : 0;
       misses += hit ? 0 : 1;
       host_rows += hit ? 0 : rows;
@@ -55,7 +88,7 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
     int32_t excl, total;
     __syncthreads();  // scan is free again (after the first tile)
     Scan(scan).ExclusiveSum(c, excl, total);
-    if (j < n) detail::cluster_chunks_at(p, pr, where, rows, out + s_base + excl, &hit);
+    if (j < n) detail::cluster_chunks_at(q, pr, where, rows, out + s_base + excl, &hit);
     __syncthreads();
     if (threadIdx.x == 0) s_base += total;
   }
@@ -85,12 +118,52 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi) {
   }
 }
 
-/// The chunk builder as the epilogue of the selection block (one launch for both).
+/// The chunk builder as the epilogue of the selection (one launch for both). With `staged` (in a
+/// kernel of thread block clusters), the selecting CTA copies the problem's ChunkStage into its
+/// shared memory while the cluster scores.
 struct BuildChunksEpilogue {
   ChunkBuildParams p;
+  bool staged = false;
+
+  /// Whether a layer's stage fits ChunkStage::kMaxBytes.
+  static bool stage_fits(const ChunkBuildParams& p) {
+    return ChunkStage::of(p).total <= ChunkStage::kMaxBytes;
+  }
+  __host__ __device__ int stage_bytes() const { return staged ? ChunkStage::of(p).total : 0; }
+
+  /// The problem's directory row.
+  __device__ int stage_key(int problem) const { return staged ? p.problems[problem].table_row : 0; }
+
+  /// Issues the stage's copies (cp.async, 4 bytes each: the call block and the tables are only
+  /// 4-byte aligned in general); the caller commits and waits. table_row: stage_key(problem).
   template <int kThreads>
-  __device__ void run(const kernels::SelectKernelParams&, int problem) const {
-    build_problem_chunks<kThreads>(p, problem);
+  __device__ void prefetch(const kernels::SelectKernelParams&, int problem, int n, int table_row,
+                           void* stage) const {
+    if (!staged) return;
+    const ChunkStage l = ChunkStage::of(p);
+    unsigned char* s = static_cast<unsigned char*>(stage);
+    const int32_t* src = reinterpret_cast<const int32_t*>(p.problems + problem);
+    constexpr int kWords = static_cast<int>(sizeof(RecallProblem) / 4);
+    const int tid = static_cast<int>(threadIdx.x);
+    if (tid < kWords) __pipeline_memcpy_async(reinterpret_cast<int32_t*>(s) + tid, src + tid, 4);
+    const size_t row = static_cast<size_t>(table_row) * p.dir_stride;
+    int32_t* dir = reinterpret_cast<int32_t*>(s + l.dir);
+    int32_t* slot = reinterpret_cast<int32_t*>(s + l.slot);
+    for (int j = tid; j < n; j += kThreads) {
+      __pipeline_memcpy_async(dir + j, p.dir + row + j, 4);
+      __pipeline_memcpy_async(slot + j, p.cluster_slot + row + j, 4);
+    }
+    int32_t* pages = reinterpret_cast<int32_t*>(s + l.pages);
+    for (int j = tid; j < p.num_pages; j += kThreads) {
+      __pipeline_memcpy_async(pages + j, p.page_next + j, 4);
+    }
+  }
+
+  template <int kThreads>
+  __device__ void run(const kernels::SelectKernelParams&, int problem, const void* stage) const {
+    build_problem_chunks<kThreads>(
+        p, problem,
+        staged && stage != nullptr ? static_cast<const unsigned char*>(stage) : nullptr);
   }
 };
 

@@ -25,8 +25,9 @@ bool launch_recall_select_attend(const kernels::ClusterSelectParams& sp,
   kernels::SelectKernelParams kp = kernels::detail::select_kernel_params(sp, t);
   kp.scores = nullptr;
   kp.scores_out = t.scores;
-  return kernels::detail::launch_score_select_attend(
-      sp, t, kp, chunks_device::BuildChunksEpilogue{bp}, ap, at, stream);
+  chunks_device::BuildChunksEpilogue epi{bp};
+  epi.staged = chunks_device::BuildChunksEpilogue::stage_fits(bp);
+  return kernels::detail::launch_score_select_attend(sp, t, kp, epi, ap, at, stream);
 }
 
 }  // namespace kvtier::scheduler
