@@ -454,6 +454,9 @@ __device__ __forceinline__ void finish_selection(const SelectKernelParams& kp, i
 /// landed by then) and run() reads; elsewhere run() gets a null `stage`.
 struct NoSelectEpilogue {
   __host__ __device__ int stage_bytes() const { return 0; }
+  /// The epilogue without its stage (run() then reads global memory), for a kernel whose shared
+  /// memory the stage would overfill.
+  NoSelectEpilogue without_stage() const { return *this; }
   __device__ int stage_key(int) const { return 0; }
   template <int kThreads>
   __device__ void prefetch(const SelectKernelParams&, int, int, int, void*) const {}
@@ -1515,6 +1518,9 @@ void launch_score_select_split_with(const ClusterSelectParams& p, const ClusterS
   kp.scores = nullptr;
   kp.scores_out = t.scores;
   if (launch_score_select_cluster(p, t, kp, epi, stream)) return;
+  if (epi.stage_bytes() > 0 && launch_score_select_cluster(p, t, kp, epi.without_stage(), stream)) {
+    return;
+  }
   launch_split_logits(p, t, logits, partials, stream);
   launch_select_block(p, kp, epi, stream);
 }

@@ -107,13 +107,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   WarpSoftmax<kG> st;
   st.init();
   ChunkCursor<kDim * 2, true> cur(rows, problem, seq, kv_head, lane);
-  // The list's row prefix, once per CTA: the warps seek in shared memory.
+  // The list's row prefix, once per CTA: the warps seek in shared memory (int32: a problem
+  // attends fewer than 2^31 rows).
   int64_t total = 0;
   const int chunks = cur.num_chunks();
   if (chunks <= select_attend_device::kPrefixChunks) {  // block-uniform
     // The scan's storage is the selection's (done; the static shared memory is at its limit).
     using PrefixScan = cub::BlockScan<int32_t, kThreads>;
-    static_assert(sizeof(typename PrefixScan::TempStorage) <= sizeof(sh), "scan storage");
+    static_assert(sizeof(typename PrefixScan::TempStorage) <= sizeof(sh) &&
+                      alignof(typename PrefixScan::TempStorage) <= alignof(decltype(sh)),
+                  "scan storage");
     auto& prefix_scan = reinterpret_cast<typename PrefixScan::TempStorage&>(sh);
     int32_t* prefix = reinterpret_cast<int32_t*>(smem + lay.prefix);
     int32_t carry = 0;
@@ -267,12 +270,19 @@ bool launch_score_select_attend(const ClusterSelectParams& p, const ClusterSelec
         constexpr int kDim = decltype(dim)::value;
         constexpr int kG = decltype(tile)::value;
         constexpr int threads = decltype(tier)::value;
-        const SelectAttendPlan plan = plan_score_select_attend<kDim, kG, threads>(
-            p, reinterpret_cast<const void*>(kernel), epi.stage_bytes());
+        // With the epilogue's stage if the kernel's shared memory holds it, else without it.
+        Epilogue e = epi;
+        SelectAttendPlan plan = plan_score_select_attend<kDim, kG, threads>(
+            p, reinterpret_cast<const void*>(kernel), e.stage_bytes());
+        if (plan.cluster == 0 && e.stage_bytes() > 0) {
+          e = epi.without_stage();
+          plan = plan_score_select_attend<kDim, kG, threads>(
+              p, reinterpret_cast<const void*>(kernel), e.stage_bytes());
+        }
         if (plan.cluster == 0) return;
         const cudaError_t err = launch_pdl_cluster(
             kernel, dim3(static_cast<unsigned>(p.num_problems * plan.cluster)), threads, plan.bytes,
-            stream, static_cast<unsigned>(plan.cluster), sk, kp, epi, plan.slice, akp, rows);
+            stream, static_cast<unsigned>(plan.cluster), sk, kp, e, plan.slice, akp, rows);
         KVTIER_CHECK(err == cudaSuccess, "score_select_attend_kernel: ", cudaGetErrorString(err),
                      " (problems ", p.num_problems, ", cluster ", plan.cluster, ", threads ",
                      threads, ", dynamic shared memory ", plan.bytes, " bytes, max_clusters ",

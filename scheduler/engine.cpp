@@ -15,6 +15,7 @@
 #include <deque>
 #include <exception>
 #include <future>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -1837,7 +1838,8 @@ void Engine::Impl::decode_recall(int32_t layer, const DecodeBatch& b,
   bp.row_bytes = static_cast<int32_t>(rowb);
   bp.dir = dir_table.as<int32_t>();
   bp.page_next = page_next.as<int32_t>() + page_next_off[ri];
-  bp.num_pages = static_cast<int32_t>(caches[ri]->num_pages());
+  bp.num_pages = static_cast<int32_t>(
+      std::min<int64_t>(caches[ri]->num_pages(), std::numeric_limits<int32_t>::max()));
   bp.cluster_slot = slot_table.as<int32_t>();
   bp.k_pool = caches[ri]->k_pool();
   bp.v_pool = caches[ri]->v_pool();

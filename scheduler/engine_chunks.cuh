@@ -16,22 +16,27 @@ namespace chunks_device {
 
 constexpr int kBuildThreads = 256;
 
+static_assert(sizeof(RecallProblem) % 4 == 0, "RecallProblem is staged in 4-byte words");
+
 /// What build_problem_chunks can read from shared memory instead of global memory, staged while
 /// the selection runs (BuildChunksEpilogue::prefetch): [the problem's RecallProblem | its
-/// directory row (first cache page per cluster) | its host-slot row | the layer's page_next],
-/// 16-byte aligned; the rows hold the problem's clusters (dir_stride entries each).
+/// directory row (first cache page per cluster) | its host-slot row | with `pages`, the layer's
+/// page_next], 16-byte aligned; the rows hold the problem's clusters (dir_stride entries each).
 struct ChunkStage {
   int32_t dir, slot, pages, total;
-  __host__ __device__ static ChunkStage of(const ChunkBuildParams& p) {
+  __host__ __device__ static ChunkStage of(const ChunkBuildParams& p, bool pages) {
     ChunkStage s;
     s.dir = static_cast<int32_t>((sizeof(RecallProblem) + 15) / 16 * 16);
     s.slot = s.dir + p.dir_stride * 4;
     s.pages = s.slot + p.dir_stride * 4;
-    s.total = (s.pages + p.num_pages * 4 + 15) / 16 * 16;
+    s.total = (s.pages + (pages ? p.num_pages * 4 : 0) + 15) / 16 * 16;
     return s;
   }
-  /// At most this many bytes are staged; a larger layer reads global memory.
-  static constexpr int32_t kMaxBytes = 64 * 1024;
+  /// The directory and slot rows are staged up to this many bytes, the page chains (the whole
+  /// layer's, copied by every problem) up to kMaxPageBytes; beyond, they are read from global
+  /// memory.
+  static constexpr int64_t kMaxRowBytes = 48 * 1024;
+  static constexpr int64_t kMaxPageBytes = 16 * 1024;
 };
 
 /// Problem pi's chunk list, built by a whole block of kThreads threads after its selection is
@@ -39,10 +44,11 @@ struct ChunkStage {
 /// the window's ring runs] at chunks + pi * chunk_stride, indptr[pi] and chunk_end[pi] its
 /// bounds; then the problem's row of the step record. Begins with a barrier (the selection may
 /// have been written by other threads of the block). `stage`: null, or the problem's ChunkStage
-/// in shared memory, landed: the directory lookups and page chains then cost no global round trip.
+/// in shared memory, landed (with the page chains if `pages`): the directory lookups (and the
+/// page-chain walks) then cost no global round trip.
 template <int kThreads>
 __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi,
-                                     const unsigned char* stage = nullptr) {
+                                     const unsigned char* stage = nullptr, bool pages = false) {
   using Scan = cub::BlockScan<int32_t, kThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int32_t s_base, s_stats[4];
@@ -50,11 +56,11 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi,
   ChunkBuildParams q = p;  // where the directory lookups read
   RecallProblem pr, at;    // the problem, and its row in q's tables
   if (stage != nullptr) {
-    const ChunkStage l = ChunkStage::of(p);
+    const ChunkStage l = ChunkStage::of(p, pages);
     pr = *reinterpret_cast<const RecallProblem*>(stage);
     q.dir = reinterpret_cast<const int32_t*>(stage + l.dir);
     q.cluster_slot = reinterpret_cast<const int32_t*>(stage + l.slot);
-    if (p.num_pages > 0) q.page_next = reinterpret_cast<const int32_t*>(stage + l.pages);
+    if (pages) q.page_next = reinterpret_cast<const int32_t*>(stage + l.pages);
     at = pr;
     at.table_row = 0;  // the staged rows are the problem's own
   } else {
@@ -123,13 +129,27 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi,
 /// shared memory while the cluster scores.
 struct BuildChunksEpilogue {
   ChunkBuildParams p;
-  bool staged = false;
+  bool staged = false;       ///< the problem, its directory and host-slot rows
+  bool stage_pages = false;  ///< and the layer's page chains
 
-  /// Whether a layer's stage fits ChunkStage::kMaxBytes.
-  static bool stage_fits(const ChunkBuildParams& p) {
-    return ChunkStage::of(p).total <= ChunkStage::kMaxBytes;
+  /// The epilogue of a kernel of thread block clusters: staged as far as ChunkStage's caps allow.
+  static BuildChunksEpilogue for_clusters(const ChunkBuildParams& p) {
+    BuildChunksEpilogue e{p};
+    e.staged = 8 * static_cast<int64_t>(p.dir_stride) <= ChunkStage::kMaxRowBytes;
+    e.stage_pages = e.staged && p.num_pages > 0 &&
+                    4 * static_cast<int64_t>(p.num_pages) <= ChunkStage::kMaxPageBytes;
+    return e;
   }
-  __host__ __device__ int stage_bytes() const { return staged ? ChunkStage::of(p).total : 0; }
+  /// The same epilogue reading global memory only (a kernel whose shared memory the stage would
+  /// overfill).
+  BuildChunksEpilogue without_stage() const {
+    BuildChunksEpilogue e = *this;
+    e.staged = e.stage_pages = false;
+    return e;
+  }
+  __host__ __device__ int stage_bytes() const {
+    return staged ? ChunkStage::of(p, stage_pages).total : 0;
+  }
 
   /// The problem's directory row.
   __device__ int stage_key(int problem) const { return staged ? p.problems[problem].table_row : 0; }
@@ -140,7 +160,7 @@ struct BuildChunksEpilogue {
   __device__ void prefetch(const kernels::SelectKernelParams&, int problem, int n, int table_row,
                            void* stage) const {
     if (!staged) return;
-    const ChunkStage l = ChunkStage::of(p);
+    const ChunkStage l = ChunkStage::of(p, stage_pages);
     unsigned char* s = static_cast<unsigned char*>(stage);
     const int32_t* src = reinterpret_cast<const int32_t*>(p.problems + problem);
     constexpr int kWords = static_cast<int>(sizeof(RecallProblem) / 4);
@@ -149,10 +169,12 @@ struct BuildChunksEpilogue {
     const size_t row = static_cast<size_t>(table_row) * p.dir_stride;
     int32_t* dir = reinterpret_cast<int32_t*>(s + l.dir);
     int32_t* slot = reinterpret_cast<int32_t*>(s + l.slot);
-    for (int j = tid; j < n; j += kThreads) {
+    const int m = n < p.dir_stride ? n : p.dir_stride;  // selected ids are < n
+    for (int j = tid; j < m; j += kThreads) {
       __pipeline_memcpy_async(dir + j, p.dir + row + j, 4);
       __pipeline_memcpy_async(slot + j, p.cluster_slot + row + j, 4);
     }
+    if (!stage_pages) return;
     int32_t* pages = reinterpret_cast<int32_t*>(s + l.pages);
     for (int j = tid; j < p.num_pages; j += kThreads) {
       __pipeline_memcpy_async(pages + j, p.page_next + j, 4);
@@ -162,8 +184,8 @@ struct BuildChunksEpilogue {
   template <int kThreads>
   __device__ void run(const kernels::SelectKernelParams&, int problem, const void* stage) const {
     build_problem_chunks<kThreads>(
-        p, problem,
-        staged && stage != nullptr ? static_cast<const unsigned char*>(stage) : nullptr);
+        p, problem, staged && stage != nullptr ? static_cast<const unsigned char*>(stage) : nullptr,
+        stage_pages);
   }
 };
 

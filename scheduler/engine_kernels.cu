@@ -265,9 +265,8 @@ void launch_recall_select_build(const kernels::ClusterSelectParams& sp,
                                 cudaStream_t stream) {
   KVTIER_CHECK(t.nonfinite_problem == nullptr,
                "launch_recall_select_build: nonfinite_problem is not supported (it is not reset)");
-  BuildChunksEpilogue epi{bp};
-  epi.staged = BuildChunksEpilogue::stage_fits(bp);
-  kernels::detail::launch_score_select_split_with(sp, t, workspace, workspace_bytes, epi, stream);
+  kernels::detail::launch_score_select_split_with(sp, t, workspace, workspace_bytes,
+                                                  BuildChunksEpilogue::for_clusters(bp), stream);
 }
 
 void launch_copy_rows(const kernels::KvChunk* items, int32_t count, int32_t row_bytes,

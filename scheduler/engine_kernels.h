@@ -103,7 +103,7 @@ struct ChunkBuildParams {
   const int32_t* sel_rows = nullptr;
   const int32_t* dir = nullptr;           ///< [rows, dir_stride]: first cache page or -1
   const int32_t* page_next = nullptr;     ///< [num_pages]: next page of the cluster or -1
-  int32_t num_pages = 0;                  ///< the layer's cache pages
+  int32_t num_pages = 0;                  ///< the layer's cache pages (staging only)
   const int32_t* cluster_slot = nullptr;  ///< [rows, dir_stride]: first host slot
   const std::byte* k_pool = nullptr;
   const std::byte* v_pool = nullptr;

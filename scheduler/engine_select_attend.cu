@@ -25,9 +25,8 @@ bool launch_recall_select_attend(const kernels::ClusterSelectParams& sp,
   kernels::SelectKernelParams kp = kernels::detail::select_kernel_params(sp, t);
   kp.scores = nullptr;
   kp.scores_out = t.scores;
-  chunks_device::BuildChunksEpilogue epi{bp};
-  epi.staged = chunks_device::BuildChunksEpilogue::stage_fits(bp);
-  return kernels::detail::launch_score_select_attend(sp, t, kp, epi, ap, at, stream);
+  return kernels::detail::launch_score_select_attend(
+      sp, t, kp, chunks_device::BuildChunksEpilogue::for_clusters(bp), ap, at, stream);
 }
 
 }  // namespace kvtier::scheduler
