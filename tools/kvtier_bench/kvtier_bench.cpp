@@ -423,7 +423,10 @@ struct Result {
   double prefill_s = 0, prefill_cluster_s = 0;
   double host_ms = -1;  // caller-thread time per step inside the engine, not blocked on the GPU
   double p50_ms = 0, p99_ms = 0, max_ms = 0;  // spread of the timed steps
-  double rows_per_problem = 0;    // rows attended per (sequence, layer, KV head) and step
+  double rows_per_problem = 0;  // rows attended per (sequence, layer, KV head) and step
+  // Of the timed recall-layer decodes (-1 without recall layers): the share replayed as a CUDA
+  // graph, and the share whose attention ran inside the selection kernel.
+  double graph_share = -1, select_attend_share = -1;
   double traced_ms_per_step = 0;  // --trace: the same steps while tracing (two blocks' mean)
   // --trace: median single-step times, traced (both blocks) and untraced. A one-time event in a
   // block (the first window re-clustering, a stall) moves the means, not the medians.
@@ -770,6 +773,16 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
               o.steps;
   r.rows_per_problem = static_cast<double>(fin.rows_attended - before.rows_attended) /
                        (static_cast<double>(o.steps) * L * B * Hkv);
+  const bool recall = c.mode == Mode::kClusterKV || c.mode == Mode::kHybrid;
+  const int64_t recall_decodes =
+      recall ? static_cast<int64_t>(o.steps) * std::max(0, L - o.num_dense_layers) : 0;
+  if (recall_decodes > 0) {
+    r.graph_share = static_cast<double>(fin.graph_launches - before.graph_launches) /
+                    static_cast<double>(recall_decodes);
+    r.select_attend_share =
+        static_cast<double>(fin.select_attend_layers - before.select_attend_layers) /
+        static_cast<double>(recall_decodes);
+  }
   if (!o.trace_dir.empty()) {
     // The overhead of tracing: the timed steps above were traced; the same number again
     // untraced, then traced again (into a second file, removed), so a drift over the run
@@ -963,7 +976,8 @@ int run(int argc, char** argv) {
         << ",\"gpu_total_gib\":" << r.gpu_total_gib << ",\"host_gib\":" << r.host_gib
         << ",\"pcie_gbps\":" << r.pcie_gbps << ",\"hit_rate\":" << r.hit_rate
         << ",\"rows_per_head\":" << r.rows_per_problem << ",\"prefill_s\":" << r.prefill_s
-        << ",\"prefill_cluster_s\":" << r.prefill_cluster_s;
+        << ",\"prefill_cluster_s\":" << r.prefill_cluster_s << ",\"graph_share\":" << r.graph_share
+        << ",\"select_attend_share\":" << r.select_attend_share;
       if (!r.trace_file.empty())
         f << ",\"traced_ms_per_step\":" << r.traced_ms_per_step
           << ",\"traced_step_ms_p50\":" << r.traced_p50_ms
