@@ -126,7 +126,7 @@ __device__ void build_problem_chunks(const ChunkBuildParams& p, int pi,
 
 /// The chunk builder as the epilogue of the selection (one launch for both). With `staged` (in a
 /// kernel of thread block clusters), the selecting CTA copies the problem's ChunkStage into its
-/// shared memory while the cluster scores.
+/// shared memory once its logits are done, while the cluster aggregates and selects.
 struct BuildChunksEpilogue {
   ChunkBuildParams p;
   bool staged = false;       ///< the problem, its directory and host-slot rows
