@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
+#include <utility>
 
 #include "kernels/cluster_select.h"
 #include "kernels/dispatch.h"
@@ -1449,6 +1450,16 @@ ClusterSelectPlan plan_cluster_kernel(const ClusterSelectParams& p, const void* 
   }
 }
 
+/// plan(stage_bytes) with the epilogue's stage, or without it (epi.without_stage()) where the
+/// kernel's shared memory does not hold the stage: the plan and the epilogue to launch with.
+template <typename Epilogue, typename Plan>
+std::pair<ClusterSelectPlan, Epilogue> plan_with_stage(const Epilogue& epi, Plan&& plan) {
+  const ClusterSelectPlan staged = plan(epi.stage_bytes());
+  if (staged.cluster != 0 || epi.stage_bytes() == 0) return {staged, epi};
+  const Epilogue e = epi.without_stage();
+  return {plan(e.stage_bytes()), e};
+}
+
 /// The plan of one instantiation of score_select_cluster_kernel (plan_cluster_kernel with its
 /// ClusterSelectSmem).
 template <int kDim>
@@ -1486,12 +1497,14 @@ bool launch_score_select_cluster(const ClusterSelectParams& p, const ClusterSele
   bool launched = false;
   dispatch_score_select_cluster<Epilogue>(p, [&](auto dim, auto kernel, int threads) {
     constexpr int kDim = decltype(dim)::value;
-    const ClusterSelectPlan plan = plan_score_select_cluster<kDim>(
-        p, reinterpret_cast<const void*>(kernel), threads, epi.stage_bytes());
+    const auto [plan, e] = plan_with_stage(epi, [&](int stage_bytes) {
+      return plan_score_select_cluster<kDim>(p, reinterpret_cast<const void*>(kernel), threads,
+                                             stage_bytes);
+    });
     if (plan.cluster == 0) return;
     const cudaError_t err = launch_pdl_cluster(
         kernel, dim3(static_cast<unsigned>(p.num_problems * plan.cluster)), threads, plan.bytes,
-        stream, static_cast<unsigned>(plan.cluster), sk, kp, epi, plan.slice);
+        stream, static_cast<unsigned>(plan.cluster), sk, kp, e, plan.slice);
     KVTIER_CHECK(err == cudaSuccess, "score_select_cluster_kernel: ", cudaGetErrorString(err),
                  " (problems ", p.num_problems, ", cluster ", plan.cluster, ", threads ", threads,
                  ", dynamic shared memory ", plan.bytes, " bytes, max_clusters ", p.max_clusters,
@@ -1518,9 +1531,6 @@ void launch_score_select_split_with(const ClusterSelectParams& p, const ClusterS
   kp.scores = nullptr;
   kp.scores_out = t.scores;
   if (launch_score_select_cluster(p, t, kp, epi, stream)) return;
-  if (epi.stage_bytes() > 0 && launch_score_select_cluster(p, t, kp, epi.without_stage(), stream)) {
-    return;
-  }
   launch_split_logits(p, t, logits, partials, stream);
   launch_select_block(p, kp, epi, stream);
 }

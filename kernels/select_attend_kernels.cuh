@@ -270,15 +270,10 @@ bool launch_score_select_attend(const ClusterSelectParams& p, const ClusterSelec
         constexpr int kDim = decltype(dim)::value;
         constexpr int kG = decltype(tile)::value;
         constexpr int threads = decltype(tier)::value;
-        // With the epilogue's stage if the kernel's shared memory holds it, else without it.
-        Epilogue e = epi;
-        SelectAttendPlan plan = plan_score_select_attend<kDim, kG, threads>(
-            p, reinterpret_cast<const void*>(kernel), e.stage_bytes());
-        if (plan.cluster == 0 && e.stage_bytes() > 0) {
-          e = epi.without_stage();
-          plan = plan_score_select_attend<kDim, kG, threads>(
-              p, reinterpret_cast<const void*>(kernel), e.stage_bytes());
-        }
+        const auto [plan, e] = plan_with_stage(epi, [&](int stage_bytes) {
+          return plan_score_select_attend<kDim, kG, threads>(
+              p, reinterpret_cast<const void*>(kernel), stage_bytes);
+        });
         if (plan.cluster == 0) return;
         const cudaError_t err = launch_pdl_cluster(
             kernel, dim3(static_cast<unsigned>(p.num_problems * plan.cluster)), threads, plan.bytes,

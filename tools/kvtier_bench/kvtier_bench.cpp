@@ -645,6 +645,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
                 Hkv = o.model.num_kv_heads, D = o.model.head_dim;
   const size_t rowb = kv_row_bytes(o.model.dtype, D);
   const bool cold = mode == "clusterkv-cold";
+  const int64_t recall_layers = std::max(0, L - o.num_dense_layers);  // in clusterkv and hybrid
   EngineConfig c;
   c.model = o.model;
   c.mode = mode == "full"          ? Mode::kFull
@@ -661,7 +662,6 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   c.cuda_graphs = o.cuda_graphs;
   if (cold) {
     // A cache that holds about one step's selections: nothing survives to be hit by chance.
-    const int64_t recall_layers = std::max(0, L - o.num_dense_layers);
     const int64_t pages = (o.budget / o.page_size + o.budget / 16 + 16) * Hkv * B * recall_layers;
     c.cache_bytes = static_cast<size_t>(pages) * o.page_size * rowb * 2;
   }
@@ -774,8 +774,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   r.rows_per_problem = static_cast<double>(fin.rows_attended - before.rows_attended) /
                        (static_cast<double>(o.steps) * L * B * Hkv);
   const bool recall = c.mode == Mode::kClusterKV || c.mode == Mode::kHybrid;
-  const int64_t recall_decodes =
-      recall ? static_cast<int64_t>(o.steps) * std::max(0, L - o.num_dense_layers) : 0;
+  const int64_t recall_decodes = recall ? static_cast<int64_t>(o.steps) * recall_layers : 0;
   if (recall_decodes > 0) {
     r.graph_share = static_cast<double>(fin.graph_launches - before.graph_launches) /
                     static_cast<double>(recall_decodes);
