@@ -412,9 +412,13 @@ inline void check_last_selection(Backend backend) {
 }
 
 /// Sequences join (prompts of 0 to 150 rows, both layouts) and leave; ragged batches; many
-/// steps, so windows are clustered and appended several times.
+/// steps, so windows are clustered and appended several times. With `settle`, the engine's
+/// background work finishes after every step, so a window's clusters join the index at the same
+/// step in every run (otherwise when its job happens to land): two settled runs of one seed sum
+/// the same rows in the same order wherever their kernels do.
 inline double run_churn(const EngineConfig& c, uint64_t seed, int steps,
-                        std::vector<float>* outputs = nullptr, EngineStats* stats = nullptr) {
+                        std::vector<float>* outputs = nullptr, EngineStats* stats = nullptr,
+                        bool settle = false) {
   Driver d(c, seed);
   std::mt19937_64 rng(seed);
   std::vector<SeqId> live;
@@ -440,6 +444,7 @@ inline double run_churn(const EngineConfig& c, uint64_t seed, int steps,
       if (rng() % 4 != 0 || batch.empty()) batch.push_back(id);
     }
     worst = std::max(worst, d.step(batch));
+    if (settle) d.engine().synchronize();
   }
   if (outputs) *outputs = d.outputs();
   if (stats) *stats = d.engine().stats();

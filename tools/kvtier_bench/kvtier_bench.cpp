@@ -423,6 +423,7 @@ struct Result {
   double prefill_s = 0, prefill_cluster_s = 0;
   double host_ms = -1;  // caller-thread time per step inside the engine, not blocked on the GPU
   double p50_ms = 0, p99_ms = 0, max_ms = 0;  // spread of the timed steps
+  std::vector<double> step_ms;                  // each timed step, in order
   double rows_per_problem = 0;  // rows attended per (sequence, layer, KV head) and step
   // Of the timed recall-layer decodes (-1 without recall layers): the share replayed as a CUDA
   // graph, and the share whose attention ran inside the selection kernel.
@@ -625,7 +626,8 @@ Result run_dense(const Options& o, const Generator& g, const std::vector<uint16_
     }
   }
   timed = timer.stop_ms();
-  set_spread(timer.step_ms(), &r.p50_ms, &r.p99_ms, &r.max_ms);
+  r.step_ms = timer.step_ms();
+  set_spread(r.step_ms, &r.p50_ms, &r.p99_ms, &r.max_ms);
   r.ms_per_step = timed / steps;
   r.tokens_per_s = 1000.0 * B / r.ms_per_step;
   const double kv = 2.0 * L * layer_bytes;
@@ -752,7 +754,8 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
     progress((mode + ": step").c_str(), s - o.warmup + 1, o.steps);
   }
   const double ms = timer.stop_ms();
-  set_spread(timer.step_ms(), &r.p50_ms, &r.p99_ms, &r.max_ms);
+  r.step_ms = timer.step_ms();
+  set_spread(r.step_ms, &r.p50_ms, &r.p99_ms, &r.max_ms);
   const EngineStats after = e.stats();
   r.ms_per_step = ms / o.steps;
   r.tokens_per_s = 1000.0 * B / r.ms_per_step;
@@ -811,7 +814,8 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
     r.traced_ms_per_step = (ms + traced2_ms) / (2.0 * o.steps);
     r.ms_per_step = untraced_ms / o.steps;
     r.tokens_per_s = 1000.0 * B / r.ms_per_step;
-    set_spread(untraced.step_ms(), &r.p50_ms, &r.p99_ms, &r.max_ms);
+    r.step_ms = untraced.step_ms();
+    set_spread(r.step_ms, &r.p50_ms, &r.p99_ms, &r.max_ms);
     std::vector<double> both = traced_steps;
     for (const double t : traced2.step_ms()) both.push_back(t);
     double p99 = 0, mx = 0;
@@ -976,7 +980,9 @@ int run(int argc, char** argv) {
         << ",\"pcie_gbps\":" << r.pcie_gbps << ",\"hit_rate\":" << r.hit_rate
         << ",\"rows_per_head\":" << r.rows_per_problem << ",\"prefill_s\":" << r.prefill_s
         << ",\"prefill_cluster_s\":" << r.prefill_cluster_s << ",\"graph_share\":" << r.graph_share
-        << ",\"select_attend_share\":" << r.select_attend_share;
+        << ",\"select_attend_share\":" << r.select_attend_share << ",\"step_ms\":[";
+      for (size_t j = 0; j < r.step_ms.size(); ++j) f << (j ? "," : "") << r.step_ms[j];
+      f << "]";
       if (!r.trace_file.empty())
         f << ",\"traced_ms_per_step\":" << r.traced_ms_per_step
           << ",\"traced_step_ms_p50\":" << r.traced_p50_ms
