@@ -82,6 +82,14 @@ void ClusterCache::evict_front_locked(std::vector<ClusterKey>* evicted) {
 }
 
 CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
+  return place(requests, count, /*admission=*/false);
+}
+
+CacheLookup ClusterCache::admit(const CacheRequest* requests, size_t count) {
+  return place(requests, count, /*admission=*/true);
+}
+
+CacheLookup ClusterCache::place(const CacheRequest* requests, size_t count, bool admission) {
   KVTIER_CHECK(count == 0 || requests != nullptr, "lookup: requests is null");
   for (size_t i = 0; i < count; ++i) {
     KVTIER_CHECK(requests[i].num_rows > 0, "lookup: request ", i, " (sequence ",
@@ -122,7 +130,17 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
     }
   }
   const int64_t used = num_pages_ - static_cast<int64_t>(free_pages_.size());
-  const int64_t evictable = used - pinned_pages_ - hit_unpinned_pages;
+  int64_t evictable = used - pinned_pages_ - hit_unpinned_pages;
+  if (admission && need_pages > static_cast<int64_t>(free_pages_.size())) {
+    // Only clusters past retention make room (LRU order is expiry order).
+    evictable = 0;
+    for (const ClusterKey& k : lru_) {
+      const Entry& e = entries_.find(k)->second;
+      if (e.last_used + retention_ >= step_ || e.counted == lookup_serial_) break;
+      evictable += static_cast<int64_t>(e.pages.size());
+      if (evictable >= need_pages) break;
+    }
+  }
   const int64_t available = static_cast<int64_t>(free_pages_.size()) + evictable;
   if (need_pages > available) {
     throw CapacityError(
@@ -160,7 +178,7 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
     placed[i] = &entries_.emplace(r.key, std::move(e)).first->second;
     out.misses.push_back(static_cast<int32_t>(i));
     out.miss_rows += r.num_rows;
-    stats_.bytes_fetched += static_cast<int64_t>(2 * row_bytes_) * r.num_rows;
+    if (!admission) stats_.bytes_fetched += static_cast<int64_t>(2 * row_bytes_) * r.num_rows;
   }
   for (size_t i = 0; i < count; ++i) {
     if (placed[i] == nullptr) {  // repeat of a miss: it shares the first request's pages
@@ -174,6 +192,10 @@ CacheLookup ClusterCache::lookup(const CacheRequest* requests, size_t count) {
   for (size_t i = 0; i < count; ++i)
     out.page_ids.insert(out.page_ids.end(), placed[i]->pages.begin(), placed[i]->pages.end());
 
+  if (admission) {
+    stats_.admitted += static_cast<int64_t>(out.misses.size());
+    return out;
+  }
   ++stats_.lookups;
   stats_.misses += static_cast<int64_t>(out.misses.size());
   stats_.hits += static_cast<int64_t>(count - out.misses.size());

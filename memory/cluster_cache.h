@@ -87,6 +87,7 @@ struct CacheStats {
   int64_t evictions = 0;           ///< clusters evicted (all reasons)
   int64_t pressure_evictions = 0;  ///< of those, still within retention (memory was short)
   int64_t bytes_fetched = 0;       ///< K+V bytes of the misses handed out to fetch
+  int64_t admitted = 0;            ///< clusters placed by admit() (not counted as misses)
   int64_t num_entries = 0;
   int64_t pages_used = 0;
   int64_t num_pages = 0;
@@ -110,6 +111,12 @@ class ClusterCache {
   /// unpinned cluster, throws CapacityError and changes nothing.
   CacheLookup lookup(const CacheRequest* requests, size_t count);
   CacheLookup lookup(const std::vector<CacheRequest>& r) { return lookup(r.data(), r.size()); }
+  /// Places clusters that the caller fills from elsewhere (a decode window's new clusters, copied
+  /// from the window's rows on the device): a lookup in every other respect (pinned for the
+  /// step, LRU first), except that only clusters past retention make room (CapacityError,
+  /// changing nothing, when free pages and those do not suffice), and counted as admissions, not
+  /// as misses or fetched bytes. Requests already cached come back as hits.
+  CacheLookup admit(const CacheRequest* requests, size_t count);
 
   /// Drops every cluster of `seq` (e.g. when the sequence is removed). Returns how many.
   size_t erase_sequence(SeqId seq);
@@ -146,6 +153,7 @@ class ClusterCache {
     int64_t counted = -1;  // lookup serial that last counted this hit's pages
     std::list<ClusterKey>::iterator lru;
   };
+  CacheLookup place(const CacheRequest* requests, size_t count, bool admission);
   void touch_locked(Entry& e);
   void evict_front_locked(std::vector<ClusterKey>* evicted);
   void free_entry_locked(std::unordered_map<ClusterKey, Entry, ClusterKeyHash>::iterator it);

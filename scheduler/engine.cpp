@@ -652,7 +652,9 @@ struct Engine::Impl {
                      cudaStream_t stream = nullptr);
   void decode(int32_t layer, const DecodeBatch& b, cudaStream_t stream);
   void start_window_job(Sequence& s, int32_t layer);
-  void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream);
+  /// `admit`: from end_step, where no policy job runs, so the window's clusters may enter the
+  /// cache (admit_window).
+  void finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream, bool admit);
   void run_window_host(Sequence& s, int32_t layer, WindowJob& job);
   void flush_step_rows(cudaStream_t stream);
   // Host-tier pages are pinned ahead of need on a oneTBB task, beside decode or the model's
@@ -733,8 +735,7 @@ struct Engine::Impl {
     return resident + cfg.budget + 2 * static_cast<int64_t>(cfg.window);
   }
   void launch_policy_job(cudaStream_t stream);
-  void pack_policy();
-  // The policy job's decisions for all layers, packed for one upload (kCuda).
+  // The decisions for all layers, packed for one upload (kCuda).
   struct PolicyPack {
     memory::PinnedBuffer buf;
     bool valid = false;  // packed from `policy` as it is now (purge_slot invalidates)
@@ -744,8 +745,22 @@ struct Engine::Impl {
     MaybeEvent uploaded;
   };
   PolicyPack policy_pack;
+  // A committed window's clusters placed in the cache (end_step, admit_window), applied at once
+  // through their own pack and device buffer.
+  PolicyPack admit_pack;
+  Buffer admit_dev;
+  bool admissions = false;  // `policy` holds admissions not yet applied
+  void pack_policy(PolicyPack& pk);
   void purge_slot(int32_t slot);
   void apply_policy(cudaStream_t stream);
+  // Enqueues (kCuda) or carries out (kCpu) what `policy` holds: invalidations, copies into cache
+  // pages, page chains and directory entries; `op` and `dir` label the copies' span.
+  void apply_decisions(PolicyPack& pk, Buffer& dev, Op op, Direction dir, cudaStream_t stream);
+  void admit_window(Sequence& s, int32_t layer, const WindowJob& j, int32_t first);
+  // Sizes the admissions' pinned pack and device buffer for every live sequence committing a
+  // window in every recall layer at once, here (add_sequence) rather than in the end_step that
+  // first needs them: pinning and device allocation take milliseconds.
+  void reserve_admissions();
   int64_t table_row_of(SeqId seq, int32_t layer, int32_t h) const;
 };
 
@@ -1618,7 +1633,7 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
     }
     if (st.recall && st.recall_end - st.clustered >= st.win_cap) {
       // The ring is full: the window clustering in flight must land first.
-      finish_window_job(*ss[i], layer, /*wait=*/true, stream);
+      finish_window_job(*ss[i], layer, /*wait=*/true, stream, /*admit=*/false);
       KVTIER_ASSERT(st.recall_end - st.clustered < st.win_cap);
     }
     stream_wait(backend, stream, st.centroids_ready);
@@ -2387,7 +2402,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
     if (job->ready()) return;  // work failed and said so
     try {
       cuda::DeviceGuard guard(device);  // packing may allocate pinned memory
-      pack_policy();
+      pack_policy(policy_pack);
       job->promise.set_value();
     } catch (...) {
       job->promise.set_exception(std::current_exception());
@@ -2404,7 +2419,7 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
 // The policy job's last part (background): every layer's decisions packed for one upload,
 // [fills | invalidations | -1s | next idx | next val | set idx | set val]; fills are row copies
 // host -> cache page.
-void Engine::Impl::pack_policy() {
+void Engine::Impl::pack_policy(PolicyPack& pk) {
   std::vector<kernels::KvChunk> fills;
   int64_t fill_bytes = 0;
   std::vector<int32_t> inval, next_idx, next_val, set_idx, set_val;
@@ -2428,7 +2443,6 @@ void Engine::Impl::pack_policy() {
     set_idx.insert(set_idx.end(), pol.set_idx.begin(), pol.set_idx.end());
     set_val.insert(set_val.end(), pol.set_val.begin(), pol.set_val.end());
   }
-  PolicyPack& pk = policy_pack;
   pk.valid = true;
   pk.total = 0;
   if (fills.empty() && inval.empty() && set_idx.empty()) return;
@@ -2459,18 +2473,25 @@ void Engine::Impl::pack_policy() {
 #endif
 
 void Engine::Impl::apply_policy(cudaStream_t stream) {
-  (void)stream;
   if (!policy_job) return;
   wait_job(policy_job, -1, -1);
   policy_job.reset();
+  apply_decisions(policy_pack, policy_dev, Op::kFill, Direction::kHostToDevice, stream);
+}
+
+void Engine::Impl::apply_decisions(PolicyPack& pk, Buffer& dev, Op op, Direction dir,
+                                   cudaStream_t stream) {
+  (void)stream;
+  (void)pk;
+  (void)dev;
   if (backend == Backend::kCpu) {
-    int32_t* dir = dir_table.as<int32_t>();
+    int32_t* dir_rows = dir_table.as<int32_t>();
     const uint64_t t0_ns = telemetry.now_ns();
-    int64_t fill_bytes = 0;
+    int64_t copied = 0;
     for (int32_t ri = 0; ri < num_recall_layers; ++ri) {
       LayerPolicy& pol = policy[ri];
       int32_t* next = page_next.as<int32_t>() + page_next_off[ri];
-      for (const int32_t i : pol.inval_idx) dir[i] = -1;
+      for (const int32_t i : pol.inval_idx) dir_rows[i] = -1;
       if (!pol.segments.empty()) {
         kernels::GatherParams gp;
         gp.segments = pol.segments.data();
@@ -2480,46 +2501,45 @@ void Engine::Impl::apply_policy(cudaStream_t stream) {
         gp.k_pool = caches[ri]->k_pool();
         gp.v_pool = caches[ri]->v_pool();
         kernels::gather_ref(gp);
-        fill_bytes += memory::plan_bytes(pol.segments, rowb);
+        copied += memory::plan_bytes(pol.segments, rowb);
       }
       for (size_t i = 0; i < pol.next_idx.size(); ++i) next[pol.next_idx[i]] = pol.next_val[i];
-      for (size_t i = 0; i < pol.set_idx.size(); ++i) dir[pol.set_idx[i]] = pol.set_val[i];
+      for (size_t i = 0; i < pol.set_idx.size(); ++i) dir_rows[pol.set_idx[i]] = pol.set_val[i];
       pol = LayerPolicy();
     }
-    if (spans && fill_bytes > 0) {  // the CPU backend's fills are the caller's work
+    if (spans && copied > 0) {  // the CPU backend's copies are the caller's work
       Event e;
-      e.op = Op::kFill;
+      e.op = op;
       e.track = Track::kCompute;
-      e.dir = Direction::kHostToDevice;
-      e.bytes = fill_bytes;
+      e.dir = dir;
+      e.bytes = copied;
       record_host_span(e, t0_ns);
     }
     return;
   }
 #if KVTIER_WITH_CUDA
   // Packed by the job (pack_policy; again here when a removed sequence's entries were purged
-  // since); one upload and four launches.
-  PolicyPack& pk = policy_pack;
-  if (!pk.valid) pack_policy();
+  // since, or for admissions); one upload and four launches.
+  if (!pk.valid) pack_policy(pk);
   pk.valid = false;
   for (LayerPolicy& pol : policy) pol = LayerPolicy();
   if (pk.total == 0) return;
   const size_t fb = pk.fills * sizeof(kernels::KvChunk);
   const int32_t ni = pk.ni, nn = pk.nn, ns = pk.ns;
-  grow(policy_dev, pk.total);
-  cuda::memcpy_async(policy_dev.get(), pk.buf.data(), pk.total, stream);
+  grow(dev, pk.total);
+  cuda::memcpy_async(dev.get(), pk.buf.data(), pk.total, stream);
   pk.uploaded.record(backend, stream);
   pk.total = 0;
-  const int32_t* d = reinterpret_cast<const int32_t*>(policy_dev.get() + fb);
-  int32_t* dir = dir_table.as<int32_t>();
-  scheduler::launch_scatter_i32(dir, d, d + ni, ni, stream);
-  timed(stream, span_event(Op::kFill, Track::kCompute, Direction::kHostToDevice, pk.fill_bytes),
-        [&] {
-          scheduler::launch_copy_rows(policy_dev.as<kernels::KvChunk>(), pk.fills,
-                                      static_cast<int32_t>(rowb), stream);
-        });
+  const int32_t* d = reinterpret_cast<const int32_t*>(dev.get() + fb);
+  int32_t* dir_rows = dir_table.as<int32_t>();
+  scheduler::launch_scatter_i32(dir_rows, d, d + ni, ni, stream);
+  timed(stream, span_event(op, Track::kCompute, dir, pk.fill_bytes), [&] {
+    scheduler::launch_copy_rows(dev.as<kernels::KvChunk>(), pk.fills, static_cast<int32_t>(rowb),
+                                stream);
+  });
   scheduler::launch_scatter_i32(page_next.as<int32_t>(), d + 2 * ni, d + 2 * ni + nn, nn, stream);
-  scheduler::launch_scatter_i32(dir, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns, stream);
+  scheduler::launch_scatter_i32(dir_rows, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns,
+                                stream);
 #endif
 }
 
@@ -2552,7 +2572,7 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
     job->host = std::make_shared<Job>();
     run_window_host(s, layer, *job);
     st.window = std::move(job);
-    finish_window_job(s, layer, /*wait=*/true, nullptr);
+    finish_window_job(s, layer, /*wait=*/true, nullptr, /*admit=*/true);  // from end_step
     return;
   }
 #if KVTIER_WITH_CUDA
@@ -2628,7 +2648,8 @@ void Engine::Impl::run_window_host(Sequence& s, int32_t layer, WindowJob& j) {
 }
 
 // Commits a finished window job: its clusters join the index and its rows leave the window.
-void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream) {
+void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait, cudaStream_t stream,
+                                     bool admit) {
   LayerState& st = s.layers[layer];
   if (!st.window) return;
   WindowJob& j = *st.window;
@@ -2645,9 +2666,106 @@ void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait, cuda
   st.num_clusters += cp;
   st.clustered += W;
   st.centroids_ready = std::move(j.done);
+  if (admit && cfg.admit_window_clusters) admit_window(s, layer, j, first);
   st.spare_window = std::move(st.window);  // its buffers serve the next window
   ++window_clusterings;
   refresh_host_directory(s, layer, first, st.clustered - W, stream, false);
+}
+
+void Engine::Impl::reserve_admissions() {
+#if KVTIER_WITH_CUDA
+  if (backend != Backend::kCuda || !cfg.admit_window_clusters || num_recall_layers == 0) return;
+  // Per (sequence, recall layer, KV head): at most W one-row copies, and per cluster its pages
+  // (at most W / P + C+), each an invalidation, a page link and a directory entry, in ints.
+  const size_t heads = seqs.size() * num_recall_layers * Hkv;
+  const size_t W = static_cast<size_t>(cfg.window), cp = static_cast<size_t>(cfg.window_clusters);
+  const size_t pages = W / cfg.page_size + cp;
+  const size_t bytes = heads * (W * sizeof(kernels::KvChunk) + 4 * (6 * pages + 2 * cp));
+  if (admit_pack.buf.size_bytes() < bytes) admit_pack.buf = memory::PinnedBuffer::allocate(bytes);
+  grow(admit_dev, bytes);
+#endif
+}
+
+// The committed window's clusters (first, first + C+ per KV head) enter the layer's cache,
+// copied from the window ring, where their rows still are: the steps after a window's
+// clustering would otherwise select these recent clusters, miss, and read them over PCIe until
+// the policy had filled them. Adds to `policy` (applied by end_step); nothing when the cache has
+// no room for them.
+void Engine::Impl::admit_window(Sequence& s, int32_t layer, const WindowJob& j, int32_t first) {
+  const int32_t ri = recall_index[layer];
+  if (ri < 0) return;
+  LayerState& st = s.layers[layer];
+  const int64_t W = cfg.window;
+  const int32_t cp = cfg.window_clusters;
+  std::vector<memory::CacheRequest> req;
+  std::vector<int32_t> req_of(static_cast<size_t>(Hkv) * cp, -1);  // (head, cluster) -> request
+  for (int32_t h = 0; h < Hkv; ++h) {
+    for (int32_t c = 0; c < cp; ++c) {
+      const int32_t rows = st.sizes[h][first + c];
+      if (rows == 0) continue;
+      req_of[static_cast<size_t>(h) * cp + c] = static_cast<int32_t>(req.size());
+      req.push_back(memory::CacheRequest{memory::ClusterKey{s.id, layer, h, first + c}, rows});
+    }
+  }
+  if (req.empty()) return;
+  memory::CacheLookup lk;
+  try {
+    lk = caches[ri]->admit(req.data(), req.size());
+  } catch (const CapacityError&) {
+    return;  // recalled from the host tier when selected, as any cluster
+  }
+  LayerPolicy& pol = policy[ri];
+  for (const memory::ClusterKey& k : lk.evicted) {
+    const auto it = seqs.find(k.seq);
+    if (it == seqs.end()) continue;
+    const int64_t row =
+        (static_cast<int64_t>(it->second->slot) * num_recall_layers + ri) * Hkv + k.kv_head;
+    pol.inval_idx.push_back(static_cast<int32_t>(row * cap_c + k.cluster));
+  }
+  for (const int32_t m : lk.misses) {  // all of them: the clusters are new
+    const memory::CacheRequest& r = req[m];
+    const int32_t* pg = lk.page_ids.data() + lk.page_indptr[m];
+    const int32_t np = lk.page_indptr[m + 1] - lk.page_indptr[m];
+    pol.set_idx.push_back(
+        static_cast<int32_t>((st.table_row + r.key.kv_head) * cap_c + r.key.cluster));
+    pol.set_val.push_back(pg[0]);
+    for (int32_t q = 0; q < np; ++q) {
+      pol.next_idx.push_back(pg[q]);
+      pol.next_val.push_back(q + 1 < np ? pg[q + 1] : -1);
+    }
+  }
+  // Row i of the window (store position j.begin + i) is the next row of its cluster, whose rows
+  // are in position order in the host tier and so in its pages.
+  const int32_t P = cfg.page_size;
+  std::vector<int32_t> placed(cp);
+  for (int32_t h = 0; h < Hkv; ++h) {
+    std::fill(placed.begin(), placed.end(), 0);
+    for (int64_t i = 0; i < W; ++i) {
+      const int32_t c = j.labels[static_cast<size_t>(h) * W + i];
+      const int32_t m = req_of[static_cast<size_t>(h) * cp + c];
+      const int32_t r = placed[c]++;
+      if (lk.hit[m]) continue;  // already cached (not for new clusters)
+      const size_t at = (static_cast<size_t>(h) * st.win_cap + (j.begin + i) % st.win_cap) * rowb;
+      memory::GatherSegment g;
+      g.src_k = st.win_k.get() + at;
+      g.src_v = st.win_v.get() + at;
+      g.dst_page = lk.page_ids[lk.page_indptr[m] + r / P];
+      g.dst_row = r % P;
+      g.num_rows = 1;
+      if (!pol.segments.empty()) {  // extends the last run where source and page continue it
+        memory::GatherSegment& b = pol.segments.back();
+        const size_t run = static_cast<size_t>(b.num_rows) * rowb;
+        if (b.dst_page == g.dst_page && b.dst_row + b.num_rows == g.dst_row &&
+            static_cast<const std::byte*>(b.src_k) + run == g.src_k &&
+            static_cast<const std::byte*>(b.src_v) + run == g.src_v) {
+          ++b.num_rows;
+          continue;
+        }
+      }
+      pol.segments.push_back(g);
+    }
+  }
+  admissions = true;
 }
 
 void Engine::Impl::flush_step_rows(cudaStream_t stream) {
@@ -2807,6 +2925,7 @@ void Engine::add_sequence(SeqId seq) {
   }
   m.free_slots.pop_back();
   m.seqs.emplace(seq, std::move(s));
+  m.reserve_admissions();
 }
 
 void Engine::remove_sequence(SeqId seq) {
@@ -2891,9 +3010,13 @@ void Engine::end_step(cudaStream_t stream) {
     for (int32_t l = 0; l < m.L; ++l) {
       LayerState& st = s->layers[l];
       if (!st.recall || !st.prefilled || st.prefill) continue;
-      m.finish_window_job(*s, l, /*wait=*/false, stream);
+      m.finish_window_job(*s, l, /*wait=*/false, stream, /*admit=*/true);
       if (!st.window && st.recall_end - st.clustered >= m.cfg.window) m.start_window_job(*s, l);
     }
+  }
+  if (m.admissions) {  // before policy_applied: the next decodes see them and write the ring after
+    m.admissions = false;
+    m.apply_decisions(m.admit_pack, m.admit_dev, Op::kAdmit, Direction::kNone, stream);
   }
 #if KVTIER_WITH_CUDA
   if (m.backend == Backend::kCuda && m.num_recall_layers > 0) {
@@ -2976,6 +3099,7 @@ EngineStats Engine::stats() const {
     s.cache.evictions += cs.evictions;
     s.cache.pressure_evictions += cs.pressure_evictions;
     s.cache.bytes_fetched += cs.bytes_fetched;
+    s.cache.admitted += cs.admitted;
     s.cache.num_entries += cs.num_entries;
     s.cache.pages_used += cs.pages_used;
     s.cache.num_pages += cs.num_pages;
@@ -2996,6 +3120,7 @@ EngineStats Engine::stats() const {
   s.host_bytes_peak = hs.bytes_peak;
   s.prefill_cluster_ms = static_cast<double>(m.prefill_cluster_us.load()) / 1000.0;
   s.window_clusterings = m.window_clusterings;
+  s.window_admissions = s.cache.admitted;
   s.rows_attended = m.rows_attended.load();
   s.decode_host_ms = m.decode_host_ms;
   s.graph_launches = m.graph_launches;

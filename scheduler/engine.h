@@ -79,8 +79,15 @@ struct EngineConfig {
   int32_t initial_clusters = 0;     ///< C0 for a prompt; 0: from tokens_per_cluster
   int32_t window_clusters = 4;      ///< C+: clusters per W window rows
   int32_t retention_steps = 8;      ///< R
-  int32_t page_size = 16;           ///< cache page rows
-  int32_t num_dense_layers = 2;     ///< first layers kept whole on the GPU (ClusterKV keeps 2)
+  /// A window's new clusters enter the GPU cache when its clustering is committed (end_step),
+  /// copied from the window's rows on the device, instead of being recalled over PCIe when first
+  /// selected. Off by default: on an H100 at 128K it cut the PCIe traffic by 3x and removed the
+  /// misses of the steps after a commit, but the commit's step took ~5 ms longer on the host
+  /// (one copy per window row, built on the caller's thread), a net loss per window
+  /// (bench/RESULTS.md).
+  bool admit_window_clusters = false;
+  int32_t page_size = 16;        ///< cache page rows
+  int32_t num_dense_layers = 2;  ///< first layers kept whole on the GPU (ClusterKV keeps 2)
   kernels::ScoreAggregation aggregation = kernels::ScoreAggregation::kSoftmaxSum;
   kernels::BudgetOverflow overflow = kernels::BudgetOverflow::kTruncate;
   int32_t kmeans_iters = 10;
@@ -163,6 +170,9 @@ struct EngineStats {
   size_t host_bytes_peak = 0;
   double prefill_cluster_ms = 0;  ///< clustering time of prefills (wall, in background jobs)
   int64_t window_clusterings = 0;
+  /// Clusters of committed windows copied into the GPU cache from the window's rows
+  /// (admit_window_clusters; device to device, not counted in fill_bytes).
+  int64_t window_admissions = 0;
   int64_t rows_attended = 0;  ///< sum over decode problems of the rows attention read
   /// CPU time of the caller's thread inside decode_layer and end_step, and of that the time
   /// spent spinning on the device (reusing a staging slot whose copies are still in flight).

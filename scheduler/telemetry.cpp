@@ -99,6 +99,8 @@ const char* op_name(Op op) {
       return "policy";
     case Op::kWindow:
       return "window";
+    case Op::kAdmit:
+      return "admit";
   }
   return "?";
 }
@@ -214,8 +216,10 @@ bool Telemetry::record(Event e) noexcept {
   if (kind < kNumEventKinds) impl_->events[kind].fetch_add(1, std::memory_order_relaxed);
   if (is_transfer(e.kind) && dir < kNumDirections)
     impl_->bytes[dir].fetch_add(e.bytes, std::memory_order_relaxed);
-  if (e.hits) impl_->hits.fetch_add(e.hits, std::memory_order_relaxed);
-  if (e.misses) impl_->misses.fetch_add(e.misses, std::memory_order_relaxed);
+  if (e.kind != EventKind::kEvict) {  // an eviction's `misses` are the clusters it evicted
+    if (e.hits) impl_->hits.fetch_add(e.hits, std::memory_order_relaxed);
+    if (e.misses) impl_->misses.fetch_add(e.misses, std::memory_order_relaxed);
+  }
   if (e.kind == EventKind::kStall)
     impl_->stall_ns.fetch_add(static_cast<int64_t>(e.dur_ns), std::memory_order_relaxed);
   return true;

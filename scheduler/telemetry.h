@@ -58,6 +58,7 @@ enum class Op : uint8_t {
   kPrefillStore,    ///< a worker storing a prefill layer's rows in the host tier
   kPolicy,          ///< a worker deciding one recall layer's cache lookups, evictions and fills
   kWindow,          ///< a worker re-clustering a window of W decoded rows
+  kAdmit,           ///< a committed window's clusters copied from its rows into cache pages
 };
 const char* op_name(Op op);
 
@@ -87,7 +88,7 @@ static_assert(sizeof(Event) == 72, "Event is a fixed 72-byte record");
 struct TelemetryStats {
   int64_t events[kNumEventKinds] = {};
   int64_t bytes[kNumDirections] = {};  ///< by direction, transfer events only (is_transfer)
-  int64_t hits = 0;
+  int64_t hits = 0;  ///< of every event but evictions (whose `misses` count evicted clusters)
   int64_t misses = 0;
   int64_t stall_us = 0;  ///< sum of the stall events' durations
   int64_t dropped = 0;   ///< events refused because the queue was full

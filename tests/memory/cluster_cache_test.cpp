@@ -231,6 +231,55 @@ TEST(ClusterCache, RetentionThenLruThenPressure) {
   EXPECT_EQ(cache.stats().pages_used, 0);
 }
 
+// admit() places clusters the caller fills itself: pinned and retained like a lookup's misses,
+// counted as admissions (not misses, not fetched bytes); a later lookup finds them; a cluster
+// already cached comes back as a hit; when nothing can be evicted it throws and changes nothing.
+TEST(ClusterCache, AdmittedClustersAreFoundByLaterLookups) {
+  ClusterCache cache(cache_config(4, 16, 2));
+  auto req = [](int32_t c) { return CacheRequest{{0, 0, 0, c}, 16}; };
+  cache.begin_step(1);
+  const CacheRequest two[] = {req(0), req(1)};
+  CacheLookup r = cache.admit(two, 2);
+  EXPECT_EQ(r.misses, (std::vector<int32_t>{0, 1}));  // pages for the caller to fill
+  EXPECT_EQ(r.page_indptr.back(), 2);
+  CacheStats s = cache.stats();
+  EXPECT_EQ(s.admitted, 2);
+  EXPECT_EQ(s.misses, 0);
+  EXPECT_EQ(s.lookups, 0);
+  EXPECT_EQ(s.bytes_fetched, 0);
+  EXPECT_EQ(s.pages_used, 2);
+  cache.begin_step(2);
+  r = cache.lookup({req(0)});
+  EXPECT_EQ(r.hit[0], 1);
+  EXPECT_EQ(cache.stats().hits, 1);
+  const CacheRequest cached[] = {req(1)};
+  r = cache.admit(cached, 1);
+  EXPECT_EQ(r.hit[0], 1);
+  EXPECT_TRUE(r.misses.empty());
+  EXPECT_EQ(cache.stats().admitted, 2);
+  // Both pinned by step 2, two more fill the pool; a fifth cannot be placed.
+  const CacheRequest more[] = {req(2), req(3)};
+  EXPECT_EQ(cache.admit(more, 2).misses.size(), 2u);
+  const CacheRequest fifth[] = {req(4)};
+  EXPECT_THROW(cache.admit(fifth, 1), CapacityError);
+  EXPECT_EQ(cache.stats().admitted, 4);
+  EXPECT_FALSE(cache.contains(req(4).key));
+  // Step 3: nothing pinned, all within retention (used at 2, R = 2). An admission does not evict
+  // them; a lookup does (memory is short).
+  cache.begin_step(3);
+  EXPECT_THROW(cache.admit(fifth, 1), CapacityError);
+  EXPECT_EQ(cache.stats().evictions, 0);
+  EXPECT_EQ(cache.lookup({req(4)}).evicted.size(), 1u);
+  EXPECT_EQ(cache.stats().pressure_evictions, 1);
+  // Step 10: all expired; an admission evicts the least recently used.
+  cache.begin_step(10);
+  const CacheRequest sixth[] = {req(5)};
+  r = cache.admit(sixth, 1);
+  ASSERT_EQ(r.evicted.size(), 1u);
+  EXPECT_EQ(cache.stats().pressure_evictions, 1);
+  EXPECT_EQ(cache.stats().admitted, 5);
+}
+
 TEST(ClusterCache, RepeatsEraseAndErrors) {
   ClusterCache cache(cache_config(10, 4, 1));
   cache.begin_step(1);

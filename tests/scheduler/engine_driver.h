@@ -411,6 +411,44 @@ inline void check_last_selection(Backend backend) {
   }
 }
 
+/// A committed window's clusters enter the cache from the window's rows: with a budget covering
+/// the context (every cluster selected every step), once the prompt's clusters are cached (a few
+/// steps) no step misses, where without admission each window's clusters miss when first
+/// selected. Outputs equal dense attention either way. The engine settles after every step, so
+/// windows commit at the same steps on either backend.
+inline void check_window_admission(Backend backend) {
+  for (const bool admit : {true, false}) {
+    SCOPED_TRACE(admit ? "admitted" : "recalled");
+    EngineConfig c = make_config(Mode::kClusterKV, Shape{});
+    c.backend = backend;
+    c.budget = 4096;
+    c.admit_window_clusters = admit;
+    Driver d(c, test::test_seed() + 61);
+    d.add(1, 150, true);
+    d.add(2, 93, false);
+    double worst = 0;
+    for (int t = 0; t < 64; ++t) {
+      const EngineStats before = d.engine().stats();
+      worst = std::max(worst, d.step({1, 2}));
+      d.engine().synchronize();  // the step's lookups are counted
+      if (t < 6) continue;
+      const EngineStats after = d.engine().stats();
+      if (admit) {
+        EXPECT_EQ(after.recall_misses, before.recall_misses) << "step " << t;
+      }
+    }
+    EXPECT_LT(worst, kTol);
+    const EngineStats s = d.engine().stats();
+    EXPECT_GE(s.window_clusterings, 6);  // W = 16: three windows per sequence and layer at least
+    if (admit) {
+      EXPECT_GT(s.window_admissions, 0);
+    } else {
+      EXPECT_EQ(s.window_admissions, 0);
+      EXPECT_GT(s.recall_misses, 0);
+    }
+  }
+}
+
 /// Sequences join (prompts of 0 to 150 rows, both layouts) and leave; ragged batches; many
 /// steps, so windows are clustered and appended several times. With `settle`, the engine's
 /// background work finishes after every step, so a window's clusters join the index at the same

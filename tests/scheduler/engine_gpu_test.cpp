@@ -74,6 +74,11 @@ TEST(EngineGpu, LastSelectionListsEachHeadsClusters) {
   check_last_selection(Backend::kCuda);
 }
 
+TEST(EngineGpu, CommittedWindowClustersEnterTheCache) {
+  KVTIER_REQUIRE_GPU();
+  check_window_admission(Backend::kCuda);
+}
+
 TEST(EngineGpu, NoDenseLayers) {
   KVTIER_REQUIRE_GPU();
   EngineConfig c = gpu_config(Mode::kClusterKV, Shape{});

@@ -74,6 +74,8 @@ TEST(Engine, SmallBudgetRecallsTheClustersThatMatter) {
 
 TEST(Engine, LastSelectionListsEachHeadsClusters) { check_last_selection(Backend::kCpu); }
 
+TEST(Engine, CommittedWindowClustersEnterTheCache) { check_window_admission(Backend::kCpu); }
+
 TEST(Engine, StatsAndTelemetryAddUp) {
   EngineConfig c = make_config(Mode::kClusterKV, Shape{});
   c.budget = 24;

@@ -67,8 +67,9 @@ struct Options {
   std::string torch_script;  // companion: torch SDPA at the same shape, run in the same call
   uint64_t seed = 1;
   bool cuda_graphs = true;
-  std::string trace_dir;   // --trace: each engine mode's telemetry, profiled at the end
-  std::string trace_tool;  // the profiler (default: tools/kvtier-trace of this source tree)
+  bool admit_window = false;  // EngineConfig::admit_window_clusters
+  std::string trace_dir;      // --trace: each engine mode's telemetry, profiled at the end
+  std::string trace_tool;     // the profiler (default: tools/kvtier-trace of this source tree)
   /// Decode steps an engine mode runs: warm-up, the timed steps, and with --trace two more
   /// blocks (untraced, then traced again) for the overhead of tracing.
   int32_t engine_steps() const { return warmup + steps * (trace_dir.empty() ? 1 : 3); }
@@ -85,6 +86,7 @@ struct Options {
       "  [--dense-layers N] [--kmeans-iters N] [--drift X] [--topics N]\n"
       "  [--backend cuda|cpu] [--host-gib X] [--json FILE]\n"
       "  [--torch-script bench/sdpa_baseline.py] [--seed N] [--cuda-graphs 0|1]\n"
+      "  [--admit-window 0|1]\n"
       "  [--trace DIR [--trace-tool tools/kvtier-trace]]\n",
       msg);
   std::exit(2);
@@ -165,6 +167,8 @@ Options parse(int argc, char** argv) {
       o.seed = std::stoull(next());
     else if (a == "--cuda-graphs")
       o.cuda_graphs = std::stoi(next()) != 0;
+    else if (a == "--admit-window")
+      o.admit_window = std::stoi(next()) != 0;
     else if (a == "--trace")
       o.trace_dir = next();
     else if (a == "--trace-tool")
@@ -423,7 +427,7 @@ struct Result {
   double prefill_s = 0, prefill_cluster_s = 0;
   double host_ms = -1;  // caller-thread time per step inside the engine, not blocked on the GPU
   double p50_ms = 0, p99_ms = 0, max_ms = 0;  // spread of the timed steps
-  std::vector<double> step_ms;                  // each timed step, in order
+  std::vector<double> step_ms;                // each timed step, in order
   double rows_per_problem = 0;  // rows attended per (sequence, layer, KV head) and step
   // Of the timed recall-layer decodes (-1 without recall layers): the share replayed as a CUDA
   // graph, and the share whose attention ran inside the selection kernel.
@@ -662,6 +666,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   c.window_clusters = std::max(1, o.window / 64);
   c.retention_steps = cold ? 0 : o.retention;
   c.cuda_graphs = o.cuda_graphs;
+  c.admit_window_clusters = o.admit_window;
   if (cold) {
     // A cache that holds about one step's selections: nothing survives to be hit by chance.
     const int64_t pages = (o.budget / o.page_size + o.budget / 16 + 16) * Hkv * B * recall_layers;
