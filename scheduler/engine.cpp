@@ -745,11 +745,20 @@ struct Engine::Impl {
     MaybeEvent uploaded;
   };
   PolicyPack policy_pack;
-  // A committed window's clusters placed in the cache (end_step, admit_window), applied at once
-  // through their own pack and device buffer.
+  // A committed window's clusters placed in the cache (end_step, admit_window), applied at once:
+  // their directory entries through `policy` and their own pack and device buffer, their rows by
+  // one admit_rows launch over admit_batch (packed into admit_host, uploaded to admit_rows_dev).
   PolicyPack admit_pack;
-  Buffer admit_dev;
-  bool admissions = false;  // `policy` holds admissions not yet applied
+  Buffer admit_dev, admit_rows_dev;
+  memory::PinnedBuffer admit_host;
+  MaybeEvent admit_uploaded;
+  struct AdmitBatch {
+    std::vector<scheduler::AdmitItem> items;
+    std::vector<int32_t> labels, page_off, pages;
+    int64_t rows = 0;
+  } admit_batch;
+  bool admissions = false;  // `policy` and admit_batch hold admissions not yet applied
+  void apply_admissions(cudaStream_t stream);
   void pack_policy(PolicyPack& pk);
   void purge_slot(int32_t slot);
   void apply_policy(cudaStream_t stream);
@@ -2533,10 +2542,12 @@ void Engine::Impl::apply_decisions(PolicyPack& pk, Buffer& dev, Op op, Direction
   const int32_t* d = reinterpret_cast<const int32_t*>(dev.get() + fb);
   int32_t* dir_rows = dir_table.as<int32_t>();
   scheduler::launch_scatter_i32(dir_rows, d, d + ni, ni, stream);
-  timed(stream, span_event(op, Track::kCompute, dir, pk.fill_bytes), [&] {
-    scheduler::launch_copy_rows(dev.as<kernels::KvChunk>(), pk.fills, static_cast<int32_t>(rowb),
-                                stream);
-  });
+  if (pk.fills > 0) {
+    timed(stream, span_event(op, Track::kCompute, dir, pk.fill_bytes), [&] {
+      scheduler::launch_copy_rows(dev.as<kernels::KvChunk>(), pk.fills, static_cast<int32_t>(rowb),
+                                  stream);
+    });
+  }
   scheduler::launch_scatter_i32(page_next.as<int32_t>(), d + 2 * ni, d + 2 * ni + nn, nn, stream);
   scheduler::launch_scatter_i32(dir_rows, d + 2 * ni + 2 * nn, d + 2 * ni + 2 * nn + ns, ns,
                                 stream);
@@ -2672,17 +2683,92 @@ void Engine::Impl::finish_window_job(Sequence& s, int32_t layer, bool wait, cuda
   refresh_host_directory(s, layer, first, st.clustered - W, stream, false);
 }
 
+void Engine::Impl::apply_admissions(cudaStream_t stream) {
+  (void)stream;
+  admissions = false;
+  AdmitBatch& ab = admit_batch;
+  scheduler::AdmitParams ap;
+  ap.count = static_cast<int32_t>(ab.items.size());
+  ap.window = cfg.window;
+  ap.clusters = cfg.window_clusters;
+  ap.page_size = cfg.page_size;
+  ap.row_bytes = static_cast<int32_t>(rowb);
+  if (backend == Backend::kCpu) {
+    const uint64_t t0_ns = telemetry.now_ns();
+    ap.items = ab.items.data();
+    ap.labels = ab.labels.data();
+    ap.page_off = ab.page_off.data();
+    ap.pages = ab.pages.data();
+    scheduler::admit_rows_host(ap);
+    if (spans && ab.rows > 0) {  // the CPU backend's copies are the caller's work
+      Event e;
+      e.op = Op::kAdmit;
+      e.track = Track::kCompute;
+      e.bytes = ab.rows * 2 * static_cast<int64_t>(rowb);
+      record_host_span(e, t0_ns);
+    }
+  }
+#if KVTIER_WITH_CUDA
+  else if (ap.count > 0) {
+    // [items | labels | page offsets | pages], one upload (sized by reserve_admissions; the
+    // previous admission's upload has long completed, W steps ago).
+    const size_t ib = align16(ab.items.size() * sizeof(scheduler::AdmitItem));
+    const size_t lb = align16(ab.labels.size() * 4), ob = align16(ab.page_off.size() * 4);
+    const size_t total = ib + lb + ob + ab.pages.size() * 4;
+    if (admit_host.size_bytes() < total) {
+      admit_host = memory::PinnedBuffer::allocate(total * 2);
+    } else {
+      admit_uploaded.synchronize();
+    }
+    std::byte* w = admit_host.data();
+    std::memcpy(w, ab.items.data(), ab.items.size() * sizeof(scheduler::AdmitItem));
+    std::memcpy(w + ib, ab.labels.data(), ab.labels.size() * 4);
+    std::memcpy(w + ib + lb, ab.page_off.data(), ab.page_off.size() * 4);
+    std::memcpy(w + ib + lb + ob, ab.pages.data(), ab.pages.size() * 4);
+    grow(admit_rows_dev, total);
+    cuda::memcpy_async(admit_rows_dev.get(), w, total, stream);
+    admit_uploaded.record(backend, stream);
+    const std::byte* d = admit_rows_dev.get();
+    ap.items = reinterpret_cast<const scheduler::AdmitItem*>(d);
+    ap.labels = reinterpret_cast<const int32_t*>(d + ib);
+    ap.page_off = reinterpret_cast<const int32_t*>(d + ib + lb);
+    ap.pages = reinterpret_cast<const int32_t*>(d + ib + lb + ob);
+    timed(stream,
+          span_event(Op::kAdmit, Track::kCompute, Direction::kNone,
+                     ab.rows * 2 * static_cast<int64_t>(rowb)),
+          [&] { scheduler::launch_admit_rows(ap, stream); });
+  }
+#endif
+  ab.items.clear();
+  ab.labels.clear();
+  ab.page_off.clear();
+  ab.pages.clear();
+  ab.rows = 0;
+  // The directory: the evicted out, the pages chained, the admitted in.
+  apply_decisions(admit_pack, admit_dev, Op::kAdmit, Direction::kNone, stream);
+}
+
 void Engine::Impl::reserve_admissions() {
 #if KVTIER_WITH_CUDA
   if (backend != Backend::kCuda || !cfg.admit_window_clusters || num_recall_layers == 0) return;
-  // Per (sequence, recall layer, KV head): at most W one-row copies, and per cluster its pages
-  // (at most W / P + C+), each an invalidation, a page link and a directory entry, in ints.
+  // Per (sequence, recall layer, KV head): an item, W labels, C+ + 1 page offsets and the pages
+  // (at most W / P + C+); in the directory, per page an invalidation and a link and per cluster an
+  // entry, in ints.
   const size_t heads = seqs.size() * num_recall_layers * Hkv;
   const size_t W = static_cast<size_t>(cfg.window), cp = static_cast<size_t>(cfg.window_clusters);
   const size_t pages = W / cfg.page_size + cp;
-  const size_t bytes = heads * (W * sizeof(kernels::KvChunk) + 4 * (6 * pages + 2 * cp));
-  if (admit_pack.buf.size_bytes() < bytes) admit_pack.buf = memory::PinnedBuffer::allocate(bytes);
-  grow(admit_dev, bytes);
+  const size_t rows_bytes = heads * (sizeof(scheduler::AdmitItem) + 4 * (W + cp + 1 + pages)) + 64;
+  const size_t dir_bytes = heads * 4 * (6 * pages + 2 * cp);
+  if (admit_host.size_bytes() < rows_bytes) {
+    admit_uploaded.synchronize();
+    admit_host = memory::PinnedBuffer::allocate(rows_bytes);
+  }
+  grow(admit_rows_dev, rows_bytes);
+  if (admit_pack.buf.size_bytes() < dir_bytes) {
+    admit_pack.uploaded.wait_polling();
+    admit_pack.buf = memory::PinnedBuffer::allocate(dir_bytes);
+  }
+  grow(admit_dev, dir_bytes);
 #endif
 }
 
@@ -2734,36 +2820,29 @@ void Engine::Impl::admit_window(Sequence& s, int32_t layer, const WindowJob& j, 
       pol.next_val.push_back(q + 1 < np ? pg[q + 1] : -1);
     }
   }
-  // Row i of the window (store position j.begin + i) is the next row of its cluster, whose rows
-  // are in position order in the host tier and so in its pages.
-  const int32_t P = cfg.page_size;
-  std::vector<int32_t> placed(cp);
+  // The rows: row i of the window (position j.begin + i) is the next row of its cluster, whose
+  // rows are in position order in the host tier and so in its pages (admit_rows).
+  AdmitBatch& ab = admit_batch;
   for (int32_t h = 0; h < Hkv; ++h) {
-    std::fill(placed.begin(), placed.end(), 0);
-    for (int64_t i = 0; i < W; ++i) {
-      const int32_t c = j.labels[static_cast<size_t>(h) * W + i];
+    scheduler::AdmitItem it;
+    it.ring_k = st.win_k.get() + static_cast<size_t>(h) * st.win_cap * rowb;
+    it.ring_v = st.win_v.get() + static_cast<size_t>(h) * st.win_cap * rowb;
+    it.k_pool = caches[ri]->k_pool();
+    it.v_pool = caches[ri]->v_pool();
+    it.begin = j.begin;
+    it.win_cap = st.win_cap;
+    ab.items.push_back(it);
+    ab.labels.insert(ab.labels.end(), j.labels.begin() + static_cast<ptrdiff_t>(h) * W,
+                     j.labels.begin() + static_cast<ptrdiff_t>(h + 1) * W);
+    for (int32_t c = 0; c < cp; ++c) {
+      ab.page_off.push_back(static_cast<int32_t>(ab.pages.size()));
       const int32_t m = req_of[static_cast<size_t>(h) * cp + c];
-      const int32_t r = placed[c]++;
-      if (lk.hit[m]) continue;  // already cached (not for new clusters)
-      const size_t at = (static_cast<size_t>(h) * st.win_cap + (j.begin + i) % st.win_cap) * rowb;
-      memory::GatherSegment g;
-      g.src_k = st.win_k.get() + at;
-      g.src_v = st.win_v.get() + at;
-      g.dst_page = lk.page_ids[lk.page_indptr[m] + r / P];
-      g.dst_row = r % P;
-      g.num_rows = 1;
-      if (!pol.segments.empty()) {  // extends the last run where source and page continue it
-        memory::GatherSegment& b = pol.segments.back();
-        const size_t run = static_cast<size_t>(b.num_rows) * rowb;
-        if (b.dst_page == g.dst_page && b.dst_row + b.num_rows == g.dst_row &&
-            static_cast<const std::byte*>(b.src_k) + run == g.src_k &&
-            static_cast<const std::byte*>(b.src_v) + run == g.src_v) {
-          ++b.num_rows;
-          continue;
-        }
-      }
-      pol.segments.push_back(g);
+      if (m < 0 || lk.hit[m]) continue;  // empty, or already cached: nothing to copy
+      ab.pages.insert(ab.pages.end(), lk.page_ids.begin() + lk.page_indptr[m],
+                      lk.page_ids.begin() + lk.page_indptr[m + 1]);
+      ab.rows += req[m].num_rows;
     }
+    ab.page_off.push_back(static_cast<int32_t>(ab.pages.size()));
   }
   admissions = true;
 }
@@ -3014,10 +3093,9 @@ void Engine::end_step(cudaStream_t stream) {
       if (!st.window && st.recall_end - st.clustered >= m.cfg.window) m.start_window_job(*s, l);
     }
   }
-  if (m.admissions) {  // before policy_applied: the next decodes see them and write the ring after
-    m.admissions = false;
-    m.apply_decisions(m.admit_pack, m.admit_dev, Op::kAdmit, Direction::kNone, stream);
-  }
+  if (m.admissions)
+    m.apply_admissions(stream);  // before policy_applied: the next decodes
+                                 // see them, and write the ring after the copies
 #if KVTIER_WITH_CUDA
   if (m.backend == Backend::kCuda && m.num_recall_layers > 0) {
     // The step's records (selections and stats), all recall layers in one copy.
@@ -3149,6 +3227,25 @@ bool Engine::is_recall_layer(int32_t layer) const {
 }
 
 namespace scheduler {
+
+void admit_rows_host(const AdmitParams& p) {
+  std::vector<int32_t> rank(static_cast<size_t>(p.clusters));
+  for (int32_t b = 0; b < p.count; ++b) {
+    const AdmitItem& it = p.items[b];
+    const int32_t* labels = p.labels + static_cast<size_t>(b) * p.window;
+    const int32_t* off = p.page_off + static_cast<size_t>(b) * (p.clusters + 1);
+    std::fill(rank.begin(), rank.end(), 0);
+    for (int32_t i = 0; i < p.window; ++i) {
+      const int32_t c = labels[i], r = rank[c]++;
+      if (off[c] == off[c + 1]) continue;
+      const int32_t page = p.pages[off[c] + r / p.page_size];
+      const size_t src = static_cast<size_t>((it.begin + i) % it.win_cap) * p.row_bytes;
+      const size_t dst = (static_cast<size_t>(page) * p.page_size + r % p.page_size) * p.row_bytes;
+      std::memcpy(it.k_pool + dst, it.ring_k + src, p.row_bytes);
+      std::memcpy(it.v_pool + dst, it.ring_v + src, p.row_bytes);
+    }
+  }
+}
 
 void build_recall_chunks_host(const ChunkBuildParams& p) {
   int32_t at = 0;

@@ -81,11 +81,8 @@ struct EngineConfig {
   int32_t retention_steps = 8;      ///< R
   /// A window's new clusters enter the GPU cache when its clustering is committed (end_step),
   /// copied from the window's rows on the device, instead of being recalled over PCIe when first
-  /// selected. Off by default: on an H100 at 128K it cut the PCIe traffic by 3x and removed the
-  /// misses of the steps after a commit, but the commit's step took ~5 ms longer on the host
-  /// (one copy per window row, built on the caller's thread), a net loss per window
-  /// (bench/RESULTS.md).
-  bool admit_window_clusters = false;
+  /// selected (docs/engine.md).
+  bool admit_window_clusters = true;
   int32_t page_size = 16;        ///< cache page rows
   int32_t num_dense_layers = 2;  ///< first layers kept whole on the GPU (ClusterKV keeps 2)
   kernels::ScoreAggregation aggregation = kernels::ScoreAggregation::kSoftmaxSum;

@@ -244,6 +244,47 @@ __global__ void copy_rows_kernel(const kernels::KvChunk* items, int32_t count,
   }
 }
 
+constexpr int kAdmitThreads = 256;
+
+// grid: (p.count), block kAdmitThreads: one item's window. For each cluster, a block-wide scan of
+// "row i has this label" gives each of its rows its rank r (window order); the thread of row i
+// copies it (K and V) to row r % P of the cluster's page r / P.
+__global__ void __launch_bounds__(kAdmitThreads) admit_rows_kernel(const AdmitParams p) {
+  using Scan = cub::BlockScan<int32_t, kAdmitThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  const AdmitItem it = p.items[blockIdx.x];
+  const int32_t* labels = p.labels + static_cast<size_t>(blockIdx.x) * p.window;
+  const int32_t* off = p.page_off + static_cast<size_t>(blockIdx.x) * (p.clusters + 1);
+  const int vec = p.row_bytes / 16;
+  for (int32_t c = 0; c < p.clusters; ++c) {
+    if (off[c] == off[c + 1]) continue;  // block-uniform: not admitted
+    int32_t carry = 0;
+    for (int32_t t0 = 0; t0 < p.window; t0 += kAdmitThreads) {  // block-uniform trip count
+      const int32_t i = t0 + static_cast<int32_t>(threadIdx.x);
+      const int32_t mine = i < p.window && labels[i] == c ? 1 : 0;
+      int32_t rank, total;
+      Scan(scan).ExclusiveSum(mine, rank, total);
+      __syncthreads();  // the scan storage is reused
+      if (mine) {
+        const int32_t r = carry + rank;
+        const int32_t page = p.pages[off[c] + r / p.page_size];
+        const size_t src = static_cast<size_t>((it.begin + i) % it.win_cap) * p.row_bytes;
+        const size_t dst =
+            (static_cast<size_t>(page) * p.page_size + r % p.page_size) * p.row_bytes;
+        const int4* ks = reinterpret_cast<const int4*>(it.ring_k + src);
+        const int4* vs = reinterpret_cast<const int4*>(it.ring_v + src);
+        int4* kd = reinterpret_cast<int4*>(it.k_pool + dst);
+        int4* vd = reinterpret_cast<int4*>(it.v_pool + dst);
+        for (int v = 0; v < vec; ++v) {
+          kd[v] = ks[v];
+          vd[v] = vs[v];
+        }
+      }
+      carry += total;
+    }
+  }
+}
+
 __global__ void scatter_i32_kernel(int32_t* dst, const int32_t* idx, const int32_t* val,
                                    int32_t count) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -267,6 +308,16 @@ void launch_recall_select_build(const kernels::ClusterSelectParams& sp,
                "launch_recall_select_build: nonfinite_problem is not supported (it is not reset)");
   kernels::detail::launch_score_select_split_with(sp, t, workspace, workspace_bytes,
                                                   BuildChunksEpilogue::for_clusters(bp), stream);
+}
+
+void launch_admit_rows(const AdmitParams& p, cudaStream_t stream) {
+  if (p.count == 0) return;
+  KVTIER_CHECK(p.row_bytes % 16 == 0, "admit_rows: row_bytes ", p.row_bytes,
+               " not a multiple of 16");
+  KVTIER_CHECK(p.window > 0 && p.clusters > 0 && p.page_size > 0, "admit_rows: window ", p.window,
+               ", clusters ", p.clusters, ", page_size ", p.page_size);
+  admit_rows_kernel<<<p.count, kAdmitThreads, 0, stream>>>(p);
+  KVTIER_CUDA_CHECK_LAUNCH("engine admit_rows_kernel");
 }
 
 void launch_copy_rows(const kernels::KvChunk* items, int32_t count, int32_t row_bytes,

@@ -209,6 +209,36 @@ KVTIER_HD int32_t window_chunks(const ChunkBuildParams& p, const RecallProblem& 
 /// Host version: counts, stats, chunks and indptr in one pass (host pointers).
 void build_recall_chunks_host(const ChunkBuildParams& p);
 
+/// One (sequence, layer, KV head) whose committed window's clusters enter the GPU cache: its
+/// window ring (position q at slot q % win_cap) and the layer's cache pools.
+struct AdmitItem {
+  const std::byte* ring_k = nullptr;
+  const std::byte* ring_v = nullptr;
+  std::byte* k_pool = nullptr;
+  std::byte* v_pool = nullptr;
+  int64_t begin = 0;  ///< position of the window's first row
+  int64_t win_cap = 0;
+};
+
+/// Window admission: row i of item b's window (positions begin + i, i < window) has label
+/// labels[b * window + i] < clusters; the r-th row of cluster c in window order goes to row
+/// r % page_size of page pages[page_off[b * (clusters + 1) + c] + r / page_size] (K and V). A
+/// cluster with an empty page range is skipped.
+struct AdmitParams {
+  int32_t count = 0;  ///< items
+  int32_t window = 0;
+  int32_t clusters = 0;
+  int32_t page_size = 0;
+  int32_t row_bytes = 0;  ///< a multiple of 16
+  const AdmitItem* items = nullptr;
+  const int32_t* labels = nullptr;    ///< [count, window]
+  const int32_t* page_off = nullptr;  ///< [count, clusters + 1]
+  const int32_t* pages = nullptr;
+};
+
+/// Host version (kCpu, and the reference of the kernel).
+void admit_rows_host(const AdmitParams& p);
+
 #if KVTIER_WITH_CUDA
 /// One block per problem builds its chunk list in its region (chunk_stride chunks; the caller
 /// bounds a list by it) and its step-record row.
@@ -238,6 +268,9 @@ bool launch_recall_select_attend(const kernels::ClusterSelectParams& sp,
 /// from v to v_copy (sources may be mapped host memory). One launch for any number of items.
 void launch_copy_rows(const kernels::KvChunk* items, int32_t count, int32_t row_bytes,
                       cudaStream_t stream);
+
+/// admit_rows_host on the device: one block per item (device pointers).
+void launch_admit_rows(const AdmitParams& p, cudaStream_t stream);
 
 /// dir[idx[i]] = val[i] for i < count (count 0: nothing).
 void launch_scatter_i32(int32_t* dst, const int32_t* idx, const int32_t* val, int32_t count,

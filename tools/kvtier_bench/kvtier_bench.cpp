@@ -67,9 +67,9 @@ struct Options {
   std::string torch_script;  // companion: torch SDPA at the same shape, run in the same call
   uint64_t seed = 1;
   bool cuda_graphs = true;
-  bool admit_window = false;  // EngineConfig::admit_window_clusters
-  std::string trace_dir;      // --trace: each engine mode's telemetry, profiled at the end
-  std::string trace_tool;     // the profiler (default: tools/kvtier-trace of this source tree)
+  bool admit_window = true;  // EngineConfig::admit_window_clusters
+  std::string trace_dir;     // --trace: each engine mode's telemetry, profiled at the end
+  std::string trace_tool;    // the profiler (default: tools/kvtier-trace of this source tree)
   /// Decode steps an engine mode runs: warm-up, the timed steps, and with --trace two more
   /// blocks (untraced, then traced again) for the overhead of tracing.
   int32_t engine_steps() const { return warmup + steps * (trace_dir.empty() ? 1 : 3); }
