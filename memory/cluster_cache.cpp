@@ -131,17 +131,23 @@ CacheLookup ClusterCache::place(const CacheRequest* requests, size_t count, bool
   }
   const int64_t used = num_pages_ - static_cast<int64_t>(free_pages_.size());
   int64_t evictable = used - pinned_pages_ - hit_unpinned_pages;
-  if (admission && need_pages > static_cast<int64_t>(free_pages_.size())) {
+  const int64_t free_now = static_cast<int64_t>(free_pages_.size());
+  if (admission && need_pages > free_now) {
     // Only clusters past retention make room (LRU order is expiry order).
     evictable = 0;
     for (const ClusterKey& k : lru_) {
       const Entry& e = entries_.find(k)->second;
       if (e.last_used + retention_ >= step_ || e.counted == lookup_serial_) break;
       evictable += static_cast<int64_t>(e.pages.size());
-      if (evictable >= need_pages) break;
+      if (free_now + evictable >= need_pages) break;
     }
   }
-  const int64_t available = static_cast<int64_t>(free_pages_.size()) + evictable;
+  const int64_t available = free_now + evictable;
+  if (admission && need_pages > available) {
+    throw CapacityError(
+        "kvtier: cluster cache: no room for the admitted clusters without "
+        "evicting clusters within retention");
+  }
   if (need_pages > available) {
     throw CapacityError(
         detail::str_cat("kvtier: cluster cache of ", num_pages_, " pages (", page_size_,

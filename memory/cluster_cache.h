@@ -112,7 +112,7 @@ class ClusterCache {
   CacheLookup lookup(const CacheRequest* requests, size_t count);
   CacheLookup lookup(const std::vector<CacheRequest>& r) { return lookup(r.data(), r.size()); }
   /// Places clusters that the caller fills from elsewhere (a decode window's new clusters, copied
-  /// from the window's rows on the device): a lookup in every other respect (pinned for the
+  /// from the window's rows on the device): a lookup in every other respect (used at the current
   /// step, LRU first), except that only clusters past retention make room (CapacityError,
   /// changing nothing, when free pages and those do not suffice), and counted as admissions, not
   /// as misses or fetched bytes. Requests already cached come back as hits.

@@ -748,10 +748,13 @@ struct Engine::Impl {
   // A committed window's clusters placed in the cache (end_step, admit_window), applied at once:
   // their directory entries through `policy` and their own pack and device buffer, their rows by
   // one admit_rows launch over admit_batch (packed into admit_host, uploaded to admit_rows_dev).
-  PolicyPack admit_pack;
+  // Two of each host buffer, used in turn: sequences commit on different steps, and a buffer is
+  // rewritten only once the upload that read it two admissions ago has completed.
+  PolicyPack admit_pack[2];
+  memory::PinnedBuffer admit_host[2];
+  MaybeEvent admit_uploaded[2];
+  int admit_turn = 0;
   Buffer admit_dev, admit_rows_dev;
-  memory::PinnedBuffer admit_host;
-  MaybeEvent admit_uploaded;
   struct AdmitBatch {
     std::vector<scheduler::AdmitItem> items;
     std::vector<int32_t> labels, page_off, pages;
@@ -1641,7 +1644,9 @@ void Engine::Impl::decode(int32_t layer, const DecodeBatch& b, cudaStream_t stre
       }
     }
     if (st.recall && st.recall_end - st.clustered >= st.win_cap) {
-      // The ring is full: the window clustering in flight must land first.
+      // The ring is full: the window clustering in flight must land first. Committing appends
+      // to st.sizes, which the policy job in flight reads.
+      if (policy_job) policy_job->future.wait();
       finish_window_job(*ss[i], layer, /*wait=*/true, stream, /*admit=*/false);
       KVTIER_ASSERT(st.recall_end - st.clustered < st.win_cap);
     }
@@ -2710,24 +2715,22 @@ void Engine::Impl::apply_admissions(cudaStream_t stream) {
   }
 #if KVTIER_WITH_CUDA
   else if (ap.count > 0) {
-    // [items | labels | page offsets | pages], one upload (sized by reserve_admissions; the
-    // previous admission's upload has long completed, W steps ago).
+    // [items | labels | page offsets | pages], one upload into a buffer sized by
+    // reserve_admissions.
     const size_t ib = align16(ab.items.size() * sizeof(scheduler::AdmitItem));
     const size_t lb = align16(ab.labels.size() * 4), ob = align16(ab.page_off.size() * 4);
     const size_t total = ib + lb + ob + ab.pages.size() * 4;
-    if (admit_host.size_bytes() < total) {
-      admit_host = memory::PinnedBuffer::allocate(total * 2);
-    } else {
-      admit_uploaded.synchronize();
-    }
-    std::byte* w = admit_host.data();
+    memory::PinnedBuffer& host = admit_host[admit_turn];
+    admit_uploaded[admit_turn].synchronize();  // its upload, two admissions ago
+    if (host.size_bytes() < total) host = memory::PinnedBuffer::allocate(total * 2);
+    std::byte* w = host.data();
     std::memcpy(w, ab.items.data(), ab.items.size() * sizeof(scheduler::AdmitItem));
     std::memcpy(w + ib, ab.labels.data(), ab.labels.size() * 4);
     std::memcpy(w + ib + lb, ab.page_off.data(), ab.page_off.size() * 4);
     std::memcpy(w + ib + lb + ob, ab.pages.data(), ab.pages.size() * 4);
     grow(admit_rows_dev, total);
     cuda::memcpy_async(admit_rows_dev.get(), w, total, stream);
-    admit_uploaded.record(backend, stream);
+    admit_uploaded[admit_turn].record(backend, stream);
     const std::byte* d = admit_rows_dev.get();
     ap.items = reinterpret_cast<const scheduler::AdmitItem*>(d);
     ap.labels = reinterpret_cast<const int32_t*>(d + ib);
@@ -2745,29 +2748,33 @@ void Engine::Impl::apply_admissions(cudaStream_t stream) {
   ab.pages.clear();
   ab.rows = 0;
   // The directory: the evicted out, the pages chained, the admitted in.
-  apply_decisions(admit_pack, admit_dev, Op::kAdmit, Direction::kNone, stream);
+  apply_decisions(admit_pack[admit_turn], admit_dev, Op::kAdmit, Direction::kNone, stream);
+  admit_turn ^= 1;
 }
 
 void Engine::Impl::reserve_admissions() {
 #if KVTIER_WITH_CUDA
   if (backend != Backend::kCuda || !cfg.admit_window_clusters || num_recall_layers == 0) return;
-  // Per (sequence, recall layer, KV head): an item, W labels, C+ + 1 page offsets and the pages
-  // (at most W / P + C+); in the directory, per page an invalidation and a link and per cluster an
-  // entry, in ints.
-  const size_t heads = seqs.size() * num_recall_layers * Hkv;
+  // For max_sequences at once (reserved on the first add_sequence), per (sequence, recall layer,
+  // KV head): an item, W labels, C+ + 1 page offsets and the pages (at most W / P + C+); in the
+  // directory, per page at most one evicted cluster and a link and per cluster an entry, two ints
+  // each (index and value), with room to spare.
+  const size_t heads = static_cast<size_t>(cfg.max_sequences) * num_recall_layers * Hkv;
   const size_t W = static_cast<size_t>(cfg.window), cp = static_cast<size_t>(cfg.window_clusters);
   const size_t pages = W / cfg.page_size + cp;
   const size_t rows_bytes = heads * (sizeof(scheduler::AdmitItem) + 4 * (W + cp + 1 + pages)) + 64;
   const size_t dir_bytes = heads * 4 * (6 * pages + 2 * cp);
-  if (admit_host.size_bytes() < rows_bytes) {
-    admit_uploaded.synchronize();
-    admit_host = memory::PinnedBuffer::allocate(rows_bytes);
+  for (int k = 0; k < 2; ++k) {
+    if (admit_host[k].size_bytes() < rows_bytes) {
+      admit_uploaded[k].synchronize();
+      admit_host[k] = memory::PinnedBuffer::allocate(rows_bytes);
+    }
+    if (admit_pack[k].buf.size_bytes() < dir_bytes) {
+      admit_pack[k].uploaded.wait_polling();
+      admit_pack[k].buf = memory::PinnedBuffer::allocate(dir_bytes);
+    }
   }
   grow(admit_rows_dev, rows_bytes);
-  if (admit_pack.buf.size_bytes() < dir_bytes) {
-    admit_pack.uploaded.wait_polling();
-    admit_pack.buf = memory::PinnedBuffer::allocate(dir_bytes);
-  }
   grow(admit_dev, dir_bytes);
 #endif
 }
@@ -2807,6 +2814,13 @@ void Engine::Impl::admit_window(Sequence& s, int32_t layer, const WindowJob& j, 
     const int64_t row =
         (static_cast<int64_t>(it->second->slot) * num_recall_layers + ri) * Hkv + k.kv_head;
     pol.inval_idx.push_back(static_cast<int32_t>(row * cap_c + k.cluster));
+  }
+  if (!lk.evicted.empty()) {
+    Event e;
+    e.kind = EventKind::kEvict;
+    e.layer = layer;
+    e.misses = static_cast<int32_t>(lk.evicted.size());
+    record(e);
   }
   for (const int32_t m : lk.misses) {  // all of them: the clusters are new
     const memory::CacheRequest& r = req[m];

@@ -88,7 +88,9 @@ static_assert(sizeof(Event) == 72, "Event is a fixed 72-byte record");
 struct TelemetryStats {
   int64_t events[kNumEventKinds] = {};
   int64_t bytes[kNumDirections] = {};  ///< by direction, transfer events only (is_transfer)
-  int64_t hits = 0;  ///< of every event but evictions (whose `misses` count evicted clusters)
+  /// hits and misses of every event but evictions (an eviction's `misses` are the clusters it
+  /// evicted).
+  int64_t hits = 0;
   int64_t misses = 0;
   int64_t stall_us = 0;  ///< sum of the stall events' durations
   int64_t dropped = 0;   ///< events refused because the queue was full

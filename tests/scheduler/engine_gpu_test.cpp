@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "scheduler/engine.h"
+#include "scheduler/engine_kernels.h"
 #include "tests/scheduler/engine_driver.h"
 
 #if KVTIER_WITH_CUDA
@@ -78,6 +80,98 @@ TEST(EngineGpu, CommittedWindowClustersEnterTheCache) {
   KVTIER_REQUIRE_GPU();
   check_window_admission(Backend::kCuda);
 }
+
+#if KVTIER_WITH_CUDA
+// The admit_rows kernel against admit_rows_host, byte for byte: 6 items (windows of 256 rows
+// starting anywhere in rings of 512, random labels over 4 clusters, one cluster of some items not
+// admitted), pages of 16 rows of 256 bytes in a shuffled pool.
+TEST(EngineGpu, AdmitRowsKernelEqualsTheHostVersion) {
+  KVTIER_REQUIRE_GPU();
+  constexpr int32_t kItems = 6, kW = 256, kC = 4, kP = 16, kRow = 256, kCap = 512;
+  std::mt19937 rng(test::test_seed() + 62);
+  std::vector<int32_t> labels(kItems * kW), page_off, pages;
+  for (int32_t& l : labels) l = static_cast<int32_t>(rng() % kC);
+  int32_t next_page = 0;
+  for (int32_t b = 0; b < kItems; ++b) {
+    std::vector<int32_t> rows(kC, 0);
+    for (int32_t i = 0; i < kW; ++i) ++rows[labels[b * kW + i]];
+    for (int32_t c = 0; c < kC; ++c) {
+      page_off.push_back(static_cast<int32_t>(pages.size()));
+      if (b % 2 == 1 && c == 2) continue;  // not admitted
+      for (int32_t q = 0; q < (rows[c] + kP - 1) / kP; ++q) pages.push_back(next_page++);
+    }
+    page_off.push_back(static_cast<int32_t>(pages.size()));
+  }
+  std::shuffle(pages.begin(), pages.end(), rng);
+  const size_t ring_bytes = static_cast<size_t>(kItems) * kCap * kRow;
+  const size_t pool_bytes = static_cast<size_t>(next_page) * kP * kRow;
+  std::vector<std::byte> ring_k(ring_bytes), ring_v(ring_bytes);
+  for (auto& x : ring_k) x = std::byte(rng());
+  for (auto& x : ring_v) x = std::byte(rng());
+  std::vector<std::byte> k_host(pool_bytes, std::byte(0)), v_host(pool_bytes, std::byte(0));
+  std::byte *d_ring_k, *d_ring_v, *d_k, *d_v;
+  int32_t *d_labels, *d_off, *d_pages;
+  scheduler::AdmitItem* d_items;
+  ASSERT_EQ(cudaMalloc(&d_ring_k, ring_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_ring_v, ring_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_k, pool_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_v, pool_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_labels, labels.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_off, page_off.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_pages, pages.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_items, kItems * sizeof(scheduler::AdmitItem)), cudaSuccess);
+  std::vector<scheduler::AdmitItem> host_items(kItems), dev_items(kItems);
+  for (int32_t b = 0; b < kItems; ++b) {
+    const size_t at = static_cast<size_t>(b) * kCap * kRow;
+    const int64_t begin = static_cast<int64_t>(rng() % 100000);
+    host_items[b] = {
+        ring_k.data() + at, ring_v.data() + at, k_host.data(), v_host.data(), begin, kCap};
+    dev_items[b] = {d_ring_k + at, d_ring_v + at, d_k, d_v, begin, kCap};
+  }
+  ASSERT_EQ(cudaMemcpy(d_ring_k, ring_k.data(), ring_bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_ring_v, ring_v.data(), ring_bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d_k, 0, pool_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d_v, 0, pool_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_labels, labels.data(), labels.size() * 4, cudaMemcpyHostToDevice),
+            cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_off, page_off.data(), page_off.size() * 4, cudaMemcpyHostToDevice),
+            cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_pages, pages.data(), pages.size() * 4, cudaMemcpyHostToDevice),
+            cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_items, dev_items.data(), kItems * sizeof(scheduler::AdmitItem),
+                       cudaMemcpyHostToDevice),
+            cudaSuccess);
+  scheduler::AdmitParams p;
+  p.count = kItems;
+  p.window = kW;
+  p.clusters = kC;
+  p.page_size = kP;
+  p.row_bytes = kRow;
+  p.items = host_items.data();
+  p.labels = labels.data();
+  p.page_off = page_off.data();
+  p.pages = pages.data();
+  scheduler::admit_rows_host(p);
+  p.items = d_items;
+  p.labels = d_labels;
+  p.page_off = d_off;
+  p.pages = d_pages;
+  scheduler::launch_admit_rows(p, nullptr);
+  std::vector<std::byte> k_dev(pool_bytes), v_dev(pool_bytes);
+  ASSERT_EQ(cudaMemcpy(k_dev.data(), d_k, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(v_dev.data(), d_v, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_TRUE(k_dev == k_host);
+  EXPECT_TRUE(v_dev == v_host);
+  EXPECT_NE(std::count(k_host.begin(), k_host.end(), std::byte(0)),
+            static_cast<std::ptrdiff_t>(pool_bytes));  // rows were copied
+  for (void* ptr :
+       {static_cast<void*>(d_ring_k), static_cast<void*>(d_ring_v), static_cast<void*>(d_k),
+        static_cast<void*>(d_v), static_cast<void*>(d_labels), static_cast<void*>(d_off),
+        static_cast<void*>(d_pages), static_cast<void*>(d_items)}) {
+    EXPECT_EQ(cudaFree(ptr), cudaSuccess);
+  }
+}
+#endif
 
 TEST(EngineGpu, NoDenseLayers) {
   KVTIER_REQUIRE_GPU();

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <string>
 
+#include "scheduler/engine_kernels.h"
 #include "tests/scheduler/engine_driver.h"
 
 namespace kvtier {
@@ -75,6 +76,65 @@ TEST(Engine, SmallBudgetRecallsTheClustersThatMatter) {
 TEST(Engine, LastSelectionListsEachHeadsClusters) { check_last_selection(Backend::kCpu); }
 
 TEST(Engine, CommittedWindowClustersEnterTheCache) { check_window_admission(Backend::kCpu); }
+
+// admit_rows_host by hand: a window of 6 rows from position 5 of a ring of 8 (slots 5 6 7 0 1 2),
+// labels 1 0 1 1 0 1, pages of 2 rows; cluster 0 (rows 1, 4) goes to page 3, cluster 1 (rows 0,
+// 2, 3, 5) to pages 0 and 2, each in window order; page 1 is not written. A second item admits
+// only its cluster 1 (cluster 0's page range is empty).
+TEST(Engine, AdmittedRowsLandInWindowOrderInTheirClustersPages) {
+  constexpr int32_t kRow = 16, kPage = 2, kPages = 6;
+  std::vector<std::byte> ring_k(8 * kRow), ring_v(8 * kRow), k_pool(kPages * kPage * kRow),
+      v_pool(k_pool.size());
+  for (int slot = 0; slot < 8; ++slot) {
+    std::fill_n(ring_k.begin() + slot * kRow, kRow, std::byte(1 + slot));
+    std::fill_n(ring_v.begin() + slot * kRow, kRow, std::byte(101 + slot));
+  }
+  scheduler::AdmitItem items[2];
+  for (scheduler::AdmitItem& it : items) {
+    it.ring_k = ring_k.data();
+    it.ring_v = ring_v.data();
+    it.k_pool = k_pool.data();
+    it.v_pool = v_pool.data();
+    it.begin = 5;
+    it.win_cap = 8;
+  }
+  const int32_t labels[] = {1, 0, 1, 1, 0, 1, /* item 1 */ 0, 0, 1, 1, 1, 0};
+  const int32_t page_off[] = {0, 1, 3, /* item 1 */ 3, 3, 5};
+  const int32_t pages[] = {3, 0, 2, /* item 1 */ 4, 5};
+  scheduler::AdmitParams p;
+  p.count = 2;
+  p.window = 6;
+  p.clusters = 2;
+  p.page_size = kPage;
+  p.row_bytes = kRow;
+  p.items = items;
+  p.labels = labels;
+  p.page_off = page_off;
+  p.pages = pages;
+  scheduler::admit_rows_host(p);
+  auto k_at = [&](int page, int row) {
+    return static_cast<int>(k_pool[(page * kPage + row) * kRow]);
+  };
+  auto v_at = [&](int page, int row) {
+    return static_cast<int>(v_pool[(page * kPage + row) * kRow]);
+  };
+  // Item 0. Window row i is at slot (5 + i) % 8, whose K bytes are 1 + slot.
+  EXPECT_EQ(k_at(3, 0), 1 + 6);  // cluster 0: rows 1, 4
+  EXPECT_EQ(k_at(3, 1), 1 + 1);
+  EXPECT_EQ(k_at(0, 0), 1 + 5);  // cluster 1: rows 0, 2, 3, 5
+  EXPECT_EQ(k_at(0, 1), 1 + 7);
+  EXPECT_EQ(k_at(2, 0), 1 + 0);
+  EXPECT_EQ(k_at(2, 1), 1 + 2);
+  EXPECT_EQ(v_at(2, 1), 101 + 2);
+  EXPECT_EQ(k_at(1, 0), 0);
+  EXPECT_EQ(k_at(1, 1), 0);
+  // Item 1: cluster 1 is rows 2, 3, 4 (slots 7, 0, 1) on pages 4 and 5.
+  EXPECT_EQ(k_at(4, 0), 1 + 7);
+  EXPECT_EQ(k_at(4, 1), 1 + 0);
+  EXPECT_EQ(k_at(5, 0), 1 + 1);
+  EXPECT_EQ(v_at(5, 0), 101 + 1);
+  EXPECT_EQ(k_at(5, 1), 0);
+}
 
 TEST(Engine, StatsAndTelemetryAddUp) {
   EngineConfig c = make_config(Mode::kClusterKV, Shape{});

@@ -140,6 +140,24 @@ TEST(Telemetry, OnlyTransfersAddBytes) {
   EXPECT_EQ(s.total_events(), 2);
 }
 
+// An eviction's `misses` field counts the clusters it evicted: not cache misses.
+TEST(Telemetry, EvictionsAddNoMisses) {
+  Telemetry t(16);
+  Event evict;
+  evict.kind = EventKind::kEvict;
+  evict.misses = 7;
+  t.record(evict);
+  Event lookup;
+  lookup.kind = EventKind::kCacheLookup;
+  lookup.hits = 3;
+  lookup.misses = 2;
+  t.record(lookup);
+  const TelemetryStats s = t.stats();
+  EXPECT_EQ(s.hits, 3);
+  EXPECT_EQ(s.misses, 2);
+  EXPECT_EQ(s.events[static_cast<int>(EventKind::kEvict)], 1);
+}
+
 TEST(Telemetry, QueueingOffOnlyCounts) {
   Telemetry t(2);
   t.set_queueing(false);
