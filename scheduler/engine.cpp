@@ -434,7 +434,37 @@ struct Engine::Impl {
   struct LayerPolicy {
     std::vector<memory::GatherSegment> segments;
     std::vector<int32_t> inval_idx, set_idx, set_val, next_idx, next_val;
+    /// A cluster placed in `n` cache pages enters directory entry `entry` (row * cap_c +
+    /// cluster): its first page, and the pages chained in order.
+    void place(int64_t entry, const int32_t* pages, int32_t n) {
+      set_idx.push_back(static_cast<int32_t>(entry));
+      set_val.push_back(pages[0]);
+      for (int32_t q = 0; q < n; ++q) {
+        next_idx.push_back(pages[q]);
+        next_val.push_back(q + 1 < n ? pages[q + 1] : -1);
+      }
+    }
   };
+  /// The directory entries of the clusters a lookup or an admission of recall layer `ri` evicted
+  /// leave with `pol` (slot_of: the sequence's slot, or a negative value once it is gone), and an
+  /// evict event says how many.
+  template <typename SlotOf>
+  void note_evictions(LayerPolicy& pol, int32_t ri, int32_t layer, int32_t step,
+                      const std::vector<memory::ClusterKey>& evicted, SlotOf&& slot_of) {
+    for (const memory::ClusterKey& k : evicted) {
+      const int64_t slot = slot_of(k.seq);
+      if (slot < 0) continue;
+      const int64_t row = (slot * num_recall_layers + ri) * Hkv + k.kv_head;
+      pol.inval_idx.push_back(static_cast<int32_t>(row * cap_c + k.cluster));
+    }
+    if (evicted.empty()) return;
+    Event e;
+    e.kind = EventKind::kEvict;
+    e.step = step;
+    e.layer = layer;
+    e.misses = static_cast<int32_t>(evicted.size());
+    record(e);
+  }
   std::vector<LayerPolicy> policy;
   // Per recall layer: the clusters selected in the previous step. When most of a step's
   // selection is new (no temporal locality), misses are not filled into the cache: the fill
@@ -2338,21 +2368,10 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
         } catch (const CapacityError&) {
           return;  // this step's selection does not fit: nothing is cached for this layer
         }
-        for (const memory::ClusterKey& k : lk.evicted) {
-          const auto it = live.find(k.seq);
-          if (it == live.end()) continue;
-          const int64_t row =
-              (static_cast<int64_t>(it->second->slot) * num_recall_layers + ri) * Hkv + k.kv_head;
-          pol.inval_idx.push_back(static_cast<int32_t>(row * cap_c + k.cluster));
-        }
-        if (!lk.evicted.empty()) {
-          Event e;
-          e.kind = EventKind::kEvict;
-          e.step = decided;
-          e.layer = layer;
-          e.misses = static_cast<int32_t>(lk.evicted.size());
-          record(e);
-        }
+        note_evictions(pol, ri, layer, decided, lk.evicted, [&](SeqId seq) -> int64_t {
+          const auto it = live.find(seq);
+          return it == live.end() ? -1 : it->second->slot;
+        });
         if (lk.misses.empty()) return;
         if (!fill) {
           std::vector<memory::ClusterKey> drop;
@@ -2361,16 +2380,9 @@ void Engine::Impl::launch_policy_job(cudaStream_t stream) {
           return;
         }
         for (const int32_t m : lk.misses) {
-          const memory::CacheRequest& r = req[m];
-          const int32_t* pg = lk.page_ids.data() + lk.page_indptr[m];
-          const int32_t np = lk.page_indptr[m + 1] - lk.page_indptr[m];
-          pol.set_idx.push_back(
-              static_cast<int32_t>(static_cast<int64_t>(req_row[m]) * cap_c + r.key.cluster));
-          pol.set_val.push_back(pg[0]);
-          for (int32_t q = 0; q < np; ++q) {
-            pol.next_idx.push_back(pg[q]);
-            pol.next_val.push_back(q + 1 < np ? pg[q + 1] : -1);
-          }
+          pol.place(static_cast<int64_t>(req_row[m]) * cap_c + req[m].key.cluster,
+                    lk.page_ids.data() + lk.page_indptr[m],
+                    lk.page_indptr[m + 1] - lk.page_indptr[m]);
         }
         memory::plan_fetch(
             *store, req.data(), lk, cfg.page_size,
@@ -2808,31 +2820,13 @@ void Engine::Impl::admit_window(Sequence& s, int32_t layer, const WindowJob& j, 
     return;  // recalled from the host tier when selected, as any cluster
   }
   LayerPolicy& pol = policy[ri];
-  for (const memory::ClusterKey& k : lk.evicted) {
-    const auto it = seqs.find(k.seq);
-    if (it == seqs.end()) continue;
-    const int64_t row =
-        (static_cast<int64_t>(it->second->slot) * num_recall_layers + ri) * Hkv + k.kv_head;
-    pol.inval_idx.push_back(static_cast<int32_t>(row * cap_c + k.cluster));
-  }
-  if (!lk.evicted.empty()) {
-    Event e;
-    e.kind = EventKind::kEvict;
-    e.layer = layer;
-    e.misses = static_cast<int32_t>(lk.evicted.size());
-    record(e);
-  }
+  note_evictions(pol, ri, layer, -1, lk.evicted, [&](SeqId seq) -> int64_t {
+    const auto it = seqs.find(seq);
+    return it == seqs.end() ? -1 : it->second->slot;
+  });
   for (const int32_t m : lk.misses) {  // all of them: the clusters are new
-    const memory::CacheRequest& r = req[m];
-    const int32_t* pg = lk.page_ids.data() + lk.page_indptr[m];
-    const int32_t np = lk.page_indptr[m + 1] - lk.page_indptr[m];
-    pol.set_idx.push_back(
-        static_cast<int32_t>((st.table_row + r.key.kv_head) * cap_c + r.key.cluster));
-    pol.set_val.push_back(pg[0]);
-    for (int32_t q = 0; q < np; ++q) {
-      pol.next_idx.push_back(pg[q]);
-      pol.next_val.push_back(q + 1 < np ? pg[q + 1] : -1);
-    }
+    pol.place((st.table_row + req[m].key.kv_head) * cap_c + req[m].key.cluster,
+              lk.page_ids.data() + lk.page_indptr[m], lk.page_indptr[m + 1] - lk.page_indptr[m]);
   }
   // The rows: row i of the window (position j.begin + i) is the next row of its cluster, whose
   // rows are in position order in the host tier and so in its pages (admit_rows).
