@@ -74,7 +74,7 @@ void ClusterCache::evict_front_locked(std::vector<ClusterKey>* evicted) {
   // Pinned entries sit at the back (largest last_used), so the front is unpinned whenever any
   // entry is; lookup() checked that enough unpinned pages exist.
   KVTIER_ASSERT(it->second.last_used < step_);
-  const bool within_retention = it->second.last_used + retention_ >= step_;
+  const bool within_retention = !expired_locked(it->second);
   ++stats_.evictions;
   if (within_retention) ++stats_.pressure_evictions;
   evicted->push_back(it->first);
@@ -137,7 +137,7 @@ CacheLookup ClusterCache::place(const CacheRequest* requests, size_t count, bool
     evictable = 0;
     for (const ClusterKey& k : lru_) {
       const Entry& e = entries_.find(k)->second;
-      if (e.last_used + retention_ >= step_ || e.counted == lookup_serial_) break;
+      if (!expired_locked(e) || e.counted == lookup_serial_) break;
       evictable += static_cast<int64_t>(e.pages.size());
       if (free_now + evictable >= need_pages) break;
     }
@@ -239,7 +239,7 @@ size_t ClusterCache::release_expired() {
   size_t n = 0;
   while (!lru_.empty()) {
     auto it = entries_.find(lru_.front());
-    if (it->second.last_used + retention_ >= step_) break;  // LRU order == expiry order
+    if (!expired_locked(it->second)) break;  // LRU order == expiry order
     ++stats_.evictions;
     free_entry_locked(it);
     ++n;

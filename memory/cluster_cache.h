@@ -155,6 +155,8 @@ class ClusterCache {
   };
   CacheLookup place(const CacheRequest* requests, size_t count, bool admission);
   void touch_locked(Entry& e);
+  /// Past retention: last used more than R steps before the current one.
+  bool expired_locked(const Entry& e) const { return e.last_used + retention_ < step_; }
   void evict_front_locked(std::vector<ClusterKey>* evicted);
   void free_entry_locked(std::unordered_map<ClusterKey, Entry, ClusterKeyHash>::iterator it);
   int32_t pages_for(int32_t rows) const { return (rows + page_size_ - 1) / page_size_; }

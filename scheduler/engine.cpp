@@ -799,8 +799,8 @@ struct Engine::Impl {
   // pages, page chains and directory entries; `op` and `dir` label the copies' span.
   void apply_decisions(PolicyPack& pk, Buffer& dev, Op op, Direction dir, cudaStream_t stream);
   void admit_window(Sequence& s, int32_t layer, const WindowJob& j, int32_t first);
-  // Sizes the admissions' pinned pack and device buffer for every live sequence committing a
-  // window in every recall layer at once, here (add_sequence) rather than in the end_step that
+  // Sizes the admissions' pinned packs and device buffers for max_sequences committing a window
+  // in every recall layer at once, on the first add_sequence rather than in the end_step that
   // first needs them: pinning and device allocation take milliseconds.
   void reserve_admissions();
   int64_t table_row_of(SeqId seq, int32_t layer, int32_t h) const;

@@ -435,7 +435,9 @@ inline void check_window_admission(Backend backend) {
       d.engine().synchronize();  // the step's lookups are counted
       if (t < 6) continue;
       const int64_t m = d.engine().stats().recall_misses - before.recall_misses;
-      if (admit) EXPECT_EQ(m, 0) << "step " << t;
+      if (admit) {
+        EXPECT_EQ(m, 0) << "step " << t;
+      }
       late_misses += m;
     }
     EXPECT_LT(worst, kTol);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "scheduler/engine.h"
@@ -109,38 +110,25 @@ TEST(EngineGpu, AdmitRowsKernelEqualsTheHostVersion) {
   for (auto& x : ring_k) x = std::byte(rng());
   for (auto& x : ring_v) x = std::byte(rng());
   std::vector<std::byte> k_host(pool_bytes, std::byte(0)), v_host(pool_bytes, std::byte(0));
-  std::byte *d_ring_k, *d_ring_v, *d_k, *d_v;
-  int32_t *d_labels, *d_off, *d_pages;
-  scheduler::AdmitItem* d_items;
-  ASSERT_EQ(cudaMalloc(&d_ring_k, ring_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_ring_v, ring_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_k, pool_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_v, pool_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_labels, labels.size() * 4), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_off, page_off.size() * 4), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_pages, pages.size() * 4), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_items, kItems * sizeof(scheduler::AdmitItem)), cudaSuccess);
+  // Device copies of host vectors (RAII), and the pools zeroed like the host's.
+  auto upload = [](const auto& h) {
+    using T = typename std::decay_t<decltype(h)>::value_type;
+    cuda::DeviceBuffer<T> d(h.size(), 0);
+    KVTIER_CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+  };
+  const auto d_ring_k = upload(ring_k), d_ring_v = upload(ring_v);
+  const auto d_k = upload(k_host), d_v = upload(v_host);
+  const auto d_labels = upload(labels), d_off = upload(page_off), d_pages = upload(pages);
   std::vector<scheduler::AdmitItem> host_items(kItems), dev_items(kItems);
   for (int32_t b = 0; b < kItems; ++b) {
     const size_t at = static_cast<size_t>(b) * kCap * kRow;
     const int64_t begin = static_cast<int64_t>(rng() % 100000);
     host_items[b] = {
         ring_k.data() + at, ring_v.data() + at, k_host.data(), v_host.data(), begin, kCap};
-    dev_items[b] = {d_ring_k + at, d_ring_v + at, d_k, d_v, begin, kCap};
+    dev_items[b] = {d_ring_k.get() + at, d_ring_v.get() + at, d_k.get(), d_v.get(), begin, kCap};
   }
-  ASSERT_EQ(cudaMemcpy(d_ring_k, ring_k.data(), ring_bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d_ring_v, ring_v.data(), ring_bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemset(d_k, 0, pool_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMemset(d_v, 0, pool_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d_labels, labels.data(), labels.size() * 4, cudaMemcpyHostToDevice),
-            cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d_off, page_off.data(), page_off.size() * 4, cudaMemcpyHostToDevice),
-            cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d_pages, pages.data(), pages.size() * 4, cudaMemcpyHostToDevice),
-            cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d_items, dev_items.data(), kItems * sizeof(scheduler::AdmitItem),
-                       cudaMemcpyHostToDevice),
-            cudaSuccess);
+  const auto d_items = upload(dev_items);
   scheduler::AdmitParams p;
   p.count = kItems;
   p.window = kW;
@@ -152,24 +140,18 @@ TEST(EngineGpu, AdmitRowsKernelEqualsTheHostVersion) {
   p.page_off = page_off.data();
   p.pages = pages.data();
   scheduler::admit_rows_host(p);
-  p.items = d_items;
-  p.labels = d_labels;
-  p.page_off = d_off;
-  p.pages = d_pages;
+  p.items = d_items.get();
+  p.labels = d_labels.get();
+  p.page_off = d_off.get();
+  p.pages = d_pages.get();
   scheduler::launch_admit_rows(p, nullptr);
   std::vector<std::byte> k_dev(pool_bytes), v_dev(pool_bytes);
-  ASSERT_EQ(cudaMemcpy(k_dev.data(), d_k, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(v_dev.data(), d_v, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(k_dev.data(), d_k.get(), pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(v_dev.data(), d_v.get(), pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
   EXPECT_TRUE(k_dev == k_host);
   EXPECT_TRUE(v_dev == v_host);
   EXPECT_NE(std::count(k_host.begin(), k_host.end(), std::byte(0)),
             static_cast<std::ptrdiff_t>(pool_bytes));  // rows were copied
-  for (void* ptr :
-       {static_cast<void*>(d_ring_k), static_cast<void*>(d_ring_v), static_cast<void*>(d_k),
-        static_cast<void*>(d_v), static_cast<void*>(d_labels), static_cast<void*>(d_off),
-        static_cast<void*>(d_pages), static_cast<void*>(d_items)}) {
-    EXPECT_EQ(cudaFree(ptr), cudaSuccess);
-  }
 }
 #endif
 
@@ -307,7 +289,9 @@ TEST(EngineGpu, AttentionInsideTheSelectionKernelGivesTheOutputsOfTheSeparateKer
       EXPECT_LT(run_churn(c, test::test_seed() + 30, 40, &apart, &without, true), k.tol);
     }
     expect_fused(with, without);
-    if (major >= 9) EXPECT_EQ(with.select_attend_layers, recall_decodes(c, with));
+    if (major >= 9) {
+      EXPECT_EQ(with.select_attend_layers, recall_decodes(c, with));
+    }
     ASSERT_EQ(fused.size(), apart.size());
     // 2 eps of the larger value (2 to 4 ulps), at least of 2^-6 (near 0 the fp32 sums' own error
     // dominates); a NaN on either side fails.
