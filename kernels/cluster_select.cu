@@ -1,5 +1,6 @@
 // Launchers of cluster scoring and selection: head_dim / head-tile / aggregation dispatch for the
 // scoring kernel, the block tiers (radix select) and the segmented-sort fallback for selection.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -301,6 +302,33 @@ void launch_score_and_select_clusters(const ClusterSelectParams& p, const Cluste
   select_impl(p, t, workspace, stream);
 }
 
+namespace {
+__global__ void round_centroids_fp16_kernel(float* centroids, __half* copy, int64_t rows,
+                                            int64_t cols, int64_t stride) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t at = i / cols * stride + i % cols;
+    const __half h = __float2half_rn(centroids[at]);
+    centroids[at] = __half2float(h);
+    if (copy != nullptr) copy[at] = h;
+  }
+}
+}  // namespace
+
+void launch_round_centroids_fp16(float* centroids, uint16_t* copy, int64_t rows, int64_t cols,
+                                 int64_t stride, cudaStream_t stream) {
+  KVTIER_CHECK(rows >= 0 && cols >= 0 && stride >= cols, "launch_round_centroids_fp16: rows ",
+               rows, ", cols ", cols, ", stride ", stride);
+  const int64_t total = rows * cols;
+  if (total == 0) return;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4 * detail::sm_count());
+  round_centroids_fp16_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      centroids, reinterpret_cast<__half*>(copy), rows, cols, stride);
+  KVTIER_CUDA_CHECK_LAUNCH("round_centroids_fp16_kernel");
+}
+
 namespace detail {
 
 SplitLayout check_score_select_split(const ClusterSelectParams& p, const ClusterSelectTensors& t,
@@ -320,6 +348,7 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
   check_select_inputs_and_outputs(p, t);
   check_aligned(t.queries, "queries");
   check_aligned(t.centroids, "centroids");
+  if (t.centroids_f16 != nullptr) check_aligned(t.centroids_f16, "centroids_f16");
   KVTIER_CHECK(workspace != nullptr && workspace_bytes >= l.total, "split score-and-select needs ",
                l.total, " bytes of workspace, got ", workspace_bytes);
   KVTIER_CHECK(reinterpret_cast<uintptr_t>(workspace) % 256 == 0,
@@ -328,9 +357,16 @@ SplitLayout check_score_select_split(const ClusterSelectParams& p, const Cluster
 }
 
 ScoreKernelParams score_kernel_params(const ClusterSelectParams& p, const ClusterSelectTensors& t) {
-  return ScoreKernelParams{t.queries,       t.centroids,    t.num_clusters,
-                           t.centroid_rows, t.scores,       t.nonfinite_problem,
-                           p.group_size,    p.max_clusters, cluster_score_scale(p)};
+  return ScoreKernelParams{t.queries,
+                           t.centroids,
+                           reinterpret_cast<const __half*>(t.centroids_f16),
+                           t.num_clusters,
+                           t.centroid_rows,
+                           t.scores,
+                           t.nonfinite_problem,
+                           p.group_size,
+                           p.max_clusters,
+                           cluster_score_scale(p)};
 }
 
 int cluster_select_max_size() {

@@ -56,6 +56,12 @@ struct ClusterSelectTensors {
   /// `centroids` instead of row p (an engine keeps one centroid table per layer and scores a
   /// batch's rows of it in place). Rows must be >= 0 and within the table; not validated.
   const int32_t* centroid_rows = nullptr;
+  /// Optional, GPU only: the same centroids as fp16 bit patterns, same layout and rows. Every
+  /// value of `centroids` that a call reads must be exactly representable in fp16 and equal to
+  /// its copy here (round_centroids_fp16 makes both). The kernels of thread block clusters (the
+  /// split score-and-select and the engine's fused recall kernel) then read this copy, half the
+  /// bytes; the other paths and the CPU read `centroids`, and all score the same values.
+  const uint16_t* centroids_f16 = nullptr;
   const int32_t* num_clusters = nullptr;   ///< [num_problems], each in [0, max_clusters]
   const int32_t* cluster_sizes = nullptr;  ///< [num_problems, max_clusters] rows (tokens), >= 0
   /// Optional [num_problems]: problem p's sizes are row cluster_size_rows[p] of cluster_sizes
@@ -113,6 +119,12 @@ void score_and_select_clusters_ref(const ClusterSelectParams& p, const ClusterSe
 void score_clusters_cpu(const ClusterSelectParams& p, const ClusterSelectTensors& t);
 void select_clusters_cpu(const ClusterSelectParams& p, const ClusterSelectTensors& t);
 void score_and_select_clusters_cpu(const ClusterSelectParams& p, const ClusterSelectTensors& t);
+
+/// Rounds `cols` fp32 values of each of `rows` rows (row r at centroids + r * stride, in elements)
+/// to the nearest fp16 value (ties to even), in place, and stores them as fp16 in `copy` (same
+/// layout) unless it is null: the pair ClusterSelectTensors::centroids_f16 asks for. Host memory.
+void round_centroids_fp16_cpu(float* centroids, uint16_t* copy, int64_t rows, int64_t cols,
+                              int64_t stride);
 
 // ---- GPU (device pointers, ordered on `stream`) ----
 //
@@ -178,6 +190,9 @@ void launch_score_select_split(const ClusterSelectParams& p, const ClusterSelect
 /// launch_score_clusters then launch_select_clusters, with one reset of t.nonfinite_problem.
 void launch_score_and_select_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                       void* workspace, size_t workspace_bytes, cudaStream_t stream);
+/// round_centroids_fp16_cpu on device memory, on `stream` (the same values, bit for bit).
+void launch_round_centroids_fp16(float* centroids, uint16_t* copy, int64_t rows, int64_t cols,
+                                 int64_t stride, cudaStream_t stream);
 #endif
 
 namespace detail {

@@ -13,6 +13,7 @@
 
 #include "kernels/cluster_select.h"
 #include "memory/core/check.h"
+#include "memory/core/half.h"
 
 namespace kvtier::kernels {
 
@@ -177,6 +178,20 @@ void score_and_select_clusters_cpu(const ClusterSelectParams& p, const ClusterSe
   // error: the same message as score_and_select_clusters_ref.
   score_clusters_cpu(p, t);
   select_clusters_cpu(p, t);
+}
+
+void round_centroids_fp16_cpu(float* centroids, uint16_t* copy, int64_t rows, int64_t cols,
+                              int64_t stride) {
+  KVTIER_CHECK(rows >= 0 && cols >= 0 && stride >= cols, "round_centroids_fp16_cpu: rows ", rows,
+               ", cols ", cols, ", stride ", stride);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = centroids + r * stride;
+    for (int64_t i = 0; i < cols; ++i) {
+      const uint16_t h = float_to_fp16(row[i]);
+      row[i] = fp16_to_float(h);
+      if (copy != nullptr) copy[r * stride + i] = h;
+    }
+  }
 }
 
 }  // namespace kvtier::kernels

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cooperative_groups.h>
+#include <cuda_fp16.h>
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
+#include <type_traits>
 #include <utility>
 
 #include "kernels/cluster_select.h"
@@ -22,8 +24,11 @@ namespace kvtier::kernels {
 
 /// Scoring arguments, by value.
 struct ScoreKernelParams {
-  const float* queries;          // [num_problems, group_size, head_dim]
-  const float* centroids;        // [num_problems, max_clusters, head_dim]
+  const float* queries;    // [num_problems, group_size, head_dim]
+  const float* centroids;  // [num_problems, max_clusters, head_dim]
+  // Optional, same layout: the centroids' fp16 copy (ClusterSelectTensors::centroids_f16), read
+  // instead by the kernels of thread block clusters.
+  const __half* centroids_f16;
   const int32_t* num_clusters;   // [num_problems]
   const int32_t* centroid_rows;  // [num_problems] or null: problem p scores centroid row [p]
   float* scores;                 // [num_problems, max_clusters]
@@ -978,6 +983,83 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   epi.template run<kThreads>(kp, problem, nullptr);
 }
 
+namespace cluster_select_device {
+
+/// A 16-byte piece of a centroid (4 fp32 or 8 fp16 values) dotted with the matching query values
+/// `x` (fp32, one or two float4), accumulated in fp32 onto d.
+__device__ __forceinline__ float dot_piece(const float4& c, const float4 (&x)[1], float d) {
+  d = fmaf(c.x, x[0].x, d);
+  d = fmaf(c.y, x[0].y, d);
+  d = fmaf(c.z, x[0].z, d);
+  return fmaf(c.w, x[0].w, d);
+}
+__device__ __forceinline__ float dot_piece(const uint4& c, const float4 (&x)[2], float d) {
+  const __half2* h = reinterpret_cast<const __half2*>(&c);
+  const float2 a = __half22float2(h[0]), b = __half22float2(h[1]), e = __half22float2(h[2]),
+               f = __half22float2(h[3]);
+  d = fmaf(a.x, x[0].x, d);
+  d = fmaf(a.y, x[0].y, d);
+  d = fmaf(b.x, x[0].z, d);
+  d = fmaf(b.y, x[0].w, d);
+  d = fmaf(e.x, x[1].x, d);
+  d = fmaf(e.y, x[1].y, d);
+  d = fmaf(f.x, x[1].z, d);
+  return fmaf(f.y, x[1].w, d);
+}
+
+/// The logits of centroids [b, e) of a problem's row `cb` (kDim elements each, fp32 or fp16)
+/// against its G queries q4 (shared memory, fp32 [G][kDim]), into logits[g * slice + j - b],
+/// times `scale`: eight lanes per centroid, 16-byte loads, and as many bytes in flight per thread
+/// for either type (an fp16 pass covers twice the centroids of an fp32 one). A lane loads the
+/// query values its pieces meet once per head and pass.
+template <int kDim, int kThreads, typename C>
+__device__ __forceinline__ void slice_logits(const C* cb, int b, int e, int G, const float4* q4,
+                                             float* logits, int slice, float scale) {
+  using Piece = std::conditional_t<std::is_same_v<C, float>, float4, uint4>;
+  constexpr int kLanes = 8;                                       // lanes per centroid
+  constexpr int kPieces = kDim * sizeof(C) / 16;                  // 16-byte pieces of a centroid
+  constexpr int kPerLane = kPieces / kLanes;                      // of them per lane
+  constexpr int kQ = 4 / sizeof(C);                               // query float4s per piece
+  constexpr int kRounds = (kDim > 128 ? 1 : 2) * kQ;              // centroids per lane group
+  constexpr int kPass = kThreads / 32 * (32 / kLanes) * kRounds;  // centroids per block pass
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int sub = lane % kLanes, grp = lane / kLanes;
+  const Piece* pieces = reinterpret_cast<const Piece*>(cb);
+  for (int base = b; base < e; base += kPass) {  // block-uniform
+    Piece c[kRounds][kPerLane];
+    int js[kRounds];
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      js[r] = base + (warp * kRounds + r) * (32 / kLanes) + grp;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        c[r][k] = js[r] < e
+                      ? __ldg(pieces + static_cast<size_t>(js[r]) * kPieces + k * kLanes + sub)
+                      : Piece{};
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      float4 x[kPerLane][kQ];
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+#pragma unroll
+        for (int i = 0; i < kQ; ++i) x[k][i] = q4[g * (kDim / 4) + (k * kLanes + sub) * kQ + i];
+      }
+#pragma unroll
+      for (int r = 0; r < kRounds; ++r) {
+        float d = 0.f;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) d = dot_piece(c[r][k], x[k], d);
+#pragma unroll
+        for (int o = kLanes / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        if (js[r] < e && sub == g % kLanes) logits[g * slice + (js[r] - b)] = d * scale;
+      }
+    }
+  }
+}
+
+}  // namespace cluster_select_device
+
 /// Dynamic shared memory of score_select_cluster_kernel, in bytes from its start: the problem's
 /// queries [G][kDim] (float), the per-CTA, per-head (max, sum of exp) partials [cluster][G]
 /// (float2), this CTA's logits [G][slice], and, read in CTA 0 only, the problem's scores and
@@ -1010,11 +1092,7 @@ __device__ __forceinline__ void score_select_in_cluster(
     float* s_head_inv, unsigned char* smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using namespace cluster_select_device;
-  constexpr int kLanes = 8;                      // lanes per centroid
-  constexpr int kPerLane = kDim / (4 * kLanes);  // float4 pieces of a centroid per lane
-  constexpr int kRounds = kDim > 128 ? 1 : 2;    // centroids per lane group and pass
   constexpr int kWarps = kThreads / 32;
-  constexpr int kPass = kWarps * (32 / kLanes) * kRounds;  // centroids per pass of the block
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   // Remote shared memory may be written only once its CTA runs: arrive now, wait before the first
@@ -1048,44 +1126,17 @@ __device__ __forceinline__ void score_select_in_cluster(
   }
 
   // ---- the slice's logits ----
-  const int sub = lane % kLanes, grp = lane / kLanes;
   const size_t crow = sk.centroid_rows ? static_cast<size_t>(sk.centroid_rows[problem])
                                        : static_cast<size_t>(problem);
-  const float4* cb = reinterpret_cast<const float4*>(sk.centroids) +
-                     crow * static_cast<size_t>(kp.max_clusters) * (kDim / 4);
   const float4* qsrc =
       reinterpret_cast<const float4*>(sk.queries) + static_cast<size_t>(problem) * G * (kDim / 4);
   for (int i = static_cast<int>(threadIdx.x); i < G * kDim / 4; i += kThreads) q4[i] = qsrc[i];
   __syncthreads();
-  for (int base = b; base < e; base += kPass) {  // block-uniform
-    float4 c[kRounds][kPerLane];
-    int js[kRounds];
-#pragma unroll
-    for (int r = 0; r < kRounds; ++r) {
-      js[r] = base + (warp * kRounds + r) * (32 / kLanes) + grp;
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
-        c[r][k] = js[r] < e ? __ldg(cb + static_cast<size_t>(js[r]) * (kDim / 4) + k * kLanes + sub)
-                            : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-#pragma unroll
-      for (int r = 0; r < kRounds; ++r) {
-        float d = 0.f;
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k) {
-          const float4 q = q4[g * (kDim / 4) + k * kLanes + sub];
-          d = fmaf(c[r][k].x, q.x, d);
-          d = fmaf(c[r][k].y, q.y, d);
-          d = fmaf(c[r][k].z, q.z, d);
-          d = fmaf(c[r][k].w, q.w, d);
-        }
-#pragma unroll
-        for (int o = kLanes / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-        if (js[r] < e && sub == g % kLanes) logits[g * slice + (js[r] - b)] = d * sk.scale;
-      }
-    }
+  const size_t first = crow * static_cast<size_t>(kp.max_clusters) * kDim;
+  if (sk.centroids_f16 != nullptr) {  // block-uniform
+    slice_logits<kDim, kThreads>(sk.centroids_f16 + first, b, e, G, q4, logits, slice, sk.scale);
+  } else {
+    slice_logits<kDim, kThreads>(sk.centroids + first, b, e, G, q4, logits, slice, sk.scale);
   }
   __syncthreads();
   if (rank == 0) {  // the epilogue's stage, in the background until it runs

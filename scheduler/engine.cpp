@@ -409,7 +409,8 @@ struct Engine::Impl {
     e.dur_ns = telemetry.now_ns() - t0_ns;
     record(e);
   }
-  Buffer centroid_table;  // float [max_sequences * R * Hkv, cap_c, D]
+  Buffer centroid_table;  // float [max_sequences * R * Hkv, cap_c, D], fp16 values (see seal)
+  Buffer centroid_f16;    // kCuda: its fp16 copy, read by the fused recall kernel's scoring
   Buffer size_table;      // int32 [max_sequences * R * Hkv, cap_c]
   Buffer dir_table;       // int32 [same rows, cap_c]: first cache page of the cluster, or -1
   Buffer slot_table;      // int32 [same rows, cap_c]: first host-tier slot of the cluster
@@ -603,6 +604,22 @@ struct Engine::Impl {
     return *it->second;
   }
   float* centroids_row(int64_t row) const { return centroid_table.as<float>() + row * cap_c * D; }
+  /// Rounds clusters [first, first + count) of table rows [row, row + Hkv) to fp16 values in
+  /// place and, on kCuda, writes their fp16 copy, on `stream`: scoring reads the copy (half the
+  /// bytes) where it can and the fp32 table elsewhere, and both hold the same values.
+  void seal_centroids(int64_t row, int32_t first, int32_t count, cudaStream_t stream) {
+    const int64_t at = (row * cap_c + first) * D, cols = static_cast<int64_t>(count) * D;
+    if (backend == Backend::kCpu) {
+      kernels::round_centroids_fp16_cpu(centroid_table.as<float>() + at, nullptr, Hkv, cols,
+                                        static_cast<int64_t>(cap_c) * D);
+      return;
+    }
+#if KVTIER_WITH_CUDA
+    kernels::launch_round_centroids_fp16(centroid_table.as<float>() + at,
+                                         centroid_f16.as<uint16_t>() + at, Hkv, cols,
+                                         static_cast<int64_t>(cap_c) * D, stream);
+#endif
+  }
   int32_t* sizes_row(int64_t row) const { return size_table.as<int32_t>() + row * cap_c; }
   void record(Event e) {
     if (e.step < 0) e.step = step_now.load(std::memory_order_relaxed);
@@ -862,6 +879,7 @@ Engine::Impl::Impl(const EngineConfig& c)
     cap_c = static_cast<int32_t>(cap);
     const size_t rows = static_cast<size_t>(cfg.max_sequences) * num_recall_layers * Hkv;
     centroid_table = alloc(rows * cap_c * D * sizeof(float));
+    if (backend == Backend::kCuda) centroid_f16 = alloc(rows * cap_c * D * sizeof(uint16_t));
     size_table = alloc(rows * cap_c * sizeof(int32_t));
     dir_table = alloc(rows * cap_c * sizeof(int32_t));
     slot_table = alloc(rows * cap_c * sizeof(int32_t));
@@ -1106,6 +1124,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
         std::vector<int32_t> labels(static_cast<size_t>(Hkv) * c_n);
         kernels::kmeans_cpu(kp, points.data(), centroids_row(st.table_row), labels.data(),
                             sizes_row(st.table_row));
+        seal_centroids(st.table_row, 0, c0, nullptr);
         store->append_clustered(seq, layer, part_of(off0, c_n), labels.data(), c0);
         for (int32_t h = 0; h < Hkv; ++h) {
           st.sizes[h].assign(sizes_row(st.table_row + h), sizes_row(st.table_row + h) + c0);
@@ -1193,6 +1212,7 @@ void Engine::Impl::prefill(Sequence& s, int32_t layer, const KvRows& kv, cudaStr
             kernels::launch_kmeans(kp, sc.k.get(), centroids_row(st.table_row),
                                    sc.labels.as<int32_t>(), sizes_row(st.table_row), sc.ws.get(),
                                    nullptr, nullptr, nullptr, side_s);
+            seal_centroids(st.table_row, 0, c0, side_s);
           });
     w->kmeans.record(backend, side_s);
   }
@@ -1579,6 +1599,7 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
   const size_t crow = static_cast<size_t>(c0 + 1) * D * sizeof(float);
   copy_2d(backend, centroids_row(st.table_row), cap_c * D * sizeof(float), tc.data(), crow, crow,
           Hkv, stream);
+  seal_centroids(st.table_row, 0, c0 + 1, stream);
   copy_2d(backend, sizes_row(st.table_row), cap_c * sizeof(int32_t), ts.data(),
           (c0 + 1) * sizeof(int32_t), (c0 + 1) * sizeof(int32_t), Hkv, stream);
   st.num_clusters = c0 + 1;
@@ -2097,6 +2118,7 @@ bool Engine::Impl::launch_recall_kernels(const RecallLaunch& r, cudaStream_t str
   kernels::ClusterSelectTensors t;
   t.queries = q32.as<float>();
   t.centroids = centroid_table.as<float>();
+  t.centroids_f16 = centroid_f16.as<uint16_t>();
   t.centroid_rows = r.crow;
   t.num_clusters = r.ncl;
   t.cluster_sizes = size_table.as<int32_t>();  // the layer's table, read in place
@@ -2597,6 +2619,7 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
     });
     job->labels.resize(static_cast<size_t>(Hkv) * W);
     kernels::kmeans_cpu(kp, points.data(), cent, job->labels.data(), sizes);
+    seal_centroids(st.table_row, job->first_cluster, cp, nullptr);
     job->host = std::make_shared<Job>();
     run_window_host(s, layer, *job);
     st.window = std::move(job);
@@ -2626,7 +2649,8 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
   const std::byte* ring = st.win_k.get();
   const int64_t win_cap = st.win_cap;
   st.window = std::move(job);
-  jobs.run([this, j, sp, layer, appended, kp, cent, sizes, side_s, ring, win_cap, W] {
+  const int64_t table_row = st.table_row;
+  jobs.run([this, j, sp, layer, appended, kp, cent, sizes, side_s, ring, win_cap, W, table_row] {
     try {
       cuda::DeviceGuard guard(device);
       for_ring_runs(j->begin, W, win_cap, [&](int64_t slot, int64_t run, int64_t i) {
@@ -2635,6 +2659,7 @@ void Engine::Impl::start_window_job(Sequence& s, int32_t layer) {
       });
       kernels::launch_kmeans(kp, j->points.get(), cent, j->labels_dev.as<int32_t>(), sizes,
                              j->workspace.get(), nullptr, nullptr, nullptr, side_s);
+      seal_centroids(table_row, j->first_cluster, cfg.window_clusters, side_s);
       cuda::memcpy_async(j->labels_host.data(), j->labels_dev.get(),
                          static_cast<size_t>(Hkv) * W * 4, side_s);
       j->done.record(backend, side_s);

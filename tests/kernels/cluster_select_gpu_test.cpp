@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <set>
@@ -55,6 +56,7 @@ struct Case {
   std::vector<float> scores;           // input of selection-only runs
   std::vector<int32_t> centroid_rows;  // optional: `centroids` is a table read through these
   std::vector<int32_t> size_rows;      // optional: `sizes` is a table read through these
+  std::vector<uint16_t> centroids_f16;  // optional: the centroids' fp16 copy (centroids_f16)
 
   std::string describe() const {
     std::ostringstream os;
@@ -314,6 +316,7 @@ Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
   const size_t slots = static_cast<size_t>(c.p.num_problems) * c.p.max_clusters;
   auto queries = upload(c.queries, s);
   auto centroids = upload(c.centroids, s);
+  auto centroids_f16 = upload(c.centroids_f16, s);
   auto centroid_rows =
       upload(c.centroid_rows.empty() ? std::vector<int32_t>{0} : c.centroid_rows, s);
   auto size_rows = upload(c.size_rows.empty() ? std::vector<int32_t>{0} : c.size_rows, s);
@@ -332,6 +335,7 @@ Result run_on_gpu(const Case& c, GpuStep step, size_t misalign = 0) {
   t.queries = queries.get();
   t.centroids = centroids.get();
   t.centroid_rows = c.centroid_rows.empty() ? nullptr : centroid_rows.get();
+  t.centroids_f16 = c.centroids_f16.empty() ? nullptr : centroids_f16.get();
   t.num_clusters = num_clusters.get();
   t.cluster_sizes = sizes.get() + misalign;
   t.cluster_size_rows = c.size_rows.empty() ? nullptr : size_rows.get();
@@ -858,6 +862,90 @@ TEST(ClusterSelectGpuScoreEdge, IndirectCentroidRows) {
   const Result got = run_on_gpu(c, GpuStep::kScore);
   EXPECT_EQ(got.nonfinite_problem, -1);
   EXPECT_EQ(got.scores, want.scores);
+#endif
+}
+
+TEST(ClusterSelectGpuScoreEdge, Fp16CentroidCopyIsReadAndScoresLikeTheTable) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Centroids rounded to fp16 values with their fp16 copy (round_centroids_fp16_cpu): the split
+  // score-and-select reads the copy where it runs as thread block clusters, and its scores are
+  // those of the fp32 table within the split tolerance of the reference, with the reference's
+  // selection on them. A copy that differs from the table changes the scores there, so the test
+  // sees which one was read.
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  for (const int32_t head_dim : {64, 128, 256}) {
+    for (const int32_t k : {200, 700, 4096}) {
+      for (const auto agg : {ScoreAggregation::kSoftmaxSum, ScoreAggregation::kMax}) {
+        Case c = make_case(4, 4, head_dim, k, agg, BudgetOverflow::kTruncate,
+                           test::test_seed() + head_dim + 3 * k + static_cast<int>(agg));
+        SCOPED_TRACE(c.describe());
+        const size_t row = static_cast<size_t>(k) * head_dim;
+        c.centroids_f16.resize(c.centroids.size());
+        round_centroids_fp16_cpu(c.centroids.data(), c.centroids_f16.data(), c.p.num_problems,
+                                 static_cast<int64_t>(row), static_cast<int64_t>(row));
+        const Result got = run_on_gpu(c, GpuStep::kScoreSelectSplit);
+        EXPECT_EQ(got.nonfinite_problem, -1);
+        expect_scores_close(c, ref_scores(c).scores, with_padding(c, got.scores));
+        expect_same_selection(c, ref_select(c, got.scores), got);
+
+        Case other = c;  // the copy negated: scores from it differ from the table's
+        for (uint16_t& h : other.centroids_f16) h ^= 0x8000u;
+        const Result flipped = run_on_gpu(other, GpuStep::kScoreSelectSplit);
+        const bool clusters = detail::score_select_cluster_size(c.p) > 0;
+        EXPECT_EQ(clusters, major >= 9);
+        int32_t same = 0;
+        for (size_t i = 0; i < got.scores.size(); ++i) same += flipped.scores[i] == got.scores[i];
+        if (clusters) {
+          EXPECT_LT(same, static_cast<int32_t>(got.scores.size() / 2)) << "the copy was not read";
+        } else {
+          EXPECT_EQ(same, static_cast<int32_t>(got.scores.size())) << "read without clusters";
+        }
+      }
+    }
+  }
+#endif
+}
+
+TEST(ClusterSelectGpuScoreEdge, RoundingCentroidsToFp16MatchesTheHostBitForBit) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  // Normal, subnormal, tie and out-of-range values in rows with padding: the device rounds and
+  // copies exactly as round_centroids_fp16_cpu, and leaves the padding alone.
+  const int64_t rows = 5, cols = 1000, stride = 1040;
+  std::mt19937_64 rng(test::test_seed() + 99);
+  std::vector<float> table(static_cast<size_t>(rows * stride));
+  for (size_t i = 0; i < table.size(); ++i) {
+    const int kind = static_cast<int>(rng() % 5);
+    const float u = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+    table[i] = kind == 0   ? u
+               : kind == 1 ? u * 1e-6f                                   // fp16 subnormals
+               : kind == 2 ? std::ldexp(1.f + 1.f / 2048.f, static_cast<int>(rng() % 8) - 4)
+               : kind == 3 ? u * 1e5f                                    // beyond fp16: inf
+                           : std::ldexp(u, -20);
+  }
+  std::vector<float> host = table;
+  std::vector<uint16_t> host_copy(table.size(), 0x1234);
+  round_centroids_fp16_cpu(host.data(), host_copy.data(), rows, cols, stride);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = cols; i < stride; ++i) {
+      ASSERT_EQ(host[r * stride + i], table[r * stride + i]);  // padding untouched
+      ASSERT_EQ(host_copy[r * stride + i], 0x1234);
+    }
+  }
+  cuda::Stream stream(0);
+  auto d_table = upload(table, stream.get());
+  auto d_copy = upload(std::vector<uint16_t>(table.size(), 0x1234), stream.get());
+  launch_round_centroids_fp16(d_table.get(), d_copy.get(), rows, cols, stride, stream.get());
+  const std::vector<float> dev = download(d_table, table.size(), stream.get());
+  const std::vector<uint16_t> dev_copy = download(d_copy, table.size(), stream.get());
+  stream.synchronize();
+  for (size_t i = 0; i < table.size(); ++i) {
+    ASSERT_EQ(std::memcmp(&dev[i], &host[i], 4), 0) << "element " << i << " of " << table[i];
+    ASSERT_EQ(dev_copy[i], host_copy[i]) << "element " << i << " of " << table[i];
+  }
 #endif
 }
 

@@ -804,5 +804,65 @@ TEST(ClusterSelectErrors, BadParams) {
   EXPECT_THROW(select_clusters_cpu(p, tensors(c, r)), InvalidArgumentError);
 }
 
+TEST(ClusterSelectRound, CentroidsRoundToTheNearestFp16ValueWithTheirCopy) {
+  // Known values: ties to even, subnormals, overflow, signs; then the copy's bits, the padding
+  // and a null copy.
+  const float tiny = std::ldexp(1.f, -24);  // the smallest fp16 subnormal
+  const std::vector<std::pair<float, float>> known = {
+      {1.f, 1.f},
+      {1.f + 1.f / 2048.f, 1.f},                     // halfway: to even (down)
+      {1.f + 3.f / 2048.f, 1.f + 2.f / 1024.f},      // halfway: to even (up)
+      {1.f + 1.1f / 2048.f, 1.f + 1.f / 1024.f},     // above halfway
+      {-0.33333334f, -0.33325195f},
+      {65504.f, 65504.f},
+      {65520.f, kInf},                               // halfway to the next binade: overflows
+      {-1e6f, -kInf},
+      {tiny * 0.5f, 0.f},                            // halfway to zero: to even (zero)
+      {tiny * 1.5f, tiny * 2.f},                     // halfway: to even
+      {tiny * 3.25f, tiny * 3.f},
+      {1e-9f, 0.f},
+      {-0.f, -0.f}};
+  std::vector<float> v;
+  for (const auto& [x, want] : known) v.push_back(x);
+  std::vector<uint16_t> copy(v.size());
+  round_centroids_fp16_cpu(v.data(), copy.data(), 1, static_cast<int64_t>(v.size()),
+                           static_cast<int64_t>(v.size()));
+  for (size_t i = 0; i < known.size(); ++i) {
+    EXPECT_EQ(v[i], known[i].second) << "input " << known[i].first;
+    EXPECT_EQ(std::signbit(v[i]), std::signbit(known[i].second)) << "input " << known[i].first;
+  }
+  EXPECT_EQ(copy[0], 0x3c00);             // 1
+  EXPECT_EQ(copy[6], 0x7c00);             // +inf
+  EXPECT_EQ(copy[7], 0xfc00);             // -inf
+  EXPECT_EQ(copy[9], 0x0002);             // 2 x the smallest subnormal
+  EXPECT_EQ(copy[known.size() - 1], 0x8000);  // -0
+
+  // Random rows with padding: every result is an fp16 value nearest its input (within half a
+  // unit in the last place), rounding again changes nothing, the padding stays.
+  const int64_t rows = 3, cols = 500, stride = 512;
+  std::mt19937_64 rng(test::test_seed() + 5);
+  std::vector<float> in(static_cast<size_t>(rows * stride));
+  for (float& x : in) x = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  std::vector<float> out = in;
+  round_centroids_fp16_cpu(out.data(), nullptr, rows, cols, stride);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < stride; ++i) {
+      const size_t k = static_cast<size_t>(r * stride + i);
+      if (i >= cols) {
+        ASSERT_EQ(out[k], in[k]);
+        continue;
+      }
+      int e = 0;
+      (void)std::frexp(in[k], &e);
+      const double ulp = std::ldexp(1.0, std::max(e, -13) - 11);
+      ASSERT_LE(std::fabs(static_cast<double>(out[k]) - in[k]), ulp / 2) << in[k];
+    }
+  }
+  std::vector<float> again = out;
+  round_centroids_fp16_cpu(again.data(), nullptr, rows, cols, stride);
+  EXPECT_EQ(again, out);
+  EXPECT_THROW(round_centroids_fp16_cpu(out.data(), nullptr, 1, 10, 5), InvalidArgumentError);
+}
+
 }  // namespace
 }  // namespace kvtier::kernels
