@@ -213,6 +213,20 @@ int score_select_cluster_size(const ClusterSelectParams& p);
 void launch_split_logits(const ClusterSelectParams& p, const ClusterSelectTensors& t, float* logits,
                          void* partials, cudaStream_t stream);
 #endif
+/// The cluster size with which a kernel of thread block clusters (the split score-and-select, the
+/// engine's fused recall kernel) runs a call of `problems` clusters, from a size `cs` whose shared
+/// memory fits: halved while the device holds fewer than `problems` such clusters at once
+/// (active(c)) and the smaller plan still fits (fits(c)). Clusters that wait for others to finish
+/// double the call's time; smaller ones only lengthen each CTA's share. `cs` itself when no
+/// smaller size holds them all.
+template <typename Active, typename Fits>
+int co_resident_cluster_size(int64_t problems, int cs, Active&& active, Fits&& fits) {
+  for (int c = cs; c >= 1; c /= 2) {
+    if (c < cs && !fits(c)) break;
+    if (problems <= static_cast<int64_t>(active(c))) return c;
+  }
+  return cs;
+}
 /// Row of `centroids` that problem p scores.
 inline size_t centroid_row(const ClusterSelectTensors& t, int32_t problem) {
   return static_cast<size_t>(t.centroid_rows ? t.centroid_rows[problem] : problem);

@@ -1472,8 +1472,9 @@ struct ClusterSelectPlan {
 /// is bytes_of(cluster, slice): the largest power of two up to cluster_select_max_size() with
 /// which the problems' clusters fill at most the multiprocessors once (a batch of one sequence
 /// with 8 KV heads: 8 clusters of 8 on an H100's 132), raised while the shared memory does not
-/// fit (more CTAs, shorter slices of logits), and lowered to what the device schedules; cluster 0
-/// without sm_90 code and device.
+/// fit (more CTAs, shorter slices of logits), lowered to what the device schedules, and then
+/// while the device cannot hold every problem's cluster at once (co_resident_cluster_size);
+/// cluster 0 without sm_90 code and device.
 template <typename BytesOf>
 ClusterSelectPlan plan_cluster_kernel(const ClusterSelectParams& p, const void* kernel, int threads,
                                       BytesOf&& bytes_of) {
@@ -1484,9 +1485,10 @@ ClusterSelectPlan plan_cluster_kernel(const ClusterSelectParams& p, const void* 
   const int sms = sm_count();
   int cs = 1;
   while (cs * 2 <= max_size && static_cast<int64_t>(p.num_problems) * cs * 2 <= sms) cs *= 2;
+  auto slice_of = [&](int c) { return ((p.max_clusters + c - 1) / c + 3) / 4 * 4; };
   bool lowered = false;  // to what the device schedules: never raised again
   for (;;) {
-    const int slice = ((p.max_clusters + cs - 1) / cs + 3) / 4 * 4;
+    const int slice = slice_of(cs);
     const size_t bytes = bytes_of(cs, slice);
     if (bytes > limit) {
       if (lowered || cs * 2 > max_size) return plan;
@@ -1494,7 +1496,13 @@ ClusterSelectPlan plan_cluster_kernel(const ClusterSelectParams& p, const void* 
       continue;
     }
     const int most = max_cluster_size(kernel, threads, bytes);
-    if (most >= cs) return ClusterSelectPlan{cs, slice, bytes};
+    if (most >= cs) {
+      const int size = co_resident_cluster_size(
+          p.num_problems, cs,
+          [&](int c) { return max_active_clusters(kernel, threads, bytes_of(c, slice_of(c)), c); },
+          [&](int c) { return bytes_of(c, slice_of(c)) <= limit; });
+      return ClusterSelectPlan{size, slice_of(size), bytes_of(size, slice_of(size))};
+    }
     if (most == 0) return plan;
     while (cs > most) cs /= 2;
     lowered = true;

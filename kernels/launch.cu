@@ -101,6 +101,57 @@ const ClusterKernelInfo& cluster_kernel_info(const void* kernel) {
   return it->second;
 }
 
+namespace {
+
+/// cudaOccupancyMaxActiveClusters of `kernel` in clusters of `cluster` blocks (with `threads`
+/// threads and `smem` bytes of dynamic shared memory each) into `clusters`, remembered per
+/// kernel, device and shape; a failed query is not remembered (asked again next time).
+cudaError_t active_clusters(const void* kernel, int device, int threads, size_t smem, int cluster,
+                            int& clusters) {
+  struct Key {
+    const void* kernel;
+    int device, threads, cluster;
+    size_t smem;
+    bool operator==(const Key& o) const {
+      return kernel == o.kernel && device == o.device && threads == o.threads &&
+             cluster == o.cluster && smem == o.smem;
+    }
+  };
+  struct KeyHash {
+    size_t operator()(const Key& k) const {
+      return std::hash<const void*>()(k.kernel) ^ (static_cast<size_t>(k.device) << 1) ^
+             (static_cast<size_t>(k.threads) << 8) ^ (static_cast<size_t>(k.cluster) << 16) ^
+             (k.smem << 20);
+    }
+  };
+  static std::mutex mu;
+  static std::unordered_map<Key, int, KeyHash> known;
+  const Key key{kernel, device, threads, cluster, smem};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (auto it = known.find(key); it != known.end()) {
+      clusters = it->second;
+      return cudaSuccess;
+    }
+  }
+  cudaLaunchAttribute attr;
+  set_cluster(attr, static_cast<unsigned>(cluster));
+  cudaLaunchConfig_t config =
+      launch_config(dim3(static_cast<unsigned>(cluster)), dim3(static_cast<unsigned>(threads)),
+                    smem, nullptr, &attr, 1);
+  clusters = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return err;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  known.emplace(key, clusters);
+  return cudaSuccess;
+}
+
+}  // namespace
+
 int max_cluster_size(const void* kernel, int threads, size_t smem) {
   int device = 0;
   KVTIER_CUDA_CHECK(cudaGetDevice(&device));
@@ -133,13 +184,8 @@ int max_cluster_size(const void* kernel, int threads, size_t smem) {
   const int cap = info.non_portable ? 16 : 8;
   size = size > cap ? cap : size;
   if (err == cudaSuccess && size > 0) {  // the size is possible; is one such cluster resident?
-    cudaLaunchAttribute attr;
-    set_cluster(attr, static_cast<unsigned>(size));
-    config.gridDim = dim3(static_cast<unsigned>(size));
-    config.attrs = &attr;
-    config.numAttrs = 1;
     int clusters = 0;
-    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    err = active_clusters(kernel, device, threads, smem, size, clusters);
     if (clusters == 0) size = 0;
   }
   if (err != cudaSuccess) {  // not remembered: a later call asks again
@@ -154,6 +200,15 @@ int max_cluster_size(const void* kernel, int threads, size_t smem) {
   }
   known.emplace(key, size);
   return size;
+}
+
+int max_active_clusters(const void* kernel, int threads, size_t smem, int cluster) {
+  int device = 0;
+  KVTIER_CUDA_CHECK(cudaGetDevice(&device));
+  if (!device_supported(device) || cluster < 1) return 0;
+  int clusters = 0;
+  if (active_clusters(kernel, device, threads, smem, cluster, clusters) != cudaSuccess) return 0;
+  return clusters;
 }
 
 }  // namespace kvtier::kernels::detail

@@ -88,6 +88,10 @@ const ClusterKernelInfo& cluster_kernel_info(const void* kernel);
 /// dynamic shared memory per block; 0 if none (or if the occupancy query fails, which is logged
 /// and asked again next time). Remembered per kernel, device and shape.
 int max_cluster_size(const void* kernel, int threads, size_t smem);
+/// How many clusters of `cluster` blocks of `kernel` (`threads` threads, `smem` bytes of dynamic
+/// shared memory each) the current device holds at once (cudaOccupancyMaxActiveClusters); 0
+/// without sm_90 or if the query fails. Remembered per kernel, device and shape.
+int max_active_clusters(const void* kernel, int threads, size_t smem, int cluster);
 }  // namespace detail
 
 /// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch where the

@@ -810,15 +810,15 @@ TEST(ClusterSelectRound, CentroidsRoundToTheNearestFp16ValueWithTheirCopy) {
   const float tiny = std::ldexp(1.f, -24);  // the smallest fp16 subnormal
   const std::vector<std::pair<float, float>> known = {
       {1.f, 1.f},
-      {1.f + 1.f / 2048.f, 1.f},                     // halfway: to even (down)
-      {1.f + 3.f / 2048.f, 1.f + 2.f / 1024.f},      // halfway: to even (up)
-      {1.f + 1.1f / 2048.f, 1.f + 1.f / 1024.f},     // above halfway
+      {1.f + 1.f / 2048.f, 1.f},                  // halfway: to even (down)
+      {1.f + 3.f / 2048.f, 1.f + 2.f / 1024.f},   // halfway: to even (up)
+      {1.f + 1.1f / 2048.f, 1.f + 1.f / 1024.f},  // above halfway
       {-0.33333334f, -0.33325195f},
       {65504.f, 65504.f},
-      {65520.f, kInf},                               // halfway to the next binade: overflows
+      {65520.f, kInf},  // halfway to the next binade: overflows
       {-1e6f, -kInf},
-      {tiny * 0.5f, 0.f},                            // halfway to zero: to even (zero)
-      {tiny * 1.5f, tiny * 2.f},                     // halfway: to even
+      {tiny * 0.5f, 0.f},         // halfway to zero: to even (zero)
+      {tiny * 1.5f, tiny * 2.f},  // halfway: to even
       {tiny * 3.25f, tiny * 3.f},
       {1e-9f, 0.f},
       {-0.f, -0.f}};
@@ -831,10 +831,10 @@ TEST(ClusterSelectRound, CentroidsRoundToTheNearestFp16ValueWithTheirCopy) {
     EXPECT_EQ(v[i], known[i].second) << "input " << known[i].first;
     EXPECT_EQ(std::signbit(v[i]), std::signbit(known[i].second)) << "input " << known[i].first;
   }
-  EXPECT_EQ(copy[0], 0x3c00);             // 1
-  EXPECT_EQ(copy[6], 0x7c00);             // +inf
-  EXPECT_EQ(copy[7], 0xfc00);             // -inf
-  EXPECT_EQ(copy[9], 0x0002);             // 2 x the smallest subnormal
+  EXPECT_EQ(copy[0], 0x3c00);                 // 1
+  EXPECT_EQ(copy[6], 0x7c00);                 // +inf
+  EXPECT_EQ(copy[7], 0xfc00);                 // -inf
+  EXPECT_EQ(copy[9], 0x0002);                 // 2 x the smallest subnormal
   EXPECT_EQ(copy[known.size() - 1], 0x8000);  // -0
 
   // Random rows with padding: every result is an fp16 value nearest its input (within half a
@@ -862,6 +862,39 @@ TEST(ClusterSelectRound, CentroidsRoundToTheNearestFp16ValueWithTheirCopy) {
   round_centroids_fp16_cpu(again.data(), nullptr, rows, cols, stride);
   EXPECT_EQ(again, out);
   EXPECT_THROW(round_centroids_fp16_cpu(out.data(), nullptr, 1, 10, 5), InvalidArgumentError);
+}
+
+TEST(ClusterSelectPlan, ClustersAreHalvedUntilTheDeviceHoldsThemAll) {
+  // An H100's occupancy for one block per multiprocessor (132 of them, one graphics processing
+  // cluster short of 16): 7 clusters of 16 at once, 15 of 8, 30 of 4, 66 of 2, 132 of 1.
+  auto h100 = [](int c) {
+    switch (c) {
+      case 16:
+        return 7;
+      case 8:
+        return 15;
+      case 4:
+        return 30;
+      case 2:
+        return 66;
+      default:
+        return 132;
+    }
+  };
+  auto all_fit = [](int) { return true; };
+  EXPECT_EQ(detail::co_resident_cluster_size(8, 8, h100, all_fit), 8);  // a batch of one: unchanged
+  EXPECT_EQ(detail::co_resident_cluster_size(8, 16, h100, all_fit), 8);  // 7 of 16 at once
+  EXPECT_EQ(detail::co_resident_cluster_size(16, 8, h100, all_fit), 4);  // batch 2: 15 of 8 at once
+  EXPECT_EQ(detail::co_resident_cluster_size(32, 4, h100, all_fit), 2);  // batch 4: 30 of 4 at once
+  EXPECT_EQ(detail::co_resident_cluster_size(132, 1, h100, all_fit), 1);
+  EXPECT_EQ(detail::co_resident_cluster_size(500, 4, h100, all_fit),
+            4);  // none holds them: unchanged
+  // A smaller size whose shared memory does not fit ends the search.
+  auto from_4 = [](int c) { return c >= 4; };
+  EXPECT_EQ(detail::co_resident_cluster_size(16, 8, h100, from_4), 4);
+  EXPECT_EQ(detail::co_resident_cluster_size(32, 8, h100, from_4), 8);
+  auto none = [](int) { return 0; };  // a failed query: the size stays
+  EXPECT_EQ(detail::co_resident_cluster_size(8, 8, none, all_fit), 8);
 }
 
 }  // namespace
