@@ -58,7 +58,8 @@ struct ClusterSelectTensors {
   const int32_t* centroid_rows = nullptr;
   /// Optional, GPU only: the same centroids as fp16 bit patterns, same layout and rows. Every
   /// value of `centroids` that a call reads must be exactly representable in fp16 and equal to
-  /// its copy here (round_centroids_fp16 makes both). The kernels of thread block clusters (the
+  /// its copy here (round_centroids_fp16_cpu / launch_round_centroids_fp16 make both). The
+  /// kernels of thread block clusters (the
   /// split score-and-select and the engine's fused recall kernel) then read this copy, half the
   /// bytes; the other paths and the CPU read `centroids`, and all score the same values.
   const uint16_t* centroids_f16 = nullptr;
@@ -190,7 +191,8 @@ void launch_score_select_split(const ClusterSelectParams& p, const ClusterSelect
 /// launch_score_clusters then launch_select_clusters, with one reset of t.nonfinite_problem.
 void launch_score_and_select_clusters(const ClusterSelectParams& p, const ClusterSelectTensors& t,
                                       void* workspace, size_t workspace_bytes, cudaStream_t stream);
-/// round_centroids_fp16_cpu on device memory, on `stream` (the same values, bit for bit).
+/// round_centroids_fp16_cpu on device memory, on `stream`: the same values bit for bit, but for
+/// a NaN's payload.
 void launch_round_centroids_fp16(float* centroids, uint16_t* copy, int64_t rows, int64_t cols,
                                  int64_t stride, cudaStream_t stream);
 #endif

@@ -1010,8 +1010,7 @@ __device__ __forceinline__ float dot_piece(const uint4& c, const float4 (&x)[2],
 /// The logits of centroids [b, e) of a problem's row `cb` (kDim elements each, fp32 or fp16)
 /// against its G queries q4 (shared memory, fp32 [G][kDim]), into logits[g * slice + j - b],
 /// times `scale`: eight lanes per centroid, 16-byte loads, and as many bytes in flight per thread
-/// for either type (an fp16 pass covers twice the centroids of an fp32 one). A lane loads the
-/// query values its pieces meet once per head and pass.
+/// for either type (an fp16 pass covers twice the centroids of an fp32 one).
 template <int kDim, int kThreads, typename C>
 __device__ __forceinline__ void slice_logits(const C* cb, int b, int e, int G, const float4* q4,
                                              float* logits, int slice, float scale) {
@@ -1039,17 +1038,30 @@ __device__ __forceinline__ void slice_logits(const C* cb, int b, int e, int G, c
       }
     }
     for (int g = 0; g < G; ++g) {
-      float4 x[kPerLane][kQ];
+      // Up to head_dim 128 in fp16 the lane's query values are loaded once per head and pass (its
+      // pieces' values fit in registers beside the centroids); otherwise once per centroid round.
+      constexpr bool kOnce = kQ > 1 && kPerLane <= 2;
+      float4 x[kOnce ? kPerLane : 1][kQ];
+      auto load_x = [&](int k, float4(&to)[kQ]) {
 #pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
+        for (int i = 0; i < kQ; ++i) to[i] = q4[g * (kDim / 4) + (k * kLanes + sub) * kQ + i];
+      };
+      if constexpr (kOnce) {
 #pragma unroll
-        for (int i = 0; i < kQ; ++i) x[k][i] = q4[g * (kDim / 4) + (k * kLanes + sub) * kQ + i];
+        for (int k = 0; k < kPerLane; ++k) load_x(k, x[k]);
       }
 #pragma unroll
       for (int r = 0; r < kRounds; ++r) {
         float d = 0.f;
 #pragma unroll
-        for (int k = 0; k < kPerLane; ++k) d = dot_piece(c[r][k], x[k], d);
+        for (int k = 0; k < kPerLane; ++k) {
+          if constexpr (kOnce) {
+            d = dot_piece(c[r][k], x[k], d);
+          } else {
+            load_x(k, x[0]);
+            d = dot_piece(c[r][k], x[0], d);
+          }
+        }
 #pragma unroll
         for (int o = kLanes / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
         if (js[r] < e && sub == g % kLanes) logits[g * slice + (js[r] - b)] = d * scale;

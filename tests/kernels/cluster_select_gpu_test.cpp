@@ -53,9 +53,9 @@ struct Case {
   uint64_t seed = 0;
   std::vector<float> queries, centroids;
   std::vector<int32_t> num_clusters, sizes, budgets;
-  std::vector<float> scores;           // input of selection-only runs
-  std::vector<int32_t> centroid_rows;  // optional: `centroids` is a table read through these
-  std::vector<int32_t> size_rows;      // optional: `sizes` is a table read through these
+  std::vector<float> scores;            // input of selection-only runs
+  std::vector<int32_t> centroid_rows;   // optional: `centroids` is a table read through these
+  std::vector<int32_t> size_rows;       // optional: `sizes` is a table read through these
   std::vector<uint16_t> centroids_f16;  // optional: the centroids' fp16 copy (centroids_f16)
 
   std::string describe() const {
@@ -868,11 +868,13 @@ TEST(ClusterSelectGpuScoreEdge, IndirectCentroidRows) {
 TEST(ClusterSelectGpuScoreEdge, Fp16CentroidCopyIsReadAndScoresLikeTheTable) {
   KVTIER_REQUIRE_GPU();
 #if KVTIER_WITH_CUDA
-  // Centroids rounded to fp16 values with their fp16 copy (round_centroids_fp16_cpu): the split
+  // Centroids rounded to fp16 values with their fp16 copy (round_centroids_fp16_cpu), read
+  // through centroid_rows from a table with spare rows as an engine does: the split
   // score-and-select reads the copy where it runs as thread block clusters, and its scores are
   // those of the fp32 table within the split tolerance of the reference, with the reference's
-  // selection on them. A copy that differs from the table changes the scores there, so the test
-  // sees which one was read.
+  // selection on them. A copy that differs from the table changes every valid score there, so
+  // the test sees which one was read.
+  const test::ScopedEnv env("KVTIER_CLUSTER_SELECT", "8");
   int device = 0, major = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
@@ -883,25 +885,40 @@ TEST(ClusterSelectGpuScoreEdge, Fp16CentroidCopyIsReadAndScoresLikeTheTable) {
                            test::test_seed() + head_dim + 3 * k + static_cast<int>(agg));
         SCOPED_TRACE(c.describe());
         const size_t row = static_cast<size_t>(k) * head_dim;
-        c.centroids_f16.resize(c.centroids.size());
-        round_centroids_fp16_cpu(c.centroids.data(), c.centroids_f16.data(), c.p.num_problems,
+        round_centroids_fp16_cpu(c.centroids.data(), nullptr, c.p.num_problems,
                                  static_cast<int64_t>(row), static_cast<int64_t>(row));
+        const Case plain = c;  // the references read the rows directly
+        // Rows 0 and 1 of the table stay NaN: reading them would poison the scores.
+        c.centroids =
+            test::reversed_table(c.centroids, row, c.p.num_problems, 2, kNaN, c.centroid_rows);
+        c.centroids_f16.resize(c.centroids.size());
+        std::vector<float> table = c.centroids;
+        round_centroids_fp16_cpu(table.data(), c.centroids_f16.data(), c.p.num_problems + 2,
+                                 static_cast<int64_t>(row), static_cast<int64_t>(row));
+        ASSERT_EQ(std::memcmp(table.data(), c.centroids.data(), table.size() * 4), 0)
+            << "rounding twice changed a value";
         const Result got = run_on_gpu(c, GpuStep::kScoreSelectSplit);
         EXPECT_EQ(got.nonfinite_problem, -1);
-        expect_scores_close(c, ref_scores(c).scores, with_padding(c, got.scores));
-        expect_same_selection(c, ref_select(c, got.scores), got);
+        expect_scores_close(c, ref_scores(plain).scores, with_padding(c, got.scores));
+        expect_same_selection(c, ref_select(plain, got.scores), got);
 
-        Case other = c;  // the copy negated: scores from it differ from the table's
+        Case other = c;  // the copy negated: every valid score read from it differs
         for (uint16_t& h : other.centroids_f16) h ^= 0x8000u;
         const Result flipped = run_on_gpu(other, GpuStep::kScoreSelectSplit);
         const bool clusters = detail::score_select_cluster_size(c.p) > 0;
         EXPECT_EQ(clusters, major >= 9);
-        int32_t same = 0;
-        for (size_t i = 0; i < got.scores.size(); ++i) same += flipped.scores[i] == got.scores[i];
+        int64_t valid = 0, same = 0;
+        for (int32_t i = 0; i < c.p.num_problems; ++i) {
+          for (int32_t j = 0; j < c.num_clusters[i]; ++j) {
+            const size_t at = static_cast<size_t>(i) * k + j;
+            ++valid;
+            same += flipped.scores[at] == got.scores[at];
+          }
+        }
         if (clusters) {
-          EXPECT_LT(same, static_cast<int32_t>(got.scores.size() / 2)) << "the copy was not read";
+          EXPECT_LT(same, valid / 100) << "the copy was not read";
         } else {
-          EXPECT_EQ(same, static_cast<int32_t>(got.scores.size())) << "read without clusters";
+          EXPECT_EQ(same, valid) << "the copy was read without clusters";
         }
       }
     }
@@ -921,9 +938,9 @@ TEST(ClusterSelectGpuScoreEdge, RoundingCentroidsToFp16MatchesTheHostBitForBit) 
     const int kind = static_cast<int>(rng() % 5);
     const float u = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
     table[i] = kind == 0   ? u
-               : kind == 1 ? u * 1e-6f                                   // fp16 subnormals
+               : kind == 1 ? u * 1e-6f  // fp16 subnormals
                : kind == 2 ? std::ldexp(1.f + 1.f / 2048.f, static_cast<int>(rng() % 8) - 4)
-               : kind == 3 ? u * 1e5f                                    // beyond fp16: inf
+               : kind == 3 ? u * 1e5f  // beyond fp16: inf
                            : std::ldexp(u, -20);
   }
   std::vector<float> host = table;
