@@ -498,8 +498,9 @@ inline double run_churn(const EngineConfig& c, uint64_t seed, int steps,
 /// Peaked attention (keys in 32 well-separated groups, each query head aimed at one group) and a
 /// budget of about 1/5 of the context: the selected clusters must carry nearly all attention
 /// mass. Returns the largest |engine - dense| over 20 steps of 2 layers.
-inline double run_peaked(EngineConfig c, uint64_t seed, EngineStats* stats) {
-  c.model = ModelShape{2, 4, 1, 64, c.model.dtype};
+inline double run_peaked(EngineConfig c, uint64_t seed, EngineStats* stats,
+                         const Shape& shape = Shape{2, 4, 1, 64}) {
+  c.model = ModelShape{shape.L, shape.Hq, shape.Hkv, shape.D, c.model.dtype};
   c.budget = 384;
   c.num_dense_layers = 0;
   c.window = 32;

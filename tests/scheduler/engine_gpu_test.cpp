@@ -184,6 +184,28 @@ TEST(EngineGpu, SmallBudgetRecallsWhatMattersAndMatchesTheCpuBackend) {
   EXPECT_GT(gpu.gpu_bytes, 0u);
 }
 
+// The same at the Llama shape's head_dim and group (128, 4 query heads per KV head), where the
+// fused kernel scores from the fp16 centroid copy loading each head's query values once per pass.
+TEST(EngineGpu, SmallBudgetAtHeadDim128RecallsWhatMattersAsTheCpuBackendDoes) {
+  KVTIER_REQUIRE_GPU();
+  const Shape shape{2, 8, 2, 128};
+  EngineConfig on_gpu = gpu_config(Mode::kClusterKV, Shape{}),
+               on_cpu = make_config(Mode::kClusterKV, Shape{});
+  // As in AttentionInsideTheSelectionKernel...: clusters per head within what one block selects.
+  on_gpu.max_context = on_cpu.max_context = 2560;
+  EngineStats gpu, cpu;
+  const double g = run_peaked(on_gpu, test::test_seed() + 6, &gpu, shape);
+  const double c = run_peaked(on_cpu, test::test_seed() + 6, &cpu, shape);
+  EXPECT_LT(g, 0.05);
+  EXPECT_LT(c, 0.05);
+  EXPECT_GT(gpu.recall_hits, 0);
+  EXPECT_EQ(gpu.window_clusterings, cpu.window_clusterings);
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major >= 9) EXPECT_GT(gpu.select_attend_layers, 0);
+}
+
 // total_budget on the device (per-problem budgets through the call block, graphs included):
 // every recall problem attends exactly the budget each step, as on the CPU backend.
 TEST(EngineGpu, TotalBudgetAttendsExactlyTheBudgetAsTheCpuBackendDoes) {
