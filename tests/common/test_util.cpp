@@ -3,7 +3,21 @@
 #include <cstdlib>
 #include <cstring>
 
+#if KVTIER_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "memory/core/check.h"
+#endif
+
 namespace kvtier::test {
+
+#if KVTIER_WITH_CUDA
+void upload_complete(void* dst, const void* src, size_t n) {
+  if (n == 0) return;
+  KVTIER_CUDA_CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice));
+  KVTIER_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+}
+#endif
 
 bool gpu_required() {
   const char* v = std::getenv("KVTIER_REQUIRE_GPU");

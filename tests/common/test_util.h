@@ -23,6 +23,13 @@ std::vector<std::byte> random_bytes(size_t n, std::mt19937_64& rng);
 /// Index of the first differing byte, or -1.
 int64_t first_difference(const void* a, const void* b, size_t n);
 
+#if KVTIER_WITH_CUDA
+/// Copies n bytes of pageable host memory to the device and returns once they are there.
+/// cudaMemcpy alone may return while the copy is still in flight on the legacy default stream,
+/// which orders nothing on the non-blocking streams the library and the tests run their work on.
+void upload_complete(void* dst, const void* src, size_t n);
+#endif
+
 /// `rows` consecutive rows of `row` values each, placed in a table of rows + spare rows in
 /// reverse order (row p at table row rows + spare - 1 - p; the first `spare` rows hold `fill`);
 /// `index` receives each row's table row. Tests of kernels that read per-problem rows of an

@@ -348,10 +348,10 @@ class Driver {
   }
 
 #if KVTIER_WITH_CUDA
-  /// A device copy of a host vector.
+  /// A device copy of a host vector, complete on return (upload_complete).
   struct Dev {
     explicit Dev(const std::vector<std::byte>& h) : buf(std::max<size_t>(h.size(), 16), 0) {
-      KVTIER_CUDA_CHECK(cudaMemcpy(buf.get(), h.data(), h.size(), cudaMemcpyHostToDevice));
+      test::upload_complete(buf.get(), h.data(), h.size());
     }
     void download(std::vector<std::byte>& h) const {
       KVTIER_CUDA_CHECK(cudaMemcpy(h.data(), buf.get(), h.size(), cudaMemcpyDeviceToHost));
@@ -523,8 +523,7 @@ class EngineBuf {
 #if KVTIER_WITH_CUDA
     if (backend == Backend::kCuda) {
       dev_ = std::make_unique<cuda::DeviceBuffer<uint16_t>>(std::max<size_t>(host.size(), 1), 0);
-      KVTIER_CUDA_CHECK(
-          cudaMemcpy(dev_->get(), host.data(), host.size() * 2, cudaMemcpyHostToDevice));
+      test::upload_complete(dev_->get(), host.data(), host.size() * 2);
     }
 #else
     (void)backend;

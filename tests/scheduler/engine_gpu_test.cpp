@@ -114,7 +114,7 @@ TEST(EngineGpu, AdmitRowsKernelEqualsTheHostVersion) {
   auto upload = [](const auto& h) {
     using T = typename std::decay_t<decltype(h)>::value_type;
     cuda::DeviceBuffer<T> d(h.size(), 0);
-    KVTIER_CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    test::upload_complete(d.get(), h.data(), h.size() * sizeof(T));
     return d;
   };
   const auto d_ring_k = upload(ring_k), d_ring_v = upload(ring_v);
