@@ -410,7 +410,7 @@ struct Engine::Impl {
     record(e);
   }
   Buffer centroid_table;  // float [max_sequences * R * Hkv, cap_c, D], fp16 values (see seal)
-  Buffer centroid_f16;    // kCuda: its fp16 copy, read by the fused recall kernel's scoring
+  Buffer centroid_f16;    // kCuda: its fp16 copy, which the thread block cluster kernels score
   Buffer size_table;      // int32 [max_sequences * R * Hkv, cap_c]
   Buffer dir_table;       // int32 [same rows, cap_c]: first cache page of the cluster, or -1
   Buffer slot_table;      // int32 [same rows, cap_c]: first host-tier slot of the cluster
