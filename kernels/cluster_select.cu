@@ -318,12 +318,13 @@ __global__ void round_centroids_fp16_kernel(float* centroids, __half* copy, int6
 
 void launch_round_centroids_fp16(float* centroids, uint16_t* copy, int64_t rows, int64_t cols,
                                  int64_t stride, cudaStream_t stream) {
-  KVTIER_CHECK(rows >= 0 && cols >= 0 && stride >= cols, "launch_round_centroids_fp16: rows ",
-               rows, ", cols ", cols, ", stride ", stride);
+  KVTIER_CHECK(rows >= 0 && cols >= 0 && stride >= cols, "launch_round_centroids_fp16: rows ", rows,
+               ", cols ", cols, ", stride ", stride);
   const int64_t total = rows * cols;
   if (total == 0) return;
   constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4 * detail::sm_count());
+  const int64_t blocks =
+      std::min<int64_t>((total + kThreads - 1) / kThreads, 4 * detail::sm_count());
   round_centroids_fp16_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       centroids, reinterpret_cast<__half*>(copy), rows, cols, stride);
   KVTIER_CUDA_CHECK_LAUNCH("round_centroids_fp16_kernel");
