@@ -9,6 +9,7 @@
 #   KVTIER_TORCH_INDEX  pip index URL to take torch from. Default: PyTorch's CPU-only wheel index
 #                       when no GPU is visible (PyPI's Linux wheel brings several GiB of CUDA
 #                       libraries), PyPI when that index cannot be reached or a GPU is present
+#                       (without a GPU, PyPI's wheel is installed without triton and pip's cache)
 #   KVTIER_WITH_CUDA    ON/OFF: build the CUDA backend into the module. Default: ON only where
 #                       nvidia-smi sees a GPU; elsewhere the tests run the CPU backend, and a
 #                       CPU-only build takes minutes less.
@@ -31,14 +32,32 @@ assert int(transformers.__version__.split(".")[0]) >= 5
 PY
 then
   echo "[kvtier setup] installing torch, transformers, pytest, matplotlib and the build tools into $venv"
+  gpu=0
+  if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then gpu=1; fi
   if [ -n "${KVTIER_TORCH_INDEX:-}" ]; then
     "${pip[@]}" install --index-url "$KVTIER_TORCH_INDEX" "torch>=2.4"
-  elif ! nvidia-smi -L 2>/dev/null | grep -q "^GPU" &&
-    "${pip[@]}" install --timeout 30 --retries 1 \
-      --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"; then
+  elif [ "$gpu" = 1 ]; then
+    "${pip[@]}" install "torch>=2.4"
+  elif "${pip[@]}" install --timeout 30 --retries 1 \
+    --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"; then
     : # no GPU here: PyTorch's CPU-only wheel (about 200 MB instead of several GB)
   else
-    "${pip[@]}" install "torch>=2.4"
+    # No GPU and no CPU-only index: PyPI's CUDA wheel, without triton (torch.compile's GPU
+    # compiler, about 1 GB that nothing here imports) and without pip's cache (a second copy
+    # of some 3 GB of wheels).
+    echo "[kvtier setup] PyTorch's CPU-only index cannot be reached: torch from PyPI (several GB)"
+    "${pip[@]}" install --no-cache-dir --no-deps "torch>=2.4"
+    mapfile -t torch_deps < <("$venv/bin/python" - <<'PY'
+from importlib.metadata import requires
+from pip._vendor.packaging.requirements import Requirement
+for line in requires("torch") or []:
+    req = Requirement(line)
+    if req.name != "triton" and (req.marker is None or req.marker.evaluate({"extra": ""})):
+        req.marker = None
+        print(req)
+PY
+    )
+    "${pip[@]}" install --no-cache-dir "${torch_deps[@]}"
   fi
   "${pip[@]}" install "transformers>=5" pytest "scikit-build-core>=0.10" "nanobind>=2.0" matplotlib
 fi
