@@ -1267,6 +1267,36 @@ __global__ void finish_kernel(int64_t n, int d, int k, int num_clusters, int str
   }
 }
 
+// KmeansCentroids::kMeanRow, after finish_kernel. grid: (ceil(n / kAccumRows), P), block 256:
+// each warp adds its rows' raw values to their clusters' sums (sums zeroed before).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    mean_accumulate_kernel(const T* __restrict__ x, int64_t n, int d, int k, const int32_t* labels,
+                           float* sums) {
+  const int p = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int kWarps = kThreads / 32;
+  for (int j = 0; j < kAccumRows / kWarps; ++j) {
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kAccumRows + j * kWarps + warp;
+    if (row >= n) break;
+    const size_t ri = static_cast<size_t>(p) * n + row;
+    const T* r = x + ri * d;
+    float* s = sums + (static_cast<size_t>(p) * k + labels[ri]) * d;
+    for (int t = lane; t < d; t += 32) atomicAdd(&s[t], to_float(r[t]));
+  }
+}
+
+// grid: (k, P), block 128: each non-empty cluster's centroid becomes its rows' mean.
+__global__ void mean_finish_kernel(int d, int k, int stride, const float* sums,
+                                   const int32_t* sizes, float* centroids) {
+  const int p = blockIdx.y, j = blockIdx.x;
+  const int32_t count = sizes[static_cast<size_t>(p) * stride + j];
+  if (count == 0) return;
+  const float* s = sums + (static_cast<size_t>(p) * k + j) * d;
+  float* c = centroids + (static_cast<size_t>(p) * stride + j) * d;
+  for (int t = threadIdx.x; t < d; t += blockDim.x) c[t] = s[t] / static_cast<float>(count);
+}
+
 inline int plus_plus_bucket(int trials) {
   return trials <= 4 ? 4 : trials <= 8 ? 8 : trials <= 10 ? 10 : 24;
 }
@@ -1475,6 +1505,13 @@ void run(const KmeansParams& p, const T* x, float* centroids, int32_t* labels, i
                                             w.objective, w.iters, centroids, sizes, objective_dev,
                                             iterations_dev);
   KVTIER_CUDA_CHECK_LAUNCH("kmeans finish_kernel");
+  if (p.output == KmeansCentroids::kMeanRow) {
+    KVTIER_CUDA_CHECK(cudaMemsetAsync(w.sums, 0, static_cast<size_t>(P) * k * d * 4, stream));
+    mean_accumulate_kernel<T><<<accum_grid, kThreads, 0, stream>>>(x, n, d, k, labels, w.sums);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans mean_accumulate_kernel");
+    mean_finish_kernel<<<dim3(k, P), 128, 0, stream>>>(d, k, stride, w.sums, sizes, centroids);
+    KVTIER_CUDA_CHECK_LAUNCH("kmeans mean_finish_kernel");
+  }
 }
 
 }  // namespace

@@ -32,6 +32,15 @@ enum class KmeansInit : uint8_t {
   kPlusPlus,    ///< greedy k-means++ (D^2 sampling on 1 - cos) over init_sample rows
 };
 
+/// What the centroids output holds once the labels are final.
+enum class KmeansCentroids : uint8_t {
+  kUnit,  ///< the unit centroids the assignment used (normalized mean of the unit rows)
+  /// Each non-empty cluster's plain mean of its rows, not normalized: a query's dot product with
+  /// it is the cluster's mean logit, which ranks clusters for recall better than the direction
+  /// alone where the rows' norms differ, as keys' do. An empty cluster keeps its unit centroid.
+  kMeanRow,
+};
+
 /// How the GPU assignment avoids work (the CPU paths always scan every row).
 enum class KmeansPruning : uint8_t {
   kBounds,  ///< skip rows whose label provably cannot change (angle bounds vs centroid drift)
@@ -56,7 +65,8 @@ struct KmeansParams {
   /// incremental clustering (a window of W new rows into C+ clusters appended to an index of C
   /// clusters), pass centroids + C * dim, sizes + C and the index's capacity as the stride.
   int32_t centroid_stride = 0;
-  KmeansPruning pruning = KmeansPruning::kBounds;  ///< GPU only; results are the same either way
+  KmeansPruning pruning = KmeansPruning::kBounds;   ///< GPU only; results are the same either way
+  KmeansCentroids output = KmeansCentroids::kUnit;  ///< labels and sizes are the same either way
 };
 
 inline int32_t kmeans_centroid_stride(const KmeansParams& p) {
@@ -84,9 +94,9 @@ struct KmeansReport {
 std::vector<int32_t> kmeans_random_init_rows(const KmeansParams& p);
 
 /// Reference. points [num_problems, num_points, dim] of p.dtype (host); outputs (host):
-/// centroids [num_problems, stride, dim] unit vectors (first num_clusters of each problem written),
-/// labels [num_problems, num_points] in [0, k_eff), sizes [num_problems, stride]. Throws
-/// InvalidArgumentError on NaN or Inf in the points, naming problem, row and column.
+/// centroids [num_problems, stride, dim] as p.output says (first num_clusters of each problem
+/// written), labels [num_problems, num_points] in [0, k_eff), sizes [num_problems, stride].
+/// Throws InvalidArgumentError on NaN or Inf in the points, naming problem, row and column.
 std::vector<KmeansReport> kmeans_ref(const KmeansParams& p, const void* points, float* centroids,
                                      int32_t* labels, int32_t* sizes);
 

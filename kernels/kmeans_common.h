@@ -82,19 +82,27 @@ std::vector<int64_t> worst_fit_rows(const std::vector<T>& cos_to_centroid, size_
   return idx;
 }
 
-/// Writes one problem's results: centroids c [k_eff, dim] (zero rows past k_eff), sizes counted
-/// from `lab`, and the labels, at the problem's offsets in the output arrays.
+/// Each non-empty cluster's mean of problem `prob`'s raw rows (in double) over centroids c
+/// [k_eff, dim] (KmeansCentroids::kMeanRow); empty clusters keep theirs.
+void mean_rows(const KmeansParams& p, const void* points, int32_t prob,
+               const std::vector<int32_t>& lab, std::vector<double>* c);
+
+/// Writes one problem's results: centroids c [k_eff, dim] (zero rows past k_eff; with
+/// KmeansCentroids::kMeanRow, the non-empty clusters' means of the rows of `points`), sizes
+/// counted from `lab`, and the labels, at the problem's offsets in the output arrays.
 template <typename T>
-void write_problem_outputs(const KmeansParams& p, int32_t prob, const std::vector<T>& c,
-                           const std::vector<int32_t>& lab, float* centroids, int32_t* labels,
-                           int32_t* sizes) {
+void write_problem_outputs(const KmeansParams& p, const void* points, int32_t prob,
+                           const std::vector<T>& c, const std::vector<int32_t>& lab,
+                           float* centroids, int32_t* labels, int32_t* sizes) {
   const int32_t k = kmeans_effective_k(p), stride = kmeans_centroid_stride(p);
   const int d = p.dim;
+  std::vector<double> out(c.begin(), c.end());
+  if (p.output == KmeansCentroids::kMeanRow) mean_rows(p, points, prob, lab, &out);
   std::vector<int32_t> cnt(static_cast<size_t>(k), 0);
   for (int32_t l : lab) ++cnt[l];
   float* cout = centroids + static_cast<size_t>(prob) * stride * d;
   for (int32_t j = 0; j < p.num_clusters; ++j) {
-    for (int t = 0; t < d; ++t) cout[j * d + t] = j < k ? static_cast<float>(c[j * d + t]) : 0.f;
+    for (int t = 0; t < d; ++t) cout[j * d + t] = j < k ? static_cast<float>(out[j * d + t]) : 0.f;
     sizes[static_cast<size_t>(prob) * stride + j] = j < k ? cnt[j] : 0;
   }
   std::copy(lab.begin(), lab.end(), labels + static_cast<size_t>(prob) * p.num_points);

@@ -118,7 +118,7 @@ std::vector<KmeansReport> kmeans_cpu(const KmeansParams& p, const void* points, 
       if (prev - obj <= static_cast<double>(p.rel_tol) * prev) break;
     }
     rep.objective = obj;
-    detail::write_problem_outputs(p, prob, c, lab, centroids, labels, sizes);
+    detail::write_problem_outputs(p, points, prob, c, lab, centroids, labels, sizes);
   });
   return reports;
 }

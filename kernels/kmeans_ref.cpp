@@ -73,6 +73,25 @@ void load_unit_rows(const KmeansParams& p, const void* points, int32_t prob,
   }
 }
 
+void mean_rows(const KmeansParams& p, const void* points, int32_t prob,
+               const std::vector<int32_t>& lab, std::vector<double>* c) {
+  const int64_t n = p.num_points;
+  const int d = p.dim;
+  const int32_t k = kmeans_effective_k(p);
+  std::vector<double> sum(static_cast<size_t>(k) * d, 0.0);
+  std::vector<int64_t> cnt(static_cast<size_t>(k), 0);
+  const size_t base = static_cast<size_t>(prob) * n * d;
+  for (int64_t i = 0; i < n; ++i) {
+    ++cnt[lab[i]];
+    for (int t = 0; t < d; ++t)
+      sum[static_cast<size_t>(lab[i]) * d + t] += load_as_float(points, p.dtype, base + i * d + t);
+  }
+  for (int32_t j = 0; j < k; ++j)
+    if (cnt[j] > 0)
+      for (int t = 0; t < d; ++t)
+        (*c)[static_cast<size_t>(j) * d + t] = sum[static_cast<size_t>(j) * d + t] / cnt[j];
+}
+
 }  // namespace detail
 
 namespace detail {
@@ -247,7 +266,7 @@ std::vector<KmeansReport> kmeans_ref(const KmeansParams& p, const void* points, 
       if (prev - obj <= static_cast<double>(p.rel_tol) * prev) break;
     }
     rep.objective = obj;
-    detail::write_problem_outputs(p, prob, c, lab, centroids, labels, sizes);
+    detail::write_problem_outputs(p, points, prob, c, lab, centroids, labels, sizes);
   }
   return reports;
 }

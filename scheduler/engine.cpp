@@ -658,6 +658,7 @@ struct Engine::Impl {
     kp.dtype = dtype;
     kp.centroid_stride = cap_c;
     kp.seed = seed;
+    if (cfg.mean_key_scores) kp.output = kernels::KmeansCentroids::kMeanRow;
     return kp;
   }
   /// C0 for `rows` prompt rows: initial_clusters, or one per tokens_per_cluster rows.
@@ -1567,7 +1568,8 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
     for (int64_t i = 0; i < n; ++i) lab[i] = resident[i] ? 0 : lab[i] + 1;
     store->cluster(seq, layer, h, 0, n, lab, c0 + 1);
   }
-  // Sizes (the host directory needs the true ones) and centroids of the recallable rows.
+  // Sizes (the host directory needs the true ones) and centroids of the recallable rows: the
+  // normalized mean of their unit rows, or with mean_key_scores the mean of the rows.
   tbb::parallel_for(0, Hkv, [&](int32_t h) {
     const int32_t* lab = labels.data() + static_cast<size_t>(h) * n;
     std::vector<int32_t> sz(c0 + 1, 0);
@@ -1581,7 +1583,7 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
         const double x = load_as_float(row, dtype, d);
         sq += x * x;
       }
-      const double inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
+      const double inv = cfg.mean_key_scores ? 1.0 : sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
       for (int32_t d = 0; d < D; ++d)
         sum[static_cast<size_t>(lab[i]) * D + d] += inv * load_as_float(row, dtype, d);
     }
@@ -1589,7 +1591,9 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
       const double* c = &sum[static_cast<size_t>(j) * D];
       double sq = 0;
       for (int32_t d = 0; d < D; ++d) sq += c[d] * c[d];
-      const double inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
+      const double inv = cfg.mean_key_scores ? (sz[j] > 0 ? 1.0 / sz[j] : 0.0)
+                         : sq > 0            ? 1.0 / std::sqrt(sq)
+                                             : 0.0;
       for (int32_t d = 0; d < D; ++d)
         tc[(static_cast<size_t>(h) * (c0 + 1) + j) * D + d] = static_cast<float>(c[d] * inv);
       ts[static_cast<size_t>(h) * (c0 + 1) + j] = j == 0 ? 0 : sz[j];  // never select cluster 0

@@ -85,6 +85,9 @@ struct EngineConfig {
   bool admit_window_clusters = true;
   int32_t page_size = 16;        ///< cache page rows
   int32_t num_dense_layers = 2;  ///< first layers kept whole on the GPU (ClusterKV keeps 2)
+  /// Score a cluster by its mean key (a query's dot product with it is the cluster's mean
+  /// logit) instead of the unit centroid k-means assigns rows by (the keys' direction alone).
+  bool mean_key_scores = false;
   kernels::ScoreAggregation aggregation = kernels::ScoreAggregation::kSoftmaxSum;
   kernels::BudgetOverflow overflow = kernels::BudgetOverflow::kTruncate;
   int32_t kmeans_iters = 10;

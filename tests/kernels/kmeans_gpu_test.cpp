@@ -303,6 +303,43 @@ TEST_P(KmeansGpuPlusPlus, ExactLabelsOnBlobs) {
 #endif
 }
 
+TEST_P(KmeansGpuPlusPlus, MeanRowCentroidsAreTheReferences) {
+  KVTIER_REQUIRE_GPU();
+#if KVTIER_WITH_CUDA
+  const auto [dim, dtype] = GetParam();
+  // As ExactLabelsOnBlobs (the labels agree row for row), in an index of 28 clusters per problem.
+  KmeansParams p;
+  p.num_problems = 3;
+  p.num_points = 2053;
+  p.dim = dim;
+  p.num_clusters = 24;
+  p.centroid_stride = 28;
+  p.init = KmeansInit::kPlusPlus;
+  p.output = KmeansCentroids::kMeanRow;
+  p.seed = test::test_seed();
+  p.dtype = dtype;
+  SCOPED_TRACE(::testing::Message() << "seed " << test::test_seed());
+  const Points pts = to_dtype(blobs(3, 2053, dim, 24, 0.05f, test::test_seed() + 2), dtype);
+  std::vector<float> c(static_cast<size_t>(3) * 28 * dim, 0.f);
+  std::vector<int32_t> l(3 * 2053), sz(3 * 28, 0);
+  kmeans_ref(p, pts.data(), c.data(), l.data(), sz.data());
+  const GpuOut got = run_gpu(p, pts.data(), pts.bytes());
+  ASSERT_EQ(got.labels, l);
+  for (int32_t prob = 0; prob < 3; ++prob)
+    for (int32_t j = 0; j < 24; ++j) {
+      ASSERT_EQ(got.sizes[prob * 28 + j], sz[prob * 28 + j])
+          << "problem " << prob << " cluster " << j;
+      for (int t = 0; t < dim; ++t) {
+        const size_t at = (static_cast<size_t>(prob) * 28 + j) * dim + t;
+        ASSERT_NEAR(got.centroids[at], c[at], 1e-5f * std::max(1.f, std::abs(c[at])))
+            << "problem " << prob << " cluster " << j << " column " << t;
+      }
+    }
+#else
+  FAIL() << "built without CUDA";
+#endif
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, KmeansGpuPlusPlus,
                          ::testing::Combine(::testing::Values(64, 128),
                                             ::testing::Values(DType::kF32, DType::kF16,

@@ -385,6 +385,79 @@ TEST(Kmeans, EdgeCases) {
   }
 }
 
+/// The plain mean of each labelled cluster's rows of `x` (as float values of `dtype`), in double:
+/// [problems, stride, dim], zero for empty clusters.
+std::vector<double> cluster_means(const KmeansParams& p, const void* x,
+                                  const std::vector<int32_t>& labels) {
+  const int32_t stride = kmeans_centroid_stride(p);
+  std::vector<double> sum(static_cast<size_t>(p.num_problems) * stride * p.dim, 0.0);
+  std::vector<int64_t> cnt(static_cast<size_t>(p.num_problems) * stride, 0);
+  for (int32_t prob = 0; prob < p.num_problems; ++prob)
+    for (int64_t i = 0; i < p.num_points; ++i) {
+      const size_t row = static_cast<size_t>(prob) * p.num_points + i;
+      const size_t j = static_cast<size_t>(prob) * stride + labels[row];
+      ++cnt[j];
+      for (int t = 0; t < p.dim; ++t)
+        sum[j * p.dim + t] += load_as_float(x, p.dtype, row * p.dim + t);
+    }
+  for (size_t j = 0; j < cnt.size(); ++j)
+    for (int t = 0; t < p.dim; ++t)
+      if (cnt[j] > 0) sum[j * p.dim + t] /= static_cast<double>(cnt[j]);
+  return sum;
+}
+
+TEST(Kmeans, MeanRowCentroidsAreEachClustersMeanRow) {
+  // Rows of varied norms (make_blobs scales each row by 0.5 to 2.5), so the mean row is not a
+  // multiple of the unit centroid; k > the blobs, so some clusters split a blob.
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    KmeansParams p;
+    p.num_problems = 2;
+    p.num_points = 301;
+    p.dim = 64;
+    p.num_clusters = 9;
+    p.centroid_stride = 12;  // the index layout of incremental clustering
+    p.init = KmeansInit::kPlusPlus;
+    p.seed = test::test_seed();
+    p.dtype = dtype;
+    const std::vector<float> xf = make_blobs(2, 301, 64, 5, 0.3f, test::test_seed(), nullptr);
+    std::vector<uint16_t> xh(xf.size());
+    for (size_t i = 0; i < xf.size(); ++i) xh[i] = float_to_bf16(xf[i]);
+    const void* x = dtype == DType::kF32 ? static_cast<const void*>(xf.data()) : xh.data();
+    for (auto fn : {kmeans_ref, kmeans_cpu}) {
+      const Result unit = run(fn, p, x);
+      KmeansParams pm = p;
+      pm.output = KmeansCentroids::kMeanRow;
+      const Result mean = run(fn, pm, x);
+      EXPECT_EQ(mean.labels, unit.labels);
+      EXPECT_EQ(mean.sizes, unit.sizes);
+      const std::vector<double> want = cluster_means(p, x, unit.labels);
+      int mismatched = 0;
+      for (int32_t prob = 0; prob < 2; ++prob)
+        for (int32_t j = 0; j < 12; ++j) {
+          const size_t at = (static_cast<size_t>(prob) * 12 + j) * 64;
+          for (int t = 0; t < 64; ++t) {
+            if (j >= 9) {  // past num_clusters: not written
+              EXPECT_EQ(mean.centroids[at + t], -7.f);
+              continue;
+            }
+            mismatched += std::abs(mean.centroids[at + t] - want[at + t]) >
+                          1e-6 * std::max(1.0, std::abs(want[at + t]));
+          }
+          if (j < 9 && mean.sizes[prob * 12 + j] > 0) {
+            double n_mean = 0, n_unit = 0;
+            for (int t = 0; t < 64; ++t) {
+              n_mean += double(mean.centroids[at + t]) * mean.centroids[at + t];
+              n_unit += double(unit.centroids[at + t]) * unit.centroids[at + t];
+            }
+            EXPECT_NEAR(n_unit, 1.0, 1e-5);
+            EXPECT_GT(std::abs(n_mean - 1.0), 1e-3) << "problem " << prob << " cluster " << j;
+          }
+        }
+      EXPECT_EQ(mismatched, 0);
+    }
+  }
+}
+
 TEST(Kmeans, BadInputIsAClearError) {
   for (auto fn : {kmeans_ref, kmeans_cpu}) {
     KmeansParams p;

@@ -559,6 +559,90 @@ class EngineBuf {
 #endif
 };
 
+/// mean_key_scores: after a sink of 4 rows, a prompt of two clusters of 32 rows, short keys
+/// along e0 (norm 1) and long keys along e1 (norm 8), and the query 8 e0 + 4 e1. Its direction
+/// is nearer the short keys' (scores 8 against 4), its logits are higher on the long keys (4
+/// against 1 after the 1/8 scale: they hold 95% of the attention). With a recall budget of one
+/// cluster, the mean keys recall the long keys and the unit centroids the short ones: the output
+/// is attention over the sink, that cluster and the decoded row, exactly.
+inline void check_mean_key_scores(Backend backend) {
+  constexpr int32_t D = 64, kSink = 4, kRows = 32;
+  constexpr int64_t n = kSink + 2 * kRows;
+  std::mt19937_64 rng(test::test_seed() + 90);
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::vector<float> k(n * D, 0.f), v(n * D), q(D, 0.f), kn(D, 0.f), vn(D);
+  for (int64_t i = 0; i < kSink * D; ++i) k[i] = 0.1f * g(rng);
+  for (int64_t r = 0; r < kRows; ++r) {
+    k[(kSink + r) * D + 0] = 1.f;
+    k[(kSink + kRows + r) * D + 1] = 8.f;
+  }
+  for (float& x : v) x = g(rng);
+  for (float& x : vn) x = g(rng);
+  q[0] = 8.f;
+  q[1] = 4.f;
+  k = round_trip(k, DType::kF16);
+  v = round_trip(v, DType::kF16);
+  vn = round_trip(vn, DType::kF16);
+  // Attention over the sink, one cluster's rows and the decoded row, in double.
+  auto attend = [&](int64_t first) {
+    std::vector<const float*> keys, values;
+    for (int64_t r = 0; r < kSink; ++r) keys.push_back(&k[r * D]), values.push_back(&v[r * D]);
+    for (int64_t r = first; r < first + kRows; ++r)
+      keys.push_back(&k[r * D]), values.push_back(&v[r * D]);
+    keys.push_back(kn.data());
+    values.push_back(vn.data());
+    std::vector<double> w(keys.size()), out(D, 0.0);
+    double mx = -1e300, sum = 0;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      double dot = 0;
+      for (int32_t d = 0; d < D; ++d) dot += double(q[d]) * keys[i][d];
+      w[i] = dot / 8;
+      mx = std::max(mx, w[i]);
+    }
+    for (double& x : w) sum += x = std::exp(x - mx);
+    for (size_t i = 0; i < keys.size(); ++i)
+      for (int32_t d = 0; d < D; ++d) out[d] += w[i] / sum * values[i][d];
+    return out;
+  };
+  for (const bool mean_keys : {true, false}) {
+    SCOPED_TRACE(mean_keys ? "mean keys" : "unit centroids");
+    EngineConfig c = make_config(Mode::kClusterKV, Shape{1, 1, 1, D});
+    c.backend = backend;
+    c.num_dense_layers = 0;
+    c.budget = kRows;
+    c.tokens_per_cluster = kRows;
+    c.mean_key_scores = mean_keys;
+    Engine e(c);
+    e.add_sequence(1);
+    std::vector<uint16_t> hk = to_dtype16(k, DType::kF16), hv = to_dtype16(v, DType::kF16),
+                          hq = to_dtype16(q, DType::kF16), hkn = to_dtype16(kn, DType::kF16),
+                          hvn = to_dtype16(vn, DType::kF16), ho(D, 0);
+    const EngineBuf bk(backend, hk), bv(backend, hv), bq(backend, hq), bkn(backend, hkn),
+        bvn(backend, hvn), bo(backend, ho);
+    memory::KvRows rows{bk.get(), bv.get(), DType::kF16, 1, D, n};
+    e.prefill_layer(1, 0, rows);
+    const SeqId seq = 1;
+    DecodeBatch b;
+    b.seqs = &seq;
+    b.num_seqs = 1;
+    b.q = bq.get();
+    b.k_new = bkn.get();
+    b.v_new = bvn.get();
+    b.out = bo.get();
+    e.decode_layer(0, b);
+    bo.download();
+    e.end_step();
+    const std::vector<double> want = attend(mean_keys ? kSink + kRows : kSink);
+    double worst = 0;
+    for (int32_t d = 0; d < D; ++d)
+      worst = std::max(worst, std::fabs(fp16_to_float(ho[d]) - want[d]));
+    EXPECT_LT(worst, kTol);
+    const std::vector<std::vector<int32_t>> sel = e.last_selection(1, 0);
+    ASSERT_EQ(sel.size(), 1u);
+    EXPECT_EQ(sel[0].size(), 1u);
+  }
+}
+
 /// Keys in 32 segments of 64 positions, each segment around its own direction (norm 10); the
 /// observation window's queries and every decode query aim at segments 5 and 20.
 struct SegmentPrompt {

@@ -82,6 +82,11 @@ TEST(EngineGpu, CommittedWindowClustersEnterTheCache) {
   check_window_admission(Backend::kCuda);
 }
 
+TEST(EngineGpu, MeanKeysRecallTheClusterThatHoldsTheAttention) {
+  KVTIER_REQUIRE_GPU();
+  check_mean_key_scores(Backend::kCuda);
+}
+
 #if KVTIER_WITH_CUDA
 // The admit_rows kernel against admit_rows_host, byte for byte: 6 items (windows of 256 rows
 // starting anywhere in rings of 512, random labels over 4 clusters, one cluster of some items not
@@ -398,18 +403,22 @@ TEST(EngineGpu, HybridWithARecallBudgetCoveringTheContextEqualsDense) {
 
 TEST(EngineGpu, HybridKeepsDbacRowsAndRecallsTheRestAsTheCpuBackendDoes) {
   KVTIER_REQUIRE_GPU();
-  EngineConfig c = gpu_config(Mode::kHybrid, Shape{});
-  c.budget = 160;
-  EngineStats gpu, cpu;
-  EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &gpu), 0.05);
-  c.backend = Backend::kCpu;
-  EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &cpu), 0.05);
-  for (const EngineStats* st : {&gpu, &cpu}) {
-    EXPECT_GT(st->recall_hits + st->recall_misses, 0);
-    // Resident DBAC rows + at most the budget recalled + the window, against 2048+ rows.
-    EXPECT_LE(st->rows_attended, 2 * 12 * (4 + 176 + 160 + 2 * 16 + 12));
+  for (const bool mean_keys : {false, true}) {
+    SCOPED_TRACE(mean_keys ? "mean keys" : "unit centroids");
+    EngineConfig c = gpu_config(Mode::kHybrid, Shape{});
+    c.budget = 160;
+    c.mean_key_scores = mean_keys;
+    EngineStats gpu, cpu;
+    EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &gpu), 0.05);
+    c.backend = Backend::kCpu;
+    EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &cpu), 0.05);
+    for (const EngineStats* st : {&gpu, &cpu}) {
+      EXPECT_GT(st->recall_hits + st->recall_misses, 0);
+      // Resident DBAC rows + at most the budget recalled + the window, against 2048+ rows.
+      EXPECT_LE(st->rows_attended, 2 * 12 * (4 + 176 + 160 + 2 * 16 + 12));
+    }
+    EXPECT_GT(gpu.host_bytes_used, 0u);  // unlike clusterattn, every row stays recallable
   }
-  EXPECT_GT(gpu.host_bytes_used, 0u);  // unlike clusterattn, every row stays recallable
 }
 
 TEST(EngineGpu, StatsAndTelemetryAddUp) {

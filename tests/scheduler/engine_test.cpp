@@ -77,6 +77,10 @@ TEST(Engine, LastSelectionListsEachHeadsClusters) { check_last_selection(Backend
 
 TEST(Engine, CommittedWindowClustersEnterTheCache) { check_window_admission(Backend::kCpu); }
 
+TEST(Engine, MeanKeysRecallTheClusterThatHoldsTheAttention) {
+  check_mean_key_scores(Backend::kCpu);
+}
+
 // admit_rows_host by hand: a window of 6 rows from position 5 of a ring of 8 (slots 5 6 7 0 1 2),
 // labels 1 0 1 1 0 1, pages of 2 rows; cluster 0 (rows 1, 4) goes to page 3, cluster 1 (rows 0,
 // 2, 3, 5) to pages 0 and 2, each in window order; page 1 is not written. A second item admits
@@ -326,13 +330,17 @@ TEST(Engine, HybridWithARecallBudgetCoveringTheContextEqualsDense) {
 }
 
 TEST(Engine, HybridKeepsDbacRowsAndRecallsTheRest) {
-  EngineConfig c = make_config(Mode::kHybrid, Shape{});
-  c.budget = 160;
-  EngineStats st;
-  EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &st), 0.05);
-  EXPECT_GT(st.recall_hits + st.recall_misses, 0);
-  // Resident DBAC rows + at most the budget recalled + the window, against 2048+ rows.
-  EXPECT_LE(st.rows_attended, 2 * 12 * (4 + 176 + 160 + 2 * 16 + 12));
+  for (const bool mean_keys : {false, true}) {
+    SCOPED_TRACE(mean_keys ? "mean keys" : "unit centroids");
+    EngineConfig c = make_config(Mode::kHybrid, Shape{});
+    c.budget = 160;
+    c.mean_key_scores = mean_keys;
+    EngineStats st;
+    EXPECT_LT(run_clusterattn(c, test::test_seed() + 23, &st), 0.05);
+    EXPECT_GT(st.recall_hits + st.recall_misses, 0);
+    // Resident DBAC rows + at most the budget recalled + the window, against 2048+ rows.
+    EXPECT_LE(st.rows_attended, 2 * 12 * (4 + 176 + 160 + 2 * 16 + 12));
+  }
 }
 
 TEST(EngineErrors, ClusterAttnAndHybridNeedTheWindow) {

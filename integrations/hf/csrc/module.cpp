@@ -366,6 +366,7 @@ NB_MODULE(_core, m) {
       .def_rw("window_clusters", &EngineConfig::window_clusters)
       .def_rw("retention_steps", &EngineConfig::retention_steps)
       .def_rw("admit_window_clusters", &EngineConfig::admit_window_clusters)
+      .def_rw("mean_key_scores", &EngineConfig::mean_key_scores)
       .def_rw("page_size", &EngineConfig::page_size)
       .def_rw("num_dense_layers", &EngineConfig::num_dense_layers)
       .def_rw("kmeans_iters", &EngineConfig::kmeans_iters)

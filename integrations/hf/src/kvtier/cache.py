@@ -45,6 +45,7 @@ ENGINE_OPTIONS = (
     "initial_clusters",
     "window_clusters",
     "retention_steps",
+    "mean_key_scores",
     "page_size",
     "num_dense_layers",
     "kmeans_iters",

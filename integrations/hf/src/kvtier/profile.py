@@ -38,7 +38,7 @@ from . import generate as g
 #: Engine options a profile config may set: DBAC's (clusterattn, hybrid) and recall's
 #: (clusterkv, hybrid).
 DBAC_KEYS = ("dbac_eps", "dbac_min_density_ratio", "observation_window", "dbac_recent_share")
-RECALL_KEYS = ("tokens_per_cluster",)
+RECALL_KEYS = ("tokens_per_cluster", "mean_key_scores")
 CONFIG_KEYS = DBAC_KEYS + RECALL_KEYS
 
 
