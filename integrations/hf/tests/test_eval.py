@@ -301,15 +301,26 @@ def test_a_profile_config_reaches_the_engine_options(tmp_path):
     kvtier.disable(model)
     # A second config (clusterkv's cluster size): each mode takes the options that apply to it.
     recall = tmp_path / "recall.json"
-    recall.write_text(json.dumps(dict(options=dict(tokens_per_cluster=16), mode="clusterkv")))
+    recall.write_text(
+        json.dumps(
+            dict(options=dict(tokens_per_cluster=16, mean_key_scores=True), mode="clusterkv")
+        )
+    )
     both = kv_profile.load_config([path, recall])
-    assert both == dict(dbac_eps=2, observation_window=16, tokens_per_cluster=16)
+    assert both == dict(
+        dbac_eps=2, observation_window=16, tokens_per_cluster=16, mean_key_scores=True
+    )
     _, options = kv_eval.kvtier_options("clusterkv", 512, both)
     assert options["tokens_per_cluster"] == 16 and "dbac_eps" not in options
+    assert options["mean_key_scores"] is True
     _, options = kv_eval.kvtier_options("clusterattn", 512, both)
-    assert "tokens_per_cluster" not in options
+    assert "tokens_per_cluster" not in options and "mean_key_scores" not in options
     _, options = kv_eval.kvtier_options("hybrid", 512, both)
     assert options["tokens_per_cluster"] == 16 and options["dbac_eps"] == 2
+    model = make_model()
+    cache = kv_eval.make_cache(model, "clusterkv", 256, both)
+    assert cache.settings.options["mean_key_scores"] is True
+    kvtier.disable(model)
     path.write_text(json.dumps(dict(options=dict(dbac_eps=2, budget=3))))
     with pytest.raises(ValueError, match="unknown option"):
         kv_profile.load_config(path)

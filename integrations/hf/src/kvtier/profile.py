@@ -4,11 +4,12 @@ ClusterAttn's density clustering (DBAC, docs/dbac.md) has parameters its paper p
 rather than fixes: the neighbourhood ``eps`` (dbac_eps), the density threshold
 (dbac_min_density_ratio) and the observation window (observation_window), and how much of the
 budget clusterattn keeps for the most recent prompt rows (dbac_recent_share); ClusterKV's cluster
-size (tokens_per_cluster: prompt rows per k-means cluster) is one too. This command scores every
+size (tokens_per_cluster: prompt rows per k-means cluster) and how clusters are scored
+(mean_key_scores: by their mean key or their unit centroid) are too. This command scores every
 combination of the given values on the calibration split of kvtier.eval's needle cases (about 20%
 of them, spread over lengths and depths, see ``calibration``; the config lists them, and eval
 --config with the same --seed leaves them out), in one mode at a budget, and writes the best to a
-JSON config. clusterattn searches DBAC's options, clusterkv the cluster size, hybrid both:
+JSON config. clusterattn searches DBAC's options, clusterkv the recall options, hybrid both:
 
     python -m kvtier.profile --device cuda --budget 512 --out kvtier-dbac.json
     python -m kvtier.profile --device cuda --mode clusterkv --tokens-per-cluster 16 32 64 \
@@ -187,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[64],
         help="prompt rows per k-means cluster (clusterkv, hybrid)",
     )
+    p.add_argument(
+        "--mean-key-scores",
+        nargs="+",
+        type=int,
+        choices=(0, 1),
+        default=[0],
+        help="1: score clusters by their mean key, 0: by their unit centroid (clusterkv, hybrid)",
+    )
     p.add_argument("--ppl-context", type=int, default=4096, help="0: no perplexity tie-break")
     p.add_argument("--ppl-tokens", type=int, default=128)
     p.add_argument(
@@ -257,7 +266,10 @@ def main(argv=None) -> int:
     ]
     if args.mode == "clusterattn":
         dbac = [{**d, "dbac_recent_share": s} for d in dbac for s in args.recent_shares]
-    recall = [dict(tokens_per_cluster=t) for t in args.tokens_per_cluster]
+    recall = [
+        dict(tokens_per_cluster=t, mean_key_scores=bool(m))
+        for t, m in itertools.product(args.tokens_per_cluster, args.mean_key_scores)
+    ]
     if args.mode == "clusterattn":
         grid = dbac
     elif args.mode == "clusterkv":
