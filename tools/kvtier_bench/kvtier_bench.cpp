@@ -68,6 +68,7 @@ struct Options {
   uint64_t seed = 1;
   bool cuda_graphs = true;
   bool admit_window = true;  // EngineConfig::admit_window_clusters
+  bool mean_keys = false;    // EngineConfig::mean_key_scores
   std::string trace_dir;     // --trace: each engine mode's telemetry, profiled at the end
   std::string trace_tool;    // the profiler (default: tools/kvtier-trace of this source tree)
   /// Decode steps an engine mode runs: warm-up, the timed steps, and with --trace two more
@@ -86,7 +87,7 @@ struct Options {
       "  [--dense-layers N] [--kmeans-iters N] [--drift X] [--topics N]\n"
       "  [--backend cuda|cpu] [--host-gib X] [--json FILE]\n"
       "  [--torch-script bench/sdpa_baseline.py] [--seed N] [--cuda-graphs 0|1]\n"
-      "  [--admit-window 0|1]\n"
+      "  [--admit-window 0|1] [--mean-keys 0|1]\n"
       "  [--trace DIR [--trace-tool tools/kvtier-trace]]\n",
       msg);
   std::exit(2);
@@ -169,6 +170,8 @@ Options parse(int argc, char** argv) {
       o.cuda_graphs = std::stoi(next()) != 0;
     else if (a == "--admit-window")
       o.admit_window = std::stoi(next()) != 0;
+    else if (a == "--mean-keys")
+      o.mean_keys = std::stoi(next()) != 0;
     else if (a == "--trace")
       o.trace_dir = next();
     else if (a == "--trace-tool")
@@ -667,6 +670,7 @@ Result run_engine(const Options& o, const Generator& g, const std::string& mode,
   c.retention_steps = cold ? 0 : o.retention;
   c.cuda_graphs = o.cuda_graphs;
   c.admit_window_clusters = o.admit_window;
+  c.mean_key_scores = o.mean_keys;
   if (cold) {
     // A cache that holds about one step's selections: nothing survives to be hit by chance.
     const int64_t pages = (o.budget / o.page_size + o.budget / 16 + 16) * Hkv * B * recall_layers;
