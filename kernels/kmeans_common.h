@@ -96,13 +96,19 @@ void write_problem_outputs(const KmeansParams& p, const void* points, int32_t pr
                            float* centroids, int32_t* labels, int32_t* sizes) {
   const int32_t k = kmeans_effective_k(p), stride = kmeans_centroid_stride(p);
   const int d = p.dim;
-  std::vector<double> out(c.begin(), c.end());
-  if (p.output == KmeansCentroids::kMeanRow) mean_rows(p, points, prob, lab, &out);
+  std::vector<double> means;  // kMeanRow: c with the non-empty clusters' means
+  if (p.output == KmeansCentroids::kMeanRow) {
+    means.assign(c.begin(), c.end());
+    mean_rows(p, points, prob, lab, &means);
+  }
   std::vector<int32_t> cnt(static_cast<size_t>(k), 0);
   for (int32_t l : lab) ++cnt[l];
   float* cout = centroids + static_cast<size_t>(prob) * stride * d;
   for (int32_t j = 0; j < p.num_clusters; ++j) {
-    for (int t = 0; t < d; ++t) cout[j * d + t] = j < k ? static_cast<float>(out[j * d + t]) : 0.f;
+    for (int t = 0; t < d; ++t) {
+      const size_t i = static_cast<size_t>(j) * d + t;
+      cout[i] = j >= k ? 0.f : static_cast<float>(means.empty() ? c[i] : means[i]);
+    }
     sizes[static_cast<size_t>(prob) * stride + j] = j < k ? cnt[j] : 0;
   }
   std::copy(lab.begin(), lab.end(), labels + static_cast<size_t>(prob) * p.num_points);

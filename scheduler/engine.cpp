@@ -1578,22 +1578,26 @@ void Engine::Impl::prefill_hybrid(Sequence& s, int32_t layer, const KvRows& kv,
       ++sz[lab[i]];
       if (lab[i] == 0) continue;
       const std::byte* row = hk.data() + (static_cast<size_t>(h) * n + i) * rowb;
-      double sq = 0;
-      for (int32_t d = 0; d < D; ++d) {
-        const double x = load_as_float(row, dtype, d);
-        sq += x * x;
+      double inv = 1.0;  // mean keys sum the rows as they are
+      if (!cfg.mean_key_scores) {
+        double sq = 0;
+        for (int32_t d = 0; d < D; ++d) {
+          const double x = load_as_float(row, dtype, d);
+          sq += x * x;
+        }
+        inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
       }
-      const double inv = cfg.mean_key_scores ? 1.0 : sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
       for (int32_t d = 0; d < D; ++d)
         sum[static_cast<size_t>(lab[i]) * D + d] += inv * load_as_float(row, dtype, d);
     }
     for (int32_t j = 0; j <= c0; ++j) {
       const double* c = &sum[static_cast<size_t>(j) * D];
-      double sq = 0;
-      for (int32_t d = 0; d < D; ++d) sq += c[d] * c[d];
-      const double inv = cfg.mean_key_scores ? (sz[j] > 0 ? 1.0 / sz[j] : 0.0)
-                         : sq > 0            ? 1.0 / std::sqrt(sq)
-                                             : 0.0;
+      double inv = sz[j] > 0 ? 1.0 / sz[j] : 0.0;  // mean keys: the mean
+      if (!cfg.mean_key_scores) {
+        double sq = 0;
+        for (int32_t d = 0; d < D; ++d) sq += c[d] * c[d];
+        inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
+      }
       for (int32_t d = 0; d < D; ++d)
         tc[(static_cast<size_t>(h) * (c0 + 1) + j) * D + d] = static_cast<float>(c[d] * inv);
       ts[static_cast<size_t>(h) * (c0 + 1) + j] = j == 0 ? 0 : sz[j];  // never select cluster 0

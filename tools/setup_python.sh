@@ -26,14 +26,14 @@ if ! "$venv/bin/python" -c "import sys" 2>/dev/null; then
   "${KVTIER_PYTHON:-python3}" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+gpu=0
+if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then gpu=1; fi
 if ! "$venv/bin/python" - 2>/dev/null <<'PY'
 import matplotlib, nanobind, pytest, scikit_build_core, torch, transformers
 assert int(transformers.__version__.split(".")[0]) >= 5
 PY
 then
   echo "[kvtier setup] installing torch, transformers, pytest, matplotlib and the build tools into $venv"
-  gpu=0
-  if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then gpu=1; fi
   if [ -n "${KVTIER_TORCH_INDEX:-}" ]; then
     "${pip[@]}" install --index-url "$KVTIER_TORCH_INDEX" "torch>=2.4"
   elif [ "$gpu" = 1 ]; then
@@ -65,7 +65,7 @@ fi
 cuda="${KVTIER_WITH_CUDA:-}"
 if [ -z "$cuda" ]; then
   cuda=OFF
-  if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then cuda=ON; fi
+  if [ "$gpu" = 1 ]; then cuda=ON; fi
 fi
 echo "[kvtier setup] building the kvtier package (CUDA $cuda)"
 # No build isolation: the build tools are in the venv, so the build directory stays valid from one
